@@ -1,0 +1,21 @@
+"""graphprune: structured pruning, sparsification, quantization and fine-tuning of ONNX graphs."""
+
+from graphprune.errors import GraphpruneError, UserError
+from graphprune.model_io import load, save
+from graphprune.passes import CanonicalizePass, Pass, PassResult, Pipeline, canonicalize
+from graphprune.validate import ValidationReport, validate
+
+__all__ = [
+    "GraphpruneError",
+    "UserError",
+    "load",
+    "save",
+    "Pass",
+    "PassResult",
+    "Pipeline",
+    "CanonicalizePass",
+    "canonicalize",
+    "validate",
+    "ValidationReport",
+]
+__version__ = "0.1.0"

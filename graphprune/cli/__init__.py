@@ -1,0 +1,67 @@
+"""The ``graphprune`` command line: one module per sub-command, errors mapped to exit codes.
+
+Exit codes: 0 success, 2 bad input (one-line message naming the problem), 1 internal error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+import traceback
+from typing import List, Optional
+
+from graphprune.errors import UserError
+
+__all__ = ["main", "COMMAND_MODULES"]
+
+# Each module defines `register(subparsers)`, which adds its parser and sets `func=run(args) -> int`.
+COMMAND_MODULES = [
+    "graphprune.cli.inspect_cmd",
+    "graphprune.cli.validate_cmd",
+    "graphprune.cli.run_cmd",
+    "graphprune.cli.demo_cmd",
+]
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse, but usage errors are one line naming the problem (and exit 2, as argparse does)."""
+
+    def error(self, message: str):  # noqa: D401 - argparse API
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _OneLineParser(
+        prog="graphprune",
+        description="Prune, sparsify, quantize and fine-tune ONNX models, and validate the result.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_OneLineParser)
+    sub.required = True
+    for module_name in COMMAND_MODULES:
+        importlib.import_module(module_name).register(sub)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except UserError as exc:
+        message = " ".join(str(exc).split())
+        print(f"graphprune {args.command}: error: {message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"graphprune {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # anything else is our bug
+        if os.environ.get("GRAPHPRUNE_DEBUG"):
+            traceback.print_exc()
+        print(f"graphprune {args.command}: internal error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+
+
+def entry_point() -> None:  # pragma: no cover - console script
+    sys.exit(main())

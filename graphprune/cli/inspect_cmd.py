@@ -1,0 +1,42 @@
+"""``graphprune inspect MODEL``: inputs/outputs, op counts, parameters, MACs."""
+
+from __future__ import annotations
+
+import json
+import os
+
+from graphprune.data import parse_input_shapes
+from graphprune.metrics import model_stats
+from graphprune.model_io import load
+
+
+def register(sub) -> None:
+    p = sub.add_parser("inspect", help="summarize a model: ops, params, MACs, inputs/outputs")
+    p.add_argument("model", help="the ONNX model")
+    p.add_argument("--input-shape", action="append", metavar="NAME=1x3x224x224",
+                   help="concrete shape of a dynamic input, for MACs (repeatable)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    model = load(args.model)
+    stats = model_stats(model, parse_input_shapes(args.input_shape), size_bytes=_file_size(args.model))
+    if args.json:
+        print(json.dumps(stats.to_dict(), indent=2))
+        return 0
+    print(f"model: {args.model}  (IR {model.ir_version}, opsets "
+          + ", ".join(f"{i.domain or 'ai.onnx'}:{i.version}" for i in model.opset_import) + ")")
+    for kind, values in (("input", stats.inputs), ("output", stats.outputs)):
+        for name, shape in values.items():
+            print(f"  {kind:<7} {name}: [{', '.join(str(d) for d in shape)}]")
+    print(f"params: {stats.params:,}   size: {stats.size_bytes:,} bytes   "
+          f"MACs: {f'{stats.macs:,}' if stats.macs is not None else 'n/a (give --input-shape for dynamic inputs)'}")
+    print(f"nodes: {stats.nodes}  ops: " + ", ".join(f"{op} {n}" for op, n in stats.ops.items()))
+    return 0
+
+
+def _file_size(path: str) -> int:
+    total = os.path.getsize(path)
+    data = path + ".data"
+    return total + (os.path.getsize(data) if os.path.exists(data) else 0)

@@ -1,0 +1,50 @@
+"""``graphprune validate ORIGINAL CANDIDATE``: the before/after table."""
+
+from __future__ import annotations
+
+import os
+
+from graphprune.cli.common import add_data_options, read_inputs
+from graphprune.cli.inspect_cmd import _file_size
+from graphprune.errors import UserError
+from graphprune.model_io import load
+from graphprune.validate import validate
+
+
+def register(sub) -> None:
+    p = sub.add_parser("validate", help="compare a candidate model with its original in ONNX Runtime")
+    p.add_argument("original", help="the reference model")
+    p.add_argument("candidate", help="the optimized model")
+    add_data_options(p)
+    p.add_argument("--labels", metavar="KEY", help="array in --data with integer labels: report accuracy")
+    p.add_argument("--samples", type=int, default=8, help="random samples when no --data (default 8)")
+    p.add_argument("--threads", type=int, default=1, help="intra-op threads for latency (default 1)")
+    p.add_argument("--runs", type=int, default=20, help="timed runs for the median latency (default 20)")
+    p.add_argument("--report", metavar="R.json", help="also write the report as JSON")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    original = load(args.original)
+    candidate = load(args.candidate)
+    args.model = args.original
+    if args.labels and not args.data:
+        raise UserError("--labels needs --data")
+    data, shapes, extras = read_inputs(args, original, extra_keys=[args.labels] if args.labels else [])
+    report = validate(
+        original,
+        candidate,
+        data=data,
+        input_shapes=shapes,
+        labels=extras.get(args.labels) if args.labels else None,
+        samples=args.samples,
+        threads=args.threads,
+        latency_runs=args.runs,
+        sizes=(_file_size(args.original), _file_size(args.candidate)),
+    )
+    print(report.format_table())
+    if args.report:
+        from graphprune.model_io import atomic_write_text
+
+        atomic_write_text(args.report, report.to_json())
+    return 0

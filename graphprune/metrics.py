@@ -1,0 +1,125 @@
+"""Model statistics from the graph: op counts, parameters, file size and MACs from inferred shapes."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import Counter
+from typing import Callable, Dict, Mapping, Optional, Tuple
+
+import numpy as np
+import onnx
+
+from graphprune.ir import count_params, get_attr, real_inputs
+from graphprune.shapes import concrete_shapes
+
+__all__ = ["ModelStats", "model_stats", "count_macs", "MAC_RULES"]
+
+
+def _prod(shape) -> int:
+    return int(np.prod(shape)) if shape is not None else 0
+
+
+def _conv_macs(node, shapes) -> Optional[int]:
+    out = shapes.get(node.output[0])
+    w = shapes.get(node.input[1])
+    if out is None or w is None:
+        return None
+    # weight [Cout, Cin/groups, k...]: every output element needs Cin/groups * prod(k) MACs
+    return _prod(out) * _prod(w[1:])
+
+
+def _conv_transpose_macs(node, shapes) -> Optional[int]:
+    x = shapes.get(node.input[0])
+    w = shapes.get(node.input[1])
+    if x is None or w is None:
+        return None
+    # weight [Cin, Cout/groups, k...]: every input element scatters into Cout/groups * prod(k) outputs
+    return _prod(x) * _prod(w[1:])
+
+
+def _gemm_macs(node, shapes) -> Optional[int]:
+    a = shapes.get(node.input[0])
+    out = shapes.get(node.output[0])
+    if a is None or out is None:
+        return None
+    k = a[0] if get_attr(node, "transA", 0) else a[1]
+    return _prod(out) * int(k)
+
+
+def _matmul_macs(node, shapes) -> Optional[int]:
+    a = shapes.get(node.input[0])
+    out = shapes.get(node.output[0])
+    if a is None or out is None or not a:
+        return None
+    return _prod(out) * int(a[-1])
+
+
+# op type -> rule(node, shapes) giving MACs (None when shapes are unknown)
+MAC_RULES: Dict[str, Callable] = {
+    "Conv": _conv_macs,
+    "ConvInteger": _conv_macs,
+    "QLinearConv": None,  # placeholder: set below (input positions differ)
+    "ConvTranspose": _conv_transpose_macs,
+    "Gemm": _gemm_macs,
+    "MatMul": _matmul_macs,
+    "MatMulInteger": _matmul_macs,
+}
+
+
+def _qlinear_conv_macs(node, shapes):
+    out = shapes.get(node.output[0])
+    w = shapes.get(node.input[3])
+    return None if out is None or w is None else _prod(out) * _prod(w[1:])
+
+
+MAC_RULES["QLinearConv"] = _qlinear_conv_macs
+
+
+def count_macs(model: onnx.ModelProto, input_shapes: Optional[Mapping[str, Tuple[int, ...]]] = None) -> Optional[int]:
+    """Multiply-accumulates of one run at the given input shapes (Conv, ConvTranspose, Gemm, MatMul).
+
+    QDQ models count the float ops their DequantizeLinear pairs wrap, which is what they compute.
+    Returns None when the input shapes cannot be resolved (dynamic dims without ``input_shapes``).
+    """
+    shapes = concrete_shapes(model, input_shapes)
+    if shapes is None:
+        return None
+    total = 0
+    for node in model.graph.node:
+        rule = MAC_RULES.get(node.op_type)
+        if rule is None:
+            continue
+        macs = rule(node, shapes)
+        if macs is not None:
+            total += macs
+    return total
+
+
+@dataclasses.dataclass
+class ModelStats:
+    """Size and cost figures of a model, as shown by ``inspect`` and ``validate``."""
+
+    nodes: int
+    ops: Dict[str, int]
+    params: int
+    size_bytes: int
+    macs: Optional[int]
+    inputs: Dict[str, list]
+    outputs: Dict[str, list]
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def model_stats(model: onnx.ModelProto, input_shapes=None, size_bytes: Optional[int] = None) -> ModelStats:
+    from graphprune.ir import value_shape
+
+    return ModelStats(
+        nodes=len(model.graph.node),
+        ops=dict(Counter(n.op_type for n in model.graph.node).most_common()),
+        params=count_params(model),
+        size_bytes=model.ByteSize() if size_bytes is None else size_bytes,
+        macs=count_macs(model, input_shapes),
+        inputs={vi.name: list(value_shape(vi) or []) for vi in real_inputs(model.graph)},
+        outputs={vi.name: list(value_shape(vi) or []) for vi in model.graph.output},
+    )

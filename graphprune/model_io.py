@@ -1,0 +1,244 @@
+"""Loading, checking and atomically saving ONNX models, and making them loadable by ONNX Runtime."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from typing import Optional
+
+import onnx
+from google.protobuf.message import DecodeError
+
+from graphprune.errors import UserError
+
+__all__ = [
+    "load",
+    "save",
+    "check_model",
+    "for_ort",
+    "ORT_MAX_IR_VERSION",
+    "ORT_MAX_OPSET",
+    "EXTERNAL_DATA_THRESHOLD",
+    "atomic_write_text",
+]
+
+# onnxruntime-training 1.19.2 (the last training release) loads IR <= 10 and ai.onnx opset <= 21.
+ORT_MAX_IR_VERSION = 10
+ORT_MAX_OPSET = 21
+# Protobuf cannot serialize a message of 2 GiB or more: above this, weights go to a side file.
+EXTERNAL_DATA_THRESHOLD = 2**31 - 2**24
+
+# IR versions introduce element types; a model using none of a newer version's types can be
+# labelled with an older IR version without changing its meaning.
+_ELEM_TYPE_MIN_IR = {
+    onnx.TensorProto.BFLOAT16: 4,
+    onnx.TensorProto.FLOAT8E4M3FN: 9,
+    onnx.TensorProto.FLOAT8E4M3FNUZ: 9,
+    onnx.TensorProto.FLOAT8E5M2: 9,
+    onnx.TensorProto.FLOAT8E5M2FNUZ: 9,
+    onnx.TensorProto.UINT4: 10,
+    onnx.TensorProto.INT4: 10,
+}
+
+
+def load(path: "str | os.PathLike", load_external_data: bool = True) -> onnx.ModelProto:
+    """Load an ONNX model, raising ``UserError`` naming the problem for any bad file.
+
+    Handles IR 3+ models, external data (looked up beside the file), and old-style graphs.
+    """
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise UserError(f"{path}: no such file")
+    if os.path.isdir(path):
+        raise UserError(f"{path}: is a directory, not an ONNX file")
+    if os.path.getsize(path) == 0:
+        raise UserError(f"{path}: empty file, not an ONNX model")
+    try:
+        model = onnx.load(path, load_external_data=load_external_data)
+    except DecodeError as exc:
+        raise UserError(f"{path}: not an ONNX model or truncated (protobuf parse failed: {exc})") from None
+    except (FileNotFoundError, OSError) as exc:
+        raise UserError(f"{path}: cannot read model or its external data ({exc})") from None
+    except Exception as exc:  # onnx raises assorted errors on corrupt external-data records
+        raise UserError(f"{path}: cannot load ONNX model ({type(exc).__name__}: {exc})") from None
+    if not model.HasField("graph") or (not model.graph.node and not model.graph.output):
+        raise UserError(f"{path}: not an ONNX model (no graph found; truncated or another file type)")
+    if model.ir_version < 3:
+        raise UserError(f"{path}: IR version {model.ir_version} is too old (graphprune reads IR 3 and up)")
+    opset = default_opset(model)
+    if opset is not None and opset < 7:
+        raise UserError(f"{path}: opset {opset} is too old (graphprune reads opset 7 and up)")
+    try:
+        check_model(model, full=False)
+    except UserError as exc:
+        raise UserError(f"{path}: {exc}") from None
+    return model
+
+
+def default_opset(model: onnx.ModelProto) -> Optional[int]:
+    """The ai.onnx opset version the model imports, or None if it imports none."""
+    for imp in model.opset_import:
+        if imp.domain in ("", "ai.onnx"):
+            return imp.version
+    return None
+
+
+def check_model(model: onnx.ModelProto, full: bool = False) -> None:
+    """Run ``onnx.checker`` (and with ``full``, strict shape inference), raising ``UserError``."""
+    try:
+        if model.ByteSize() >= EXTERNAL_DATA_THRESHOLD:
+            with tempfile.TemporaryDirectory() as tmp:
+                path = os.path.join(tmp, "model.onnx")
+                _write(model, path)
+                onnx.checker.check_model(path, full_check=full)
+        else:
+            onnx.checker.check_model(model, full_check=full)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"invalid ONNX graph: {first}") from None
+
+
+def save(
+    model: onnx.ModelProto,
+    path: "str | os.PathLike",
+    *,
+    input_path: "Optional[str | os.PathLike]" = None,
+    overwrite_input: bool = False,
+    external_data: Optional[bool] = None,
+) -> str:
+    """Write ``model`` to ``path`` atomically (temporary file, then rename).
+
+    Args:
+        model: the model to write; it is not modified.
+        path: destination.
+        input_path: the file the model was read from; writing over it is refused unless
+            ``overwrite_input`` is set.
+        overwrite_input: allow ``path`` to be ``input_path``.
+        external_data: store weights in ``<name>.data`` beside the model; by default only when the
+            model would exceed protobuf's 2 GiB limit.
+
+    Returns the path written.
+    """
+    path = os.fspath(path)
+    if input_path is not None and not overwrite_input and os.path.exists(path):
+        if os.path.samefile(path, os.fspath(input_path)):
+            raise UserError(f"{path}: refusing to overwrite the input model (choose another output path)")
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        raise UserError(f"{path}: output directory {directory} does not exist")
+    if external_data is None:
+        external_data = model.ByteSize() >= EXTERNAL_DATA_THRESHOLD if _all_inline(model) else True
+    tmp_dir = tempfile.mkdtemp(prefix=".graphprune-", dir=directory)
+    try:
+        tmp_model = os.path.join(tmp_dir, os.path.basename(path))
+        _write(model, tmp_model, external_data=external_data)
+        if external_data:
+            data_name = os.path.basename(path) + ".data"
+            os.replace(os.path.join(tmp_dir, data_name), os.path.join(directory, data_name))
+        os.replace(tmp_model, path)
+    finally:
+        for leftover in os.listdir(tmp_dir):
+            os.unlink(os.path.join(tmp_dir, leftover))
+        os.rmdir(tmp_dir)
+    return path
+
+
+def _all_inline(model: onnx.ModelProto) -> bool:
+    return not any(
+        init.data_location == onnx.TensorProto.EXTERNAL for init in model.graph.initializer
+    )
+
+
+def _write(model: onnx.ModelProto, path: str, external_data: bool = False) -> None:
+    if external_data:
+        # onnx.save_model converts in place; work on a copy so the caller's model keeps its data.
+        copy = onnx.ModelProto()
+        copy.CopyFrom(model)
+        onnx.save_model(
+            copy,
+            path,
+            save_as_external_data=True,
+            all_tensors_to_one_file=True,
+            location=os.path.basename(path) + ".data",
+            size_threshold=1024,
+        )
+    else:
+        onnx.save_model(model, path)
+
+
+def for_ort(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Return ``model`` labelled with an IR version and opset ONNX Runtime 1.19 accepts.
+
+    Newer onnx releases stamp IR versions ORT 1.19 rejects; when the content uses nothing newer than
+    IR 10 the label is lowered.  Raises ``UserError`` when that is impossible (opset > 21, or
+    element types that need a newer IR).
+    """
+    opset = default_opset(model)
+    if opset is not None and opset > ORT_MAX_OPSET:
+        raise UserError(
+            f"model uses ai.onnx opset {opset}; onnxruntime 1.19 supports opset <= {ORT_MAX_OPSET} "
+            "(convert it with onnx.version_converter first)"
+        )
+    if model.ir_version <= ORT_MAX_IR_VERSION:
+        return model
+    needed = _min_ir_for_content(model)
+    if needed > ORT_MAX_IR_VERSION:
+        raise UserError(
+            f"model has IR version {model.ir_version} and uses element types of IR {needed}; "
+            f"onnxruntime 1.19 loads IR <= {ORT_MAX_IR_VERSION}"
+        )
+    lowered = onnx.ModelProto()
+    lowered.CopyFrom(model)
+    lowered.ir_version = ORT_MAX_IR_VERSION
+    return lowered
+
+
+def _min_ir_for_content(model: onnx.ModelProto) -> int:
+    needed = 3
+    def visit_type(elem_type: int) -> None:
+        nonlocal needed
+        known = _ELEM_TYPE_MIN_IR.get(elem_type)
+        if known is None and elem_type > onnx.TensorProto.INT4:
+            known = 11  # an element type newer than IR 10 (e.g. FLOAT4E2M1)
+        needed = max(needed, known or 3)
+
+    for graph in _all_graphs(model.graph):
+        for init in graph.initializer:
+            visit_type(init.data_type)
+        for vi in list(graph.input) + list(graph.output) + list(graph.value_info):
+            if vi.type.HasField("tensor_type"):
+                visit_type(vi.type.tensor_type.elem_type)
+        for node in graph.node:
+            for attr in node.attribute:
+                if attr.name in ("to", "output_dtype", "dtype") and attr.type == onnx.AttributeProto.INT:
+                    visit_type(attr.i)
+    return needed
+
+
+def _all_graphs(graph: onnx.GraphProto):
+    yield graph
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                yield from _all_graphs(attr.g)
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                for g in attr.graphs:
+                    yield from _all_graphs(g)
+
+
+def atomic_write_text(path: "str | os.PathLike", text: str) -> str:
+    """Write a text file (reports, masks) via a temporary file and a rename."""
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        raise UserError(f"{path}: output directory {directory} does not exist")
+    fd, tmp = tempfile.mkstemp(prefix=".graphprune-", dir=directory)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path

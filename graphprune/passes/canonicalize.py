@@ -1,0 +1,114 @@
+"""Canonicalize: Constant nodes to initializers, size-capped constant folding, dead-node cleanup, shapes."""
+
+from __future__ import annotations
+
+import logging
+from typing import Optional
+
+import onnx
+from onnx import numpy_helper
+
+from graphprune import ir
+from graphprune.runtime import ort
+from graphprune.passes.base import Pass, PassResult, register_pass
+from graphprune.shapes import infer_shapes
+
+__all__ = ["CanonicalizePass", "canonicalize"]
+
+_DEFAULT_FOLD_LIMIT = 16 * 2**20  # bytes: a folded tensor larger than this stays computed
+
+
+@register_pass
+class CanonicalizePass(Pass):
+    """Bring a model from any exporter into the form the other passes expect, without changing outputs.
+
+    Handles:
+      - ``Constant`` nodes of the main graph become initializers (Paddle and older exporters store
+        weights this way; pruning and training need them as initializers).
+      - Old-style graphs (IR < 4) that list initializers as inputs: those inputs are dropped, so the
+        weights are constants (the IR version is raised to 4, the first that allows it).
+      - Constant folding through onnx-graphsurgeon (evaluated by ONNX Runtime), skipping results
+        larger than ``fold_limit`` bytes so that e.g. an ``Expand`` does not bloat the file.
+      - Dead nodes, unused initializers, and topological order.
+      - Shape inference (with data propagation) to record value shapes.
+
+    Refuses nothing; non-deterministic ops (RandomNormal...) are never folded by graphsurgeon.
+
+    Args:
+        fold_limit: largest tensor, in bytes, that folding may create.
+        fold: set False to skip folding (Constant conversion and cleanup still run).
+    """
+
+    name = "canonicalize"
+
+    def __init__(self, fold_limit: int = _DEFAULT_FOLD_LIMIT, fold: bool = True):
+        self.fold_limit = int(fold_limit)
+        self.fold = bool(fold)
+
+    def call(self, model: onnx.ModelProto) -> PassResult:
+        before = _structure_key(model)
+        work = ir.clone(model)
+        constants = _constants_to_initializers(work.graph)
+        dropped_inputs = _drop_initializer_inputs(work)
+        graph = ir.to_gs(work)
+        nodes_before = len(graph.nodes)
+        if self.fold:
+            # graphsurgeon logs every skipped fold at warning level; those are expected, not problems.
+            logging.getLogger("onnx_graphsurgeon").setLevel(logging.ERROR)
+            ort()  # graphsurgeon folds with ONNX Runtime; this also quiets its logger
+            graph.fold_constants(size_threshold=self.fold_limit, error_ok=True)
+        graph.cleanup(remove_unused_graph_inputs=False).toposort()
+        result = infer_shapes(ir.from_gs(graph, like=work))
+        modified = _structure_key(result) != before
+        stats = {
+            "constants_to_initializers": constants,
+            "initializer_inputs_dropped": dropped_inputs,
+            "nodes_removed": nodes_before - len(result.graph.node),
+        }
+        return PassResult(result if modified else model, modified, stats)
+
+
+def canonicalize(model: onnx.ModelProto, fold_limit: int = _DEFAULT_FOLD_LIMIT, fold: bool = True) -> onnx.ModelProto:
+    """Functional form of ``CanonicalizePass``."""
+    return CanonicalizePass(fold_limit=fold_limit, fold=fold)(model).model
+
+
+def _constants_to_initializers(graph: onnx.GraphProto) -> int:
+    """Replace main-graph ``Constant`` nodes by initializers of the same name; returns how many."""
+    keep = []
+    converted = 0
+    for node in graph.node:
+        if node.op_type == "Constant" and node.domain in ("", "ai.onnx") and node.attribute:
+            if node.attribute[0].name in ("value_string", "value_strings", "sparse_value"):
+                keep.append(node)
+                continue
+            graph.initializer.append(numpy_helper.from_array(ir.constant_node_value(node), node.output[0]))
+            converted += 1
+        else:
+            keep.append(node)
+    if converted:
+        del graph.node[:]
+        graph.node.extend(keep)
+    return converted
+
+
+def _drop_initializer_inputs(model: onnx.ModelProto) -> int:
+    """Remove graph inputs that merely declare an initializer (IR 3 style)."""
+    inits = {init.name for init in model.graph.initializer}
+    kept = [vi for vi in model.graph.input if vi.name not in inits]
+    dropped = len(model.graph.input) - len(kept)
+    if dropped:
+        del model.graph.input[:]
+        model.graph.input.extend(kept)
+        model.ir_version = max(model.ir_version, 4)
+    return dropped
+
+
+def _structure_key(model: onnx.ModelProto) -> bytes:
+    """The graph without value_info: what 'modified' means for this pass."""
+    g = onnx.GraphProto()
+    g.CopyFrom(model.graph)
+    del g.value_info[:]
+    for vi in list(g.input) + list(g.output):
+        vi.ClearField("type")  # inference may refine declared shapes; that is not a change
+    return g.SerializeToString(deterministic=True)

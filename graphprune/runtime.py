@@ -1,0 +1,105 @@
+"""ONNX Runtime sessions, batched execution and latency measurement."""
+
+from __future__ import annotations
+
+import os
+import statistics
+import tempfile
+import time
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+import onnx
+
+from graphprune.errors import UserError
+from graphprune.model_io import EXTERNAL_DATA_THRESHOLD, for_ort
+
+__all__ = ["ort", "make_session", "run", "run_samples", "measure_latency", "DEFAULT_THREADS"]
+
+# Latency is measured with a fixed thread count so that before/after numbers compare.
+DEFAULT_THREADS = 1
+
+
+def ort():
+    """The onnxruntime module, or a clear error telling which extra to install."""
+    try:
+        import onnxruntime
+    except ImportError:
+        raise UserError(
+            "onnxruntime is not installed: pip install 'graphprune[ort]' (or 'graphprune[training]')"
+        ) from None
+    # ORT's optimizer logs expected non-events (e.g. "cannot remove node") at warning level.
+    onnxruntime.set_default_logger_severity(3)
+    return onnxruntime
+
+
+def make_session(
+    model: onnx.ModelProto,
+    threads: Optional[int] = DEFAULT_THREADS,
+    optimization: str = "all",
+    optimized_model_path: Optional[str] = None,
+):
+    """An ``InferenceSession`` for ``model`` on the CPU.
+
+    Args:
+        model: the model; relabelled for ORT 1.19 when needed (see ``model_io.for_ort``).
+        threads: intra-op threads (None lets ORT decide).
+        optimization: "all", "extended", "basic" or "disabled".
+        optimized_model_path: where ORT writes the graph it actually runs (for fusion checks).
+    """
+    rt = ort()
+    opts = rt.SessionOptions()
+    if threads is not None:
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+    opts.graph_optimization_level = {
+        "all": rt.GraphOptimizationLevel.ORT_ENABLE_ALL,
+        "extended": rt.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+        "basic": rt.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+        "disabled": rt.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    }[optimization]
+    if optimized_model_path:
+        opts.optimized_model_filepath = optimized_model_path
+    opts.log_severity_level = 3
+    model = for_ort(model)
+    try:
+        if model.ByteSize() < EXTERNAL_DATA_THRESHOLD:
+            return rt.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        from graphprune.model_io import save
+
+        with tempfile.TemporaryDirectory() as tmp:
+            path = save(model, os.path.join(tmp, "model.onnx"), external_data=True)
+            return rt.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+    except Exception as exc:
+        if isinstance(exc, UserError):
+            raise
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"onnxruntime cannot load the model: {first}") from None
+
+
+def run(session, feeds: Dict[str, np.ndarray], output_names: Optional[Sequence[str]] = None) -> Dict[str, np.ndarray]:
+    """One ``session.run`` returning a name -> array dict."""
+    names = list(output_names) if output_names else [o.name for o in session.get_outputs()]
+    values = session.run(names, feeds)
+    return dict(zip(names, values))
+
+
+def run_samples(session, samples: "InputSet", batch_size: int = 32) -> Dict[str, np.ndarray]:  # noqa: F821
+    """Run every sample of an ``InputSet`` (in batches its shapes allow); outputs stacked on axis 0."""
+    chunks: Dict[str, List[np.ndarray]] = {}
+    for feed in samples.batches(batch_size):
+        for name, value in run(session, feed).items():
+            chunks.setdefault(name, []).append(value)
+    return {name: np.concatenate(parts, axis=0) for name, parts in chunks.items()}
+
+
+def measure_latency(session, feed: Dict[str, np.ndarray], warmup: int = 3, runs: int = 20) -> float:
+    """Median wall time of ``runs`` runs of ``feed`` after ``warmup`` runs, in seconds."""
+    for _ in range(warmup):
+        session.run(None, feed)
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        session.run(None, feed)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)

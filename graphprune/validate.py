@@ -1,0 +1,221 @@
+"""Validation of a candidate model against its original: output agreement, accuracy, size, MACs, latency."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Dict, List, Mapping, Optional, Tuple
+
+import numpy as np
+import onnx
+
+from graphprune.data import InputSet, random_inputs
+from graphprune.errors import UserError
+from graphprune.metrics import ModelStats, model_stats
+from graphprune.runtime import DEFAULT_THREADS, make_session, measure_latency, run_samples
+
+__all__ = ["OutputComparison", "ValidationReport", "validate", "compare_outputs", "accuracy"]
+
+
+@dataclasses.dataclass
+class OutputComparison:
+    """How one candidate output differs from the original's."""
+
+    name: str
+    shape: List[int]
+    max_abs_diff: float
+    rel_l2: float
+    cosine: float
+    top1_agreement: Optional[float]  # only for [N, classes] outputs
+
+
+@dataclasses.dataclass
+class ValidationReport:
+    """Everything ``graphprune validate`` prints; ``to_dict`` is the JSON report."""
+
+    samples: int
+    outputs: List[OutputComparison]
+    before: ModelStats
+    after: ModelStats
+    latency_before: Optional[float]
+    latency_after: Optional[float]
+    accuracy_before: Optional[float] = None
+    accuracy_after: Optional[float] = None
+    threads: int = DEFAULT_THREADS
+
+    @property
+    def worst_rel_l2(self) -> float:
+        return max((o.rel_l2 for o in self.outputs), default=0.0)
+
+    @property
+    def speedup(self) -> Optional[float]:
+        if self.latency_before and self.latency_after:
+            return self.latency_before / self.latency_after
+        return None
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["speedup"] = self.speedup
+        return d
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, default=float)
+
+    def format_table(self) -> str:
+        return format_report(self)
+
+
+def accuracy(scores: np.ndarray, labels: np.ndarray) -> float:
+    """Top-1 accuracy of [N, classes] scores against integer labels."""
+    return float(np.mean(np.argmax(scores.reshape(len(labels), -1), axis=1) == labels.reshape(-1)))
+
+
+def compare_outputs(name: str, reference: np.ndarray, candidate: np.ndarray) -> OutputComparison:
+    """Max abs diff, relative L2 error (||c - r|| / ||r||), cosine similarity, top-1 agreement."""
+    if reference.shape != candidate.shape:
+        raise UserError(
+            f"output {name!r}: candidate shape {list(candidate.shape)} differs from original {list(reference.shape)}"
+        )
+    r = reference.astype(np.float64).ravel()
+    c = candidate.astype(np.float64).ravel()
+    diff = c - r
+    norm_r = np.linalg.norm(r)
+    norm_c = np.linalg.norm(c)
+    rel_l2 = float(np.linalg.norm(diff) / norm_r) if norm_r > 0 else float(np.linalg.norm(diff))
+    cosine = float(r @ c / (norm_r * norm_c)) if norm_r > 0 and norm_c > 0 else float(norm_r == norm_c)
+    top1 = None
+    if reference.ndim == 2 and reference.shape[1] > 1 and np.issubdtype(reference.dtype, np.floating):
+        top1 = float(np.mean(reference.argmax(axis=1) == candidate.argmax(axis=1)))
+    return OutputComparison(
+        name=name,
+        shape=list(reference.shape),
+        max_abs_diff=float(np.max(np.abs(diff))) if diff.size else 0.0,
+        rel_l2=rel_l2,
+        cosine=cosine,
+        top1_agreement=top1,
+    )
+
+
+def validate(
+    original: onnx.ModelProto,
+    candidate: onnx.ModelProto,
+    data: Optional[InputSet] = None,
+    input_shapes: Optional[Mapping[str, Tuple[int, ...]]] = None,
+    labels: Optional[np.ndarray] = None,
+    samples: int = 8,
+    seed: int = 0,
+    threads: int = DEFAULT_THREADS,
+    latency: bool = True,
+    latency_runs: int = 20,
+    sizes: Tuple[Optional[int], Optional[int]] = (None, None),
+) -> ValidationReport:
+    """Run both models in ORT on the same inputs and compare them.
+
+    Args:
+        original, candidate: the models (the candidate must keep the original's input names).
+        data: samples to run; without it, ``samples`` seeded random feeds from the declared shapes
+            (dynamic dims from ``input_shapes``).
+        labels: integer class labels, one per sample, to report accuracy of both models.
+        threads: intra-op threads for every session (fixed so latency compares).
+        latency: measure the median latency of one feed (3 warm-up runs, ``latency_runs`` runs).
+        sizes: file sizes in bytes (defaults to the serialized sizes).
+    """
+    if data is None:
+        data = random_inputs(original, input_shapes, samples=samples, seed=seed)
+    first = data.first_batch(1)
+    shapes = {name: tuple(arr.shape) for name, arr in first.items()}
+    _check_same_inputs(original, candidate)
+
+    sess_a = make_session(original, threads=threads)
+    sess_b = make_session(candidate, threads=threads)
+    out_a = run_samples(sess_a, data)
+    out_b = run_samples(sess_b, data)
+    names_b = list(out_b)
+    comparisons = []
+    for i, (name, ref) in enumerate(out_a.items()):
+        cand = out_b.get(name)
+        if cand is None:  # a renamed output: pair by position
+            cand = out_b[names_b[i]]
+        comparisons.append(compare_outputs(name, ref, cand))
+
+    acc_a = acc_b = None
+    if labels is not None:
+        first_out = next(iter(out_a))
+        if len(labels) != len(out_a[first_out]):
+            raise UserError(f"labels: {len(labels)} labels for {len(out_a[first_out])} samples")
+        acc_a = accuracy(out_a[first_out], labels)
+        acc_b = accuracy(out_b.get(first_out, out_b[names_b[0]]), labels)
+
+    lat_a = lat_b = None
+    if latency:
+        lat_a = measure_latency(sess_a, first, runs=latency_runs)
+        lat_b = measure_latency(sess_b, first, runs=latency_runs)
+    return ValidationReport(
+        samples=len(data),
+        outputs=comparisons,
+        before=model_stats(original, shapes, size_bytes=sizes[0]),
+        after=model_stats(candidate, shapes, size_bytes=sizes[1]),
+        latency_before=lat_a,
+        latency_after=lat_b,
+        accuracy_before=acc_a,
+        accuracy_after=acc_b,
+        threads=threads,
+    )
+
+
+def _check_same_inputs(original: onnx.ModelProto, candidate: onnx.ModelProto) -> None:
+    from graphprune.ir import real_inputs
+
+    a = {vi.name for vi in real_inputs(original.graph)}
+    b = {vi.name for vi in real_inputs(candidate.graph)}
+    if a != b:
+        raise UserError(f"the models take different inputs: original {sorted(a)}, candidate {sorted(b)}")
+
+
+def _fmt_count(n: Optional[float]) -> str:
+    if n is None:
+        return "n/a"
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return f"{n:.0f}"
+
+
+def _fmt_ratio(a, b) -> str:
+    if not a or b is None:
+        return ""
+    return f"{b / a:.3f}x"
+
+
+def format_report(report: ValidationReport) -> str:
+    """The before/after table printed by ``graphprune validate``."""
+    lines = [f"outputs compared on {report.samples} sample(s):"]
+    lines.append(f"  {'output':<24} {'max abs diff':>13} {'rel L2':>10} {'cosine':>9} {'top-1 agree':>12}")
+    for o in report.outputs:
+        top1 = f"{o.top1_agreement * 100:.1f}%" if o.top1_agreement is not None else "-"
+        lines.append(f"  {o.name[:24]:<24} {o.max_abs_diff:>13.4g} {o.rel_l2:>10.4g} {o.cosine:>9.5f} {top1:>12}")
+    b, a = report.before, report.after
+    rows = [
+        ("params", _fmt_count(b.params), _fmt_count(a.params), _fmt_ratio(b.params, a.params)),
+        ("size", _fmt_count(b.size_bytes) + "B", _fmt_count(a.size_bytes) + "B", _fmt_ratio(b.size_bytes, a.size_bytes)),
+        ("MACs", _fmt_count(b.macs), _fmt_count(a.macs), _fmt_ratio(b.macs, a.macs)),
+    ]
+    if report.latency_before is not None:
+        rows.append(
+            (
+                f"latency ({report.threads} thr)",
+                f"{report.latency_before * 1e3:.3f} ms",
+                f"{report.latency_after * 1e3:.3f} ms",
+                f"{report.speedup:.2f}x faster",
+            )
+        )
+    if report.accuracy_before is not None:
+        rows.append(
+            ("accuracy", f"{report.accuracy_before * 100:.2f}%", f"{report.accuracy_after * 100:.2f}%",
+             f"{(report.accuracy_after - report.accuracy_before) * 100:+.2f} pt")
+        )
+    lines.append(f"  {'':<18} {'original':>14} {'candidate':>14} {'ratio':>14}")
+    for label, x, y, r in rows:
+        lines.append(f"  {label:<18} {x:>14} {y:>14} {r:>14}")
+    return "\n".join(lines)
