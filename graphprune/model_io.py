@@ -132,8 +132,8 @@ def save(
     try:
         tmp_model = os.path.join(tmp_dir, os.path.basename(path))
         _write(model, tmp_model, external_data=external_data)
-        if external_data:
-            data_name = os.path.basename(path) + ".data"
+        data_name = os.path.basename(path) + ".data"
+        if external_data and os.path.exists(os.path.join(tmp_dir, data_name)):  # absent if all tensors are tiny
             os.replace(os.path.join(tmp_dir, data_name), os.path.join(directory, data_name))
         os.replace(tmp_model, path)
     finally:

@@ -57,7 +57,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"graphprune {args.command}: interrupted", file=sys.stderr)
         return 130
     except Exception as exc:  # anything else is our bug
-        if os.environ.get("GRAPHPRUNE_DEBUG"):
+        if os.environ.get("GRAPHPRUNE_TRACEBACK"):
             traceback.print_exc()
         print(f"graphprune {args.command}: internal error: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
