@@ -84,12 +84,16 @@ def run(session, feeds: Dict[str, np.ndarray], output_names: Optional[Sequence[s
     return dict(zip(names, values))
 
 
-def run_samples(session, samples: "InputSet", batch_size: int = 32) -> Dict[str, np.ndarray]:  # noqa: F821
+def run_samples(session, samples: "InputSet", batch_size: int = 32, progress: bool = False) -> Dict[str, np.ndarray]:  # noqa: F821
     """Run every sample of an ``InputSet`` (in batches its shapes allow); outputs stacked on axis 0."""
+    from graphprune.progress import progress_bar
+
     chunks: Dict[str, List[np.ndarray]] = {}
-    for feed in samples.batches(batch_size):
-        for name, value in run(session, feed).items():
-            chunks.setdefault(name, []).append(value)
+    with progress_bar(total=len(samples), desc="inference", enabled=progress, unit="sample") as bar:
+        for feed in samples.batches(batch_size):
+            for name, value in run(session, feed).items():
+                chunks.setdefault(name, []).append(value)
+            bar.update(len(next(iter(feed.values()))))
     return {name: np.concatenate(parts, axis=0) for name, parts in chunks.items()}
 
 

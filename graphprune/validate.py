@@ -109,6 +109,7 @@ def validate(
     latency: bool = True,
     latency_runs: int = 20,
     sizes: Tuple[Optional[int], Optional[int]] = (None, None),
+    progress: bool = False,
 ) -> ValidationReport:
     """Run both models in ORT on the same inputs and compare them.
 
@@ -120,6 +121,7 @@ def validate(
         threads: intra-op threads for every session (fixed so latency compares).
         latency: measure the median latency of one feed (3 warm-up runs, ``latency_runs`` runs).
         sizes: file sizes in bytes (defaults to the serialized sizes).
+        progress: show progress bars over the samples (the CLI does on a terminal).
     """
     if data is None:
         data = random_inputs(original, input_shapes, samples=samples, seed=seed)
@@ -129,8 +131,8 @@ def validate(
 
     sess_a = make_session(original, threads=threads)
     sess_b = make_session(candidate, threads=threads)
-    out_a = run_samples(sess_a, data)
-    out_b = run_samples(sess_b, data)
+    out_a = run_samples(sess_a, data, progress=progress)
+    out_b = run_samples(sess_b, data, progress=progress)
     names_b = list(out_b)
     comparisons = []
     for i, (name, ref) in enumerate(out_a.items()):

@@ -49,6 +49,17 @@ def check_output_path(args) -> None:
 
 
 def write_model(args, model: onnx.ModelProto) -> str:
+    """Check then atomically write the result: every model the CLI writes passes the full checker.
+
+    A result that fails the checker is our bug (a pass broke the graph), not bad input: exit 1.
+    """
+    from graphprune.model_io import check_model
+    from graphprune.passes.base import PassContractError
+
+    try:
+        check_model(model, full=True)
+    except UserError as exc:
+        raise PassContractError(f"refusing to write an invalid result: {exc}") from None
     return save(model, args.output, input_path=args.model, overwrite_input=args.overwrite_input)
 
 

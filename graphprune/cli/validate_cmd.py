@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 
 from graphprune.cli.common import add_data_options, read_inputs
 from graphprune.cli.inspect_cmd import _file_size
@@ -41,6 +42,7 @@ def run(args) -> int:
         threads=args.threads,
         latency_runs=args.runs,
         sizes=(_file_size(args.original), _file_size(args.candidate)),
+        progress=sys.stderr.isatty(),
     )
     print(report.format_table())
     if args.report:
