@@ -3,6 +3,7 @@
 from graphprune.errors import GraphpruneError, UserError
 from graphprune.model_io import load, save
 from graphprune.passes import CanonicalizePass, Pass, PassResult, Pipeline, canonicalize
+from graphprune.passes import InsertQDQPass, insert_qdq
 from graphprune.validate import ValidationReport, validate
 
 __all__ = [
@@ -15,6 +16,8 @@ __all__ = [
     "Pipeline",
     "CanonicalizePass",
     "canonicalize",
+    "InsertQDQPass",
+    "insert_qdq",
     "validate",
     "ValidationReport",
 ]

@@ -2,6 +2,7 @@
 
 from graphprune.passes.base import Pass, PassResult, Pipeline, register_pass, registered_passes
 from graphprune.passes.canonicalize import CanonicalizePass, canonicalize
+from graphprune.passes.insert_qdq import InsertQDQPass, insert_qdq
 
 __all__ = [
     "Pass",
@@ -11,4 +12,6 @@ __all__ = [
     "registered_passes",
     "CanonicalizePass",
     "canonicalize",
+    "InsertQDQPass",
+    "insert_qdq",
 ]

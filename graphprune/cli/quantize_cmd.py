@@ -1,0 +1,117 @@
+"""``graphprune quantize MODEL -o OUT``: int8 QDQ quantization placed where it pays on ONNX Runtime."""
+
+from __future__ import annotations
+
+import collections
+import json
+import sys
+
+from graphprune.cli.common import add_data_options, add_output_options, check_output_path, read_inputs, write_model
+from graphprune.errors import UserError
+from graphprune.model_io import atomic_write_text, load
+from graphprune.quantization.config import ACTIVATION_TYPES, METHODS, QuantConfig, check_max_error
+
+# Reasons listing more layers than this print the first few and a count.
+_NAMES_SHOWN = 6
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "quantize",
+        help="int8 QDQ quantization, placed only where it makes ONNX Runtime faster",
+        description="Calibrate on --data (or random inputs), insert QuantizeLinear/DequantizeLinear where "
+        "int8 kernels pay for their borders, time the placement against float on ONNX Runtime, write the "
+        "fastest (the float model when int8 does not pay).",
+    )
+    p.add_argument("model", help="the float ONNX model")
+    add_output_options(p)
+    add_data_options(p, "calibration samples as .npz, one array per model input (first axis = samples)")
+    p.add_argument("--method", choices=METHODS, default="minmax", help="calibration method (default minmax)")
+    p.add_argument("--per-tensor", action="store_true", help="one weight scale per tensor, not per channel")
+    p.add_argument("--activation-type", choices=ACTIVATION_TYPES, default="uint8",
+                   help="activation type (default uint8, asymmetric: the x86 fast path)")
+    p.add_argument("--max-error", metavar="E", help="relative L2 output error budget on --data (mixed precision)")
+    p.add_argument("--exclude", nargs="+", default=[], metavar="NODE", help="node names that stay float")
+    p.add_argument("--op-types", nargs="+", metavar="OP", help="only quantize these op types (e.g. Conv MatMul)")
+    p.add_argument("--no-measure", dest="measure", action="store_false",
+                   help="trust the cost model instead of timing candidates on ONNX Runtime")
+    p.add_argument("--threads", type=int, default=1, help="intra-op threads for the timing (default 1)")
+    p.add_argument("--calibration-samples", type=int, default=64, help="samples used to calibrate (default 64)")
+    p.add_argument("--report", metavar="R.json", help="also write the placement report as JSON")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from graphprune.passes.insert_qdq import InsertQDQPass
+
+    max_error = check_max_error(args.max_error)
+    if max_error is not None and not args.data:
+        raise UserError("--max-error needs --data (the budget is measured on real samples)")
+    if args.threads < 1:
+        raise UserError(f"--threads must be at least 1, got {args.threads}")
+    QuantConfig(args.method, not args.per_tensor, args.activation_type, args.calibration_samples)
+    check_output_path(args)
+    if args.report:
+        check_output_path(argparse_namespace(args.report, args))
+    model = load(args.model)
+    data, shapes, _ = read_inputs(args, model)
+    quantize = InsertQDQPass(
+        data=data,
+        method=args.method,
+        per_channel=not args.per_tensor,
+        activation_type=args.activation_type,
+        max_error=max_error,
+        exclude=args.exclude,
+        op_types=args.op_types,
+        input_shapes=shapes or None,
+        measure=args.measure,
+        threads=args.threads,
+        calibration_samples=args.calibration_samples,
+        progress=sys.stderr.isatty(),
+    )
+    quantize.requires(model)  # refuse before any work (already quantized, unknown --exclude)
+    result = quantize(model)
+    write_model(args, result.model)
+    print(format_summary(result.stats, result.modified))
+    if args.report:
+        atomic_write_text(args.report, json.dumps(result.stats, indent=2, default=str))
+    print(f"wrote {args.output}")
+    return 0
+
+
+def argparse_namespace(path: str, args):
+    """A stand-in ``args`` for checking a second output path with ``check_output_path``."""
+    import argparse
+
+    return argparse.Namespace(output=path, model=args.model, overwrite_input=False)
+
+
+def format_summary(stats: dict, modified: bool) -> str:
+    """Chosen placement, candidate latencies and errors, and the layers that stayed float grouped by reason."""
+    lines = []
+    threads = stats.get("threads")
+    if stats.get("float_latency_ms") is not None:
+        lines.append(f"latency ({threads} thread{'s' if threads != 1 else ''}): float {stats['float_latency_ms']:.3f} ms")
+        for name, cand in stats["candidates"].items():
+            speedup = stats["float_latency_ms"] / cand["latency_ms"] if cand.get("latency_ms") else float("nan")
+            lines.append(
+                f"  {name:<13} {cand['latency_ms']:.3f} ms ({speedup:.2f}x)  int8 nodes {cand['int8_nodes']:<4} "
+                f"rel L2 error {cand['error']:.4g}"
+            )
+    if modified:
+        ops = ", ".join(f"{op} {n}" for op, n in stats["quantized_ops"].items())
+        lines.append(f"chosen: {stats['chosen']}: {stats['nodes_quantized']} nodes in int8 ({ops}); "
+                     f"output rel L2 error {stats['error']:.4g}")
+    else:
+        lines.append("int8 does not make this model faster on ONNX Runtime: the float model is written unchanged")
+    by_reason = collections.defaultdict(list)
+    for name, reason in stats["float_layers"].items():
+        by_reason[reason].append(name)
+    if by_reason:
+        lines.append("layers kept float:")
+        for reason, names in sorted(by_reason.items(), key=lambda kv: -len(kv[1])):
+            shown = ", ".join(names[:_NAMES_SHOWN]) + (f" (+{len(names) - _NAMES_SHOWN} more)" if len(names) > _NAMES_SHOWN else "")
+            lines.append(f"  {len(names):>3} x {reason}: {shown}")
+    if not stats["calibration"]["from_data"]:
+        lines.append("warning: calibrated on random inputs; give --data for real accuracy")
+    return "\n".join(lines)

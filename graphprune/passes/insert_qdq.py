@@ -1,0 +1,260 @@
+"""InsertQDQPass (``quantize``): int8 QDQ quantization placed only where it pays on ONNX Runtime."""
+
+from __future__ import annotations
+
+import collections
+from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Set, Tuple
+
+import onnx
+
+from graphprune.errors import UserError
+from graphprune.passes.base import Pass, PassResult, register_pass
+from graphprune.progress import progress_bar
+from graphprune.quantization.budget import fit_error_budget, layer_sensitivity
+from graphprune.quantization.calibration import Feeds, calibrate, calibration_feeds
+from graphprune.quantization.config import QuantConfig, check_max_error, check_names
+from graphprune.quantization.cost import estimate_costs, place
+from graphprune.quantization.engine import insert_qdq_nodes
+from graphprune.quantization.measure import Candidate, measure_latencies, output_error, reference_outputs
+from graphprune.quantization.prepare import is_quantized, prepare
+from graphprune.quantization.rules import RULES, GraphView, rule_for
+from graphprune.runtime import DEFAULT_THREADS
+from graphprune.shapes import concrete_shapes
+
+__all__ = ["InsertQDQPass", "insert_qdq"]
+
+# A quantized candidate must beat float by this fraction to count as faster (timing noise).
+_MIN_GAIN = 0.02
+# Samples used to rank layers by the error they add (one run of each model).
+_SENSITIVITY_FEEDS = 4
+
+
+@register_pass
+class InsertQDQPass(Pass):
+    """Insert QuantizeLinear/DequantizeLinear pairs so ONNX Runtime runs int8 kernels where they pay.
+
+    Steps: ORT's pre-processing (BN folding, shapes); calibration of activation ranges on ``data``
+    (seeded random inputs with a warning when there is none); placement rules (``quantization/
+    rules.py``: Conv, Gemm, MatMul and the ops that let int8 flow between them); a cost model solved
+    by minimum cut (``quantization/cost.py``) that keeps float the regions where QDQ borders cost
+    more than int8 saves (depthwise convs, RGB stems, short runs between float activations); with
+    ``max_error``, the layers that add most error stay float until the budget holds.  Then the
+    candidates -- the cost-model placement and every eligible node (what ``quantize_static`` does)
+    -- are timed against float on ORT (``threads`` intra-op threads) and the fastest that meets the
+    budget wins; when none beats float the model is returned unchanged (``modified=False``).
+
+    Weights are symmetric int8 per output channel (``per_channel=False`` for one scale per tensor),
+    biases int32, activations asymmetric uint8 (``activation_type="int8"`` on request).
+
+    Refuses models that already hold quantization (QuantizeLinear, QLinear*, *Integer ops).
+
+    Args:
+        data: calibration samples: an ``InputSet`` or an iterable of {input name: array} feeds.
+        method: calibration: "minmax", "percentile" or "entropy" (ORT's calibrators).
+        per_channel: per-output-channel weight scales.
+        activation_type: "uint8" or "int8".
+        max_error: relative L2 error budget of the outputs on ``data`` (mixed precision).
+        exclude: node names that stay float.
+        op_types: only these op types may be quantized (default: every type with a rule).
+        input_shapes: concrete shapes for dynamic inputs when there is no data.
+        measure: time the candidates on ORT (off: trust the cost model).
+        threads: intra-op threads for the timing.
+        calibration_samples: at most this many samples calibrate.
+        seed: seed of the random inputs used without data.
+        progress: show a progress bar.
+    """
+
+    name = "quantize"
+
+    def __init__(
+        self,
+        data: Optional[Feeds] = None,
+        method: str = "minmax",
+        per_channel: bool = True,
+        activation_type: str = "uint8",
+        max_error: Optional[float] = None,
+        exclude: Sequence[str] = (),
+        op_types: Optional[Sequence[str]] = None,
+        input_shapes: Optional[Mapping[str, Tuple[int, ...]]] = None,
+        measure: bool = True,
+        threads: int = DEFAULT_THREADS,
+        calibration_samples: int = 64,
+        seed: int = 0,
+        progress: bool = False,
+    ):
+        self.config = QuantConfig(method, bool(per_channel), activation_type, int(calibration_samples))
+        self.data = data
+        self.max_error = check_max_error(max_error)
+        self.exclude = tuple(exclude or ())
+        self.op_types = tuple(op_types) if op_types else None
+        for op_type in self.op_types or ():
+            if op_type not in RULES:
+                raise UserError(f"op type {op_type!r} cannot be quantized (choose from {', '.join(sorted(RULES))})")
+        self.input_shapes = dict(input_shapes or {})
+        self.measure = bool(measure)
+        self.threads = int(threads)
+        self.seed = int(seed)
+        self.progress = progress
+
+    def requires(self, model: onnx.ModelProto) -> None:
+        found = is_quantized(model)
+        if found:
+            raise UserError(f"the model is already quantized (it contains {found}); quantize the float model instead")
+        check_names("--exclude node", self.exclude, [n.name for n in model.graph.node])
+
+    def call(self, model: onnx.ModelProto) -> PassResult:
+        with progress_bar(total=5, desc="quantize", enabled=self.progress) as bar:
+            bar.set_postfix_str("prepare")
+            prepared = prepare(model)
+            feeds, from_data = calibration_feeds(prepared, self.data, self.input_shapes, self.config, self.seed)
+            bar.update(1)
+            bar.set_postfix_str("calibrate")
+            ranges = calibrate(prepared, feeds, self.config)
+            reference = reference_outputs(prepared, feeds, self.threads)
+            bar.update(1)
+            bar.set_postfix_str("place")
+            planner = _Planner(prepared, ranges, feeds, reference, self)
+            bar.update(1)
+            bar.set_postfix_str("budget" if self.max_error else "build")
+            candidates = planner.candidates()
+            bar.update(1)
+            bar.set_postfix_str("measure")
+            chosen, latencies = planner.choose(candidates)
+            bar.update(1)
+        stats = planner.stats(candidates, chosen, latencies, from_data, len(feeds))
+        if chosen is None:
+            return PassResult(model, False, stats)
+        return PassResult(chosen.model, True, stats)
+
+
+def insert_qdq(model: onnx.ModelProto, data: Optional[Feeds] = None, **kwargs) -> onnx.ModelProto:
+    """Functional form of ``InsertQDQPass``: the quantized model (the input itself when int8 does not pay)."""
+    return InsertQDQPass(data=data, **kwargs)(model).model
+
+
+class _Planner:
+    """Builds, checks and times the candidate placements of one prepared model."""
+
+    def __init__(self, prepared, ranges, feeds, reference, options: InsertQDQPass):
+        self.model = prepared
+        self.ranges = ranges
+        self.feeds = feeds
+        self.reference = reference
+        self.options = options
+        first = feeds[0]
+        self.shapes = concrete_shapes(prepared, {k: tuple(v.shape) for k, v in first.items()}) or {}
+        self.view = GraphView.of(prepared)
+        self.float_reasons: Dict[str, str] = {}
+        allowed: Set[str] = set()
+        excluded = set(options.exclude)
+        for node in prepared.graph.node:
+            reason = self._eligible(node)
+            if reason is None and node.name in excluded:
+                reason = "excluded by the user (--exclude)"
+            if reason is None and options.op_types is not None and node.op_type not in options.op_types:
+                reason = f"{node.op_type} is not among the requested op types (--op-types)"
+            if reason is None:
+                allowed.add(node.name)
+            elif rule_for(node) is not None or node.name in excluded:
+                self.float_reasons[node.name] = reason
+        self.allowed = allowed
+        self.costs = estimate_costs(prepared, self.shapes, self.view.constants)
+        self.compute = {n.name: n for n in prepared.graph.node if rule_for(n) and rule_for(n).role == "compute"}
+
+    def _eligible(self, node: onnx.NodeProto) -> Optional[str]:
+        rule = rule_for(node)
+        if rule is None:
+            return f"no int8 kernel for {node.op_type} in ONNX Runtime (CPU)"
+        return rule.check(node, self.view)
+
+    def _build(self, name: str, int8: Iterable[str]) -> Candidate:
+        int8 = frozenset(int8)
+        model = insert_qdq_nodes(self.model, self.ranges, int8, self.options.config)
+        error = output_error(model, self.feeds, self.reference, self.options.threads) if int8 else 0.0
+        return Candidate(name, model, int8, error=error)
+
+    def _placement(self, forced_float: Set[str]):
+        return place(self.model, self.costs, self.allowed - forced_float, self.shapes, self.view.constants)
+
+    def candidates(self) -> List[Candidate]:
+        placement = self._placement(set())
+        self.float_reasons.update(placement.float_reasons)
+        self.estimated_saving_us = placement.estimated_saving_ns / 1e3
+        found: List[Candidate] = []
+        if placement.int8:
+            found.append(self._fit_budget(self._build("cost-model", placement.int8)))
+        if self.options.measure and self.allowed and self.allowed != placement.int8:
+            everything = self._build("all-eligible", self.allowed)
+            found.append(self._fit_budget(everything) if not found else everything)
+        budget = self.options.max_error
+        return [c for c in found if c.int8_nodes and (budget is None or c.error <= budget)]
+
+    def _fit_budget(self, candidate: Candidate) -> Candidate:
+        """Keep the layers that add most error float until ``max_error`` holds (mixed precision)."""
+        budget = self.options.max_error
+        if budget is None or candidate.error <= budget:
+            return candidate
+        layers = {
+            n: (self.compute[n].input[0], self.compute[n].output[0]) for n in candidate.int8_nodes if n in self.compute
+        }
+        added = layer_sensitivity(self.model, candidate.model, layers, self.feeds[:_SENSITIVITY_FEEDS])
+        ranked = sorted(layers, key=lambda n: -added[n])
+        built: Dict[frozenset, Candidate] = {}
+
+        def error_of(keep_float: Set[str]) -> float:
+            int8 = self._placement(keep_float).int8 if candidate.name == "cost-model" else candidate.int8_nodes - keep_float
+            key = frozenset(keep_float)
+            built[key] = self._build(candidate.name, int8)
+            return built[key].error
+
+        keep_float, _, _ = fit_error_budget(ranked, error_of, budget)
+        for rank, n in enumerate(ranked):
+            if n in keep_float:
+                self.float_reasons[n] = f"error budget: adds {added[n]:.4g} relative L2 (rank {rank + 1} of {len(ranked)})"
+        return built.get(frozenset(keep_float), candidate)
+
+    def choose(self, candidates: List[Candidate]):
+        """The fastest candidate that beats float by ``_MIN_GAIN`` (None: keep float) and all latencies."""
+        if not candidates:
+            return None, {}
+        if not self.options.measure:
+            return (candidates[0] if self.estimated_saving_us > 0 else None), {}
+        models = {"float": self.model, **{c.name: c.model for c in candidates}}
+        latencies = measure_latencies(models, self.feeds[0], threads=self.options.threads)
+        for c in candidates:
+            c.latency = latencies[c.name]
+        best = min(candidates, key=lambda c: c.latency)
+        if best.latency > latencies["float"] * (1 - _MIN_GAIN):
+            return None, latencies
+        return best, latencies
+
+    def stats(self, candidates, chosen, latencies, from_data: bool, n_feeds: int) -> dict:
+        int8 = chosen.int8_nodes if chosen is not None else frozenset()
+        ops = collections.Counter(n.op_type for n in self.model.graph.node if n.name in int8)
+        float_nodes = {
+            n: self.float_reasons.get(n, "kept float: int8 did not beat float on the measured runtime")
+            for n in self.compute
+            if n not in int8
+        }
+        for name, reason in self.float_reasons.items():
+            if name in self.options.exclude:
+                float_nodes[name] = reason
+        return {
+            "chosen": chosen.name if chosen is not None else "float",
+            "nodes_quantized": len(int8),
+            "quantized_ops": dict(sorted(ops.items())),
+            "float_layers": float_nodes,
+            "error": chosen.error if chosen is not None else 0.0,
+            "candidates": {
+                c.name: {"int8_nodes": len(c.int8_nodes), "error": c.error, "latency_ms": _ms(c.latency)}
+                for c in candidates
+            },
+            "float_latency_ms": _ms(latencies.get("float")),
+            "threads": self.options.threads,
+            "estimated_saving_us": round(self.estimated_saving_us, 2),
+            "calibration": {"method": self.options.config.method, "feeds": n_feeds, "from_data": from_data},
+        }
+
+
+def _ms(seconds: Optional[float]) -> Optional[float]:
+    return None if seconds is None else round(seconds * 1e3, 4)

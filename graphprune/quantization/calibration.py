@@ -1,0 +1,134 @@
+"""Activation ranges from sample data, computed by ONNX Runtime's calibrators (MinMax, Percentile, Entropy)."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import warnings
+from typing import Dict, Iterable, List, Mapping, Optional, Tuple, Union
+
+import numpy as np
+import onnx
+
+from graphprune.data import InputSet, random_inputs
+from graphprune.errors import UserError
+from graphprune.quantization.config import QuantConfig
+from graphprune.quantization.prepare import save_for_tool
+
+__all__ = ["Feeds", "as_feeds", "calibration_feeds", "calibrate", "calibrated_op_types"]
+
+# Samples for calibration: an InputSet, or any iterable of {input name: batch} feeds.
+Feeds = Union[InputSet, Iterable[Mapping[str, np.ndarray]]]
+
+# How many seeded random samples stand in for missing calibration data.
+_RANDOM_SAMPLES = 8
+
+
+def calibrated_op_types() -> List[str]:
+    """Op types whose inputs and outputs get ranges: every op ORT's quantizer knows, as quantize_static does."""
+    from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
+
+    return sorted(set(QDQRegistry) | set(QLinearOpsRegistry))
+
+
+def as_feeds(data: Feeds, limit: Optional[int] = None) -> List[Dict[str, np.ndarray]]:
+    """The feeds of ``data`` as a list of dicts, at most ``limit`` samples (InputSet) or feeds (iterable)."""
+    if isinstance(data, InputSet):
+        if limit is not None and len(data) > limit:
+            step = data.fixed_batch or 1
+            data = data.subset(range(max(step, limit - limit % step)))
+        return list(data.batches(8))
+    feeds = []
+    for i, feed in enumerate(data):
+        if not isinstance(feed, Mapping):
+            raise UserError(f"calibration data item {i} is a {type(feed).__name__}, not a dict of input arrays")
+        if limit is not None and i >= limit:
+            break
+        feeds.append({name: np.asarray(value) for name, value in feed.items()})
+    if not feeds:
+        raise UserError("calibration data is empty")
+    return feeds
+
+
+def calibration_feeds(
+    model: onnx.ModelProto,
+    data: Optional[Feeds],
+    input_shapes: Optional[Mapping[str, Tuple[int, ...]]],
+    config: QuantConfig,
+    seed: int = 0,
+) -> Tuple[List[Dict[str, np.ndarray]], bool]:
+    """(feeds, whether they came from the user); without data, seeded random inputs and a warning."""
+    if data is None:
+        warnings.warn(
+            "quantizing without calibration data: ranges come from random inputs, accuracy will suffer "
+            "(give --data FILE.npz)",
+            stacklevel=3,
+        )
+        samples = random_inputs(model, input_shapes, samples=_RANDOM_SAMPLES, seed=seed)
+        return as_feeds(samples, config.calibration_samples), False
+    feeds = as_feeds(data, config.calibration_samples)
+    _check_feed_names(model, feeds[0])
+    return feeds, True
+
+
+def _check_feed_names(model: onnx.ModelProto, feed: Mapping[str, np.ndarray]) -> None:
+    from graphprune.data import input_specs
+
+    for name, _, declared in input_specs(model):
+        if name not in feed:
+            raise UserError(f"calibration data has no array for model input {name!r} (has: {', '.join(sorted(feed))})")
+        if declared is not None and np.ndim(feed[name]) != len(declared):
+            raise UserError(
+                f"calibration data for input {name!r} has rank {np.ndim(feed[name])}, the model expects {len(declared)}"
+            )
+
+
+class _Reader:
+    """ORT's CalibrationDataReader protocol over a list of feeds."""
+
+    def __init__(self, feeds: List[Dict[str, np.ndarray]]):
+        self._feeds = feeds
+        self._next = 0
+
+    def get_next(self):
+        if self._next >= len(self._feeds):
+            return None
+        self._next += 1
+        return self._feeds[self._next - 1]
+
+    def __len__(self) -> int:
+        return len(self._feeds)
+
+    def set_range(self, start_index: int, end_index: int) -> None:  # pragma: no cover - strided calibration
+        self._feeds = self._feeds[start_index:end_index]
+        self._next = 0
+
+
+def calibrate(model: onnx.ModelProto, feeds: List[Dict[str, np.ndarray]], config: QuantConfig):
+    """Ranges of every tensor around quantizable ops, as ORT's ``TensorsData``.
+
+    The model is written to a temporary folder (ORT's calibrators take a path and add outputs to
+    a copy); the calibrator named by ``config.method`` then runs every feed.
+    """
+    from onnxruntime.quantization.calibrate import create_calibrator
+
+    with tempfile.TemporaryDirectory(prefix="graphprune-calib-") as tmp:
+        path = os.path.join(tmp, "model.onnx")
+        save_for_tool(model, path)
+        try:
+            calibrator = create_calibrator(
+                path,
+                calibrated_op_types(),
+                augmented_model_path=os.path.join(tmp, "augmented.onnx"),
+                calibrate_method=config.ort_method(),
+                use_external_data_format=True,
+            )
+            calibrator.collect_data(_Reader(feeds))
+        except Exception as exc:  # ORT reports bad feeds (names, shapes, dtypes) as assorted errors
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            if "INVALID_ARGUMENT" in first or "Invalid" in first or "invalid" in first:
+                raise UserError(f"calibration data does not fit the model: {first}") from None
+            raise
+        ranges = calibrator.compute_data()
+        del calibrator
+    return ranges
