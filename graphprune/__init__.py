@@ -4,6 +4,7 @@ from graphprune.errors import GraphpruneError, UserError
 from graphprune.model_io import load, save
 from graphprune.passes import CanonicalizePass, Pass, PassResult, Pipeline, canonicalize
 from graphprune.passes import InsertQDQPass, insert_qdq
+from graphprune.passes import SparsifyWeightsPass, sparsify_weights
 from graphprune.validate import ValidationReport, validate
 
 __all__ = [
@@ -18,6 +19,8 @@ __all__ = [
     "canonicalize",
     "InsertQDQPass",
     "insert_qdq",
+    "SparsifyWeightsPass",
+    "sparsify_weights",
     "validate",
     "ValidationReport",
 ]

@@ -23,6 +23,7 @@ COMMAND_MODULES = [
     "graphprune.cli.run_cmd",
     "graphprune.cli.demo_cmd",
     "graphprune.cli.quantize_cmd",
+    "graphprune.cli.sparsify_cmd",
 ]
 
 

@@ -3,6 +3,7 @@
 from graphprune.passes.base import Pass, PassResult, Pipeline, register_pass, registered_passes
 from graphprune.passes.canonicalize import CanonicalizePass, canonicalize
 from graphprune.passes.insert_qdq import InsertQDQPass, insert_qdq
+from graphprune.passes.sparsify_weights import SparsifyWeightsPass, sparsify_weights
 
 __all__ = [
     "Pass",
@@ -14,4 +15,6 @@ __all__ = [
     "canonicalize",
     "InsertQDQPass",
     "insert_qdq",
+    "SparsifyWeightsPass",
+    "sparsify_weights",
 ]

@@ -1,0 +1,80 @@
+"""``graphprune sparsify MODEL -o OUT --sparsity S [--pattern N:M] ...``: prune individual weights."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+from graphprune.cli.common import add_output_options, check_output_path, parse_number, write_model
+from graphprune.errors import UserError
+from graphprune.model_io import atomic_write_text, load
+from graphprune.passes.sparsify_weights import SparsifyWeightsPass
+from graphprune.sparsity.report import file_sizes, format_sparsity_report
+from graphprune.sparsity.targets import DEFAULT_OP_TYPES
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "sparsify",
+        help="zero small weights (unstructured or N:M), optionally stored compactly",
+        description="Magnitude pruning of individual weights. Unstructured sparsity does not make ONNX "
+        "Runtime faster on CPU: it shrinks the compressed file (with --storage sparse, or zip/gzip). "
+        "N:M (e.g. 2:4) is the pattern sparse tensor cores run.",
+    )
+    p.add_argument("model", help="the ONNX model")
+    add_output_options(p)
+    p.add_argument("--sparsity", metavar="S", help="fraction of weights to zero, in [0, 1) "
+                   "(required for unstructured; implied by N:M)")
+    p.add_argument("--pattern", default="unstructured", metavar="unstructured|N:M",
+                   help="unstructured (default) or N:M, e.g. 2:4 along the reduction axis")
+    p.add_argument("--scope", choices=("global", "layer"), default="global",
+                   help="one magnitude threshold over all layers (default; capped per layer) or per layer")
+    p.add_argument("--max-layer-sparsity", metavar="C",
+                   help="global scope: no layer above this sparsity (default max(0.99, S))")
+    p.add_argument("--op-types", default=",".join(DEFAULT_OP_TYPES), metavar="Conv,Gemm,MatMul",
+                   help="op types whose weights are sparsified (also ConvTranspose)")
+    p.add_argument("--exclude", action="extend", nargs="+", default=[], metavar="NODE",
+                   help="node or weight names to leave untouched (repeatable, or comma-separated)")
+    p.add_argument("--storage", choices=("dense", "sparse"), default="dense",
+                   help="dense: zeros in place; sparse: non-zeros + 1-byte steps, rebuilt when ORT loads it")
+    p.add_argument("--report", metavar="R.json", help="also write the per-layer report as JSON")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    # Every argument is checked before the model is read or anything written.
+    sparsity = parse_number(args.sparsity, "--sparsity", 0.0, 1.0) if args.sparsity is not None else None
+    cap = (parse_number(args.max_layer_sparsity, "--max-layer-sparsity", 0.0, 1.0)
+           if args.max_layer_sparsity is not None else None)
+    if args.report and not os.path.isdir(os.path.dirname(os.path.abspath(args.report))):
+        raise UserError(f"--report {args.report}: output directory does not exist")
+    exclude = [name.strip() for item in args.exclude for name in item.split(",") if name.strip()]
+    sparsify = SparsifyWeightsPass(
+        sparsity=sparsity,
+        pattern=args.pattern,
+        scope=args.scope,
+        op_types=args.op_types,
+        exclude=exclude,
+        storage=args.storage,
+        max_layer_sparsity=cap,
+        progress=sys.stderr.isatty(),
+    )
+    check_output_path(args)
+    model = load(args.model)
+    result = sparsify(model)
+    stats = result.stats
+    if sparsify.sparsity > 0 and not stats["layers"]:
+        reasons = "; ".join(f"{s['node']}: {s['reason']}" for s in stats["skipped"][:3])
+        raise UserError(
+            f"no {'/'.join(sparsify.op_types)} weight could be sparsified"
+            + (f" ({reasons})" if reasons else " (the model has no such layers with stored weights)")
+        )
+    write_model(args, result.model)
+    progress = sys.stderr.isatty()
+    sizes = {"input": file_sizes(args.model, progress), "output": file_sizes(args.output, progress)}
+    print(format_sparsity_report(stats, sizes))
+    if args.report:
+        atomic_write_text(args.report, json.dumps({**stats, "sizes": sizes}, indent=2))
+    print(f"wrote {args.output}")
+    return 0

@@ -1,0 +1,226 @@
+"""Sparsify weights: magnitude pruning of individual weights, unstructured or N:M, with compact storage."""
+
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from graphprune import ir
+from graphprune.errors import UserError
+from graphprune.passes.base import Pass, PassResult, register_pass
+from graphprune.progress import progress_bar
+from graphprune.sparsity import masks as masks_mod
+from graphprune.sparsity.report import overall_sparsity, sparsity_row
+from graphprune.sparsity.storage import MIN_OPSET, compact_initializers
+from graphprune.sparsity.targets import SkippedWeight, WeightTarget, find_weights, parse_op_types
+
+__all__ = ["SparsifyWeightsPass", "sparsify_weights"]
+
+_SCOPES = ("global", "layer")
+_STORAGES = ("dense", "sparse")
+
+
+@register_pass
+class SparsifyWeightsPass(Pass):
+    """Zero the smallest-magnitude weights of Conv/Gemm/MatMul (and ConvTranspose) layers.
+
+    Handles:
+      - unstructured sparsity, ``scope="global"`` (one magnitude threshold over all selected weights,
+        no layer pruned beyond ``max_layer_sparsity`` and none emptied) or ``"layer"`` (each layer
+        at the requested sparsity, exact to one weight);
+      - N:M sparsity (``pattern="2:4"``): in every group of M weights along the axis the op sums over
+        (input channels of Conv, K of Gemm honouring transB, K of MatMul) at most N stay non-zero;
+      - ``storage="sparse"``: the weights are stored as non-zeros plus 1-byte position steps and
+        rebuilt by ops ONNX Runtime folds at load (see ``graphprune.sparsity.storage``); weights
+        already quantized (initializer -> DequantizeLinear) are compacted too but never pruned;
+      - the mask record in ``metadata_props["graphprune.weight_masks"]`` for fine-tuning.
+
+    Skips, with the reason in ``stats["skipped"]``: layers whose reduction axis is not divisible by
+    M, computed or fed weights, quantized weights (for pruning), and weights shared with other nodes.
+    Refuses (``UserError``): sparsity outside [0, 1), N >= M, unknown op types, ``--exclude`` names
+    that match nothing, and sparse storage on opsets below 11.  Sparsity 0 changes nothing.
+
+    Args:
+        sparsity: fraction of weights to zero, in [0, 1); with an N:M pattern it may be omitted
+            (it is 1 - N/M) but must agree if given.
+        pattern: "unstructured" or "N:M".
+        scope: "global" or "layer" (unstructured only).
+        op_types: op types whose weights are sparsified, a list or "Conv,Gemm" (default Conv,Gemm,MatMul).
+        exclude: node names or weight names to leave untouched.
+        storage: "dense" (zeros in place) or "sparse" (compact, rebuilt in-graph).
+        max_layer_sparsity: global scope's per-layer cap (default max(0.99, sparsity)).
+        progress: show a progress bar over the layers.
+    """
+
+    name = "sparsify"
+
+    def __init__(
+        self,
+        sparsity: Optional[float] = None,
+        pattern: "str | int" = "unstructured",
+        scope: str = "global",
+        op_types: "str | Sequence[str] | None" = None,
+        exclude: "str | Sequence[str] | None" = None,
+        storage: str = "dense",
+        max_layer_sparsity: Optional[float] = None,
+        progress: bool = False,
+    ):
+        if isinstance(pattern, int) and not isinstance(pattern, bool):
+            # YAML 1.1 (recipes, --pass values) reads an unquoted 2:4 as the base-60 number 124.
+            pattern = "{}:{}".format(*divmod(pattern, 60))
+        self.pattern = masks_mod.parse_pattern(pattern)
+        self.sparsity = _check_sparsity(sparsity, self.pattern)
+        if scope not in _SCOPES:
+            raise UserError(f"scope {scope!r} is not one of {', '.join(_SCOPES)}")
+        if storage not in _STORAGES:
+            raise UserError(f"storage {storage!r} is not one of {', '.join(_STORAGES)}")
+        self.scope = scope
+        self.storage = storage
+        self.op_types = parse_op_types(op_types)
+        self.exclude = tuple(_split_names(exclude))
+        if max_layer_sparsity is None:
+            max_layer_sparsity = max(0.99, self.sparsity)
+        if not self.sparsity <= float(max_layer_sparsity) < 1:
+            raise UserError(
+                f"max_layer_sparsity {max_layer_sparsity} must be in [sparsity={self.sparsity}, 1)"
+            )
+        self.max_layer_sparsity = float(max_layer_sparsity)
+        self.progress = bool(progress)
+
+    def requires(self, model: onnx.ModelProto) -> None:
+        if self.storage == "sparse":
+            opset = next((i.version for i in model.opset_import if i.domain in ("", "ai.onnx")), 0)
+            if opset < MIN_OPSET:
+                raise UserError(f"--storage sparse needs ai.onnx opset >= {MIN_OPSET} (the model imports opset {opset})")
+
+    def call(self, model: onnx.ModelProto) -> PassResult:
+        targets, skipped = find_weights(model, self.op_types, self.exclude, through_dequantize=self.storage == "sparse")
+        work = ir.clone(model)
+        inits = ir.initializer_map(work.graph)
+        prunable: List[WeightTarget] = []
+        for target in targets:
+            quantized = target.name not in _float_names(inits, [target.name])
+            if quantized and self.sparsity > 0:
+                skipped.extend(SkippedWeight(n, target.op_type, "weight is already quantized: compacted, not pruned")
+                               for n in target.nodes)
+            elif not quantized:
+                prunable.append(target)
+        if self.pattern is not None:
+            prunable = self._drop_unfitting(prunable, skipped)
+        weights = {t.name: numpy_helper.to_array(inits[t.name]) for t in prunable}
+        pruned = self._prune(prunable, weights)
+
+        changed = [name for name, value in pruned.items() if not np.array_equal(value, weights[name])]
+        for name in changed:
+            inits[name].CopyFrom(numpy_helper.from_array(pruned[name], name))
+        label = masks_mod.pattern_label(self.pattern)
+        if self.sparsity > 0 and prunable:
+            masks_mod.write_mask_record(
+                work, {t.name: {"pattern": label, "sparsity": round(self.sparsity, 6)} for t in prunable}
+            )
+        compacted, kept_dense = [], {}
+        if self.storage == "sparse":
+            compacted, kept_dense = compact_initializers(work, [t.name for t in targets])
+        rows = [sparsity_row(t.name, t.op_type, label, pruned[t.name]) for t in prunable]
+        stats = {
+            "pattern": label,
+            "scope": self.scope if self.pattern is None else "group",
+            "requested_sparsity": self.sparsity,
+            "overall_sparsity": overall_sparsity(rows),
+            "layers": rows,
+            "skipped": [vars(s) for s in skipped],
+            "storage": self.storage,
+            "compacted": compacted,
+            "kept_dense": kept_dense,
+        }
+        modified = bool(changed or compacted)
+        return PassResult(work if modified else model, modified, stats)
+
+    def _drop_unfitting(self, targets: List[WeightTarget], skipped: List[SkippedWeight]) -> List[WeightTarget]:
+        """Layers the N:M groups do not fit are reported and left dense."""
+        fitting = []
+        for target in targets:
+            reason = masks_mod.n_m_fit_reason(target.shape, target.reduction_axis, self.pattern[1])
+            if reason:
+                skipped.extend(SkippedWeight(n, target.op_type, f"{masks_mod.pattern_label(self.pattern)} does not fit: {reason}")
+                               for n in target.nodes)
+            else:
+                fitting.append(target)
+        return fitting
+
+    def _prune(self, targets: List[WeightTarget], weights: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
+        """name -> weight with the pruned entries set to exactly zero."""
+        if self.sparsity == 0 or not targets:
+            return dict(weights)
+        if self.pattern is None:
+            if self.scope == "global":
+                counts = masks_mod.global_prune_counts(
+                    [weights[t.name] for t in targets], self.sparsity, self.max_layer_sparsity
+                )
+            else:
+                counts = [int(round(self.sparsity * weights[t.name].size)) for t in targets]
+        pruned = {}
+        with progress_bar(total=len(targets), desc="sparsify", enabled=self.progress, unit="layer") as bar:
+            for i, target in enumerate(targets):
+                w = weights[target.name]
+                if self.pattern is None:
+                    keep = masks_mod.unstructured_mask(w, counts[i])
+                else:
+                    keep = masks_mod.n_m_mask(w, self.pattern[0], self.pattern[1], target.reduction_axis)
+                pruned[target.name] = np.where(keep, w, np.zeros((), dtype=w.dtype))
+                bar.update(1)
+        return pruned
+
+    def __repr__(self) -> str:
+        return (f"SparsifyWeightsPass(sparsity={self.sparsity}, pattern={masks_mod.pattern_label(self.pattern)!r}, "
+                f"scope={self.scope!r}, storage={self.storage!r})")
+
+
+def sparsify_weights(
+    model: onnx.ModelProto,
+    sparsity: Optional[float] = None,
+    pattern: str = "unstructured",
+    scope: str = "global",
+    op_types: "str | Sequence[str] | None" = None,
+    exclude: "str | Sequence[str] | None" = None,
+    storage: str = "dense",
+    max_layer_sparsity: Optional[float] = None,
+) -> onnx.ModelProto:
+    """Functional form of ``SparsifyWeightsPass``: the sparsified model."""
+    return SparsifyWeightsPass(
+        sparsity=sparsity, pattern=pattern, scope=scope, op_types=op_types, exclude=exclude,
+        storage=storage, max_layer_sparsity=max_layer_sparsity,
+    )(model).model
+
+
+def _check_sparsity(sparsity, pattern: masks_mod.Pattern) -> float:
+    if pattern is not None:
+        implied = 1 - pattern[0] / pattern[1]
+        if sparsity is not None and abs(float(sparsity) - implied) > 1e-9:
+            raise UserError(
+                f"pattern {pattern[0]}:{pattern[1]} fixes sparsity at {implied:g}; omit sparsity or give {implied:g}"
+            )
+        return implied
+    if sparsity is None:
+        raise UserError("sparsity is required for the unstructured pattern (a fraction in [0, 1))")
+    try:
+        value = float(sparsity)
+    except (TypeError, ValueError):
+        raise UserError(f"sparsity {sparsity!r} is not a number") from None
+    if not 0 <= value < 1:
+        raise UserError(f"sparsity {value} is outside [0, 1)")
+    return value
+
+
+def _split_names(names) -> List[str]:
+    if names is None:
+        return []
+    items = names.split(",") if isinstance(names, str) else [str(n) for n in names]
+    return [item.strip() for item in items if item.strip()]
+
+
+def _float_names(inits, names) -> set:
+    return {n for n in names if np.issubdtype(onnx.helper.tensor_dtype_to_np_dtype(inits[n].data_type), np.floating)}
