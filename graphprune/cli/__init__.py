@@ -22,6 +22,7 @@ COMMAND_MODULES = [
     "graphprune.cli.validate_cmd",
     "graphprune.cli.run_cmd",
     "graphprune.cli.demo_cmd",
+    "graphprune.cli.finetune_cmd",
     "graphprune.cli.quantize_cmd",
     "graphprune.cli.sparsify_cmd",
 ]

@@ -2,6 +2,7 @@
 
 from graphprune.passes.base import Pass, PassResult, Pipeline, register_pass, registered_passes
 from graphprune.passes.canonicalize import CanonicalizePass, canonicalize
+from graphprune.passes.finetune import FineTunePass, finetune
 from graphprune.passes.insert_qdq import InsertQDQPass, insert_qdq
 from graphprune.passes.sparsify_weights import SparsifyWeightsPass, sparsify_weights
 
@@ -13,6 +14,8 @@ __all__ = [
     "registered_passes",
     "CanonicalizePass",
     "canonicalize",
+    "FineTunePass",
+    "finetune",
     "InsertQDQPass",
     "insert_qdq",
     "SparsifyWeightsPass",

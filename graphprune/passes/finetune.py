@@ -1,0 +1,287 @@
+"""Fine-tune: train a model's weights through onnxruntime-training, with labels or by distillation."""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any, Dict, Optional, Union
+
+import numpy as np
+import onnx
+
+from graphprune.data import InputSet, input_specs
+from graphprune.errors import UserError
+from graphprune.passes.base import Pass, PassResult, register_pass
+from graphprune.training.artifacts import TrainingSession, build_training_graph, prepare_for_training
+from graphprune.training.batchnorm import recalibrate_batchnorm
+from graphprune.training.losses import BatchTargets, LossSpec, resolve_loss
+from graphprune.training.loop import TrainConfig, train_loop
+from graphprune.training.masks import apply_masks, read_masks
+from graphprune.training.trainable import write_back
+
+__all__ = ["FineTunePass", "finetune"]
+
+ModelLike = Union[onnx.ModelProto, str, "os.PathLike[str]"]
+
+
+@register_pass
+class FineTunePass(Pass):
+    """Fine-tune the weights of an inference model and return the same graph with the new weights.
+
+    Handles:
+      - Trainable: float32 weights of Conv/ConvTranspose/Gemm/MatMul (and their bias ``Add``) and the
+        scale/bias of normalization layers; weights in ``Constant`` nodes are trained and written back
+        into those nodes.  Everything else is frozen.
+      - Losses: cross-entropy with integer labels, MSE with float targets, distillation from a teacher
+        (KL on temperature-softened logits, or MSE), or labels and distillation combined.
+      - Ops without gradients in onnxruntime-training (HardSigmoid, HardSwish, Mish, Softplus,
+        InstanceNormalization, ...) train through differentiable stand-ins; the output keeps the
+        original ops.
+      - BatchNormalization: the running statistics are re-estimated once from the training samples
+        (pruning changed the activations they describe; ``batchnorm="keep"`` skips this), then held
+        *frozen* while scale and bias train.  Frozen statistics are the small-data choice: batch
+        statistics of a few dozen samples are noisy, the per-channel affine absorbs any remaining
+        shift, and the trained function is exactly the one inference computes.
+      - Weights named by the sparsity mask record or the pruned-channel record keep their zeros.
+      - A held-out split is evaluated before training and after each epoch and the best is kept, so
+        training never makes the validation metric worse than at its start.
+
+    Refuses: a model without data, labels or teacher; data that does not match the model inputs;
+    labels of the wrong length, dtype or shape; a model with QuantizeLinear nodes or without trainable
+    weights; a loss that becomes non-finite (the error names the epoch and step).
+
+    Args:
+        data: training samples (``InputSet``; the CLI and recipes inject ``--data``).
+        labels: integer class ids (cross-entropy) or float targets (MSE), one per sample; or
+            ``"FILE.npz"`` / ``"FILE.npz:KEY"`` (default key ``labels``) for recipes.
+        teacher: the model to distill from (a ModelProto or a path), usually the unpruned original.
+        epochs, batch_size, lr, schedule, seed: the training loop (see ``TrainConfig``).
+        val_split: fraction of ``data`` held out for validation (0 disables it).
+        optimizer: "adamw" or "sgd"; weight_decay: AdamW's decoupled weight decay.
+        loss: "auto" (ce for integer labels, mse for float), "ce" or "mse".
+        distill_loss: "auto" (kl for class scores, mse otherwise), "kl" or "mse".
+        distill_weight: w in (1 - w) * label loss + w * distillation loss (default 0.5 with both).
+        temperature: distillation temperature.
+        batchnorm: "recalibrate" (re-estimate BatchNorm statistics from ``data`` first) or "keep".
+        output: the output to train (default: the first).
+        threads: intra-op threads for training (None: onnxruntime decides).
+        progress: show a progress bar with the running loss and metric.
+    """
+
+    name = "finetune"
+
+    def __init__(
+        self,
+        data: Optional[InputSet] = None,
+        labels: Union[np.ndarray, str, None] = None,
+        teacher: Optional[ModelLike] = None,
+        epochs: int = 5,
+        batch_size: int = 32,
+        lr: float = 1e-3,
+        val_split: float = 0.1,
+        optimizer: str = "adamw",
+        weight_decay: float = 1e-4,
+        schedule: str = "cosine",
+        loss: str = "auto",
+        distill_loss: str = "auto",
+        distill_weight: Optional[float] = None,
+        temperature: float = 2.0,
+        batchnorm: str = "recalibrate",
+        output: Optional[str] = None,
+        seed: int = 0,
+        threads: Optional[int] = None,
+        progress: bool = False,
+    ):
+        self.data = data
+        self.labels = _read_labels(labels) if isinstance(labels, (str, os.PathLike)) else labels
+        self.teacher = _read_teacher(teacher)
+        self.config = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, schedule=schedule, seed=seed,
+                                  progress=progress)
+        self.config.check()
+        if not 0 <= val_split < 1:
+            raise UserError(f"validation split {val_split} is outside [0, 1)")
+        if optimizer not in ("adamw", "sgd"):
+            raise UserError(f"optimizer {optimizer!r}: choose adamw or sgd")
+        if batchnorm not in ("recalibrate", "keep"):
+            raise UserError(f"batchnorm {batchnorm!r}: choose recalibrate or keep")
+        self.batchnorm = batchnorm
+        self.val_split = float(val_split)
+        self.optimizer = optimizer
+        self.weight_decay = float(weight_decay)
+        self.loss = loss
+        self.distill_loss = distill_loss
+        self.distill_weight = distill_weight
+        self.temperature = float(temperature)
+        self.output = output
+        self.threads = threads
+
+    def requires(self, model: onnx.ModelProto) -> None:
+        if self.data is None or len(self.data) == 0:
+            raise UserError("finetune needs training samples (--data FILE.npz)")
+        if self.labels is None and self.teacher is None:
+            raise UserError("finetune needs labels (--labels KEY) or a teacher model (--teacher ORIGINAL.onnx)")
+        if any(node.op_type in ("QuantizeLinear", "DynamicQuantizeLinear") for node in model.graph.node):
+            raise UserError("the model is already quantized (QuantizeLinear nodes): fine-tune before quantizing")
+        _check_data(model, self.data, "data")
+        if self.teacher is not None:
+            _check_data(self.teacher, self.data, "data (for the teacher)")
+        if self.labels is not None and len(self.labels) != len(self.data):
+            raise UserError(f"labels: {len(self.labels)} labels for {len(self.data)} samples")
+
+    def call(self, model: onnx.ModelProto) -> PassResult:
+        start = time.perf_counter()
+        train_idx, val_idx = self._split()
+        base, recalibrated = model, 0
+        if self.batchnorm == "recalibrate":
+            base, recalibrated = recalibrate_batchnorm(model, self.data.subset(train_idx), self.threads)
+        work, trainable = prepare_for_training(base)
+        spec, teacher_out, classes = self._loss_spec(model)
+        values = {init.name: onnx.numpy_helper.to_array(init) for init in work.graph.initializer
+                  if init.name in set(trainable.names)}
+        masks = read_masks(model, values)
+        stats: Dict[str, Any] = {
+            "loss": spec.describe(),
+            "batchnorm_recalibrated": recalibrated,
+            "trainable_params": trainable.count(work.graph),
+            "masked_weights": len(masks),
+        }
+        if self.config.epochs == 0:
+            return PassResult(base, recalibrated > 0, stats)
+        graph = build_training_graph(work, trainable.names, spec, masks)
+        targets = BatchTargets(spec, self.labels, teacher_out, classes)
+        arrays = self.data.arrays
+        feeds = lambda idx: {**{k: v[idx] for k, v in arrays.items()}, **targets.feeds(idx)}  # noqa: E731
+        with TrainingSession(graph, self.optimizer, self.weight_decay, threads=self.threads) as session:
+            outcome = train_loop(session, self.config, feeds, self._metric(spec, teacher_out), train_idx, val_idx,
+                                 fixed_batch=self.data.fixed_batch, loss_offset=targets.loss_offset)
+        trained = apply_masks(outcome.weights, masks)
+        changed = [n for n, v in trained.items() if not np.array_equal(v, values[n])]
+        result = write_back(base, {n: trained[n] for n in changed}) if changed else base
+        stats.update(_training_stats(graph, outcome, len(changed)))
+        stats["seconds"] = round(time.perf_counter() - start, 3)
+        return PassResult(result, bool(changed) or recalibrated > 0, stats)
+
+    def _loss_spec(self, model: onnx.ModelProto):
+        """(LossSpec, teacher outputs or None, number of classes) for the trained output."""
+        from graphprune.runtime import make_session
+
+        probe = make_session(model, threads=self.threads)
+        out_names = [o.name for o in probe.get_outputs()]
+        output = self.output or out_names[0]
+        if output not in out_names:
+            raise UserError(f"model has no output {output!r} (outputs: {', '.join(out_names)})")
+        first = next(iter(self.data.batches(min(len(self.data), 2))))
+        output_shape = tuple(probe.run([output], first)[0].shape)
+        teacher_out = self._teacher_outputs(output, out_names, output_shape)
+        spec = resolve_loss(output_shape, output, self.labels, len(self.data), teacher_out is not None,
+                            self.loss, self.distill_loss, self.distill_weight, self.temperature)
+        return spec, teacher_out, (output_shape[-1] if output_shape else 1)
+
+    def _teacher_outputs(self, output: str, out_names, output_shape) -> Optional[np.ndarray]:
+        if self.teacher is None:
+            return None
+        from graphprune.runtime import make_session, run_samples
+
+        session = make_session(self.teacher, threads=self.threads)
+        names = [o.name for o in session.get_outputs()]
+        name = output if output in names else names[min(out_names.index(output), len(names) - 1)]
+        values = run_samples(session, self.data)[name]
+        if tuple(values.shape[1:]) != tuple(output_shape[1:]):
+            raise UserError(f"teacher output {name!r} has shape {list(values.shape)}, the student's "
+                            f"{output!r} has {list(output_shape)}")
+        return values
+
+    def _split(self):
+        """Seeded shuffle of the sample indices into (train, validation)."""
+        n = len(self.data)
+        order = np.random.default_rng(self.config.seed + 1).permutation(n)
+        held = int(round(self.val_split * n))
+        fixed = self.data.fixed_batch
+        if fixed:
+            held -= held % fixed
+        if held >= n:
+            raise UserError(f"validation split {self.val_split} leaves no training samples out of {n}")
+        return np.sort(order[held:]), np.sort(order[:held])
+
+    def _metric(self, spec: LossSpec, teacher_out: Optional[np.ndarray]):
+        """Correct-sample counter: label accuracy with class labels, else top-1 agreement with the teacher."""
+        if spec.label_loss == "ce":
+            return _top1_counter(self.labels)
+        if spec.distill_loss == "kl":
+            return _top1_counter(teacher_out.argmax(-1))
+        return lambda out, idx: None
+
+
+def _training_stats(graph, outcome, changed: int) -> Dict[str, Any]:
+    first, best, trained = outcome.history[0], outcome.history[outcome.best_epoch], outcome.history[1:]
+    return {
+        "trainable_weights": len(graph.trainable),
+        "weights_changed": changed,
+        "standins": dict(graph.standins),
+        "steps": outcome.steps,
+        "best_epoch": outcome.best_epoch,
+        "train_loss_first_epoch": trained[0].train_loss,
+        "train_loss_last_epoch": trained[-1].train_loss,
+        "val_loss_before": first.val_loss,
+        "val_loss_best": best.val_loss,
+        "val_metric_before": first.val_metric,
+        "val_metric_best": best.val_metric,
+        "history": [vars(r) for r in outcome.history],
+    }
+
+
+def finetune(model: onnx.ModelProto, data: InputSet, labels: Optional[np.ndarray] = None,
+             teacher: Optional[ModelLike] = None, **kwargs) -> onnx.ModelProto:
+    """Functional form of ``FineTunePass`` (same arguments)."""
+    return FineTunePass(data=data, labels=labels, teacher=teacher, **kwargs)(model).model
+
+
+def _top1_counter(reference: np.ndarray):
+    """(outputs, indices) -> how many samples' argmax matches ``reference`` (averaged over tokens)."""
+
+    def count(out: np.ndarray, idx: np.ndarray) -> float:
+        hits = out.argmax(-1) == reference[idx]
+        return float(hits.reshape(len(idx), -1).mean(axis=1).sum())
+
+    return count
+
+
+def _read_teacher(teacher: Optional[ModelLike]) -> Optional[onnx.ModelProto]:
+    if teacher is None or isinstance(teacher, onnx.ModelProto):
+        return teacher
+    from graphprune.model_io import load
+
+    return load(teacher)
+
+
+def _read_labels(spec: "str | os.PathLike[str]") -> np.ndarray:
+    """``FILE.npz`` or ``FILE.npz:KEY`` (default key ``labels``) -> the array."""
+    path, _, key = os.fspath(spec).rpartition(":") if ":" in os.fspath(spec) else (os.fspath(spec), "", "labels")
+    key = key or "labels"
+    if not os.path.exists(path):
+        raise UserError(f"labels {spec}: no such file {path}")
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            if key not in npz.files:
+                raise UserError(f"labels {spec}: {path} has no array {key!r} (arrays: {', '.join(npz.files)})")
+            return npz[key]
+    except (OSError, ValueError) as exc:
+        raise UserError(f"labels {spec}: not a readable .npz file ({exc})") from None
+
+
+def _check_data(model: onnx.ModelProto, data: InputSet, what: str) -> None:
+    """The samples feed every model input with a compatible dtype, rank and fixed dims."""
+    for name, dtype, declared in input_specs(model):
+        if name not in data.arrays:
+            raise UserError(f"{what}: no samples for model input {name!r} (arrays: {', '.join(sorted(data.arrays))})")
+        value = data.arrays[name]
+        if value.dtype != dtype:
+            raise UserError(f"{what}: input {name!r} has dtype {value.dtype}, the model expects {dtype}")
+        if declared is not None:
+            if value.ndim != len(declared):
+                raise UserError(f"{what}: input {name!r} has shape {list(value.shape)}, the model expects rank "
+                                f"{len(declared)} {list(declared)}")
+            for axis, want in enumerate(declared):
+                if axis and isinstance(want, int) and want > 0 and value.shape[axis] != want:
+                    raise UserError(f"{what}: input {name!r} has shape {list(value.shape)}, the model expects "
+                                    f"{list(declared)}")

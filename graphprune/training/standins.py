@@ -1,0 +1,276 @@
+"""Differentiable stand-ins for ops onnxruntime-training cannot differentiate, used only while training.
+
+The gradient builders of onnxruntime-training 1.19 lack HardSigmoid, HardSwish, Softplus, Mish, Elu,
+Selu, Celu, Softsign, PRelu, InstanceNormalization and GroupNormalization.  The training graph replaces
+each such node by the same function written with ops that have gradients (Mul/Add/Clip/Relu/Exp/Log/
+ReduceMean/Sqrt...); the inference model keeps the original node, and only trained weights are copied
+back.  BatchNormalization is replaced too, by its inference form with *frozen* running statistics (see
+``_batch_norm``).  LayerNormalization has a gradient but needs its optional mean / inv-std outputs.
+
+Each stand-in is a function registered by op type that writes nodes through a ``StandinBuilder``.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Callable, Dict, List, Optional
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from graphprune import ir
+from graphprune.errors import UserError
+
+__all__ = ["STANDINS", "StandinBuilder", "apply_standins"]
+
+_PREFIX = "graphprune.train"
+
+
+class StandinBuilder:
+    """Writes the replacement nodes of one node; the last op must write ``self.y`` (the node's output).
+
+    Args:
+        node: the node being replaced.
+        opset: the model's ai.onnx opset (decides attribute vs input forms of Clip / ReduceMean).
+        constants: name -> value of the graph's constant tensors (to read BatchNorm statistics).
+        rank: the rank of the node's first input, when shape inference knows it.
+    """
+
+    def __init__(self, node: onnx.NodeProto, opset: int, constants: Dict[str, np.ndarray], rank: Optional[int]):
+        self.node = node
+        self.rank = rank
+        self.opset = opset
+        self.constants = constants
+        self.x = node.input[0]
+        self.y = node.output[0]
+        self.nodes: List[onnx.NodeProto] = []
+        self.initializers: List[onnx.TensorProto] = []
+        self._base = f"{_PREFIX}/{node.name or node.output[0]}"
+        self._count = 0
+
+    def _fresh(self, kind: str) -> str:
+        self._count += 1
+        return f"{self._base}/{kind}{self._count}"
+
+    def attr(self, name: str, default):
+        return ir.get_attr(self.node, name, default)
+
+    def const(self, value) -> str:
+        name = self._fresh("c")
+        self.initializers.append(numpy_helper.from_array(np.asarray(value), name))
+        return name
+
+    def op(self, op_type: str, *inputs: str, out: str = "", **attrs) -> str:
+        out = out or self._fresh(op_type.lower())
+        self.nodes.append(helper.make_node(op_type, list(inputs), [out], name=self._fresh("n"), **attrs))
+        return out
+
+    def clip(self, x: str, low: float, high: float, out: str = "") -> str:
+        if self.opset < 11:
+            return self.op("Clip", x, out=out, min=float(low), max=float(high))
+        return self.op("Clip", x, self.const(np.float32(low)), self.const(np.float32(high)), out=out)
+
+    def reduce_mean(self, x: str, axes: List[int]) -> str:
+        if self.opset < 18:
+            return self.op("ReduceMean", x, axes=axes, keepdims=1)
+        return self.op("ReduceMean", x, self.const(np.array(axes, np.int64)), keepdims=1)
+
+    def min_zero(self, x: str) -> str:
+        """min(x, 0) as -Relu(-x): both have gradients."""
+        return self.op("Neg", self.op("Relu", self.op("Neg", x)))
+
+    def softplus(self, x: str) -> str:
+        """log(1 + e^x) without overflow: relu(x) + log(1 + e^-|x|)."""
+        tail = self.op("Log", self.op("Add", self.const(np.float32(1)), self.op("Exp", self.op("Neg", self.op("Abs", x)))))
+        return self.op("Add", self.op("Relu", x), tail)
+
+    def known_rank(self) -> int:
+        if self.rank is None:
+            raise UserError(
+                f"{self.node.op_type} node {self.node.name!r}: the rank of its input is unknown, "
+                "which its training stand-in needs (give the model's input shapes)"
+            )
+        return self.rank
+
+    def channel_shaped(self, vector: str, rank: int) -> str:
+        """A [C] parameter reshaped to [C, 1, ..., 1] so that it broadcasts over [N, C, ...] of ``rank``."""
+        return self.op("Reshape", vector, self.const(np.array([-1] + [1] * (rank - 2), np.int64)))
+
+    def normalize(self, x: str, axes: List[int], eps: float) -> str:
+        """(x - mean) / sqrt(var + eps) over ``axes``."""
+        centered = self.op("Sub", x, self.reduce_mean(x, axes))
+        var = self.reduce_mean(self.op("Mul", centered, centered), axes)
+        return self.op("Div", centered, self.op("Sqrt", self.op("Add", var, self.const(np.float32(eps)))))
+
+
+Standin = Callable[[StandinBuilder], None]
+STANDINS: Dict[str, Standin] = {}
+
+
+def _standin(*op_types: str):
+    def register(fn: Standin) -> Standin:
+        for op in op_types:
+            STANDINS[op] = fn
+        return fn
+
+    return register
+
+
+def _hard_sigmoid_of(b: StandinBuilder, x: str, alpha: float, beta: float, out: str = "") -> str:
+    affine = b.op("Add", b.op("Mul", x, b.const(np.float32(alpha))), b.const(np.float32(beta)))
+    return b.clip(affine, 0.0, 1.0, out=out)
+
+
+@_standin("HardSigmoid")
+def _hard_sigmoid(b):
+    _hard_sigmoid_of(b, b.x, b.attr("alpha", 0.2), b.attr("beta", 0.5), out=b.y)
+
+
+@_standin("HardSwish")
+def _hard_swish(b):
+    b.op("Mul", b.x, _hard_sigmoid_of(b, b.x, 1.0 / 6.0, 0.5), out=b.y)
+
+
+@_standin("Softplus")
+def _softplus(b):
+    b.op("Identity", b.softplus(b.x), out=b.y)
+
+
+@_standin("Mish")
+def _mish(b):
+    b.op("Mul", b.x, b.op("Tanh", b.softplus(b.x)), out=b.y)
+
+
+def _exp_minus_one_of_negative_part(b: StandinBuilder, scale: float) -> str:
+    """e^(min(x,0) / scale) - 1: the negative branch of Elu/Celu/Selu (0 for x >= 0)."""
+    negative = b.min_zero(b.x)
+    if scale != 1.0:
+        negative = b.op("Mul", negative, b.const(np.float32(1.0 / scale)))
+    return b.op("Sub", b.op("Exp", negative), b.const(np.float32(1)))
+
+
+@_standin("Elu")
+def _elu(b):
+    alpha = b.attr("alpha", 1.0)
+    tail = b.op("Mul", _exp_minus_one_of_negative_part(b, 1.0), b.const(np.float32(alpha)))
+    b.op("Add", b.op("Relu", b.x), tail, out=b.y)
+
+
+@_standin("Celu")
+def _celu(b):
+    alpha = b.attr("alpha", 1.0)
+    tail = b.op("Mul", _exp_minus_one_of_negative_part(b, alpha), b.const(np.float32(alpha)))
+    b.op("Add", b.op("Relu", b.x), tail, out=b.y)
+
+
+@_standin("Selu")
+def _selu(b):
+    alpha = b.attr("alpha", 1.67326319217681884765625)
+    gamma = b.attr("gamma", 1.05070102214813232421875)
+    tail = b.op("Mul", _exp_minus_one_of_negative_part(b, 1.0), b.const(np.float32(alpha)))
+    b.op("Mul", b.op("Add", b.op("Relu", b.x), tail), b.const(np.float32(gamma)), out=b.y)
+
+
+@_standin("Softsign")
+def _softsign(b):
+    b.op("Div", b.x, b.op("Add", b.const(np.float32(1)), b.op("Abs", b.x)), out=b.y)
+
+
+@_standin("PRelu")
+def _prelu(b):
+    slope = b.node.input[1]
+    b.op("Sub", b.op("Relu", b.x), b.op("Mul", slope, b.op("Relu", b.op("Neg", b.x))), out=b.y)
+
+
+@_standin("InstanceNormalization")
+def _instance_norm(b):
+    scale, bias = b.node.input[1], b.node.input[2]
+    rank = b.known_rank()
+    normalized = b.normalize(b.x, list(range(2, rank)), b.attr("epsilon", 1e-5))
+    affine = b.op("Mul", normalized, b.channel_shaped(scale, rank))
+    b.op("Add", affine, b.channel_shaped(bias, rank), out=b.y)
+
+
+@_standin("GroupNormalization")
+def _group_norm(b):
+    scale, bias = b.node.input[1], b.node.input[2]
+    rank = b.known_rank()
+    groups = int(b.attr("num_groups", 1))
+    # [N, C, ...] -> [N, G, C/G * ...]: Shape/Slice keep N without Reshape's copy-dim zeros.
+    batch = b.op("Slice", b.op("Shape", b.x), b.const(np.array([0], np.int64)), b.const(np.array([1], np.int64)))
+    grouped_shape = b.op("Concat", batch, b.const(np.array([groups, -1], np.int64)), axis=0)
+    normalized = b.normalize(b.op("Reshape", b.x, grouped_shape), [2], b.attr("epsilon", 1e-5))
+    if b.opset >= 21:  # opset 21: one scale/bias per channel
+        restored = b.op("Reshape", normalized, b.op("Shape", b.x))
+        affine = b.op("Mul", restored, b.channel_shaped(scale, rank))
+        b.op("Add", affine, b.channel_shaped(bias, rank), out=b.y)
+    else:  # opset 18: one scale/bias per group, applied in the grouped layout
+        affine = b.op("Add", b.op("Mul", normalized, b.channel_shaped(scale, 3)), b.channel_shaped(bias, 3))
+        b.op("Reshape", affine, b.op("Shape", b.x), out=b.y)
+
+
+@_standin("BatchNormalization")
+def _batch_norm(b):
+    """Inference-form BatchNorm with frozen running statistics and trainable scale / bias.
+
+    Frozen statistics are the usual choice for fine-tuning on little data: batch statistics of small
+    batches are noisy, and a per-channel affine map (scale, bias) can absorb any shift the pruning
+    caused, so nothing is lost by not updating mean/var.  The trained model is used exactly as it was
+    trained (same normalization at train and inference time).
+    """
+    scale, bias, mean, var = b.node.input[1:5]
+    rank = b.known_rank()
+    mean_value, var_value = b.constants.get(mean), b.constants.get(var)
+    eps = b.attr("epsilon", 1e-5)
+    shape = [-1] + [1] * (rank - 2)
+    if mean_value is not None and var_value is not None:
+        inv_std = (1.0 / np.sqrt(var_value.astype(np.float64) + eps)).astype(np.float32).reshape(shape)
+        centered = b.op("Sub", b.x, b.const(mean_value.astype(np.float32).reshape(shape)))
+        normalized = b.op("Mul", centered, b.const(inv_std))
+    else:  # statistics computed in the graph: same formula with ops
+        centered = b.op("Sub", b.x, b.channel_shaped(mean, rank))
+        std = b.op("Sqrt", b.op("Add", b.channel_shaped(var, rank), b.const(np.float32(eps))))
+        normalized = b.op("Div", centered, std)
+    affine = b.op("Mul", normalized, b.channel_shaped(scale, rank))
+    b.op("Add", affine, b.channel_shaped(bias, rank), out=b.y)
+
+
+@_standin("LayerNormalization")
+def _layer_norm(b):
+    # The gradient needs the saved mean and inverse std-dev, optional outputs exporters leave out.
+    outputs = list(b.node.output) + [""] * (3 - len(b.node.output))
+    outputs[1] = outputs[1] or b._fresh("mean")
+    outputs[2] = outputs[2] or b._fresh("inv_std")
+    node = onnx.NodeProto()
+    node.CopyFrom(b.node)
+    del node.output[:]
+    node.output.extend(outputs)
+    b.nodes.append(node)
+
+
+def apply_standins(graph: onnx.GraphProto, opset: int, ranks: Dict[str, int]) -> Counter:
+    """Replace, in place, every main-graph node that has a stand-in; returns counts by op type.
+
+    Args:
+        ranks: tensor name -> rank, from shape inference (normalization stand-ins need it).
+    """
+    constants = {init.name: numpy_helper.to_array(init) for init in graph.initializer
+                 if init.data_type == onnx.TensorProto.FLOAT}
+    replaced: Counter = Counter()
+    nodes: List[onnx.NodeProto] = []
+    for node in graph.node:
+        standin = STANDINS.get(node.op_type) if node.domain in ("", "ai.onnx") else None
+        # A multi-output node (training-mode BatchNorm) keeps its own op: the stand-ins write output 0.
+        extra_outputs = node.op_type != "LayerNormalization" and any(node.output[1:])
+        if standin is None or extra_outputs:
+            nodes.append(node)
+            continue
+        builder = StandinBuilder(node, opset, constants, ranks.get(node.input[0]))
+        standin(builder)
+        nodes.extend(builder.nodes)
+        graph.initializer.extend(builder.initializers)
+        replaced[node.op_type] += 1
+    del graph.node[:]
+    graph.node.extend(nodes)
+    return replaced

@@ -1,0 +1,198 @@
+"""FineTunePass on the digits CNN: loss goes down, only weights change, masks hold, distillation works."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+from graphprune.data import InputSet
+from graphprune.errors import UserError
+from graphprune.passes import FineTunePass, finetune
+from graphprune.runtime import make_session, run_samples
+from graphprune.training.masks import PRUNED_CHANNELS_KEY
+from tests.test_finetune_support import digits, no_weight_model, shrink_digits, structure, subset, weights_of
+
+
+@pytest.fixture(scope="module")
+def setup():
+    model, train, labels, test, test_labels = digits()
+    small, small_labels = subset(train, labels, 480)
+    return {"model": model, "pruned": shrink_digits(model), "train": small, "labels": small_labels,
+            "test": test, "test_labels": test_labels}
+
+
+def _outputs(model, data):
+    return run_samples(make_session(model), data)["logits"]
+
+
+def test_loss_decreases_and_validation_improves_on_pruned_model(setup):
+    result = FineTunePass(data=setup["train"], labels=setup["labels"], epochs=4, lr=3e-3)(setup["pruned"])
+    stats = result.stats
+    history = stats["history"]
+    assert result.modified
+    assert stats["loss"] == "ce on labels"
+    assert [h["epoch"] for h in history] == [0, 1, 2, 3, 4]
+    assert history[-1]["train_loss"] < 0.5 * history[1]["train_loss"]
+    assert stats["val_loss_best"] < stats["val_loss_before"]
+    assert stats["val_metric_best"] > stats["val_metric_before"]
+    accuracy = np.mean(_outputs(result.model, setup["test"]).argmax(1) == setup["test_labels"])
+    before = np.mean(_outputs(setup["pruned"], setup["test"]).argmax(1) == setup["test_labels"])
+    assert accuracy > before + 0.3
+
+
+def test_only_weight_values_change(setup):
+    pruned = setup["pruned"]
+    result = FineTunePass(data=setup["train"], labels=setup["labels"], epochs=1, batchnorm="keep")(pruned)
+    assert structure(result.model) == structure(pruned)
+    before, after = weights_of(pruned), weights_of(result.model)
+    trained = [n for n in before if not n.endswith(("running_mean", "running_var"))]
+    assert all(not np.array_equal(before[n], after[n]) for n in trained)
+    for frozen in ("bn1.running_mean", "bn2.running_var", "bn3.running_mean"):
+        np.testing.assert_array_equal(before[frozen], after[frozen])
+    onnx.checker.check_model(result.model, full_check=True)
+
+
+def test_batchnorm_statistics_are_recalibrated_from_the_data(setup):
+    pruned = setup["pruned"]
+    result = FineTunePass(data=setup["train"], labels=setup["labels"], epochs=0)(pruned)
+    assert result.modified and result.stats["batchnorm_recalibrated"] == 3
+    before, after = weights_of(pruned), weights_of(result.model)
+    assert not np.allclose(before["bn2.running_mean"], after["bn2.running_mean"])
+    np.testing.assert_array_equal(before["conv2.weight"], after["conv2.weight"])
+    # conv1 sees the raw images: its BatchNorm statistics must equal the conv1 output moments.
+    probe = onnx.ModelProto()
+    probe.CopyFrom(pruned)
+    probe.graph.output.append(onnx.helper.make_tensor_value_info("/conv1/Conv_output_0", onnx.TensorProto.FLOAT, None))
+    conv1 = run_samples(make_session(probe), setup["train"].subset(np.arange(len(setup["train"]))))["/conv1/Conv_output_0"]
+    # the first 90% of a seeded shuffle trains; recompute over the same split
+    split = FineTunePass(data=setup["train"], labels=setup["labels"])._split()[0]
+    np.testing.assert_allclose(after["bn1.running_mean"], conv1[split].mean(axis=(0, 2, 3)), rtol=1e-4, atol=1e-5)
+
+
+def test_no_op_without_epochs_or_recalibration(setup):
+    model = setup["pruned"]
+    result = FineTunePass(data=setup["train"], labels=setup["labels"], epochs=0, batchnorm="keep")(model)
+    assert not result.modified
+    assert result.model is model
+    np.testing.assert_array_equal(_outputs(result.model, setup["test"]), _outputs(model, setup["test"]))
+
+
+def test_sparsity_masks_stay_zero(setup):
+    from graphprune.sparsity.masks import write_mask_record
+
+    model = onnx.ModelProto()
+    model.CopyFrom(setup["pruned"])
+    weights = weights_of(model)
+    w = weights["conv2.weight"]
+    w = np.where(np.abs(w) >= np.median(np.abs(w)), w, 0).astype(np.float32)
+    for i, init in enumerate(model.graph.initializer):
+        if init.name == "conv2.weight":
+            model.graph.initializer[i].CopyFrom(numpy_helper.from_array(w, "conv2.weight"))
+    write_mask_record(model, {"conv2.weight": {"pattern": "unstructured", "sparsity": 0.5}})
+    result = FineTunePass(data=setup["train"], labels=setup["labels"], epochs=2, lr=3e-3)(model)
+    after = weights_of(result.model)["conv2.weight"]
+    assert result.stats["masked_weights"] == 1
+    assert np.all(after[w == 0] == 0)
+    assert np.mean(after[w != 0] != w[w != 0]) > 0.9  # the kept weights did train
+
+
+def test_pruned_channel_masks_stay_zero(setup):
+    model = onnx.ModelProto()
+    model.CopyFrom(setup["model"])
+    weights = weights_of(model)
+    zeroed = {"conv1.weight": 2, "conv1.bias": 2, "bn1.weight": 2, "bn1.bias": 2}
+    for i, init in enumerate(model.graph.initializer):
+        if init.name in zeroed:
+            value = weights[init.name].copy()
+            value[:zeroed[init.name]] = 0
+            model.graph.initializer[i].CopyFrom(numpy_helper.from_array(value, init.name))
+    record = {"version": 1, "groups": [{"weights": sorted(zeroed), "channels": [0, 1]}]}
+    model.metadata_props.add(key=PRUNED_CHANNELS_KEY, value=json.dumps(record))
+    result = FineTunePass(data=setup["train"], labels=setup["labels"], epochs=1, lr=3e-3)(model)
+    after = weights_of(result.model)
+    assert result.stats["masked_weights"] == 4
+    for name, count in zeroed.items():
+        assert np.all(after[name][:count] == 0), name
+        assert not np.array_equal(after[name][count:], weights[name][count:]), name
+
+
+def test_label_free_distillation_raises_agreement_with_teacher(setup):
+    teacher, pruned, test = setup["model"], setup["pruned"], setup["test"]
+    reference = _outputs(teacher, test).argmax(1)
+    before = np.mean(_outputs(pruned, test).argmax(1) == reference)
+    result = FineTunePass(data=setup["train"], teacher=teacher, epochs=4, lr=3e-3)(pruned)
+    after = np.mean(_outputs(result.model, test).argmax(1) == reference)
+    assert result.stats["loss"] == "kl distillation, T=2"
+    assert result.stats["val_loss_best"] < result.stats["val_loss_before"]
+    assert after > before + 0.3 and after > 0.8
+
+
+def test_labels_and_distillation_combined_and_mse_distillation(setup):
+    combined = FineTunePass(data=setup["train"], labels=setup["labels"], teacher=setup["model"], epochs=1,
+                            distill_weight=0.3, temperature=4)(setup["pruned"])
+    assert combined.stats["loss"] == "0.7 x ce on labels + 0.3 x kl distillation, T=4"
+    mse = FineTunePass(data=setup["train"], teacher=setup["model"], distill_loss="mse", epochs=2, lr=3e-3)(setup["pruned"])
+    assert mse.stats["loss"] == "mse distillation"
+    assert mse.stats["history"][2]["train_loss"] < mse.stats["history"][1]["train_loss"]
+
+
+def test_weights_in_constant_nodes_are_written_back_into_them(setup):
+    model = onnx.ModelProto()
+    model.CopyFrom(setup["pruned"])
+    moved = [i for i in model.graph.initializer if i.name in ("conv1.weight", "fc.weight")]
+    for init in moved:
+        node = onnx.helper.make_node("Constant", [], [init.name], name=f"const_{init.name}", value=init)
+        model.graph.node.insert(0, node)
+        model.graph.initializer.remove(init)
+    result = finetune(model, data=setup["train"], labels=setup["labels"], epochs=1)
+    assert structure(result) == structure(model)
+    before, after = weights_of(model), weights_of(result)
+    assert not np.array_equal(before["conv1.weight"], after["conv1.weight"])
+    assert not np.array_equal(before["fc.weight"], after["fc.weight"])
+
+
+def test_fixed_batch_model_trains_with_its_batch_size():
+    from tests.helpers import conv_model
+
+    model = conv_model(dynamic_batch=False)  # x[1,3,8,8]
+    rng = np.random.default_rng(0)
+    data = InputSet({"x": rng.standard_normal((40, 3, 8, 8)).astype(np.float32)}, fixed_batch=1)
+    labels = rng.integers(0, 5, 40)
+    result = FineTunePass(data=data, labels=labels, epochs=2, batch_size=16, lr=1e-2)(model)
+    assert result.modified and result.stats["steps"] == 2 * 36  # 4 samples held out, batch forced to 1
+    onnx.checker.check_model(result.model, full_check=True)
+
+
+def test_refusals(setup):
+    data, labels = setup["train"], setup["labels"]
+    with pytest.raises(UserError, match="needs labels"):
+        FineTunePass(data=data)(setup["pruned"])
+    with pytest.raises(UserError, match="no trainable weights"):
+        x = InputSet({"x": np.ones((8, 4), np.float32)})
+        FineTunePass(data=x, labels=np.zeros(8, np.int64))(no_weight_model())
+    with pytest.raises(UserError, match="480 labels for 479 samples"):
+        FineTunePass(data=data.subset(np.arange(479)), labels=labels)(setup["pruned"])
+    with pytest.raises(UserError, match="range over"):
+        FineTunePass(data=data, labels=labels + 5)(setup["pruned"])
+    with pytest.raises(UserError, match="dtype bool"):
+        FineTunePass(data=data, labels=labels > 3)(setup["pruned"])
+    bad = InputSet({"images": np.ones((8, 1, 7, 7), np.float32)})
+    with pytest.raises(UserError, match="input 'images' has shape"):
+        FineTunePass(data=bad, labels=np.zeros(8, np.int64))(setup["pruned"])
+
+
+def test_non_finite_loss_stops_and_names_the_step(setup):
+    with pytest.raises(UserError, match=r"loss became .* at epoch 1, step \d+"):
+        FineTunePass(data=setup["train"], labels=setup["labels"], optimizer="sgd", lr=1e30, epochs=1)(setup["pruned"])
+
+
+def test_quantized_model_is_refused(setup):
+    model = onnx.ModelProto()
+    model.CopyFrom(setup["pruned"])
+    model.graph.node.insert(0, onnx.helper.make_node("QuantizeLinear", ["images", "s"], ["q"], name="q"))
+    with pytest.raises(UserError, match="fine-tune before quantizing"):
+        FineTunePass(data=setup["train"], labels=setup["labels"])(model)
