@@ -122,3 +122,16 @@ def test_budget_property_prefix_and_minimal(values, budget):
     assert error == error_of(keep) and error <= budget + 1e-12
     if k:
         assert error_of(set(ranked[: k - 1])) > budget
+
+
+def test_conv_transpose_stays_float_on_ort_cpu():
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array(rng.standard_normal((64, 32, 2, 2)).astype(np.float32), "w")
+    node = helper.make_node("ConvTranspose", ["x", "w"], ["y"], name="up", strides=[2, 2])
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 64, 28, 28])],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)], [w])
+    model = onnx.shape_inference.infer_shapes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    assert eligible_nodes(model)["up"] is None  # QDQ-able for runtimes that fuse it...
+    placement, _ = _placement(model)
+    assert placement.int8 == set()  # ...but ORT's CPU provider runs it in float between DQ and Q
+    assert "int8 kernel slower" in placement.float_reasons["up"]

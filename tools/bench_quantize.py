@@ -108,6 +108,10 @@ def ort_quantize_static(model: onnx.ModelProto, calib: InputSet) -> onnx.ModelPr
 
     with tempfile.TemporaryDirectory() as tmp:
         src, pre, out = (os.path.join(tmp, n) for n in ("in.onnx", "pre.onnx", "out.onnx"))
+        from graphprune.model_io import default_opset
+
+        if (default_opset(model) or 13) < 13:  # per-channel QDQ needs opset 13
+            model = onnx.version_converter.convert_version(model, 13)
         save_for_tool(model, src)
         try:
             quant_pre_process(src, pre)

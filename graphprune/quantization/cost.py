@@ -61,7 +61,9 @@ _ELEMENTWISE_NS = {
     "Transpose": (0.50, 0.25),
     "Resize": (1.0, 0.5),
 }
-_FREE = {"Reshape", "Squeeze", "Unsqueeze"}  # ORT aliases the buffer: no work in either type
+_FREE = {"Reshape", "Squeeze", "Unsqueeze"}
+# ORT 1.19 (CPU) runs a QDQ ConvTranspose in float between its DequantizeLinear nodes: measured 1.5x
+_UNFUSED_CONV_TRANSPOSE_SLOWDOWN = 1.5  # ORT aliases the buffer: no work in either type
 _HUGE = 1e12
 
 
@@ -92,6 +94,9 @@ def _compute_cost(node: onnx.NodeProto, shapes, constants) -> Optional[NodeCost]
     if out is None or w is None or x is None:
         return None
     weight_elems = int(np.prod(w))
+    if node.op_type == "ConvTranspose":
+        fp32 = int(np.prod(x)) * int(np.prod(w[1:])) * _DENSE_FP32_NS_PER_MAC
+        return NodeCost(fp32, fp32 * _UNFUSED_CONV_TRANSPOSE_SLOWDOWN)
     if node.op_type == "Conv":
         group = int(get_attr(node, "group", 1))
         k = int(np.prod(w[1:]))

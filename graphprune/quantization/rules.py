@@ -4,7 +4,7 @@ A rule names an op type, its *role* and a ``check(node, graph) -> reason | None`
 the rule does not apply to this node (``None`` when it does).  Roles:
 
 * ``compute``: Conv, Gemm, MatMul: fused into QLinearConv / QGemm / QLinearMatMul, the ops whose int8
-  kernels are the reason to quantize at all;
+  kernels are the reason to quantize at all (and ConvTranspose, which only other runtimes fuse);
 * ``flow``: data movement that runs on int8 as is (pools, Concat, Reshape, Transpose...), so int8
   can flow from one compute op to the next without a DequantizeLinear/QuantizeLinear round trip;
 * ``fused``: Relu and Clip, folded into the range of the op before them;
@@ -127,6 +127,9 @@ def _resize(node: onnx.NodeProto, view: GraphView) -> Optional[str]:
 def _rules() -> Dict[str, Rule]:
     table: List[Rule] = [
         Rule("Conv", "compute", _weighted),
+        # QDQ form for runtimes with an int8 ConvTranspose (TensorRT, OpenVINO); ORT 1.19's CPU
+        # provider has none, so the cost model keeps it float there.
+        Rule("ConvTranspose", "compute", _weighted),
         Rule("Gemm", "compute", _gemm),
         Rule("MatMul", "compute", _matmul),
         Rule("Relu", "fused", _float_activation),
