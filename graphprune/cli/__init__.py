@@ -25,6 +25,7 @@ COMMAND_MODULES = [
     "graphprune.cli.finetune_cmd",
     "graphprune.cli.quantize_cmd",
     "graphprune.cli.sparsify_cmd",
+    "graphprune.cli.prune_cmd",
 ]
 
 

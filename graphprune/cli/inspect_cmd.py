@@ -16,11 +16,20 @@ def register(sub) -> None:
     p.add_argument("--input-shape", action="append", metavar="NAME=1x3x224x224",
                    help="concrete shape of a dynamic input, for MACs (repeatable)")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    p.add_argument("--groups", action="store_true",
+                   help="list the channel groups structured pruning sees: prunable ones, blocked ones with reasons")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
     model = load(args.model)
+    if args.groups:
+        from graphprune.cli.prune_cmd import format_groups, groups_json
+        from graphprune.passes.prune_channels import analyze
+
+        groups = analyze(model)
+        print(json.dumps(groups_json(groups), indent=2) if args.json else format_groups(groups))
+        return 0
     stats = model_stats(model, parse_input_shapes(args.input_shape), size_bytes=_file_size(args.model))
     if args.json:
         print(json.dumps(stats.to_dict(), indent=2))

@@ -1,0 +1,138 @@
+"""``graphprune prune MODEL -o OUT --ratio R ...``: structured channel pruning; ``format_groups``
+is also what ``graphprune inspect --groups`` prints."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import List
+
+from graphprune.cli.common import add_data_options, add_output_options, check_output_path, parse_number, read_inputs, write_model
+from graphprune.dependency import Group
+from graphprune.errors import UserError
+from graphprune.metrics import count_macs
+from graphprune.model_io import load
+from graphprune.passes.prune_channels import PruneChannelsPass
+from graphprune.pruning import CRITERIA, MODES
+
+__all__ = ["register", "run", "format_groups", "groups_json"]
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "prune",
+        help="remove (or mask) whole channels of coupled groups: smaller and faster",
+        description="Structured pruning on the ONNX graph: channels that must go together (a conv's "
+        "outputs, its BatchNorm, the next conv's inputs, every branch of a residual Add...) form a group; "
+        "the least important fraction of each group is removed. Output shapes never change.",
+    )
+    p.add_argument("model", help="the ONNX model")
+    add_output_options(p)
+    p.add_argument("--ratio", required=True, metavar="R", help="fraction of channels to prune, in [0, 1)")
+    p.add_argument("--criterion", default="l2", metavar="|".join(CRITERIA),
+                   help="importance: l1/l2 weight magnitude (default l2), bn (BatchNorm scale), "
+                   "activation (mean |activation| on --data)")
+    p.add_argument("--global", dest="global_ranking", action="store_true",
+                   help="rank channels across groups instead of pruning R of every group")
+    p.add_argument("--max-group-ratio", default="0.9", metavar="C",
+                   help="with --global: no group loses more than this fraction (default 0.9)")
+    p.add_argument("--round-to", type=int, default=1, metavar="N",
+                   help="keep channel counts at multiples of N (at least one channel stays)")
+    p.add_argument("--exclude", action="extend", nargs="+", default=[], metavar="NODE",
+                   help="nodes whose inputs and outputs keep every channel (repeatable)")
+    p.add_argument("--mode", default="remove", metavar="|".join(MODES),
+                   help="remove the channels (default) or mask them (zero weights, shapes kept)")
+    add_data_options(p, "calibration samples (.npz) for --criterion activation")
+    p.add_argument("--stats", action="store_true", help="print the pass statistics as JSON")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    # every argument is checked before the model is read or anything is written
+    ratio = parse_number(args.ratio, "--ratio", 0.0, 1.0)
+    cap = parse_number(args.max_group_ratio, "--max-group-ratio", 0.0, 1.0, high_inclusive=True)
+    if args.criterion not in CRITERIA:
+        raise UserError(f"unknown --criterion {args.criterion!r} (choose from {', '.join(CRITERIA)})")
+    if args.mode not in MODES:
+        raise UserError(f"unknown --mode {args.mode!r} (choose from {', '.join(MODES)})")
+    if args.criterion == "activation" and not args.data:
+        raise UserError("--criterion activation needs calibration data: give --data FILE.npz")
+    if args.round_to < 1:
+        raise UserError(f"--round-to {args.round_to} must be at least 1")
+    check_output_path(args)
+    model = load(args.model)
+    data, shapes, _ = read_inputs(args, model)
+    prune = PruneChannelsPass(
+        ratio=ratio,
+        criterion=args.criterion,
+        global_ranking=args.global_ranking,
+        round_to=args.round_to,
+        exclude=[n.strip() for item in args.exclude for n in item.split(",") if n.strip()],
+        mode=args.mode,
+        data=data,
+        input_shapes=shapes,
+        max_group_ratio=cap if cap > 0 else 1.0,
+        progress=sys.stderr.isatty(),
+    )
+    prune.requires(model)  # --exclude names are checked before the (possibly long) analysis
+    result = prune(model)
+    write_model(args, result.model)
+    stats = result.stats
+    print(_summary(stats, model, result.model, shapes))
+    if args.stats:
+        print(json.dumps(stats, indent=2, default=str))
+    print(f"wrote {args.output}" + ("" if result.modified else " (unchanged)"))
+    return 0
+
+
+def _summary(stats: dict, before, after, shapes) -> str:
+    lines = [
+        f"groups: {stats['groups_found']} found, {stats['groups_prunable']} prunable, "
+        f"{stats['groups_blocked']} blocked, {stats['groups_excluded']} excluded, {stats['groups_pruned']} pruned"
+    ]
+    if stats.get("note"):
+        lines.append(f"nothing pruned: {stats['note']}")
+        for b in stats["blocked"][:5]:
+            lines.append(f"  blocked ({b['channels']} ch, {', '.join(b['params'])}): {b['reasons'][0]}")
+        return "\n".join(lines)
+    lines.append(f"channels removed: {stats['channels_removed']:,}" + (" (masked)" if "params_zeroed" in stats else ""))
+    lines.append(f"params: {stats['params_before']:,} -> {stats['params_after']:,}"
+                 + (f" ({stats['params_zeroed']:,} zeroed)" if "params_zeroed" in stats else ""))
+    macs_before, macs_after = count_macs(before, shapes or None), count_macs(after, shapes or None)
+    if macs_before and macs_after is not None:
+        lines.append(f"MACs: {macs_before:,} -> {macs_after:,} ({macs_after / macs_before:.1%})")
+    return "\n".join(lines)
+
+
+def groups_json(groups: List[Group]) -> dict:
+    return {
+        "prunable": [g.describe() for g in groups if not g.blocked],
+        "blocked": [g.describe() for g in groups if g.blocked],
+    }
+
+
+def format_groups(groups: List[Group], max_params: int = 4) -> str:
+    """Prunable groups (channels, member params) then blocked groups with their reasons."""
+    prunable = [g for g in groups if not g.blocked]
+    blocked = [g for g in groups if g.blocked]
+    lines = [f"channel groups: {len(groups)} ({len(prunable)} prunable, {len(blocked)} blocked)"]
+
+    def params(g: Group) -> str:
+        names = g.param_names()
+        more = f" +{len(names) - max_params} more" if len(names) > max_params else ""
+        return ", ".join(names[:max_params]) + more
+
+    if prunable:
+        lines.append("prunable:")
+        for g in prunable:
+            lines.append(f"  #{g.id:<4} {g.channels:>5} ch  {params(g)}")
+    if blocked:
+        lines.append("blocked:")
+        for g in blocked:
+            channels = "?" if g.channels is None else g.channels
+            lines.append(f"  #{g.id:<4} {channels:>5} ch  {params(g)}")
+            for reason in g.reasons[:3]:
+                lines.append(f"          - {reason}")
+            if len(g.reasons) > 3:
+                lines.append(f"          - ... {len(g.reasons) - 3} more")
+    return "\n".join(lines)

@@ -1,0 +1,74 @@
+"""Coupled-channel dependency analysis of an ONNX graph: which channels must be pruned together.
+
+The graph (``graph.DependencyGraph``, a networkx graph) has one node per channel dimension, a
+(tensor, axis) pair (``dims.DimKey``), and an edge wherever pruning index i of one dim means pruning
+index f(i) of another (``index_mapping``: identity, concat/split/slice offsets, flatten/group
+expansion).  Small per-op rules (``rules/``) add those edges.  ``group.find_groups`` turns the graph
+into groups: the channels pruned together, each with the reasons it must not be pruned.
+
+Blocking is the default: an op without a rule blocks every axis it touches ("no pruning rule for op
+X"), and an axis a rule forgets is blocked too.  Graph inputs and outputs pin their dims.
+
+Adding a rule
+-------------
+Write a function of a ``RuleContext`` and register it for op types (and a domain)::
+
+    from graphprune.dependency.dims import DimKey
+    from graphprune.dependency.index_mapping import Expand
+    from graphprune.dependency.rules import register_rule
+
+    @register_rule("FastGelu", domain="com.microsoft")
+    def fast_gelu(ctx):
+        x, y = ctx.input(0), ctx.outputs[0]
+        for axis in range(ctx.rank(x)):
+            ctx.couple(DimKey(x, axis), DimKey(y, axis))   # elementwise: index i is index i
+        ctx.ignore(ctx.input(1))                           # a bias handled elsewhere / no channels
+
+The context knows the node (``attr``, ``input(i)``, ``outputs``), inferred shapes (``shape``,
+``rank``), constants (``const``, ``is_param``) and the graph (``consumers``).  It can:
+
+- ``couple(a, b, mapping)``: index i of ``a`` is index/indices mapping(i) of ``b``
+  (``Identity``, ``Offset(start, step)`` for segments, ``Expand(outer, inner)`` when ``b`` is ``a``
+  flattened with other axes: an attention [B,S,H*D] -> [B,S,H,D] reshape couples the hidden axis to
+  the head axis with ``Expand(inner=D)``);
+- ``block(dim, reason)``: never prune the group holding ``dim``; the reason is reported;
+- ``fix(dim, what)``: the axis is no channel axis (kernel, spatial window);
+- ``factor(merged, factors, prefer)``: an axis merged from several (Reshape/Flatten): one factor is
+  chosen (``prefer`` if it is prunable) and the others blocked;
+- ``virtual(what, size)``: a dim that is no tensor's axis (channels per group of a group conv,
+  the groups of a GroupNormalization, heads of a fused attention op);
+- ``param(name, role)``: how pruning treats a constant (see ``rules.ROLES``);
+- ``fixup(fn)``: rewrite the node once channels are removed (``fn(editor, node)``, with
+  ``editor.new_size(dim)``, ``editor.kept(dim)``, ``editor.set_input``, ``editor.set_attr``):
+  Reshape targets, Split sizes, Slice bounds, ``group``/``num_groups`` attributes.
+
+Rules raise nothing for odd cases: they block with a reason.  A missing shape (``MissingShape``
+from ``require_shape``/``rank``) blocks every axis of the node.
+"""
+
+from graphprune.dependency.dims import DimInfo, DimKey
+from graphprune.dependency.graph import DependencyGraph, build_dependency_graph
+from graphprune.dependency.group import Group, Member, find_groups, reported_groups
+from graphprune.dependency.index_mapping import IDENTITY, Expand, Identity, IndexMapping, Offset
+from graphprune.dependency.rules import ROLES, RuleContext, register_rule, registered_ops, rule_for
+
+__all__ = [
+    "DimKey",
+    "DimInfo",
+    "DependencyGraph",
+    "build_dependency_graph",
+    "Group",
+    "Member",
+    "find_groups",
+    "reported_groups",
+    "IndexMapping",
+    "Identity",
+    "Offset",
+    "Expand",
+    "IDENTITY",
+    "ROLES",
+    "RuleContext",
+    "register_rule",
+    "registered_ops",
+    "rule_for",
+]

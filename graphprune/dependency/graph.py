@@ -1,0 +1,238 @@
+"""Building the dependency graph: every node's rule, then graph inputs/outputs, then merged axes."""
+
+from __future__ import annotations
+
+import math
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import networkx as nx
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from graphprune import ir
+from graphprune.dependency.dims import DimInfo, DimKey
+from graphprune.dependency.index_mapping import Expand, IndexMapping, MappingError
+from graphprune.dependency.rules import MissingShape, RuleContext, rule_for
+from graphprune.dependency.shape_info import tensor_shapes
+
+__all__ = ["DependencyGraph", "build_dependency_graph"]
+
+
+class DependencyGraph:
+    """Channel dims of a model and how pruning one prunes the others.
+
+    Attributes:
+        model: the analysed model.
+        graph: ``networkx.Graph``; nodes are ``DimKey``s with attribute ``info`` (``DimInfo``),
+            edges carry ``links``: a list of (source dim, target dim, ``IndexMapping``).
+        shapes: tensor name -> inferred shape.
+        fixups: (node index, fn) rewrites registered by rules, applied when channels are removed.
+        roles: constant name -> role (see ``graphprune.dependency.rules.ROLES``).
+    """
+
+    def __init__(self, model: onnx.ModelProto, shapes: Dict[str, Tuple]):
+        self.model = model
+        self.graph = nx.Graph()
+        self.shapes = shapes
+        self.fixups: List[Tuple[int, object]] = []
+        self.roles: Dict[str, str] = {}
+        self.opset = next((i.version for i in model.opset_import if i.domain in ("", "ai.onnx")), 1)
+        self._inits = {init.name: init for init in model.graph.initializer}
+        fed = {vi.name for vi in ir.real_inputs(model.graph)}
+        for name in fed:
+            self._inits.pop(name, None)  # an overridable initializer is an input, not a constant
+        self._const_nodes = {
+            n.output[0]: n for n in model.graph.node if n.op_type == "Constant" and n.domain in ("", "ai.onnx")
+        }
+        self._values: Dict[str, np.ndarray] = {}
+        self._virtual: Dict[DimKey, int] = {}
+        self._factors: List[Tuple[DimKey, List[DimKey], Optional[int], str]] = []
+        self._groups = None
+        self._consumers = None
+        self.graph_outputs = {vi.name for vi in model.graph.output}
+
+    # -- constants -------------------------------------------------------------------------
+    def is_const(self, name: str) -> bool:
+        return name in self._inits or name in self._const_nodes
+
+    def const(self, name: str) -> Optional[np.ndarray]:
+        if name not in self._values:
+            if name in self._inits:
+                self._values[name] = numpy_helper.to_array(self._inits[name])
+            elif name in self._const_nodes:
+                self._values[name] = ir.constant_node_value(self._const_nodes[name])
+            else:
+                return None
+        return self._values[name]
+
+    def consumers(self, name: str) -> List[onnx.NodeProto]:
+        if self._consumers is None:
+            self._consumers = ir.consumer_map(self.model.graph)
+        return self._consumers.get(name, [])
+
+    # -- building (called by RuleContext) --------------------------------------------------
+    def info(self, dim: DimKey) -> DimInfo:
+        return self._ensure(dim)
+
+    def _ensure(self, dim: DimKey) -> DimInfo:
+        node = self.graph.nodes.get(dim)
+        if node is not None:
+            return node["info"]
+        if dim in self._virtual:
+            size = self._virtual[dim]
+        else:
+            shape = self.shapes.get(dim.tensor)
+            size = shape[dim.axis] if shape is not None and dim.axis < len(shape) else None
+        info = DimInfo(size=size, param=self.is_const(dim.tensor), role=self.roles.get(dim.tensor))
+        self.graph.add_node(dim, info=info)
+        return info
+
+    def add_coupling(self, a: DimKey, b: DimKey, mapping: IndexMapping, ctx: Optional[RuleContext] = None) -> None:
+        info_a, info_b = self._ensure(a), self._ensure(b)
+        if info_a.concrete and info_b.concrete:
+            try:
+                mapping.check(info_a.size, info_b.size)
+            except MappingError as exc:
+                where = f"{ctx.label}: " if ctx else ""
+                for d in (a, b):
+                    self.add_reason(d, f"{where}{mapping!r} does not fit {a} and {b}: {exc}")
+                return
+        data = self.graph.get_edge_data(a, b)
+        if data is None:
+            self.graph.add_edge(a, b, links=[(a, b, mapping)])
+        else:
+            data["links"].append((a, b, mapping))
+        self._groups = None
+
+    def add_reason(self, dim: DimKey, reason: str) -> None:
+        info = self._ensure(dim)
+        if reason not in info.reasons:
+            info.reasons.append(reason)
+        self._groups = None
+
+    def set_fixed(self, dim: DimKey, what: str) -> None:
+        info = self._ensure(dim)
+        info.fixed = info.fixed or what
+        self._groups = None
+
+    def set_role(self, name: str, role: str) -> None:
+        self.roles[name] = role
+        for axis in range(len(self.shapes.get(name) or ())):
+            node = self.graph.nodes.get(DimKey(name, axis))
+            if node is not None:
+                node["info"].role = role
+
+    def add_virtual(self, key: DimKey, size: int) -> None:
+        self._virtual[key] = int(size)
+        self._ensure(key)
+
+    def add_factor(self, merged: DimKey, factors: List[DimKey], prefer: Optional[int], label: str) -> None:
+        for d in [merged, *factors]:
+            self._ensure(d)
+        self._factors.append((merged, factors, prefer, label))
+
+    # -- results ---------------------------------------------------------------------------
+    def groups(self):
+        """The coupled groups (computed once; see ``graphprune.dependency.group``)."""
+        if self._groups is None:
+            from graphprune.dependency.group import find_groups
+
+            self._groups = find_groups(self)
+        return self._groups
+
+    def dims_of(self, tensor: str) -> List[DimKey]:
+        return [DimKey(tensor, a) for a in range(len(self.shapes.get(tensor) or ())) if DimKey(tensor, a) in self.graph]
+
+    # -- steps of build --------------------------------------------------------------------
+    def _apply_rule(self, index: int, node: onnx.NodeProto) -> None:
+        if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
+            return  # its output is a constant; the consumers' rules say what its axes are
+        ctx = RuleContext(self, node, index)
+        rule = rule_for(node.op_type, node.domain)
+        if rule is None:
+            domain = f"{node.domain}." if node.domain not in ("", "ai.onnx") else ""
+            self._block_node(ctx, f"no pruning rule for op {domain}{node.op_type}")
+            return
+        try:
+            rule(ctx)
+        except MissingShape as exc:
+            self._block_node(ctx, f"shape of {exc} unknown")
+            return
+        for name in ctx.inputs + ctx.outputs:
+            if not name or name in ctx.ignored:
+                continue
+            for axis in range(len(self.shapes.get(name) or ())):
+                if DimKey(name, axis) not in ctx.mentioned:
+                    ctx.block(DimKey(name, axis), f"the rule does not map axis {axis} of {name}")
+
+    def _block_node(self, ctx: RuleContext, reason: str) -> None:
+        for name in ctx.inputs + ctx.outputs:
+            if name:
+                ctx.block_tensor(name, reason)
+
+    def _pin_boundary(self) -> None:
+        for vi in ir.real_inputs(self.model.graph):
+            for axis in range(len(self.shapes.get(vi.name) or ())):
+                self.add_reason(DimKey(vi.name, axis), f"graph input {vi.name}")
+        for vi in self.model.graph.output:
+            for axis in range(len(self.shapes.get(vi.name) or ())):
+                self.add_reason(DimKey(vi.name, axis), f"graph output {vi.name}")
+
+    def _resolve_factors(self) -> None:
+        """Couple each merged axis to one of its factors (see ``RuleContext.factor``)."""
+        if not self._factors:
+            return
+        comp_of: Dict[DimKey, int] = {}
+        blocked: Dict[int, bool] = {}
+        for i, comp in enumerate(nx.connected_components(self.graph)):
+            infos = [self.graph.nodes[d]["info"] for d in comp]
+            blocked[i] = any(x.reasons or x.fixed or not x.concrete for x in infos)
+            comp_of.update(dict.fromkeys(comp, i))
+        union = nx.utils.UnionFind(blocked)
+
+        def is_blocked(dim: DimKey) -> bool:
+            return blocked[union[comp_of[dim]]]
+
+        for merged, factors, prefer, label in self._factors:
+            infos = [self.graph.nodes[f]["info"] for f in factors]
+            merged_info = self.graph.nodes[merged]["info"]
+            if not merged_info.concrete or not all(i.concrete for i in infos):
+                for d in [merged, *factors]:
+                    self.add_reason(d, f"{label}: merges axes of dynamic size")
+                continue
+            sizes = [i.size for i in infos]
+            big = [i for i, s in enumerate(sizes) if s > 1]
+            if not big:
+                continue
+            free = [i for i in big if not is_blocked(factors[i])]
+            if prefer is not None and prefer in free:
+                chosen = prefer
+            else:
+                chosen = max(free or big, key=lambda i: sizes[i])
+            mapping = Expand(outer=math.prod(sizes[:chosen]), inner=math.prod(sizes[chosen + 1:]))
+            self.add_coupling(factors[chosen], merged, mapping)
+            root_a, root_b = union[comp_of[factors[chosen]]], union[comp_of[merged]]
+            either = blocked[root_a] or blocked[root_b]
+            union.union(root_a, root_b)
+            blocked[union[root_a]] = either
+            for i in big:
+                if i != chosen:
+                    self.add_reason(
+                        factors[i], f"{label}: merged with {factors[chosen]} into {merged} (one axis of a merge is pruned)"
+                    )
+
+
+def build_dependency_graph(model: onnx.ModelProto, shapes: Optional[Dict[str, Tuple]] = None) -> DependencyGraph:
+    """Analyse ``model``: which channel dims are coupled, and which must not be pruned.
+
+    Args:
+        model: the model; Constant nodes are read as constants, shapes come from onnx inference.
+        shapes: tensor name -> shape, when already known (skips inference).
+    """
+    dep = DependencyGraph(model, shapes if shapes is not None else tensor_shapes(model))
+    for index, node in enumerate(model.graph.node):
+        dep._apply_rule(index, node)
+    dep._pin_boundary()
+    dep._resolve_factors()
+    return dep

@@ -1,0 +1,194 @@
+"""Groups: the channels that must be pruned together, and why a group cannot be pruned.
+
+The networkx graph links dims; its connected components are found by networkx.  Inside a
+component every coupling edge becomes paired index arrays, and a vectorized union-find over
+(dim, index) pairs labels each index with the channel ("atom") it belongs to.  Atoms touching
+exactly the same dims form one group: the two inputs of a Concat share the Concat's output dim but
+keep separate groups, because each input's channels reach only its own segment.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import TYPE_CHECKING, Dict, List, Optional
+
+import networkx as nx
+import numpy as np
+
+from graphprune.dependency.dims import DimInfo, DimKey
+
+if TYPE_CHECKING:  # pragma: no cover
+    from graphprune.dependency.graph import DependencyGraph
+
+__all__ = ["Member", "Group", "find_groups", "reported_groups"]
+
+
+@dataclasses.dataclass
+class Member:
+    """One dim of a group.
+
+    Attributes:
+        dim: the dim.
+        info: what the graph knows about it (size, param, role).
+        positions: the dim's indices that belong to the group (None when its size is dynamic).
+        atoms: for each position, the group channel (0 .. channels-1) it belongs to.
+    """
+
+    dim: DimKey
+    info: DimInfo
+    positions: Optional[np.ndarray]
+    atoms: Optional[np.ndarray]
+
+
+@dataclasses.dataclass
+class Group:
+    """Channels pruned together: removing channel k removes ``positions[atoms == k]`` of every member.
+
+    Attributes:
+        id: index in the list ``find_groups`` returns.
+        channels: number of independent channels (None when a member's size is dynamic).
+        members: every dim the group touches (activations, weights, virtual dims).
+        reasons: why the group must not be pruned (empty when it may be).
+        fixed: a member is no channel axis (kernel/spatial): not a channel group at all.
+    """
+
+    id: int
+    channels: Optional[int]
+    members: List[Member]
+    reasons: List[str]
+    fixed: bool = False
+
+    @property
+    def params(self) -> List[Member]:
+        """Members that are axes of constants (weights, biases, BatchNorm parameters...)."""
+        return [m for m in self.members if m.info.param]
+
+    @property
+    def blocked(self) -> bool:
+        return bool(self.reasons)
+
+    @property
+    def is_channel_group(self) -> bool:
+        """A group worth reporting: channels of some weight (not a kernel/spatial/batch axis)."""
+        return not self.fixed and bool(self.params) and self.channels != 1
+
+    @property
+    def prunable(self) -> bool:
+        return self.is_channel_group and not self.blocked and (self.channels or 0) >= 2
+
+    def param_names(self) -> List[str]:
+        return sorted({m.dim.tensor for m in self.params})
+
+    def describe(self) -> dict:
+        """JSON-able summary for reports and ``inspect --groups``."""
+        return {
+            "id": self.id,
+            "channels": self.channels,
+            "params": self.param_names(),
+            "dims": len(self.members),
+            "reasons": list(self.reasons),
+        }
+
+
+def _dedupe(items) -> List[str]:
+    return list(dict.fromkeys(items))
+
+
+def find_groups(dep: "DependencyGraph") -> List[Group]:
+    """Every group of the dependency graph (channel groups and trivial ones alike)."""
+    graph: nx.Graph = dep.graph
+    groups: List[Group] = []
+    # every edge's links, bucketed by component below (one pass over the edges)
+    for comp in nx.connected_components(graph):
+        dims = sorted(comp)
+        infos = {d: graph.nodes[d]["info"] for d in dims}
+        fixed = any(i.fixed for i in infos.values())
+        dynamic = [d for d in dims if not infos[d].concrete]
+        if dynamic:
+            what = "unknown" if infos[dynamic[0]].size is None else f"dynamic ({infos[dynamic[0]].size})"
+            reasons = _dedupe([r for d in dims for r in infos[d].reasons] + [f"size of {dynamic[0]} is {what}"])
+            members = [Member(d, infos[d], None, None) for d in dims]
+            groups.append(Group(len(groups), None, members, reasons, fixed))
+            continue
+        links = [link for _, _, data in graph.edges(dims, data="links") for link in data]
+        sizes = {infos[d].size for d in dims}
+        if len(sizes) == 1 and all(m.is_identity for _, _, m in links):
+            _add_identity_group(groups, dims, infos, fixed)
+        else:
+            _add_labelled_groups(groups, dims, infos, links, fixed)
+    return groups
+
+
+def _add_identity_group(groups: List[Group], dims, infos, fixed: bool) -> None:
+    """Fast path: every coupling is index i <-> index i between dims of one size."""
+    n = infos[dims[0]].size
+    idx = np.arange(n, dtype=np.int64)
+    members = [Member(d, infos[d], idx, idx) for d in dims]
+    reasons = _dedupe(r for d in dims for r in infos[d].reasons)
+    groups.append(Group(len(groups), n, members, reasons, fixed))
+
+
+def _label_indices(total: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Connected components of the pairs (a[k], b[k]) over 0..total-1: the smallest index of each."""
+    parent = np.arange(total, dtype=np.int64)
+    while True:
+        pa, pb = parent[a], parent[b]
+        differ = pa != pb
+        if not differ.any():
+            return parent
+        lo = np.minimum(pa[differ], pb[differ])
+        hi = np.maximum(pa[differ], pb[differ])
+        np.minimum.at(parent, hi, lo)  # hook each root under the smaller label
+        while True:  # pointer jumping until every index points at its root
+            jumped = parent[parent]
+            if np.array_equal(jumped, parent):
+                break
+            parent = jumped
+
+
+def _add_labelled_groups(groups: List[Group], dims, infos, links, fixed: bool) -> None:
+    offsets: Dict[DimKey, int] = {}
+    total = 0
+    for d in dims:
+        offsets[d] = total
+        total += infos[d].size
+    a_parts, b_parts = [], []
+    for src, dst, mapping in links:
+        s, t = mapping.pairs(infos[src].size, infos[dst].size)
+        a_parts.append(s + offsets[src])
+        b_parts.append(t + offsets[dst])
+    a = np.concatenate(a_parts) if a_parts else np.zeros(0, np.int64)
+    b = np.concatenate(b_parts) if b_parts else np.zeros(0, np.int64)
+    _, atom_of_index = np.unique(_label_indices(total, a, b), return_inverse=True)
+    n_atoms = int(atom_of_index.max()) + 1 if total else 0
+    atom_of = {d: atom_of_index[offsets[d] : offsets[d] + infos[d].size] for d in dims}
+
+    # Atoms touching the same set of dims form a group: sum a random 64-bit key per dim over the
+    # dims each atom appears in (collisions have probability ~2^-64 per pair).
+    keys = np.random.default_rng(0x9E3779B9).integers(1, 2**62, size=len(dims), dtype=np.int64).astype(np.uint64)
+    signature = np.zeros(n_atoms, dtype=np.uint64)
+    for key, d in zip(keys, dims):
+        signature[np.unique(atom_of[d])] += key
+    _, group_of_atom = np.unique(signature, return_inverse=True)
+    n_groups = int(group_of_atom.max()) + 1 if n_atoms else 0
+    local = np.zeros(n_atoms, dtype=np.int64)
+    sizes = np.zeros(n_groups, dtype=np.int64)
+    for g in range(n_groups):
+        atoms = np.flatnonzero(group_of_atom == g)
+        local[atoms] = np.arange(len(atoms))
+        sizes[g] = len(atoms)
+    members: List[List[Member]] = [[] for _ in range(n_groups)]
+    for d in dims:
+        group_ids = group_of_atom[atom_of[d]]
+        for g in np.unique(group_ids):
+            pos = np.flatnonzero(group_ids == g)
+            members[g].append(Member(d, infos[d], pos, local[atom_of[d][pos]]))
+    for g in range(n_groups):
+        reasons = _dedupe(r for m in members[g] for r in m.info.reasons)
+        is_fixed = any(m.info.fixed for m in members[g])
+        groups.append(Group(len(groups), int(sizes[g]), members[g], reasons, is_fixed))
+
+
+def reported_groups(groups: List[Group]) -> List[Group]:
+    """The channel groups a user cares about (see ``Group.is_channel_group``)."""
+    return [g for g in groups if g.is_channel_group]

@@ -1,0 +1,116 @@
+"""Rules for ops over spatial windows or reduced axes: pools, Resize/Upsample, Reduce*, ArgMax."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from graphprune.dependency.dims import DimKey
+from graphprune.dependency.rules.registry import RuleContext, register_rule
+
+__all__ = ["REDUCE_OPS"]
+
+REDUCE_OPS = (
+    "ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL1", "ReduceL2",
+    "ReduceLogSum", "ReduceLogSumExp", "ReduceSumSquare",
+)
+
+
+@register_rule("MaxPool", "AveragePool", "LpPool", "GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool")
+def pool(ctx: RuleContext) -> None:
+    """Per-channel windows: batch and channel axes pass through, spatial axes are no channels."""
+    x, y = ctx.input(0), ctx.outputs[0]
+    for a in range(ctx.rank(x)):
+        if a < 2:
+            ctx.couple(DimKey(x, a), DimKey(y, a))
+        else:
+            ctx.fix(DimKey(x, a), "spatial axis")
+            ctx.fix(DimKey(y, a), "spatial axis")
+    indices = ctx.outputs[1] if len(ctx.outputs) > 1 else None
+    ctx.ignore(indices)
+    if ctx.used(indices):  # flat indices encode the channel count
+        ctx.block(DimKey(x, 1), "MaxPool indices output encodes channel positions")
+        ctx.block_tensor(indices, "MaxPool indices output encodes channel positions")
+
+
+@register_rule("Resize", "Upsample")
+def resize(ctx: RuleContext) -> None:
+    """Axes that keep their size (scale 1: batch, channels) couple; a constant ``sizes`` input is
+    rewritten with the new channel count; resized axes are no channels."""
+    x, y = ctx.input(0), ctx.outputs[0]
+    xs, ys = ctx.require_shape(x), ctx.require_shape(y)
+    rank = len(xs)
+    sizes_index = 3 if ctx.op_type == "Resize" and ctx.opset >= 11 else None
+    ctx.ignore(*ctx.inputs[1:])
+    sizes = ctx.const(ctx.input(sizes_index)) if sizes_index is not None and ctx.input(sizes_index) else None
+    axes = ctx.attr("axes")
+    axes = [int(a) % rank for a in axes] if axes else list(range(rank))
+    coupled = []
+    for a in range(rank):
+        if isinstance(xs[a], int) and xs[a] == ys[a]:
+            ctx.couple(DimKey(x, a), DimKey(y, a))
+            coupled.append(a)
+        elif xs[a] is None or ys[a] is None:
+            ctx.block(DimKey(x, a), "Resize output size unknown")
+            ctx.block(DimKey(y, a), "Resize output size unknown")
+        else:
+            ctx.fix(DimKey(x, a), "resized axis")
+            ctx.fix(DimKey(y, a), "resized axis")
+    if sizes is None:
+        return
+
+    def fixup(editor, node):
+        new = np.array(sizes)
+        for k, a in enumerate(axes):
+            if a in coupled:
+                new[k] = editor.new_size(DimKey(y, a))
+        editor.set_input(node, sizes_index, new)
+
+    ctx.fixup(fixup)
+
+
+def _reduced_axes(ctx: RuleContext, rank: int):
+    """(known, axes) of a Reduce op: attribute before opset 18 (13 for ReduceSum), input after."""
+    since = 13 if ctx.op_type == "ReduceSum" else 18
+    if ctx.opset >= since:
+        name = ctx.input(1)
+        ctx.ignore(name)
+        if name is None:
+            return True, None
+        value = ctx.const(name)
+        return value is not None, None if value is None else [int(v) % rank for v in np.asarray(value).reshape(-1)]
+    axes = ctx.attr("axes")
+    return True, None if axes is None else [int(a) % rank for a in axes]
+
+
+def _reduce(ctx: RuleContext, reduced: set, keepdims: bool) -> None:
+    x, y = ctx.input(0), ctx.outputs[0]
+    out_axis = 0
+    for a in range(ctx.rank(x)):
+        if a in reduced:
+            ctx.block(DimKey(x, a), f"reduced over by {ctx.op_type}")
+            if keepdims:
+                ctx.leave(DimKey(y, out_axis))
+                out_axis += 1
+        else:
+            ctx.couple(DimKey(x, a), DimKey(y, out_axis))
+            out_axis += 1
+
+
+@register_rule(*REDUCE_OPS)
+def reduce(ctx: RuleContext) -> None:
+    """Axes reduced over block (a channel reduction mixes channels); the others pass through."""
+    rank = ctx.rank(ctx.input(0))
+    known, axes = _reduced_axes(ctx, rank)
+    if not known:
+        ctx.block_tensor(ctx.input(0), f"{ctx.op_type} axes computed at run time")
+        ctx.block_tensor(ctx.outputs[0], f"{ctx.op_type} axes computed at run time")
+        return
+    if not axes:
+        axes = [] if ctx.attr("noop_with_empty_axes", 0) else list(range(rank))
+    _reduce(ctx, set(axes), bool(ctx.attr("keepdims", 1)))
+
+
+@register_rule("ArgMax", "ArgMin")
+def arg_reduce(ctx: RuleContext) -> None:
+    rank = ctx.rank(ctx.input(0))
+    _reduce(ctx, {int(ctx.attr("axis", 0)) % rank}, bool(ctx.attr("keepdims", 1)))

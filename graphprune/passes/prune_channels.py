@@ -1,0 +1,190 @@
+"""Structured channel pruning: remove (or mask) whole channels of coupled groups."""
+
+from __future__ import annotations
+
+import time
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+
+import onnx
+
+from graphprune import ir
+from graphprune.data import InputSet
+from graphprune.dependency import DependencyGraph, Group, build_dependency_graph, reported_groups
+from graphprune.errors import UserError
+from graphprune.passes.base import Pass, PassResult, register_pass
+from graphprune.pruning import (
+    CRITERIA,
+    MODES,
+    activation_stats,
+    apply_selection,
+    group_scores,
+    removal_masks,
+    select_channels,
+)
+
+__all__ = ["PruneChannelsPass", "prune_channels", "analyze"]
+
+
+@register_pass
+class PruneChannelsPass(Pass):
+    """Prune a fraction of the channels of every prunable coupled group.
+
+    The model is analysed into groups (``graphprune.dependency``): the channels that must go
+    together (a conv's outputs, its BatchNorm, the next conv's inputs, every conv feeding the same
+    residual Add...).  Each group's channels are ranked by importance summed over all its members,
+    the lowest ``ratio`` are chosen, and then either deleted (``remove``: every member constant
+    shrinks, Reshape/Split/Slice/Expand/Resize constants and ``group`` attributes are rewritten,
+    shapes re-inferred) or zeroed (``mask``: shapes kept, recorded in ``metadata_props``).
+
+    Preparation is done here, not required of the caller: Constant nodes are read as constants
+    and shapes come from onnx shape inference (dynamic dims stay dynamic).  Shape subgraphs that
+    are not folded (Shape -> Gather -> Reshape) block the axes they read; run ``canonicalize``
+    first to fold them (the bundled ``prune`` recipe does).
+
+    Refuses (``UserError``): ratio outside [0, 1), unknown criterion or mode, ``activation``
+    without data, ``exclude`` naming no node.  Never prunes: blocked groups (graph inputs/outputs,
+    ops without a rule, Softmax/LayerNormalization/reductions over the channel axis, sizes read by
+    Shape...); ``stats["blocked"]`` lists them with reasons.  Outputs keep their shapes.
+
+    Args:
+        ratio: fraction of each group's channels to prune (of all channels with ``global_ranking``).
+        criterion: ``l1``, ``l2`` (weight magnitudes), ``bn`` (BatchNorm scales) or ``activation``
+            (mean |activation| on ``data``).
+        global_ranking: rank channels across groups (normalized scores), each group losing at most
+            ``max_group_ratio`` of its channels.
+        round_to: kept channel counts are multiples of this; at least one channel stays.
+        exclude: node names whose inputs and outputs keep every channel.
+        mode: ``remove`` or ``mask``.
+        data: calibration samples (``activation`` only).
+        input_shapes: concrete shapes for dynamic inputs when ``data`` is generated.
+        max_group_ratio: cap per group for ``global_ranking``.
+        progress: progress bar for the activation pass.
+    """
+
+    name = "prune"
+
+    def __init__(
+        self,
+        ratio: float = 0.5,
+        criterion: str = "l2",
+        global_ranking: bool = False,
+        round_to: int = 1,
+        exclude: Sequence[str] = (),
+        mode: str = "remove",
+        data: Optional[InputSet] = None,
+        input_shapes: Optional[Mapping[str, Tuple[int, ...]]] = None,
+        max_group_ratio: float = 0.9,
+        progress: bool = False,
+    ):
+        try:
+            ratio = float(ratio)
+        except (TypeError, ValueError):
+            raise UserError(f"prune: ratio {ratio!r} is not a number") from None
+        if not 0.0 <= ratio < 1.0:
+            raise UserError(f"prune: ratio {ratio} is outside [0, 1)")
+        if criterion not in CRITERIA:
+            raise UserError(f"prune: unknown criterion {criterion!r} (choose from {', '.join(CRITERIA)})")
+        if mode not in MODES:
+            raise UserError(f"prune: unknown mode {mode!r} (choose from {', '.join(MODES)})")
+        if criterion == "activation" and data is None:
+            raise UserError("prune: criterion 'activation' needs calibration data (--data FILE.npz)")
+        if int(round_to) < 1:
+            raise UserError(f"prune: round_to {round_to} must be at least 1")
+        if not 0.0 < float(max_group_ratio) <= 1.0:
+            raise UserError(f"prune: max_group_ratio {max_group_ratio} is outside (0, 1]")
+        self.ratio = ratio
+        self.criterion = criterion
+        self.global_ranking = bool(global_ranking)
+        self.round_to = int(round_to)
+        self.exclude = [exclude] if isinstance(exclude, str) else list(exclude or ())
+        self.mode = mode
+        self.data = data
+        self.input_shapes = dict(input_shapes or {})
+        self.max_group_ratio = float(max_group_ratio)
+        self.progress = progress
+
+    def requires(self, model: onnx.ModelProto) -> None:
+        names = {n.name for n in model.graph.node if n.name}
+        missing = [n for n in self.exclude if n not in names]
+        if missing:
+            raise UserError(f"prune: --exclude names no node of the model: {', '.join(missing)}")
+
+    def call(self, model: onnx.ModelProto) -> PassResult:
+        start = time.perf_counter()
+        dep = build_dependency_graph(model)
+        channel_groups = reported_groups(dep.groups())
+        excluded = _excluded_groups(dep, channel_groups, self.exclude)
+        prunable = [g for g in channel_groups if g.prunable and g.id not in excluded]
+        stats = _base_stats(channel_groups, excluded, prunable, model)
+        if self.ratio == 0 or not prunable:
+            stats["note"] = "ratio 0: nothing to prune" if self.ratio == 0 else "nothing prunable: every group is blocked"
+            return PassResult(model, False, stats)
+        stats_by_dim = None
+        if self.criterion == "activation":
+            dims = [m.dim for g in prunable for m in g.members]
+            stats_by_dim = activation_stats(model, dims, self.data, progress=self.progress)
+        scores = group_scores(dep, prunable, self.criterion, stats_by_dim)
+        selected = select_channels(prunable, scores, self.ratio, self.global_ranking, self.round_to, self.max_group_ratio)
+        masks = removal_masks(prunable, selected)
+        stats["groups_pruned"] = sum(1 for s in selected.values() if s.any())
+        stats["channels_removed"] = int(sum(s.sum() for s in selected.values()))
+        if not masks:
+            stats["note"] = "the ratio rounds to no channel in any group"
+            return PassResult(model, False, stats)
+        result, zeroed = apply_selection(dep, masks, self.mode)
+        stats["params_after"] = ir.count_params(result)
+        if self.mode == "mask":
+            stats["params_zeroed"] = zeroed
+        stats["seconds"] = round(time.perf_counter() - start, 4)
+        return PassResult(result, True, stats)
+
+
+def _excluded_groups(dep: DependencyGraph, groups: List[Group], exclude: Sequence[str]) -> Dict[int, str]:
+    """Group id -> the excluded node it touches."""
+    if not exclude:
+        return {}
+    tensors: Dict[str, str] = {}
+    for node in dep.model.graph.node:
+        if node.name in exclude:
+            for name in list(node.input) + list(node.output):
+                if name:
+                    tensors.setdefault(name, node.name)
+    out = {}
+    for g in groups:
+        hit = next((tensors[m.dim.tensor] for m in g.members if m.dim.tensor in tensors), None)
+        if hit is not None:
+            out[g.id] = hit
+    return out
+
+
+def _base_stats(groups: List[Group], excluded: Dict[int, str], prunable: List[Group], model) -> dict:
+    blocked = [g for g in groups if g.blocked]
+    return {
+        "groups_found": len(groups),
+        "groups_prunable": len(prunable),
+        "groups_blocked": len(blocked),
+        "groups_excluded": len(excluded),
+        "groups_pruned": 0,
+        "channels_removed": 0,
+        "params_before": ir.count_params(model),
+        "params_after": ir.count_params(model),
+        "blocked": [{"channels": g.channels, "params": g.param_names()[:4], "reasons": g.reasons[:3]} for g in blocked],
+    }
+
+
+def analyze(model: onnx.ModelProto) -> List[Group]:
+    """The channel groups of ``model`` (prunable and blocked), as ``inspect --groups`` lists them."""
+    return reported_groups(build_dependency_graph(model).groups())
+
+
+def prune_channels(
+    model: onnx.ModelProto,
+    ratio: float = 0.5,
+    criterion: str = "l2",
+    mode: str = "remove",
+    **kwargs,
+) -> onnx.ModelProto:
+    """Functional form of ``PruneChannelsPass``: the pruned model (``model`` itself when nothing
+    was pruned).  Extra keyword arguments are the pass's (``global_ranking``, ``round_to``,
+    ``exclude``, ``data``...)."""
+    return PruneChannelsPass(ratio=ratio, criterion=criterion, mode=mode, **kwargs)(model).model

@@ -1,0 +1,210 @@
+"""Applying a selection: delete the channels (``remove``) or zero them (``mask``), then fix the graph.
+
+``remove`` deletes the chosen indices from every member constant, runs the rules' fixups (Reshape
+targets, Split sizes, Slice bounds, Expand/ConstantOfShape/Resize shapes, ``group`` attributes...)
+and re-infers value shapes.  ``mask`` keeps every shape and zeroes the same indices in every
+member constant whose role allows it (weights, biases, scales, shifts: a masked channel outputs 0
+and nothing reads it), and records them in ``metadata_props[PRUNED_CHANNELS_KEY]`` as JSON
+``{constant: {axis: [indices]}}`` so fine-tuning can keep them at zero.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Dict, List, Optional, Tuple
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from graphprune.dependency import DependencyGraph, DimKey, Group
+from graphprune.dependency.shape_info import _copy_fields, infer_value_info
+
+__all__ = ["MODES", "PRUNED_CHANNELS_KEY", "Editor", "removal_masks", "apply_selection", "pruned_channels"]
+
+MODES = ("remove", "mask")
+PRUNED_CHANNELS_KEY = "graphprune.pruned_channels"
+# Roles whose values `mask` never zeroes (see graphprune.dependency.rules.ROLES).
+_NOT_ZEROED = ("stat", "divisor")
+
+
+def removal_masks(groups: List[Group], selected: Dict[int, np.ndarray]) -> Dict[DimKey, np.ndarray]:
+    """Dim -> boolean mask of its indices to prune (a dim shared by groups, e.g. a Concat output,
+    collects the indices of each)."""
+    by_id = {g.id: g for g in groups}
+    masks: Dict[DimKey, np.ndarray] = {}
+    for gid, removed in selected.items():
+        if not removed.any():
+            continue
+        for m in by_id[gid].members:
+            mask = masks.get(m.dim)
+            if mask is None:
+                mask = masks[m.dim] = np.zeros(m.info.size, dtype=bool)
+            mask[m.positions[removed[m.atoms]]] = True
+    return masks
+
+
+class Editor:
+    """What rule fixups use to rewrite a node of the pruned graph.
+
+    Args:
+        dep: the analysis of the original model.
+        masks: dim -> indices removed.
+        graph: the new graph (its initializers may be appended to).
+    """
+
+    def __init__(self, dep: DependencyGraph, masks: Dict[DimKey, np.ndarray], graph: onnx.GraphProto):
+        self.dep = dep
+        self.masks = masks
+        self.graph = graph
+        self._names = {i.name for i in graph.initializer} | {o for n in graph.node for o in n.output}
+        self._names |= {vi.name for vi in graph.input}
+
+    def new_size(self, dim: DimKey) -> int:
+        size = self.dep.info(dim).size
+        mask = self.masks.get(dim)
+        return int(size - mask.sum()) if mask is not None else int(size)
+
+    def kept(self, dim: DimKey) -> np.ndarray:
+        mask = self.masks.get(dim)
+        return ~mask if mask is not None else np.ones(self.dep.info(dim).size, dtype=bool)
+
+    def set_input(self, node: onnx.NodeProto, index: int, value: np.ndarray) -> None:
+        """Make input ``index`` of ``node`` a new constant ``value`` (unchanged values: no-op)."""
+        old = node.input[index] if index < len(node.input) else ""
+        current = self.dep.const(old) if old else None
+        if current is not None and current.shape == value.shape and np.array_equal(current, value):
+            return
+        base = f"{old or node.name or node.output[0]}_pruned"
+        name, k = base, 1
+        while name in self._names:
+            name, k = f"{base}_{k}", k + 1
+        self._names.add(name)
+        self.graph.initializer.append(numpy_helper.from_array(np.asarray(value), name))
+        while len(node.input) <= index:
+            node.input.append("")
+        node.input[index] = name
+
+    def set_attr(self, node: onnx.NodeProto, name: str, value) -> None:
+        for i, attr in enumerate(node.attribute):
+            if attr.name == name:
+                if helper.get_attribute_value(attr) == value:
+                    return
+                del node.attribute[i]
+                break
+        node.attribute.append(helper.make_attribute(name, value))
+
+    def remove_attr(self, node: onnx.NodeProto, name: str) -> None:
+        for i, attr in enumerate(node.attribute):
+            if attr.name == name:
+                del node.attribute[i]
+                return
+
+
+def _param_masks(masks: Dict[DimKey, np.ndarray]) -> Dict[str, List[Tuple[int, np.ndarray]]]:
+    """Constant name -> [(axis, removed mask)] for every constant with pruned indices."""
+    by_tensor: Dict[str, List[Tuple[int, np.ndarray]]] = {}
+    for dim, mask in masks.items():
+        if not dim.is_virtual:
+            by_tensor.setdefault(dim.tensor, []).append((dim.axis, mask))
+    return by_tensor
+
+
+def pruned_channels(model: onnx.ModelProto) -> Dict[str, Dict[str, List[int]]]:
+    """The masked channels recorded in ``model`` (empty when none)."""
+    for prop in model.metadata_props:
+        if prop.key == PRUNED_CHANNELS_KEY:
+            return json.loads(prop.value)
+    return {}
+
+
+def _merge_record(old: Dict[str, Dict[str, List[int]]], new: Dict[str, Dict[str, List[int]]]) -> Dict:
+    merged = {k: dict(v) for k, v in old.items()}
+    for tensor, axes in new.items():
+        for axis, idx in axes.items():
+            merged.setdefault(tensor, {})[axis] = sorted(set(merged.get(tensor, {}).get(axis, [])) | set(idx))
+    return merged
+
+
+def _remap_record(old: Dict, removed: Dict[str, List[Tuple[int, np.ndarray]]]) -> Dict:
+    """After removal, recorded (masked) indices move down and removed ones disappear."""
+    out = {}
+    for tensor, axes in old.items():
+        for axis, idx in axes.items():
+            mask = next((m for a, m in removed.get(tensor, []) if a == int(axis)), None)
+            idx = np.asarray(idx, dtype=np.int64)
+            if mask is not None:
+                new_pos = np.cumsum(~mask) - 1
+                idx = new_pos[idx[~mask[idx]]]
+            if len(idx):
+                out.setdefault(tensor, {})[axis] = [int(i) for i in idx]
+    return out
+
+
+def _set_record(model: onnx.ModelProto, record: Dict) -> None:
+    for i, prop in enumerate(model.metadata_props):
+        if prop.key == PRUNED_CHANNELS_KEY:
+            del model.metadata_props[i]
+            break
+    if record:
+        model.metadata_props.add(key=PRUNED_CHANNELS_KEY, value=json.dumps(record, sort_keys=True))
+
+
+def apply_selection(dep: DependencyGraph, masks: Dict[DimKey, np.ndarray], mode: str) -> Tuple[onnx.ModelProto, int]:
+    """(new model with the ``masks`` channels removed or zeroed, number of weights zeroed by ``mask``).
+
+    ``dep.model`` is not modified.
+    """
+    model = dep.model
+    per_param = _param_masks(masks)
+    new = onnx.ModelProto()
+    _copy_fields(model, new, skip=("graph",))
+    skip = ("initializer", "value_info") if mode == "remove" else ("initializer",)
+    _copy_fields(model.graph, new.graph, skip=skip)
+    const_nodes = {n.output[0]: i for i, n in enumerate(new.graph.node) if n.op_type == "Constant"}
+    zeroed = [0]
+    for init in model.graph.initializer:
+        if init.name in per_param:
+            value = _edit(dep, init.name, per_param[init.name], mode, zeroed)
+            new.graph.initializer.append(numpy_helper.from_array(value, init.name))
+        else:
+            new.graph.initializer.append(init)
+    for name, node_index in const_nodes.items():
+        if name in per_param:
+            node = new.graph.node[node_index]
+            value = _edit(dep, name, per_param[name], mode, zeroed)
+            del node.attribute[:]
+            node.attribute.append(helper.make_attribute("value", numpy_helper.from_array(value, name)))
+    record = pruned_channels(model)
+    if mode == "remove":
+        editor = Editor(dep, masks, new.graph)
+        for index, fixup in dep.fixups:
+            fixup(editor, new.graph.node[index])
+        new.graph.value_info.extend(infer_value_info(new))
+        _set_record(new, _remap_record(record, per_param))
+    else:
+        now = {
+            name: {str(axis): [int(i) for i in np.flatnonzero(mask)] for axis, mask in axes}
+            for name, axes in per_param.items()
+            if dep.roles.get(name) not in _NOT_ZEROED
+        }
+        _set_record(new, _merge_record(record, now))
+    return new, zeroed[0]
+
+
+def _edit(dep: DependencyGraph, name: str, axes: List[Tuple[int, np.ndarray]], mode: str, zeroed: List[int]) -> np.ndarray:
+    """The constant with the masked indices deleted (remove) or set to 0 (mask, counted in zeroed)."""
+    value = dep.const(name)
+    if mode == "remove":
+        for axis, mask in axes:
+            value = np.compress(~mask, value, axis=axis)
+        return value
+    if dep.roles.get(name) in _NOT_ZEROED:
+        return value
+    value = value.copy()
+    for axis, mask in axes:
+        index = [slice(None)] * value.ndim
+        index[axis] = np.flatnonzero(mask)
+        zeroed[0] += int(np.count_nonzero(value[tuple(index)]))
+        value[tuple(index)] = 0
+    return value
