@@ -110,7 +110,7 @@ def test_pruned_channel_masks_stay_zero(setup):
             value = weights[init.name].copy()
             value[:zeroed[init.name]] = 0
             model.graph.initializer[i].CopyFrom(numpy_helper.from_array(value, init.name))
-    record = {"version": 1, "groups": [{"weights": sorted(zeroed), "channels": [0, 1]}]}
+    record = {name: {"0": list(range(count))} for name, count in zeroed.items()}
     model.metadata_props.add(key=PRUNED_CHANNELS_KEY, value=json.dumps(record))
     result = FineTunePass(data=setup["train"], labels=setup["labels"], epochs=1, lr=3e-3)(model)
     after = weights_of(result.model)

@@ -2,8 +2,9 @@
 
 Two records can mark them, both in ``model.metadata_props``:
   - ``graphprune.weight_masks`` (the sparsify pass): ``{"version": 1, "weights": {name: {...}}}``;
-  - ``graphprune.pruned_channels`` (``prune --mode mask``): the weights it names.
-For every weight either record names, the mask is ``weight != 0`` at the start of training.
+  - ``graphprune.pruned_channels`` (``prune --mode mask``): ``{name: {axis: [channel, ...]}}``.
+A sparsified weight's mask is ``weight != 0`` at the start of training; a masked-channel weight's
+mask zeroes the recorded channels along the recorded axis; a weight in both gets both.
 
 The training graph multiplies each masked weight by its constant 0/1 mask before use, so the loss
 never sees the masked entries and their gradient is exactly zero: Adam/SGD updates and decoupled
@@ -39,20 +40,25 @@ def _metadata(model: onnx.ModelProto, key: str):
     return None
 
 
-def _names_in(record: Any, known: Set[str]) -> Set[str]:
-    """Every string (key or value, at any depth) of a JSON record that names a known weight."""
-    found: Set[str] = set()
-    if isinstance(record, dict):
-        for key, value in record.items():
-            if key in known:
-                found.add(key)
-            found |= _names_in(value, known)
-    elif isinstance(record, list):
-        for item in record:
-            found |= _names_in(item, known)
-    elif isinstance(record, str) and record in known:
-        found.add(record)
-    return found
+def _channel_masks(record: Any, weights: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
+    """Keep-masks from a pruned-channel record ``{name: {axis: [index, ...]}}``."""
+    if not isinstance(record, dict):
+        raise UserError(f"model metadata {PRUNED_CHANNELS_KEY!r} is not a mapping of weight names")
+    masks: Dict[str, np.ndarray] = {}
+    for name, axes in record.items():
+        if name not in weights:
+            continue  # frozen or removed since: nothing to keep at zero
+        keep = np.ones(weights[name].shape, dtype=bool)
+        try:
+            for axis, indices in axes.items():
+                index = [slice(None)] * keep.ndim
+                index[int(axis)] = np.asarray(indices, dtype=np.int64)
+                keep[tuple(index)] = False
+        except (AttributeError, TypeError, ValueError, IndexError):
+            raise UserError(f"model metadata {PRUNED_CHANNELS_KEY!r}: bad entry for {name!r} "
+                            f"(expected {{axis: [channel indices]}} within its shape {list(keep.shape)})") from None
+        masks[name] = keep
+    return masks
 
 
 def _weight_mask_names(model: onnx.ModelProto, known: Set[str]) -> Set[str]:
@@ -72,12 +78,11 @@ def read_masks(model: onnx.ModelProto, weights: Dict[str, np.ndarray]) -> Dict[s
         model: the model whose metadata holds the records.
         weights: the candidate weights (the trainable ones), name -> current value.
     """
-    known = set(weights)
-    names = _weight_mask_names(model, known)
+    masks = {name: weights[name] != 0 for name in sorted(_weight_mask_names(model, set(weights)))}
     pruned = _metadata(model, PRUNED_CHANNELS_KEY)
-    if pruned is not None:
-        names |= _names_in(pruned, known)
-    return {name: weights[name] != 0 for name in sorted(names)}
+    for name, keep in _channel_masks(pruned or {}, weights).items():
+        masks[name] = masks[name] & keep if name in masks else keep
+    return masks
 
 
 def mask_weights_in_graph(graph: onnx.GraphProto, masks: Dict[str, np.ndarray]) -> List[str]:
