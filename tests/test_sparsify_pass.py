@@ -3,6 +3,8 @@
 import numpy as np
 import onnx
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from onnx import helper, numpy_helper
 
 from graphprune.errors import UserError
@@ -230,3 +232,32 @@ def test_bad_arguments_are_user_errors(kwargs, message):
 def test_unknown_exclude_name_is_a_user_error():
     with pytest.raises(UserError, match="--exclude 'nope': no node or weight"):
         SparsifyWeightsPass(sparsity=0.5, exclude="nope")(small_net())
+
+
+def test_conv_transpose_groups_run_along_its_input_channels():
+    w = np.random.default_rng(5).standard_normal((8, 2, 3, 3)).astype(np.float32)  # [C_in, C_out, k, k]
+    graph = helper.make_graph(
+        [helper.make_node("ConvTranspose", ["x", "w"], ["y"], name="up", strides=[2, 2])], "up",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 8, 4, 4])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 2, 9, 9])],
+        [numpy_helper.from_array(w, "w")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    result = SparsifyWeightsPass(pattern="2:4", op_types="ConvTranspose")(model)
+    stored = weights(result.model)["w"]
+    assert (np.count_nonzero(stored.reshape(2, 4, 2, 3, 3), axis=1) == 2).all()
+
+
+@settings(max_examples=8, deadline=None)
+@given(seed=st.integers(0, 2**16), sparsity=st.floats(0.05, 0.95), scope=st.sampled_from(["global", "layer"]))
+def test_property_sparsified_models_check_run_and_keep_output_shapes(seed, sparsity, scope):
+    model = small_net(seed)
+    result = SparsifyWeightsPass(sparsity=sparsity, scope=scope, storage="sparse")(model)
+    onnx.checker.check_model(result.model, full_check=True)
+    assert outputs(result.model).shape == outputs(model).shape == (4, 12)
+    rows = {r["weight"]: r for r in result.stats["layers"]}
+    if scope == "layer":
+        assert all(abs(r["zeros"] - sparsity * r["params"]) <= 1 for r in rows.values())
+    else:
+        total = sum(r["params"] for r in rows.values())
+        assert sum(r["zeros"] for r in rows.values()) == round(sparsity * total)

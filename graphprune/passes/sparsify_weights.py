@@ -41,7 +41,10 @@ class SparsifyWeightsPass(Pass):
     Skips, with the reason in ``stats["skipped"]``: layers whose reduction axis is not divisible by
     M, computed or fed weights, quantized weights (for pruning), and weights shared with other nodes.
     Refuses (``UserError``): sparsity outside [0, 1), N >= M, unknown op types, ``--exclude`` names
-    that match nothing, and sparse storage on opsets below 11.  Sparsity 0 changes nothing.
+    that match nothing, and sparse storage on opsets below 11.
+
+    Sparsity 0 prunes nothing: with dense storage the pass is a no-op; with sparse storage it only
+    compacts weights that already hold enough zeros (e.g. a sparsified model after quantization).
 
     Args:
         sparsity: fraction of weights to zero, in [0, 1); with an N:M pattern it may be omitted
@@ -94,7 +97,10 @@ class SparsifyWeightsPass(Pass):
         if self.storage == "sparse":
             opset = next((i.version for i in model.opset_import if i.domain in ("", "ai.onnx")), 0)
             if opset < MIN_OPSET:
-                raise UserError(f"--storage sparse needs ai.onnx opset >= {MIN_OPSET} (the model imports opset {opset})")
+                raise UserError(
+                    f"--storage sparse needs ai.onnx opset >= {MIN_OPSET} (the model imports opset {opset}; "
+                    "convert it with onnx.version_converter first)"
+                )
 
     def call(self, model: onnx.ModelProto) -> PassResult:
         targets, skipped = find_weights(model, self.op_types, self.exclude, through_dequantize=self.storage == "sparse")
