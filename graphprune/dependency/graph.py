@@ -208,8 +208,8 @@ class DependencyGraph:
             free = [i for i in big if not is_blocked(factors[i])]
             if prefer is not None and prefer in free:
                 chosen = prefer
-            else:
-                chosen = max(free or big, key=lambda i: sizes[i])
+            else:  # the largest factor; on a tie the innermost (channels within a shuffle group)
+                chosen = max(free or big, key=lambda i: (sizes[i], i))
             mapping = Expand(outer=math.prod(sizes[:chosen]), inner=math.prod(sizes[chosen + 1:]))
             self.add_coupling(factors[chosen], merged, mapping)
             root_a, root_b = union[comp_of[factors[chosen]]], union[comp_of[merged]]
@@ -221,6 +221,7 @@ class DependencyGraph:
                     self.add_reason(
                         factors[i], f"{label}: merged with {factors[chosen]} into {merged} (one axis of a merge is pruned)"
                     )
+                    blocked[union[comp_of[factors[i]]]] = True
 
 
 def build_dependency_graph(model: onnx.ModelProto, shapes: Optional[Dict[str, Tuple]] = None) -> DependencyGraph:

@@ -46,6 +46,22 @@ def _light_model(model: onnx.ModelProto, keep_value_info: bool) -> onnx.ModelPro
     return light
 
 
+# Ops whose first output has the first input's shape and type.  onnx's inference misses some of
+# them (GroupNormalization in onnx 1.17, domain-specific activations): their output shape is
+# copied from the input and inference resumed from there.
+SAME_SHAPE_OPS = frozenset(
+    {"GroupNormalization", "InstanceNormalization", "BatchNormalization", "LayerNormalization", "Dropout"}
+)
+
+
+def _known(graph: onnx.GraphProto) -> Dict[str, onnx.ValueInfoProto]:
+    return {
+        vi.name: vi
+        for vi in list(graph.input) + list(graph.value_info) + list(graph.output)
+        if vi.type.tensor_type.HasField("shape")
+    }
+
+
 def infer_value_info(model: onnx.ModelProto, keep_value_info: bool = False) -> List[onnx.ValueInfoProto]:
     """Inferred value_info of every intermediate tensor (empty list when inference fails).
 
@@ -54,12 +70,29 @@ def infer_value_info(model: onnx.ModelProto, keep_value_info: bool = False) -> L
         keep_value_info: start from the model's recorded value_info (for analysis of a model
             whose custom ops inference cannot see through); False after a rewrite made them stale.
     """
+    from graphprune.dependency.rules.elementwise import UNARY_OPS
+
+    same_shape = SAME_SHAPE_OPS | set(UNARY_OPS)
     light = _light_model(model, keep_value_info)
-    try:
-        inferred = onnx.shape_inference.infer_shapes(light, strict_mode=False, data_prop=True)
-    except Exception:  # inference errors on unusual graphs: fall back to what is recorded
-        return list(model.graph.value_info) if keep_value_info else []
-    return list(inferred.graph.value_info)
+    for _ in range(16):  # each round fills the outputs inference skipped, then infers on from them
+        try:
+            inferred = onnx.shape_inference.infer_shapes(light, strict_mode=False, data_prop=True)
+        except Exception:  # inference errors on unusual graphs: fall back to what is recorded
+            return list(light.graph.value_info)
+        known = _known(inferred.graph)
+        filled = []
+        for node in inferred.graph.node:
+            if node.op_type in same_shape and node.input and node.output[0] not in known and node.input[0] in known:
+                vi = onnx.ValueInfoProto()
+                vi.CopyFrom(known[node.input[0]])
+                vi.name = node.output[0]
+                filled.append(vi)
+        if not filled:
+            return list(inferred.graph.value_info)
+        del light.graph.value_info[:]
+        light.graph.value_info.extend(inferred.graph.value_info)
+        light.graph.value_info.extend(filled)
+    return list(light.graph.value_info)
 
 
 def tensor_shapes(model: onnx.ModelProto) -> Dict[str, Optional[Tuple]]:
