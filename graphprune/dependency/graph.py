@@ -18,6 +18,9 @@ from graphprune.dependency.shape_info import tensor_shapes
 
 __all__ = ["DependencyGraph", "build_dependency_graph"]
 
+# Ops that only relabel their input's values (a weight reshaped or transposed before use).
+_RELABEL_OPS = ("Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Identity", "Cast")
+
 
 class DependencyGraph:
     """Channel dims of a model and how pruning one prunes the others.
@@ -51,10 +54,27 @@ class DependencyGraph:
         self._groups = None
         self._consumers = None
         self.graph_outputs = {vi.name for vi in model.graph.output}
+        self._producers = ir.producer_map(model.graph)
+        self._derived: Dict[str, bool] = {}
 
     # -- constants -------------------------------------------------------------------------
     def is_const(self, name: str) -> bool:
         return name in self._inits or name in self._const_nodes
+
+    def is_derived_const(self, name: str) -> bool:
+        """A constant, or a relabelling (Reshape, Transpose...) of constants only: its values are
+        the constants' values, so deleting or zeroing the source channels prunes it too."""
+        if name in self._derived:
+            return self._derived[name]
+        self._derived[name] = False  # cycles cannot occur in a valid graph; this also ends recursion
+        node = self._producers.get(name)
+        result = self.is_const(name) or (
+            node is not None
+            and node.op_type in _RELABEL_OPS
+            and all(not i or self.is_derived_const(i) for i in node.input)
+        )
+        self._derived[name] = result
+        return result
 
     def const(self, name: str) -> Optional[np.ndarray]:
         if name not in self._values:

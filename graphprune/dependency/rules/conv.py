@@ -38,11 +38,12 @@ def conv(ctx: RuleContext) -> None:
     x, w, b, y = ctx.input(0), ctx.input(1), ctx.input(2), ctx.outputs[0]
     ctx.couple(DimKey(x, 0), DimKey(y, 0))
     _fix_spatial(ctx, x, y, w)
-    if not ctx.is_param(w):
+    if not ctx.is_constant(w):
         for dim in (DimKey(x, 1), DimKey(y, 1), DimKey(w, 0), DimKey(w, 1)):
             ctx.block(dim, "weight is not a constant")
         return
-    ctx.param(w, "weight")
+    if ctx.is_param(w):
+        ctx.param(w, "weight")
     ctx.couple(DimKey(w, 0), DimKey(y, 1))
     if b:
         ctx.param(b, "bias")
@@ -69,11 +70,12 @@ def conv_transpose(ctx: RuleContext) -> None:
     _fix_spatial(ctx, x, y, w)
     if ctx.attr("output_shape") is not None:
         ctx.block(DimKey(y, 1), "output_shape attribute")
-    if not ctx.is_param(w):
+    if not ctx.is_constant(w):
         for dim in (DimKey(x, 1), DimKey(y, 1), DimKey(w, 0), DimKey(w, 1)):
             ctx.block(dim, "weight is not a constant")
         return
-    ctx.param(w, "weight")
+    if ctx.is_param(w):
+        ctx.param(w, "weight")
     ctx.couple(DimKey(x, 1), DimKey(w, 0))
     if b:
         ctx.param(b, "bias")
@@ -95,7 +97,7 @@ def conv_transpose(ctx: RuleContext) -> None:
 
 def _contraction(ctx: RuleContext, a: DimKey, b: DimKey) -> None:
     """The summed-over axis: prunable when one side is a constant (zeroing it masks exactly)."""
-    if ctx.is_param(a.tensor) or ctx.is_param(b.tensor):
+    if ctx.is_constant(a.tensor) or ctx.is_constant(b.tensor):
         ctx.couple(a, b)
     else:
         ctx.block(a, "contraction between two non-constant operands")

@@ -113,6 +113,10 @@ class RuleContext:
     def is_param(self, name: str) -> bool:
         return self._b.is_const(name)
 
+    def is_constant(self, name: str) -> bool:
+        """A constant or a reshape/transpose of constants (``is_param`` only for the former)."""
+        return self._b.is_derived_const(name)
+
     def consumers(self, name: str) -> List[onnx.NodeProto]:
         """Nodes that read tensor ``name``."""
         return self._b.consumers(name)
