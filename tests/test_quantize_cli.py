@@ -134,3 +134,19 @@ def test_refuses_to_overwrite_input(files, capsys):
     assert main(["quantize", model_path, "-o", model_path, "--data", data_path, "--no-measure"]) == 2
     assert "refusing to overwrite the input model" in capsys.readouterr().err
     assert open(model_path, "rb").read() == before
+
+
+def test_dynamic_input_needs_input_shape_without_data(tmp_path, capsys):
+    from tests.test_quantize_pass import matmul_net
+
+    model = matmul_net()
+    model.graph.input[0].type.tensor_type.shape.dim[1].dim_param = "seq"
+    path, out = str(tmp_path / "mm.onnx"), tmp_path / "q.onnx"
+    onnx.save(model, path)
+    assert main(["quantize", path, "-o", str(out), "--no-measure"]) == 2
+    assert "dynamic dims" in capsys.readouterr().err and not out.exists()
+    assert main(["quantize", path, "-o", str(out), "--no-measure", "--input-shape", "x=1x16x64"]) == 0
+    captured = capsys.readouterr()
+    assert "calibrated on random inputs" in captured.out
+    assert "warning: quantizing without calibration data" in captured.err
+    check_model(onnx.load(str(out)), full=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import json
 import sys
+import warnings
 
 from graphprune.cli.common import add_data_options, add_output_options, check_output_path, read_inputs, write_model
 from graphprune.errors import UserError
@@ -70,7 +71,11 @@ def run(args) -> int:
         progress=sys.stderr.isatty(),
     )
     quantize.requires(model)  # refuse before any work (already quantized, unknown --exclude)
-    result = quantize(model)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", UserWarning)
+        result = quantize(model)
+    for warning in caught:
+        print(f"graphprune quantize: warning: {warning.message}", file=sys.stderr)
     write_model(args, result.model)
     print(format_summary(result.stats, result.modified))
     if args.report:

@@ -59,12 +59,12 @@ def calibration_feeds(
 ) -> Tuple[List[Dict[str, np.ndarray]], bool]:
     """(feeds, whether they came from the user); without data, seeded random inputs and a warning."""
     if data is None:
+        samples = random_inputs(model, input_shapes, samples=_RANDOM_SAMPLES, seed=seed)
         warnings.warn(
             "quantizing without calibration data: ranges come from random inputs, accuracy will suffer "
             "(give --data FILE.npz)",
             stacklevel=3,
         )
-        samples = random_inputs(model, input_shapes, samples=_RANDOM_SAMPLES, seed=seed)
         return as_feeds(samples, config.calibration_samples), False
     feeds = as_feeds(data, config.calibration_samples)
     _check_feed_names(model, feeds[0])
