@@ -261,3 +261,18 @@ def test_property_sparsified_models_check_run_and_keep_output_shapes(seed, spars
     else:
         total = sum(r["params"] for r in rows.values())
         assert sum(r["zeros"] for r in rows.values()) == round(sparsity * total)
+
+
+def test_fine_tuning_keeps_the_recorded_zeros():
+    """The mask contract end to end: the fine-tuning pass reads the record and leaves pruned weights at 0."""
+    from graphprune.data import InputSet
+    from graphprune.passes.finetune import FineTunePass
+
+    sparse = SparsifyWeightsPass(sparsity=0.7)(small_net()).model
+    rng = np.random.default_rng(0)
+    data = InputSet({"x": rng.standard_normal((16, 3, 8, 8)).astype(np.float32)})
+    tuned = FineTunePass(data=data, labels=rng.integers(0, 12, 16), epochs=1, batch_size=8, lr=1e-2)(sparse).model
+    before, after = weights(sparse), weights(tuned)
+    assert any(not np.array_equal(after[n], before[n]) for n in LAYERS)  # training did move weights
+    for name, mask in read_weight_masks(sparse).items():
+        assert np.all(after[name][~mask] == 0), name
