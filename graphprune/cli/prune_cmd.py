@@ -70,7 +70,6 @@ def run(args) -> int:
         exclude=[n.strip() for item in args.exclude for n in item.split(",") if n.strip()],
         mode=args.mode,
         data=data,
-        input_shapes=shapes,
         max_group_ratio=cap if cap > 0 else 1.0,
         progress=sys.stderr.isatty(),
     )

@@ -16,10 +16,31 @@ from graphprune.dependency.index_mapping import Expand, IndexMapping, MappingErr
 from graphprune.dependency.rules import MissingShape, RuleContext, rule_for
 from graphprune.dependency.shape_info import tensor_shapes
 
-__all__ = ["DependencyGraph", "build_dependency_graph"]
+__all__ = ["DependencyGraph", "build_dependency_graph", "outer_names"]
 
 # Ops that only relabel their input's values (a weight reshaped or transposed before use).
 _RELABEL_OPS = ("Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Identity", "Cast")
+
+
+# Element types whose raw bytes numpy reads as they are (little-endian, as ONNX stores them).
+_RAW_DTYPES = {
+    onnx.TensorProto.FLOAT: np.float32,
+    onnx.TensorProto.DOUBLE: np.float64,
+    onnx.TensorProto.FLOAT16: np.float16,
+    onnx.TensorProto.INT64: np.int64,
+    onnx.TensorProto.INT32: np.int32,
+    onnx.TensorProto.INT8: np.int8,
+    onnx.TensorProto.UINT8: np.uint8,
+}
+
+
+def _tensor_array(tensor: onnx.TensorProto) -> np.ndarray:
+    """The tensor's values; a read-only view of the raw bytes when possible (no copy: ResNet-50's
+    100 MB of weights would otherwise be copied once more)."""
+    dtype = _RAW_DTYPES.get(tensor.data_type)
+    if dtype is not None and tensor.HasField("raw_data") and tensor.data_location != onnx.TensorProto.EXTERNAL:
+        return np.frombuffer(tensor.raw_data, dtype=dtype).reshape(tuple(tensor.dims))
+    return numpy_helper.to_array(tensor)
 
 
 class DependencyGraph:
@@ -79,7 +100,7 @@ class DependencyGraph:
     def const(self, name: str) -> Optional[np.ndarray]:
         if name not in self._values:
             if name in self._inits:
-                self._values[name] = numpy_helper.to_array(self._inits[name])
+                self._values[name] = _tensor_array(self._inits[name])
             elif name in self._const_nodes:
                 self._values[name] = ir.constant_node_value(self._const_nodes[name])
             else:
@@ -169,6 +190,10 @@ class DependencyGraph:
         if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
             return  # its output is a constant; the consumers' rules say what its axes are
         ctx = RuleContext(self, node, index)
+        outer = outer_names(node)
+        if outer:  # a subgraph reads these tensors without listing them as the node's inputs
+            for name in sorted(outer):
+                ctx.block_tensor(name, f"read inside a subgraph of {node.op_type} {node.name or node.output[0]!r}")
         rule = rule_for(node.op_type, node.domain)
         if rule is None:
             domain = f"{node.domain}." if node.domain not in ("", "ai.onnx") else ""
@@ -242,6 +267,21 @@ class DependencyGraph:
                         factors[i], f"{label}: merged with {factors[chosen]} into {merged} (one axis of a merge is pruned)"
                     )
                     blocked[union[comp_of[factors[i]]]] = True
+
+
+def outer_names(node: onnx.NodeProto) -> set:
+    """Tensors a node's subgraphs (If/Loop/Scan bodies) read from the enclosing graph."""
+    names: set = set()
+    for attr in node.attribute:
+        graphs = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
+        for g in graphs:
+            defined = {vi.name for vi in g.input} | {i.name for i in g.initializer}
+            for inner in g.node:
+                defined.update(inner.output)
+            for inner in g.node:
+                names.update(n for n in inner.input if n and n not in defined)
+                names.update(outer_names(inner) - defined)
+    return names
 
 
 def build_dependency_graph(model: onnx.ModelProto, shapes: Optional[Dict[str, Tuple]] = None) -> DependencyGraph:

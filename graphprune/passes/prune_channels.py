@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence
 
 import onnx
 
@@ -56,7 +56,6 @@ class PruneChannelsPass(Pass):
         exclude: node names whose inputs and outputs keep every channel.
         mode: ``remove`` or ``mask``.
         data: calibration samples (``activation`` only).
-        input_shapes: concrete shapes for dynamic inputs when ``data`` is generated.
         max_group_ratio: cap per group for ``global_ranking``.
         progress: progress bar for the activation pass.
     """
@@ -72,7 +71,6 @@ class PruneChannelsPass(Pass):
         exclude: Sequence[str] = (),
         mode: str = "remove",
         data: Optional[InputSet] = None,
-        input_shapes: Optional[Mapping[str, Tuple[int, ...]]] = None,
         max_group_ratio: float = 0.9,
         progress: bool = False,
     ):
@@ -99,7 +97,6 @@ class PruneChannelsPass(Pass):
         self.exclude = [exclude] if isinstance(exclude, str) else list(exclude or ())
         self.mode = mode
         self.data = data
-        self.input_shapes = dict(input_shapes or {})
         self.max_group_ratio = float(max_group_ratio)
         self.progress = progress
 

@@ -59,6 +59,7 @@ class Editor:
         self.graph = graph
         self._names = {i.name for i in graph.initializer} | {o for n in graph.node for o in n.output}
         self._names |= {vi.name for vi in graph.input}
+        self.replaced: set = set()  # constants a fixup swapped out (dropped when no longer read)
 
     def new_size(self, dim: DimKey) -> int:
         size = self.dep.info(dim).size
@@ -81,6 +82,8 @@ class Editor:
             name, k = f"{base}_{k}", k + 1
         self._names.add(name)
         self.graph.initializer.append(numpy_helper.from_array(np.asarray(value), name))
+        if old:
+            self.replaced.add(old)
         while len(node.input) <= index:
             node.input.append("")
         node.input[index] = name
@@ -99,6 +102,19 @@ class Editor:
             if attr.name == name:
                 del node.attribute[i]
                 return
+
+
+def _drop_unused(graph: onnx.GraphProto, names: set) -> None:
+    """Remove the initializers in ``names`` that no node or graph output reads any more."""
+    from graphprune.dependency.graph import outer_names
+
+    read = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
+    read |= {name for n in graph.node if any(a.g.node or a.graphs for a in n.attribute) for name in outer_names(n)}
+    dead = names - read
+    if dead:
+        kept = [init for init in graph.initializer if init.name not in dead]
+        del graph.initializer[:]
+        graph.initializer.extend(kept)
 
 
 def _param_masks(masks: Dict[DimKey, np.ndarray]) -> Dict[str, List[Tuple[int, np.ndarray]]]:
@@ -180,6 +196,7 @@ def apply_selection(dep: DependencyGraph, masks: Dict[DimKey, np.ndarray], mode:
         editor = Editor(dep, masks, new.graph)
         for index, fixup in dep.fixups:
             fixup(editor, new.graph.node[index])
+        _drop_unused(new.graph, editor.replaced)
         new.graph.value_info.extend(infer_value_info(new))
         _set_record(new, _remap_record(record, per_param))
     else:
