@@ -196,3 +196,74 @@ def test_quantized_model_is_refused(setup):
     model.graph.node.insert(0, onnx.helper.make_node("QuantizeLinear", ["images", "s"], ["q"], name="q"))
     with pytest.raises(UserError, match="fine-tune before quantizing"):
         FineTunePass(data=setup["train"], labels=setup["labels"])(model)
+
+
+def _token_classifier() -> onnx.ModelProto:
+    """x[N,6,8] -> MatMul+Add -> LayerNorm -> Gelu (Erf form) -> MatMul+Add -> logits[N,6,5] (opset 17)."""
+    from onnx import helper
+
+    rng = np.random.default_rng(7)
+    arr = lambda name, *shape: numpy_helper.from_array((rng.standard_normal(shape) * 0.4).astype(np.float32), name)  # noqa: E731
+    nodes = [
+        helper.make_node("MatMul", ["x", "w1"], ["m1"], name="fc1"),
+        helper.make_node("Add", ["m1", "b1"], ["h1"], name="fc1_bias"),
+        helper.make_node("LayerNormalization", ["h1", "ln_s", "ln_b"], ["n1"], name="ln", axis=-1),
+        helper.make_node("Div", ["n1", "sqrt2"], ["d"], name="gelu_div"),
+        helper.make_node("Erf", ["d"], ["e"], name="gelu_erf"),
+        helper.make_node("Add", ["e", "one"], ["e1"], name="gelu_add"),
+        helper.make_node("Mul", ["n1", "e1"], ["g0"], name="gelu_mul"),
+        helper.make_node("Mul", ["g0", "half"], ["g"], name="gelu_half"),
+        helper.make_node("MatMul", ["g", "w2"], ["m2"], name="fc2"),
+        helper.make_node("Add", ["m2", "b2"], ["logits"], name="fc2_bias"),
+    ]
+    scalars = [numpy_helper.from_array(np.array(v, np.float32), n) for n, v in (("sqrt2", 2**0.5), ("one", 1.0), ("half", 0.5))]
+    inits = [arr("w1", 8, 16), arr("b1", 16), numpy_helper.from_array(np.ones(16, np.float32), "ln_s"),
+             numpy_helper.from_array(np.zeros(16, np.float32), "ln_b"), arr("w2", 16, 5), arr("b2", 5), *scalars]
+    graph = helper.make_graph(nodes, "tokens", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 6, 8])],
+                              [helper.make_tensor_value_info("logits", onnx.TensorProto.FLOAT, ["N", 6, 5])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+def test_token_logits_train_with_per_token_labels_and_bias_adds_train():
+    model = _token_classifier()
+    rng = np.random.default_rng(8)
+    data = InputSet({"x": rng.standard_normal((64, 6, 8)).astype(np.float32)})
+    labels = (data.arrays["x"] @ rng.standard_normal((8, 5))).argmax(-1)  # learnable per-token classes
+    result = FineTunePass(data=data, labels=labels, epochs=20, batch_size=16, lr=1e-2, val_split=0)(model)
+    history = result.stats["history"]
+    assert history[-1]["train_loss"] < 0.5 * history[1]["train_loss"]
+    assert history[-1]["train_metric"] > history[1]["train_metric"]
+    before, after = weights_of(model), weights_of(result.model)
+    changed = {n for n in before if not np.array_equal(before[n], after[n])}
+    assert changed == {"w1", "b1", "ln_s", "ln_b", "w2", "b2"}  # the Gelu constants stay frozen
+    with pytest.raises(UserError, match=r"class ids need shape \[N, 6\]"):
+        FineTunePass(data=data, labels=labels[:, 0], epochs=1)(model)
+
+
+def test_channels_masked_by_the_prune_pass_stay_zero(setup):
+    from graphprune.passes.prune_channels import prune_channels
+
+    masked = prune_channels(setup["model"], ratio=0.5, mode="mask")
+    before = weights_of(masked)
+    result = FineTunePass(data=setup["train"], labels=setup["labels"], teacher=setup["model"], epochs=1)(masked)
+    after = weights_of(result.model)
+    assert result.stats["masked_weights"] >= 9  # conv weight/bias and BatchNorm scale/bias of 3 layers...
+    for name in ("conv1.weight", "conv2.weight", "bn2.weight", "bn2.bias", "fc.weight"):
+        zero = before[name] == 0
+        assert zero.any() and np.all(after[name][zero] == 0), name
+    # masked == removed: the mask-mode model still computes what the removed model computes
+    removed = prune_channels(result.model, ratio=0.0)
+    np.testing.assert_allclose(_outputs(result.model, setup["test"]), _outputs(removed, setup["test"]), rtol=1e-4, atol=1e-4)
+
+
+def test_recipe_style_arguments_read_labels_and_teacher_from_files(setup):
+    from graphprune.recipes import build_pass
+    from tests.test_finetune_support import DIGITS, MODELS
+
+    finetune_pass = build_pass("finetune", {"labels": f"{MODELS}/digits_train.npz:labels", "teacher": DIGITS},
+                               context={"data": setup["train"]})
+    assert finetune_pass.labels.shape == (1437,) and finetune_pass.teacher.graph.output[0].name == "logits"
+    with pytest.raises(UserError, match="has no array 'nope'"):
+        build_pass("finetune", {"labels": f"{MODELS}/digits_train.npz:nope"})

@@ -64,6 +64,9 @@ _CASES = {
     "PRelu": ({}, {"slope": np.linspace(0.1, 0.4, _C, dtype=np.float32).reshape(_C, 1, 1)}),
     "InstanceNormalization": ({"epsilon": 1e-3}, {"s": _vec(1.5), "b": _vec(0.2)}),
     "BatchNormalization": ({}, {"s": _vec(1.2), "b": _vec(-0.1), "m": _vec(0.3), "v": _vec(2.0)}),
+    "LRN": ({"size": 3, "alpha": 0.01, "beta": 0.75, "bias": 2.0}, {}),
+    "Sum": ({}, {"p": np.linspace(-1, 1, _C, dtype=np.float32).reshape(_C, 1, 1), "q": _vec(0.5).reshape(_C, 1, 1)}),
+    "Mean": ({}, {"p": np.linspace(-1, 1, _C, dtype=np.float32).reshape(_C, 1, 1)}),
 }
 
 
@@ -154,6 +157,38 @@ def test_model_with_ops_lacking_gradients_fine_tunes_and_keeps_its_ops():
     assert len(result.model.graph.initializer) == len(model.graph.initializer)  # w2 stayed a Constant node
     onnx.checker.check_model(result.model, full_check=True)
     make_session(result.model).run(None, {"x": data.arrays["x"][:2]})
+
+
+def _opset9_net() -> onnx.ModelProto:
+    """An opset-9 graph (old exporters): Conv -> Sum residual -> Relu -> GAP -> Flatten -> Gemm."""
+    rng = np.random.default_rng(9)
+    nodes = [
+        helper.make_node("Conv", ["x", "w"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+        helper.make_node("Sum", ["c", "x"], ["s"], name="residual"),
+        helper.make_node("Relu", ["s"], ["r"], name="relu"),
+        helper.make_node("GlobalAveragePool", ["r"], ["p"], name="gap"),
+        helper.make_node("Flatten", ["p"], ["f"], name="flatten"),
+        helper.make_node("Gemm", ["f", "fc", "fc_b"], ["y"], name="fc", transB=1),
+    ]
+    inits = [numpy_helper.from_array((rng.standard_normal(shape) * 0.3).astype(np.float32), name)
+             for name, shape in (("w", (3, 3, 3, 3)), ("fc", (4, 3)), ("fc_b", (4,)))]
+    graph = helper.make_graph(nodes, "opset9", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 3, 6, 6])],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 4])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 9)])
+    model.ir_version = 4
+    return model
+
+
+def test_opset_9_model_trains_on_a_converted_copy_and_keeps_its_opset():
+    model = _opset9_net()
+    rng = np.random.default_rng(10)
+    data = InputSet({"x": rng.standard_normal((48, 3, 6, 6)).astype(np.float32)})
+    labels = rng.integers(0, 4, 48)
+    result = FineTunePass(data=data, labels=labels, epochs=3, lr=1e-2, val_split=0)(model)
+    assert result.modified and result.stats["standins"] == {"Sum": 1}
+    assert result.model.opset_import[0].version == 9
+    assert [n.op_type for n in result.model.graph.node] == [n.op_type for n in model.graph.node]
+    onnx.checker.check_model(result.model, full_check=True)
 
 
 def test_every_registered_standin_is_covered():

@@ -27,7 +27,9 @@ from graphprune.training.ort_training import ort_training, quiet_native_stderr
 from graphprune.training.standins import apply_standins
 from graphprune.training.trainable import TrainableWeights, constants_to_initializers, find_trainable
 
-__all__ = ["TrainingGraph", "prepare_for_training", "build_training_graph", "TrainingSession"]
+__all__ = ["TrainingGraph", "prepare_for_training", "build_training_graph", "TrainingSession", "tensor_ranks"]
+
+_MIN_TRAINING_OPSET = 11
 
 
 @dataclasses.dataclass
@@ -44,9 +46,13 @@ def prepare_for_training(model: onnx.ModelProto) -> Tuple[onnx.ModelProto, Train
     """A copy of ``model`` with weights as initializers, and its trainable weights.
 
     Float ``Constant`` nodes become initializers; old-style graphs (IR < 4) stop listing initializers
-    as inputs.  Raises ``UserError`` when nothing is trainable.
+    as inputs; opsets below 11 are converted to 11 (the gradient builders emit two-input Gemm nodes,
+    which older opsets reject).  Raises ``UserError`` when nothing is trainable.
     """
     work = ir.clone(for_ort(model))
+    opset = default_opset(work)
+    if opset is not None and opset < _MIN_TRAINING_OPSET:
+        work = _converted(work, opset)
     converted = constants_to_initializers(work.graph)
     inits = {init.name for init in work.graph.initializer}
     kept_inputs = [vi for vi in work.graph.input if vi.name not in inits]
@@ -60,6 +66,17 @@ def prepare_for_training(model: onnx.ModelProto) -> Tuple[onnx.ModelProto, Train
             "normalization layers); quantized models must be fine-tuned before quantization"
         )
     return work, trainable
+
+
+def _converted(model: onnx.ModelProto, opset: int) -> onnx.ModelProto:
+    from onnx import version_converter
+
+    try:
+        return version_converter.convert_version(model, _MIN_TRAINING_OPSET)
+    except Exception as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise UserError(f"the model's opset {opset} is too old to train and does not convert to opset "
+                        f"{_MIN_TRAINING_OPSET} ({first})") from None
 
 
 def _keep_needed(graph: onnx.GraphProto, outputs: Sequence[str]) -> None:

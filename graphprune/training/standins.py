@@ -1,13 +1,16 @@
 """Differentiable stand-ins for ops onnxruntime-training cannot differentiate, used only while training.
 
 The gradient builders of onnxruntime-training 1.19 lack HardSigmoid, HardSwish, Softplus, Mish, Elu,
-Selu, Celu, Softsign, PRelu, InstanceNormalization and GroupNormalization.  The training graph replaces
+Selu, Celu, Softsign, PRelu, Sum, Mean, InstanceNormalization and GroupNormalization.  The training graph replaces
 each such node by the same function written with ops that have gradients (Mul/Add/Clip/Relu/Exp/Log/
 ReduceMean/Sqrt...); the inference model keeps the original node, and only trained weights are copied
 back.  BatchNormalization is replaced too, by its inference form with *frozen* running statistics (see
 ``_batch_norm``).  LayerNormalization has a gradient but needs its optional mean / inv-std outputs.
 
-Each stand-in is a function registered by op type that writes nodes through a ``StandinBuilder``.
+LRN (no gradient) becomes a channel-window average of squares.
+
+Each stand-in is a function registered by op type that writes nodes through a ``StandinBuilder``;
+it may return ``False`` to leave a node as it is.
 """
 
 from __future__ import annotations
@@ -104,7 +107,7 @@ class StandinBuilder:
         return self.op("Div", centered, self.op("Sqrt", self.op("Add", var, self.const(np.float32(eps)))))
 
 
-Standin = Callable[[StandinBuilder], None]
+Standin = Callable[[StandinBuilder], Optional[bool]]
 STANDINS: Dict[str, Standin] = {}
 
 
@@ -181,6 +184,40 @@ def _softsign(b):
 def _prelu(b):
     slope = b.node.input[1]
     b.op("Sub", b.op("Relu", b.x), b.op("Mul", slope, b.op("Relu", b.op("Neg", b.x))), out=b.y)
+
+
+@_standin("Sum", "Mean")
+def _variadic_sum(b):
+    # Old exporters write residual additions as Sum, which has no gradient builder; Add does.
+    total = b.node.input[0]
+    for other in b.node.input[1:]:
+        total = b.op("Add", total, other)
+    if b.node.op_type == "Mean" and len(b.node.input) > 1:
+        total = b.op("Mul", total, b.const(np.float32(1.0 / len(b.node.input))))
+    b.op("Identity", total, out=b.y)
+
+
+@_standin("LRN")
+def _lrn(b):
+    """x / (bias + alpha / size * sum of x^2 over a window of ``size`` channels) ^ beta."""
+    size = int(b.attr("size", 1))
+    if b.known_rank() != 4:
+        raise UserError(f"LRN node {b.node.name!r}: only 4-D inputs have a training stand-in")
+    squares = b.op("Mul", b.x, b.x)
+    if b.opset < 13:
+        lifted = b.op("Unsqueeze", squares, axes=[1])
+    else:
+        lifted = b.op("Unsqueeze", squares, b.const(np.array([1], np.int64)))
+    before, after = (size - 1) // 2, size - 1 - (size - 1) // 2
+    window = b.op("AveragePool", lifted, kernel_shape=[size, 1, 1], pads=[before, 0, 0, after, 0, 0],
+                  count_include_pad=1)
+    if b.opset < 13:
+        summed = b.op("Squeeze", window, axes=[1])
+    else:
+        summed = b.op("Squeeze", window, b.const(np.array([1], np.int64)))
+    # AveragePool divides by size: alpha / size * sum == alpha * mean
+    scaled = b.op("Add", b.const(np.float32(b.attr("bias", 1.0))), b.op("Mul", summed, b.const(np.float32(b.attr("alpha", 1e-4)))))
+    b.op("Div", b.x, b.op("Pow", scaled, b.const(np.float32(b.attr("beta", 0.75)))), out=b.y)
 
 
 @_standin("InstanceNormalization")
@@ -267,7 +304,9 @@ def apply_standins(graph: onnx.GraphProto, opset: int, ranks: Dict[str, int]) ->
             nodes.append(node)
             continue
         builder = StandinBuilder(node, opset, constants, ranks.get(node.input[0]))
-        standin(builder)
+        if standin(builder) is False:
+            nodes.append(node)
+            continue
         nodes.extend(builder.nodes)
         graph.initializer.extend(builder.initializers)
         replaced[node.op_type] += 1
