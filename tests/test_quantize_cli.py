@@ -147,6 +147,5 @@ def test_dynamic_input_needs_input_shape_without_data(tmp_path, capsys):
     assert "dynamic dims" in capsys.readouterr().err and not out.exists()
     assert main(["quantize", path, "-o", str(out), "--no-measure", "--input-shape", "x=1x16x64"]) == 0
     captured = capsys.readouterr()
-    assert "calibrated on random inputs" in captured.out
     assert "warning: quantizing without calibration data" in captured.err
     check_model(onnx.load(str(out)), full=True)

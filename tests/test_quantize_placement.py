@@ -134,4 +134,4 @@ def test_conv_transpose_stays_float_on_ort_cpu():
     assert eligible_nodes(model)["up"] is None  # QDQ-able for runtimes that fuse it...
     placement, _ = _placement(model)
     assert placement.int8 == set()  # ...but ORT's CPU provider runs it in float between DQ and Q
-    assert "int8 kernel slower" in placement.float_reasons["up"]
+    assert "int8 ConvTranspose (no fused int8 kernel on ORT CPU) slower" in placement.float_reasons["up"]

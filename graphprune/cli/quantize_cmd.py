@@ -111,12 +111,10 @@ def format_summary(stats: dict, modified: bool) -> str:
         lines.append("int8 does not make this model faster on ONNX Runtime: the float model is written unchanged")
     by_reason = collections.defaultdict(list)
     for name, reason in stats["float_layers"].items():
-        by_reason[reason].append(name)
+        by_reason[reason.split(" (est.")[0]].append(name)  # group without the per-layer estimates
     if by_reason:
         lines.append("layers kept float:")
         for reason, names in sorted(by_reason.items(), key=lambda kv: -len(kv[1])):
             shown = ", ".join(names[:_NAMES_SHOWN]) + (f" (+{len(names) - _NAMES_SHOWN} more)" if len(names) > _NAMES_SHOWN else "")
             lines.append(f"  {len(names):>3} x {reason}: {shown}")
-    if not stats["calibration"]["from_data"]:
-        lines.append("warning: calibrated on random inputs; give --data for real accuracy")
     return "\n".join(lines)

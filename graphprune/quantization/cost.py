@@ -75,6 +75,7 @@ class NodeCost:
 
     float_ns: float
     int8_ns: float
+    note: str = ""  # what makes int8 slow here, for the report ("depthwise Conv"...)
 
 
 def _elems(shapes: Mapping[str, Tuple[int, ...]], name: str) -> Optional[int]:
@@ -98,7 +99,7 @@ def _compute_cost(node: onnx.NodeProto, shapes, constants) -> Optional[NodeCost]
     weight_elems = int(np.prod(w))
     if node.op_type == "ConvTranspose":
         fp32 = int(np.prod(x)) * int(np.prod(w[1:])) * _DENSE_FP32_NS_PER_MAC
-        return NodeCost(fp32, fp32 * _UNFUSED_CONV_TRANSPOSE_SLOWDOWN)
+        return NodeCost(fp32, fp32 * _UNFUSED_CONV_TRANSPOSE_SLOWDOWN, "ConvTranspose (no fused int8 kernel on ORT CPU)")
     if node.op_type == "Conv":
         group = int(get_attr(node, "group", 1))
         k = int(np.prod(w[1:]))
@@ -106,13 +107,15 @@ def _compute_cost(node: onnx.NodeProto, shapes, constants) -> Optional[NodeCost]
         cin_per_group = int(w[1])
         if group > 1 and cin_per_group < 8:
             fp32 = macs * _DEPTHWISE_FP32_NS_PER_MAC
-            return NodeCost(fp32, fp32 / _DEPTHWISE_INT8_SPEEDUP)
+            return NodeCost(fp32, fp32 / _DEPTHWISE_INT8_SPEEDUP, "depthwise Conv")
         fp32 = macs * _DENSE_FP32_NS_PER_MAC
         if cin_per_group < 8:
             speedup = _THIN_INPUT_INT8_SPEEDUP if k < 64 else _THIN_INPUT_LARGE_K_SPEEDUP
+            note = f"Conv with {cin_per_group} input channels"
         else:
             speedup = _dense_speedup(k)
-        return NodeCost(fp32, fp32 / speedup)
+            note = f"Conv with reduction length {k}"
+        return NodeCost(fp32, fp32 / speedup, note)
     # Gemm / MatMul: K is the contracted length
     trans_b = node.op_type == "Gemm" and get_attr(node, "transB", 0)
     k = int(w[-1] if trans_b else (w[-2] if len(w) >= 2 else w[0]))
@@ -121,7 +124,7 @@ def _compute_cost(node: onnx.NodeProto, shapes, constants) -> Optional[NodeCost]
     streamed = node.input[1] in constants
     fp32 = max(compute, weight_elems * _WEIGHT_FP32_NS_PER_ELEM if streamed else 0.0)
     int8 = max(compute / _dense_speedup(k), weight_elems * _WEIGHT_INT8_NS_PER_ELEM if streamed else 0.0)
-    return NodeCost(fp32, int8)
+    return NodeCost(fp32, int8, f"{node.op_type} with reduction length {k}")
 
 
 def estimate_costs(
@@ -225,8 +228,9 @@ def place(
     for name in allowed - int8:
         cost = costs.get(name)
         if cost is not None and cost.int8_ns >= cost.float_ns and cost.float_ns > 0:
+            what = cost.note or "kernel"
             reasons[name] = (
-                f"cost model: int8 kernel slower than float here ({cost.int8_ns / 1e3:.3g} vs "
+                f"cost model: int8 {what} slower than float (est. {cost.int8_ns / 1e3:.3g} vs "
                 f"{cost.float_ns / 1e3:.3g} us)"
             )
         else:
