@@ -88,6 +88,10 @@ def test_is_quantized_finds_qdq():
     assert is_quantized(model) == ""
     model.graph.node.append(helper.make_node("DequantizeLinear", ["a", "b"], ["c"]))
     assert is_quantized(model) == "DequantizeLinear"
+    for op in ("QLinearSigmoid", "ConvInteger", "MatMulIntegerToFloat"):
+        other = _chain([("conv", 8, 1, 1)])
+        other.graph.node.append(helper.make_node(op, ["a"], ["c"], domain="com.microsoft"))
+        assert is_quantized(other) == op
 
 
 def test_budget_bisection_finds_fewest_float_layers():

@@ -37,7 +37,8 @@ QUANTIZED_OP_TYPES = frozenset(
 def is_quantized(model: onnx.ModelProto) -> str:
     """The first quantized op type found in the main graph, or "" when there is none."""
     for node in model.graph.node:
-        if node.op_type in QUANTIZED_OP_TYPES or node.op_type.startswith("QLinear"):
+        op = node.op_type
+        if op in QUANTIZED_OP_TYPES or op.startswith("QLinear") or op.endswith(("Integer", "IntegerToFloat")):
             return node.op_type
     return ""
 
