@@ -63,7 +63,7 @@ class FineTunePass(Pass):
         distill_weight: w in (1 - w) * label loss + w * distillation loss (default 0.5 with both).
         temperature: distillation temperature.
         batchnorm: "recalibrate" (re-estimate BatchNorm statistics from ``data`` first) or "keep".
-        output: the output to train (default: the first).
+        output: the output to train (default: the first float32 output).
         threads: intra-op threads for training (None: onnxruntime decides).
         progress: show a progress bar with the running loss and metric.
     """
@@ -167,9 +167,12 @@ class FineTunePass(Pass):
 
         probe = make_session(model, threads=self.threads)
         out_names = [o.name for o in probe.get_outputs()]
-        output = self.output or out_names[0]
+        floats = [o.name for o in probe.get_outputs() if o.type == "tensor(float)"]
+        output = self.output or (floats[0] if floats else out_names[0])
         if output not in out_names:
             raise UserError(f"model has no output {output!r} (outputs: {', '.join(out_names)})")
+        if output not in floats:
+            raise UserError(f"output {output!r} is not float32: choose the float output to train with output=NAME")
         first = next(iter(self.data.batches(min(len(self.data), 2))))
         output_shape = tuple(probe.run([output], first)[0].shape)
         teacher_out = self._teacher_outputs(output, out_names, output_shape)

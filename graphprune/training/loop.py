@@ -178,5 +178,10 @@ def train_loop(
                                  val_loss, val_metric, time.perf_counter() - start)
             history.append(record)
             if val_loss is None or _better(record, best):
-                best, best_weights = record, session.weights()
+                weights = session.weights()
+                bad = [name for name, value in weights.items() if not np.all(np.isfinite(value))]
+                if bad:  # the last update overflowed without a step left to show it in the loss
+                    raise UserError(f"fine-tuning stopped: weight {bad[0]!r} became non-finite in epoch {epoch}; "
+                                    "nothing was written - try a lower learning rate")
+                best, best_weights = record, weights
     return TrainOutcome(history=history, best_epoch=best.epoch, weights=best_weights, steps=step)
