@@ -16,7 +16,7 @@ from graphprune.dependency import (
     reported_groups,
 )
 from graphprune.dependency.index_mapping import MappingError
-from graphprune.dependency.rules.shape_ops import match_reshape_axes
+from graphprune.dependency.rules.layout import match_reshape_axes
 
 RNG = np.random.default_rng(0)
 

@@ -2,6 +2,7 @@
 
 Usage:
     .venv/bin/python tools/bench_prune.py [--threads 1] [--runs 20] [--json out.json] [--skip-corpus]
+        [--torch-python /tmp/tp/bin/python]
 
 Sections:
   1. ResNet-50 (torch-style fixture, 1x3x224x224) pruned 50% uniformly (l2): MACs, params and ORT
@@ -10,6 +11,9 @@ Sections:
      split into analysis / scoring+selection / applying, then the same for ResNets with 2x, 4x and
      8x the blocks per stage: it must grow linearly with the node count.
   3. Per corpus model at 50%: channel groups found and blocked, params, MACs and latency before/after.
+With ``--torch-python`` (a throwaway venv holding torch and torch-pruning, never the project's), the
+same job in Torch-Pruning is timed in the same run: a torchvision-equivalent ResNet-50 pruned 50% with
+``MagnitudePruner`` (L2, fc ignored), dependency graph construction and ``step()`` included.
 Latency is the median of ``--runs`` runs after 3 warm-up runs at a fixed thread count; timings are
 medians of 5 runs.  All numbers come from one run of this script.
 """
@@ -20,6 +24,8 @@ import argparse
 import json
 import os
 import statistics
+import subprocess
+import sys
 import time
 
 os.environ.pop("GRAPHPRUNE_DEBUG", None)  # the full checker is not part of the timed work
@@ -139,6 +145,81 @@ def bench_corpus(threads, runs):
     return rows
 
 
+# Runs in the torch venv: a torchvision ResNet-50 (Bottleneck v1.5) and Torch-Pruning's MagnitudePruner.
+TORCH_SCRIPT = r'''
+import json, statistics, sys, time
+import torch, torch.nn as nn
+import torch_pruning as tp
+
+torch.set_num_threads(1)
+
+
+class Bottleneck(nn.Module):
+    expansion = 4
+
+    def __init__(self, inplanes, planes, stride=1, downsample=None):
+        super().__init__()
+        self.conv1 = nn.Conv2d(inplanes, planes, 1, bias=False); self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride, 1, bias=False); self.bn2 = nn.BatchNorm2d(planes)
+        self.conv3 = nn.Conv2d(planes, planes * 4, 1, bias=False); self.bn3 = nn.BatchNorm2d(planes * 4)
+        self.relu = nn.ReLU(inplace=True); self.downsample = downsample
+
+    def forward(self, x):
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        return self.relu(self.bn3(self.conv3(out)) + identity)
+
+
+class ResNet(nn.Module):
+    def __init__(self, blocks=(3, 4, 6, 3)):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 64, 7, 2, 3, bias=False); self.bn1 = nn.BatchNorm2d(64)
+        self.relu = nn.ReLU(inplace=True); self.maxpool = nn.MaxPool2d(3, 2, 1)
+        layers, inplanes = [], 64
+        for i, n in enumerate(blocks):
+            planes, stride = 64 * 2 ** i, 1 if i == 0 else 2
+            down = nn.Sequential(nn.Conv2d(inplanes, planes * 4, 1, stride, bias=False), nn.BatchNorm2d(planes * 4))
+            stage = [Bottleneck(inplanes, planes, stride, down)]
+            inplanes = planes * 4
+            stage += [Bottleneck(inplanes, planes) for _ in range(n - 1)]
+            layers.append(nn.Sequential(*stage))
+        self.layers = nn.Sequential(*layers)
+        self.avgpool = nn.AdaptiveAvgPool2d(1); self.fc = nn.Linear(2048, 1000)
+
+    def forward(self, x):
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        return self.fc(torch.flatten(self.avgpool(self.layers(x)), 1))
+
+
+def prune_once(blocks):
+    model = ResNet(blocks).eval()
+    example = torch.randn(1, 3, 224, 224)
+    start = time.perf_counter()
+    pruner = tp.pruner.MagnitudePruner(model, example, importance=tp.importance.MagnitudeImportance(p=2),
+                                       pruning_ratio=0.5, ignored_layers=[model.fc])
+    pruner.step()
+    return time.perf_counter() - start
+
+
+out = {}
+for factor in [int(f) for f in sys.argv[1:]] or [1]:
+    blocks = tuple(b * factor for b in (3, 4, 6, 3))
+    times = [prune_once(blocks) for _ in range(5 if factor <= 2 else 3)]
+    out[factor] = statistics.median(times)
+print(json.dumps(out))
+'''
+
+
+def bench_torch_pruning(python: str, factors=(1, 2, 4, 8)):
+    """Median seconds of Torch-Pruning on ResNet-50 with each block factor (None if unavailable)."""
+    proc = subprocess.run([python, "-c", TORCH_SCRIPT, *map(str, factors)], capture_output=True, text=True)
+    if proc.returncode:
+        print(f"torch-pruning benchmark failed: {proc.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
+        return None
+    return {int(k): v for k, v in json.loads(proc.stdout.strip().splitlines()[-1]).items()}
+
+
 def _m(n):
     return f"{n / 1e6:.2f}M" if n >= 1e5 else f"{n / 1e3:.1f}K"
 
@@ -149,6 +230,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=20)
     parser.add_argument("--json", metavar="OUT.json")
     parser.add_argument("--skip-corpus", action="store_true")
+    parser.add_argument("--torch-python", metavar="PYTHON", help="python of a venv with torch + torch-pruning")
     args = parser.parse_args()
     report = {"threads": args.threads}
 
@@ -162,11 +244,14 @@ def main() -> None:
           f"{r['hand_built_half_latency_ms']:.1f} ms | {r['hand_built_half_speedup']:.2f}x |")
 
     rows = report["depth"] = bench_depth()
+    torch_times = report["torch_pruning"] = bench_torch_pruning(args.torch_python) if args.torch_python else None
     print("\n## Analysis + pruning time (median, no file I/O) vs depth")
-    print("| blocks per stage | nodes | total | per node | analysis | scoring | apply |\n|---|---|---|---|---|---|---|")
+    print("| blocks per stage | nodes | total | per node | analysis | scoring | apply | Torch-Pruning |")
+    print("|---|---|---|---|---|---|---|---|")
     for row in rows:
+        torch_time = f"{torch_times[row['blocks']]:.3f} s" if torch_times else "-"
         print(f"| {row['blocks']}x | {row['nodes']} | {row['seconds']:.3f} s | {row['us_per_node']:.0f} us "
-              f"| {row['analysis']:.3f} s | {row['scoring']:.3f} s | {row['apply']:.3f} s |")
+              f"| {row['analysis']:.3f} s | {row['scoring']:.3f} s | {row['apply']:.3f} s | {torch_time} |")
 
     if not args.skip_corpus:
         rows = report["corpus"] = bench_corpus(args.threads, args.runs)

@@ -182,9 +182,6 @@ class DependencyGraph:
             self._groups = find_groups(self)
         return self._groups
 
-    def dims_of(self, tensor: str) -> List[DimKey]:
-        return [DimKey(tensor, a) for a in range(len(self.shapes.get(tensor) or ())) if DimKey(tensor, a) in self.graph]
-
     # -- steps of build --------------------------------------------------------------------
     def _apply_rule(self, index: int, node: onnx.NodeProto) -> None:
         if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):

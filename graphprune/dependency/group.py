@@ -77,7 +77,10 @@ class Group:
         return self.is_channel_group and not self.blocked and (self.channels or 0) >= 2
 
     def param_names(self) -> List[str]:
-        return sorted({m.dim.tensor for m in self.params})
+        """Member constants, weights first (then normalization scales, biases, the rest)."""
+        order = {"weight": 0, None: 0, "norm_scale": 1, "bias": 2, "scale": 3, "shift": 4}
+        roles = {m.dim.tensor: m.info.role for m in self.params}
+        return sorted(roles, key=lambda name: (order.get(roles[name], 5), name))
 
     def describe(self) -> dict:
         """JSON-able summary for reports and ``inspect --groups``."""
@@ -115,7 +118,7 @@ def find_groups(dep: "DependencyGraph") -> List[Group]:
         if len(sizes) == 1 and all(m.is_identity for _, _, m in links):
             _add_identity_group(groups, dims, infos, fixed)
         else:
-            _add_labelled_groups(groups, dims, infos, links, fixed)
+            _add_labelled_groups(groups, dims, infos, links)
     return groups
 
 
@@ -146,7 +149,8 @@ def _label_indices(total: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
             parent = jumped
 
 
-def _add_labelled_groups(groups: List[Group], dims, infos, links, fixed: bool) -> None:
+def _add_labelled_groups(groups: List[Group], dims, infos, links) -> None:
+    """General path: label every (dim, index) with its channel, then split channels by members."""
     offsets: Dict[DimKey, int] = {}
     total = 0
     for d in dims:

@@ -1,7 +1,8 @@
 """Per-op pruning rules, registered by op type; importing this package registers them all.
 
 Families: ``conv`` (ops with weights), ``norm`` (normalizations, softmax), ``elementwise``
-(activations, broadcasting arithmetic), ``shape_ops`` (concat/split/slice/reshape/transpose...),
+(activations, broadcasting arithmetic), ``layout`` (reshape/flatten/transpose/squeeze),
+``shape_ops`` (concat/split/slice/expand/pad/shape...),
 ``pooling`` (pools, resize, reductions).
 """
 
@@ -14,6 +15,6 @@ from graphprune.dependency.rules.registry import (
     registered_ops,
     rule_for,
 )
-from graphprune.dependency.rules import conv, elementwise, norm, pooling, shape_ops  # noqa: F401,E402
+from graphprune.dependency.rules import conv, elementwise, layout, norm, pooling, shape_ops  # noqa: F401,E402
 
 __all__ = ["ROLES", "MissingShape", "Rule", "RuleContext", "register_rule", "registered_ops", "rule_for"]

@@ -1,46 +1,18 @@
-"""Rules for ops that move, merge, split or size axes: Concat, Split, Slice, Reshape, Flatten,
-Transpose, Squeeze/Unsqueeze, Expand, Tile, Pad, ConstantOfShape, Shape, Size."""
+"""Rules for ops that cut, join or size axes: Concat, Split, Slice, Expand, ConstantOfShape, Tile,
+Pad, Shape, Size."""
 
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple
+from typing import Optional
 
 import numpy as np
 
 from graphprune.dependency.dims import DimKey
 from graphprune.dependency.index_mapping import Expand, Offset
+from graphprune.dependency.rules.common import block_all, ints, set_ints
 from graphprune.dependency.rules.registry import RuleContext, register_rule
 
-__all__ = ["match_reshape_axes"]
-
-
-def _ints(values) -> Optional[List[int]]:
-    return None if values is None else [int(v) for v in np.asarray(values).reshape(-1)]
-
-
-def _axes_arg(ctx: RuleContext, attr: str = "axes", input_index: int = 1, since: int = 13) -> Tuple[bool, Optional[List[int]]]:
-    """(known, axes) for ops whose axes moved from an attribute to an input at opset ``since``."""
-    if ctx.opset >= since:
-        name = ctx.input(input_index)
-        ctx.ignore(name)
-        if name is None:
-            return True, None
-        value = ctx.const(name)
-        return value is not None, _ints(value)
-    return True, _ints(ctx.attr(attr))
-
-
-def _block_all(ctx: RuleContext, reason: str) -> None:
-    for name in (ctx.input(0), ctx.outputs[0]):
-        if name:
-            ctx.block_tensor(name, reason)
-
-
-def _set_ints(editor, node, index: int, attr: str, values: Sequence[int], as_input: bool, like=None) -> None:
-    if as_input:
-        editor.set_input(node, index, np.asarray(values, dtype=like.dtype if like is not None else np.int64))
-    else:
-        editor.set_attr(node, attr, [int(v) for v in values])
+__all__ = []
 
 
 @register_rule("Concat")
@@ -95,7 +67,7 @@ def split(ctx: RuleContext) -> None:
 
     def fixup(editor, node):
         sizes = [editor.new_size(DimKey(y, axis)) for y in outs]
-        _set_ints(editor, node, 1, "split", sizes, as_input)
+        set_ints(editor, node, 1, "split", sizes, as_input)
         editor.remove_attr(node, "num_outputs")
 
     ctx.fixup(fixup)
@@ -118,7 +90,7 @@ def slice_(ctx: RuleContext) -> None:
         axes = ctx.attr("axes", list(range(len(starts or []))))
         steps = [1] * len(starts or [])
     if any(v is None for v in (starts, ends, axes, steps)):
-        _block_all(ctx, "Slice bounds computed at run time")
+        block_all(ctx, "Slice bounds computed at run time")
         return
     sliced = {int(a) % rank: (k, int(s), int(e), int(st)) for k, (s, e, a, st) in enumerate(zip(starts, ends, axes, steps))}
     moved = {}
@@ -149,162 +121,10 @@ def slice_(ctx: RuleContext) -> None:
         for a, (k, first) in moved.items():
             new_starts[k] = int(editor.kept(DimKey(x, a))[:first].sum())
             new_ends[k] = new_starts[k] + editor.new_size(DimKey(y, a))
-        _set_ints(editor, node, 1, "starts", new_starts, as_input, starts)
-        _set_ints(editor, node, 2, "ends", new_ends, as_input, ends)
+        set_ints(editor, node, 1, "starts", new_starts, as_input, starts)
+        set_ints(editor, node, 2, "ends", new_ends, as_input, ends)
 
     ctx.fixup(fixup)
-
-
-def match_reshape_axes(src: Sequence, dst: Sequence) -> Optional[List[Tuple[List[int], List[int]]]]:
-    """Pair the non-1 axes of ``src`` and ``dst`` into runs of equal product (row-major reshape).
-
-    Returns [(src axes, dst axes), ...] or None when the shapes cannot be matched (unknown dims
-    inside a regrouped run).
-    """
-    si = [a for a, d in enumerate(src) if d != 1]
-    di = [a for a, d in enumerate(dst) if d != 1]
-    i = j = 0
-    runs = []
-    while i < len(si) and j < len(di):
-        a, b = src[si[i]], dst[di[j]]
-        if a == b and a is not None:
-            runs.append(([si[i]], [di[j]]))
-            i, j = i + 1, j + 1
-            continue
-        if not isinstance(a, int) or not isinstance(b, int):
-            return None
-        ins, outs, pa, pb = [si[i]], [di[j]], a, b
-        i, j = i + 1, j + 1
-        while pa != pb:
-            if pa < pb:
-                if i >= len(si) or not isinstance(src[si[i]], int):
-                    return None
-                pa *= src[si[i]]
-                ins.append(si[i])
-                i += 1
-            else:
-                if j >= len(di) or not isinstance(dst[di[j]], int):
-                    return None
-                pb *= dst[di[j]]
-                outs.append(di[j])
-                j += 1
-        runs.append((ins, outs))
-    if i < len(si) or j < len(di):
-        return None
-    return runs
-
-
-def _couple_runs(ctx: RuleContext, x: str, y: str, xs, ys, prefer=None) -> bool:
-    """Couple the axes of a reshape from x to y; False when they cannot be matched."""
-    runs = match_reshape_axes(xs, ys)
-    if runs is None:
-        return False
-    for a, d in enumerate(xs):
-        if d == 1:
-            ctx.leave(DimKey(x, a))
-    for a, d in enumerate(ys):
-        if d == 1:
-            ctx.leave(DimKey(y, a))
-    for ins, outs in runs:
-        if len(ins) == 1 and len(outs) == 1:
-            ctx.couple(DimKey(x, ins[0]), DimKey(y, outs[0]))
-        elif len(ins) == 1:
-            ctx.factor(DimKey(x, ins[0]), [DimKey(y, o) for o in outs], prefer)
-        elif len(outs) == 1:
-            ctx.factor(DimKey(y, outs[0]), [DimKey(x, i) for i in ins], prefer)
-        else:
-            for i in ins:
-                ctx.block(DimKey(x, i), "Reshape regroups several axes into several others")
-            for o in outs:
-                ctx.block(DimKey(y, o), "Reshape regroups several axes into several others")
-    return True
-
-
-@register_rule("Reshape")
-def reshape(ctx: RuleContext) -> None:
-    """Kept axes couple 1:1; a split or merged axis couples to one factor (``RuleContext.factor``).
-
-    The target shape is rewritten with the new sizes (its 0 and -1 entries stay).
-    """
-    x, s, y = ctx.input(0), ctx.input(1), ctx.outputs[0]
-    ctx.ignore(s)
-    target = ctx.const(s)
-    if target is None:
-        _block_all(ctx, "Reshape target computed at run time")
-        return
-    if not _couple_runs(ctx, x, y, ctx.require_shape(x), ctx.require_shape(y)):
-        _block_all(ctx, "Reshape between shapes whose axes cannot be matched")
-        return
-
-    def fixup(editor, node):
-        new = np.array(target)
-        for j, v in enumerate(new):
-            if v > 0:
-                new[j] = editor.new_size(DimKey(y, j))
-        editor.set_input(node, 1, new)
-
-    ctx.fixup(fixup)
-
-
-@register_rule("Flatten")
-def flatten(ctx: RuleContext) -> None:
-    """[d0..d(a-1)] -> output axis 0, [da..] -> axis 1; channel c of [N,C,H,W] is features c*H*W.."""
-    x, y = ctx.input(0), ctx.outputs[0]
-    xs = ctx.require_shape(x)
-    axis = int(ctx.attr("axis", 1))
-    axis = axis + len(xs) if axis < 0 else axis
-    for out_axis, axes in ((0, range(0, axis)), (1, range(axis, len(xs)))):
-        big = [a for a in axes if xs[a] != 1]
-        for a in axes:
-            if xs[a] == 1:
-                ctx.leave(DimKey(x, a))
-        if not big:
-            ctx.leave(DimKey(y, out_axis))
-        elif len(big) == 1:
-            ctx.couple(DimKey(x, big[0]), DimKey(y, out_axis))
-        else:
-            ctx.factor(DimKey(y, out_axis), [DimKey(x, a) for a in big])
-
-
-@register_rule("Transpose")
-def transpose(ctx: RuleContext) -> None:
-    x, y = ctx.input(0), ctx.outputs[0]
-    rank = ctx.rank(x)
-    perm = ctx.attr("perm") or list(reversed(range(rank)))
-    for out_axis, in_axis in enumerate(perm):
-        ctx.couple(DimKey(x, int(in_axis)), DimKey(y, out_axis))
-
-
-@register_rule("Squeeze")
-def squeeze(ctx: RuleContext) -> None:
-    x, y = ctx.input(0), ctx.outputs[0]
-    xs = ctx.require_shape(x)
-    known, axes = _axes_arg(ctx)
-    if not known:
-        _block_all(ctx, "Squeeze axes computed at run time")
-        return
-    gone = {a % len(xs) for a in axes} if axes else {a for a, d in enumerate(xs) if d == 1}
-    kept = [a for a in range(len(xs)) if a not in gone]
-    for a in gone:
-        ctx.leave(DimKey(x, a))
-    for out_axis, a in enumerate(kept):
-        ctx.couple(DimKey(x, a), DimKey(y, out_axis))
-
-
-@register_rule("Unsqueeze")
-def unsqueeze(ctx: RuleContext) -> None:
-    x, y = ctx.input(0), ctx.outputs[0]
-    rank_y = ctx.rank(y)
-    known, axes = _axes_arg(ctx)
-    if not known or axes is None:
-        _block_all(ctx, "Unsqueeze axes computed at run time")
-        return
-    new = {a % rank_y for a in axes}
-    kept = [a for a in range(rank_y) if a not in new]
-    for a in new:
-        ctx.leave(DimKey(y, a))
-    for in_axis, a in enumerate(kept):
-        ctx.couple(DimKey(x, in_axis), DimKey(y, a))
 
 
 def _rewrite_target(ctx: RuleContext, y: str, target: np.ndarray, skip_ones: bool) -> None:
@@ -371,9 +191,9 @@ def tile(ctx: RuleContext) -> None:
     """Output axis = the input axis repeated r times: channel c is indices k*C + c."""
     x, r, y = ctx.input(0), ctx.input(1), ctx.outputs[0]
     ctx.ignore(r)
-    repeats = _ints(ctx.const(r))
+    repeats = ints(ctx.const(r))
     if repeats is None:
-        _block_all(ctx, "Tile repeats computed at run time")
+        block_all(ctx, "Tile repeats computed at run time")
         return
     for a, times in enumerate(repeats):
         ctx.couple(DimKey(x, a), DimKey(y, a), Expand(outer=times))
@@ -386,12 +206,12 @@ def pad(ctx: RuleContext) -> None:
     rank = ctx.rank(x)
     if ctx.opset >= 11:
         ctx.ignore(*ctx.inputs[1:])
-        pads = _ints(ctx.const(ctx.input(1)))
-        axes = _ints(ctx.const(ctx.input(3))) if ctx.input(3) else list(range(rank))
+        pads = ints(ctx.const(ctx.input(1)))
+        axes = ints(ctx.const(ctx.input(3))) if ctx.input(3) else list(range(rank))
     else:
-        pads, axes = _ints(ctx.attr("pads")), list(range(rank))
+        pads, axes = ints(ctx.attr("pads")), list(range(rank))
     if pads is None or axes is None:
-        _block_all(ctx, "Pad amounts computed at run time")
+        block_all(ctx, "Pad amounts computed at run time")
         return
     n = len(axes)
     padded = {int(a) % rank for k, a in enumerate(axes) if pads[k] or pads[k + n]}
