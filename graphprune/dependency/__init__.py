@@ -50,6 +50,8 @@ from graphprune.dependency.dims import DimInfo, DimKey
 from graphprune.dependency.graph import DependencyGraph, build_dependency_graph
 from graphprune.dependency.group import Group, Member, find_groups, reported_groups
 from graphprune.dependency.index_mapping import IDENTITY, Expand, Identity, IndexMapping, Offset
+from graphprune.dependency.kinds import KINDS
+from graphprune.dependency.options import AnalysisOptions
 from graphprune.dependency.rules import ROLES, RuleContext, register_rule, registered_ops, rule_for
 
 __all__ = [
@@ -66,6 +68,8 @@ __all__ = [
     "Offset",
     "Expand",
     "IDENTITY",
+    "KINDS",
+    "AnalysisOptions",
     "ROLES",
     "RuleContext",
     "register_rule",

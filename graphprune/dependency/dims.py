@@ -37,6 +37,8 @@ class DimInfo:
         reasons: why this dim must not be pruned (empty when it may be).
         fixed: set when the axis is no channel axis at all (a kernel or spatial window axis): groups
             holding it are never pruned and not reported.
+        kind: what a rule recognised the axis as (``graphprune.dependency.kinds``: attention heads,
+            FFN neurons, the hidden size...); None for plain channels.
     """
 
     size: Union[int, str, None]
@@ -44,6 +46,7 @@ class DimInfo:
     role: Optional[str] = None
     reasons: List[str] = dataclasses.field(default_factory=list)
     fixed: Optional[str] = None
+    kind: Optional[str] = None
 
     @property
     def concrete(self) -> bool:

@@ -13,6 +13,7 @@ from onnx import numpy_helper
 from graphprune import ir
 from graphprune.dependency.dims import DimInfo, DimKey
 from graphprune.dependency.index_mapping import Expand, IndexMapping, MappingError
+from graphprune.dependency.options import AnalysisOptions
 from graphprune.dependency.rules import MissingShape, RuleContext, rule_for
 from graphprune.dependency.shape_info import tensor_shapes
 
@@ -53,10 +54,12 @@ class DependencyGraph:
         shapes: tensor name -> inferred shape.
         fixups: (node index, fn) rewrites registered by rules, applied when channels are removed.
         roles: constant name -> role (see ``graphprune.dependency.rules.ROLES``).
+        options: what the rules couple beyond the default (``AnalysisOptions``).
     """
 
-    def __init__(self, model: onnx.ModelProto, shapes: Dict[str, Tuple]):
+    def __init__(self, model: onnx.ModelProto, shapes: Dict[str, Tuple], options: Optional[AnalysisOptions] = None):
         self.model = model
+        self.options = options or AnalysisOptions()
         self.graph = nx.Graph()
         self.shapes = shapes
         self.fixups: List[Tuple[int, object]] = []
@@ -281,14 +284,17 @@ def outer_names(node: onnx.NodeProto) -> set:
     return names
 
 
-def build_dependency_graph(model: onnx.ModelProto, shapes: Optional[Dict[str, Tuple]] = None) -> DependencyGraph:
+def build_dependency_graph(
+    model: onnx.ModelProto, shapes: Optional[Dict[str, Tuple]] = None, options: Optional[AnalysisOptions] = None
+) -> DependencyGraph:
     """Analyse ``model``: which channel dims are coupled, and which must not be pruned.
 
     Args:
         model: the model; Constant nodes are read as constants, shapes come from onnx inference.
         shapes: tensor name -> shape, when already known (skips inference).
+        options: head-dim or hidden-size coupling (``AnalysisOptions``; default: neither).
     """
-    dep = DependencyGraph(model, shapes if shapes is not None else tensor_shapes(model))
+    dep = DependencyGraph(model, shapes if shapes is not None else tensor_shapes(model), options)
     for index, node in enumerate(model.graph.node):
         dep._apply_rule(index, node)
     dep._pin_boundary()

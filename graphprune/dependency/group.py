@@ -16,6 +16,7 @@ import networkx as nx
 import numpy as np
 
 from graphprune.dependency.dims import DimInfo, DimKey
+from graphprune.dependency.kinds import kind_of
 
 if TYPE_CHECKING:  # pragma: no cover
     from graphprune.dependency.graph import DependencyGraph
@@ -73,6 +74,12 @@ class Group:
         return not self.fixed and bool(self.params) and self.channels != 1
 
     @property
+    def kind(self) -> str:
+        """What the channels are: ``channels``, ``heads``, ``head_dim``, ``ffn`` or ``hidden``
+        (the strongest tag a rule put on a member, see ``graphprune.dependency.kinds``)."""
+        return kind_of(m.info.kind for m in self.members)
+
+    @property
     def prunable(self) -> bool:
         return self.is_channel_group and not self.blocked and (self.channels or 0) >= 2
 
@@ -86,6 +93,7 @@ class Group:
         """JSON-able summary for reports and ``inspect --groups``."""
         return {
             "id": self.id,
+            "kind": self.kind,
             "channels": self.channels,
             "params": self.param_names(),
             "dims": len(self.members),

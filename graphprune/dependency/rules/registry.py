@@ -84,6 +84,11 @@ class RuleContext:
     def opset(self) -> int:
         return self._b.opset
 
+    @property
+    def options(self):
+        """What the analysis was asked for (``graphprune.dependency.options.AnalysisOptions``)."""
+        return self._b.options
+
     def input(self, i: int) -> Optional[str]:
         """Name of input ``i``, or None when absent."""
         return self.inputs[i] if i < len(self.inputs) and self.inputs[i] else None
@@ -161,6 +166,14 @@ class RuleContext:
         """Block every axis of ``name`` (nothing happens when its shape is unknown)."""
         for axis in range(len(self.shape(name) or ())):
             self.block(DimKey(name, axis), reason)
+
+    def tag(self, dim: DimKey, kind: str) -> None:
+        """Name what ``dim`` is (``graphprune.dependency.kinds``: heads, ffn, hidden...); the
+        strongest tag among a group's dims is the group's kind.  Tagging maps nothing."""
+        from graphprune.dependency.kinds import stronger
+
+        info = self._b.info(dim)
+        info.kind = stronger(info.kind, kind)
 
     def ignore(self, *names: Optional[str]) -> None:
         """These inputs carry no channels (shape vectors, scalars, indices): leave them out."""
