@@ -147,7 +147,8 @@ class FineTunePass(Pass):
         }
         if self.config.epochs == 0:
             return PassResult(base, recalibrated > 0, stats)
-        graph = build_training_graph(work, trainable.names, spec, masks)
+        sample_shapes = {name: value.shape[1:] for name, value in self.data.arrays.items()}
+        graph = build_training_graph(work, trainable.names, spec, masks, sample_shapes)
         targets = BatchTargets(spec, self.labels, teacher_out, classes)
         arrays = self.data.arrays
         feeds = lambda idx: {**{k: v[idx] for k, v in arrays.items()}, **targets.feeds(idx)}  # noqa: E731

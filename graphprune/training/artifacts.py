@@ -27,7 +27,7 @@ from graphprune.training.ort_training import ort_training, quiet_native_stderr
 from graphprune.training.standins import apply_standins
 from graphprune.training.trainable import TrainableWeights, constants_to_initializers, find_trainable
 
-__all__ = ["TrainingGraph", "prepare_for_training", "build_training_graph", "TrainingSession", "tensor_ranks"]
+__all__ = ["TrainingGraph", "prepare_for_training", "build_training_graph", "TrainingSession", "tensor_shapes"]
 
 _MIN_TRAINING_OPSET = 11
 
@@ -97,16 +97,38 @@ def _keep_needed(graph: onnx.GraphProto, outputs: Sequence[str]) -> None:
     graph.initializer.extend(inits)
 
 
+def _fix_sample_dims(graph: onnx.GraphProto, sample_shapes: Dict[str, Tuple[int, ...]]) -> None:
+    """Give every input its samples' concrete non-batch dims (in place).
+
+    The training data fixes them anyway, and onnxruntime-training 1.19 crashes (segfault) running
+    the MaxPool gradient on dynamic spatial dims; only the batch dim stays symbolic.
+    """
+    for vi in graph.input:
+        shape = sample_shapes.get(vi.name)
+        dims = vi.type.tensor_type.shape.dim
+        if shape is None or len(dims) != len(shape) + 1:
+            continue
+        for dim, size in zip(list(dims)[1:], shape):
+            dim.Clear()
+            dim.dim_value = int(size)
+
+
 def build_training_graph(
-    work: onnx.ModelProto, trainable: Sequence[str], spec: LossSpec, masks: Dict[str, np.ndarray]
+    work: onnx.ModelProto,
+    trainable: Sequence[str],
+    spec: LossSpec,
+    masks: Dict[str, np.ndarray],
+    sample_shapes: Optional[Dict[str, Tuple[int, ...]]] = None,
 ) -> TrainingGraph:
     """The forward training graph of a model prepared by ``prepare_for_training``.
 
     Only what feeds ``spec.output`` is kept; ops without gradients get their stand-ins; masked
-    weights are multiplied by their masks; the loss is the first output.
+    weights are multiplied by their masks; the loss is the first output.  ``sample_shapes`` (input
+    name -> the shape of one sample) makes the non-batch dims of the inputs static.
     """
     model = ir.clone(work)
     graph = model.graph
+    _fix_sample_dims(graph, dict(sample_shapes or {}))
     opset = default_opset(model) or 1
     outputs = {vi.name: vi for vi in graph.output}
     if spec.output not in outputs:
@@ -117,26 +139,27 @@ def build_training_graph(
     trainable = [name for name in trainable if name in present]
     if not trainable:
         raise UserError(f"no trainable weight feeds output {spec.output!r}")
-    ranks = tensor_ranks(model)
+    shapes = tensor_shapes(model)
     masked = mask_weights_in_graph(graph, {n: m for n, m in masks.items() if n in trainable})
-    standins = apply_standins(graph, opset, ranks)
+    standins = apply_standins(graph, opset, shapes)
     del graph.value_info[:]  # stand-ins rewrite internals; onnxblock infers shapes again
     add_loss_graph(graph, spec, output_vi, opset)
     return TrainingGraph(model, trainable, standins, masked)
 
 
-def tensor_ranks(model: onnx.ModelProto) -> Dict[str, int]:
-    """Tensor name -> rank wherever shape inference knows it."""
+def tensor_shapes(model: onnx.ModelProto) -> Dict[str, Tuple[Optional[int], ...]]:
+    """Tensor name -> shape (None for unknown dims) wherever shape inference knows the rank."""
     from graphprune.shapes import infer_shapes
 
     graph = infer_shapes(model).graph
-    ranks = {}
+    shapes: Dict[str, Tuple[Optional[int], ...]] = {}
     for vi in list(graph.input) + list(graph.value_info) + list(graph.output):
         if vi.type.HasField("tensor_type") and vi.type.tensor_type.HasField("shape"):
-            ranks[vi.name] = len(vi.type.tensor_type.shape.dim)
+            shapes[vi.name] = tuple(d.dim_value if d.HasField("dim_value") else None
+                                    for d in vi.type.tensor_type.shape.dim)
     for init in graph.initializer:
-        ranks[init.name] = len(init.dims)
-    return ranks
+        shapes[init.name] = tuple(init.dims)
+    return shapes
 
 
 class TrainingSession:
@@ -245,6 +268,10 @@ def _first_reason(exc: Exception) -> str:
     text = str(exc).strip()
     lines = [line for line in text.splitlines() if line.strip()]
     reason = lines[-1] if lines else type(exc).__name__
+    if "Could not find an implementation for" in text:
+        op = text.split("Could not find an implementation for")[-1].split("(")[0].strip()
+        return (f"onnxruntime-training has no CPU kernel for {op}"
+                + (" (the gradient of Resize: only nearest resizing by integer factors trains)" if op == "ResizeGrad" else ""))
     if "gradient builder has not been registered" in text:
         op = text.split("registered:")[-1].split(" for node")[0].strip()
         return (f"op {op} has no gradient in onnxruntime-training and graphprune has no differentiable "

@@ -7,7 +7,8 @@ ReduceMean/Sqrt...); the inference model keeps the original node, and only train
 back.  BatchNormalization is replaced too, by its inference form with *frozen* running statistics (see
 ``_batch_norm``).  LayerNormalization has a gradient but needs its optional mean / inv-std outputs.
 
-LRN (no gradient) becomes a channel-window average of squares.
+LRN (no gradient) becomes a channel-window average of squares, and nearest-neighbour Resize by
+integer factors (whose gradient has no CPU kernel) a broadcast into blocks.
 
 Each stand-in is a function registered by op type that writes nodes through a ``StandinBuilder``;
 it may return ``False`` to leave a node as it is.
@@ -16,7 +17,7 @@ it may return ``False`` to leave a node as it is.
 from __future__ import annotations
 
 from collections import Counter
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import onnx
@@ -37,12 +38,14 @@ class StandinBuilder:
         node: the node being replaced.
         opset: the model's ai.onnx opset (decides attribute vs input forms of Clip / ReduceMean).
         constants: name -> value of the graph's constant tensors (to read BatchNorm statistics).
-        rank: the rank of the node's first input, when shape inference knows it.
+        shapes: tensor name -> inferred shape (None for unknown dims) where the rank is known.
     """
 
-    def __init__(self, node: onnx.NodeProto, opset: int, constants: Dict[str, np.ndarray], rank: Optional[int]):
+    def __init__(self, node: onnx.NodeProto, opset: int, constants: Dict[str, np.ndarray],
+                 shapes: Dict[str, Tuple[Optional[int], ...]]):
         self.node = node
-        self.rank = rank
+        self.shapes = shapes
+        self.rank = len(shapes[node.input[0]]) if node.input[0] in shapes else None
         self.opset = opset
         self.constants = constants
         self.x = node.input[0]
@@ -220,6 +223,98 @@ def _lrn(b):
     b.op("Div", b.x, b.op("Pow", scaled, b.const(np.float32(b.attr("beta", 0.75)))), out=b.y)
 
 
+def _nearest_repeats(node: onnx.NodeProto) -> bool:
+    """Whether this nearest Resize copies each input pixel into an s x s block (integer factor s)."""
+    transform = ir.get_attr(node, "coordinate_transformation_mode", b"half_pixel")
+    rounding = ir.get_attr(node, "nearest_mode", b"round_prefer_floor")
+    transform = transform.decode() if isinstance(transform, bytes) else transform
+    rounding = rounding.decode() if isinstance(rounding, bytes) else rounding
+    # x = k*s + j maps to k + (j + 0.5)/s - 0.5 (half_pixel), k + j/s (asymmetric), k + (j + 0.5)/s
+    # (tf_half_pixel_for_nearest): k exactly when rounding resp. flooring.
+    if transform in ("half_pixel", "pytorch_half_pixel"):
+        return rounding in ("round_prefer_floor", "round_prefer_ceil")
+    return transform in ("asymmetric", "tf_half_pixel_for_nearest") and rounding == "floor"
+
+
+@_standin("Resize")
+def _resize(b):
+    """Nearest resizing by integer factors s: each pixel copied into an s x s block, written as
+    Unsqueeze -> Mul by ones (broadcast) -> Reshape (ResizeGrad has no CPU kernel in ORT 1.19)."""
+    mode = ir.get_attr(b.node, "mode", b"nearest")
+    if (mode.decode() if isinstance(mode, bytes) else mode) != "nearest" or not _nearest_repeats(b.node):
+        return False
+    before, after = b.shapes.get(b.x), b.shapes.get(b.y)
+    if not before or not after or len(before) != len(after) or len(before) < 3 or None in before[1:] + after[1:]:
+        return False
+    if after[1] != before[1] or any(a % x for x, a in zip(before[2:], after[2:])):
+        return False
+    factors = [a // x for x, a in zip(before[2:], after[2:])]
+    axes = [3 + 2 * i for i in range(len(factors))]  # a unit axis after every spatial axis
+    if b.opset < 13:
+        lifted = b.op("Unsqueeze", b.x, axes=axes)
+    else:
+        lifted = b.op("Unsqueeze", b.x, b.const(np.array(axes, np.int64)))
+    ones = np.ones([1, 1] + [d for f in factors for d in (1, f)], np.float32)
+    blocks = b.op("Mul", lifted, b.const(ones))
+    b.op("Reshape", blocks, b.const(np.array([-1] + list(after[1:]), np.int64)), out=b.y)
+    return None
+
+
+@_standin("ConvTranspose")
+def _conv_transpose(b):
+    """ConvTranspose == Conv over the input with s-1 zeros inserted between pixels, with the kernel
+    flipped and its in/out channels swapped (ConvTransposeGrad has no CPU kernel in ORT 1.19).
+
+    Handles explicit pads (no auto_pad), strides, dilations, groups and output_padding below the stride.
+    """
+    weight = b.node.input[1]
+    wshape, xshape = b.shapes.get(weight), b.shapes.get(b.x)
+    if ir.get_attr(b.node, "auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET") or not wshape or not xshape:
+        return False
+    spatial = len(wshape) - 2
+    if len(xshape) != spatial + 2 or None in xshape[1:]:
+        return False
+    kernel = list(wshape[2:])
+    strides = list(b.attr("strides", [1] * spatial))
+    dilations = list(b.attr("dilations", [1] * spatial))
+    pads = list(b.attr("pads", [0] * 2 * spatial))
+    extra = list(b.attr("output_padding", [0] * spatial))
+    group = int(b.attr("group", 1))
+    if any(e >= s for e, s in zip(extra, strides)):  # onnxruntime places such padding its own way
+        return False
+    # Zero insertion: [N,C,H,W] -> [N,C,H,1,W,1] * one-hot [.., s, .., s] -> [N,C,H*s,W*s].
+    axes = [3 + 2 * i for i in range(spatial)]
+    lifted = (b.op("Unsqueeze", b.x, axes=axes) if b.opset < 13
+              else b.op("Unsqueeze", b.x, b.const(np.array(axes, np.int64))))
+    first = np.zeros([1, 1] + [d for s in strides for d in (1, s)], np.float32)
+    first[(0, 0) + (0,) * (2 * spatial)] = 1.0
+    spread = b.op("Reshape", b.op("Mul", lifted, b.const(first)),
+                  b.const(np.array([-1, xshape[1]] + [x * s for x, s in zip(xshape[2:], strides)], np.int64)))
+    # Conv padding of the zero-inserted input (its trailing s-1 zeros count against the end pad);
+    # a negative pad is a crop, done by Slice.
+    begin = [d * (k - 1) - p for d, k, p in zip(dilations, kernel, pads[:spatial])]
+    end = [d * (k - 1) - p + e - (s - 1) for d, k, p, e, s in zip(dilations, kernel, pads[spatial:], extra, strides)]
+    if min(begin) < 0 or min(end) < 0:
+        sizes = [x * s for x, s in zip(xshape[2:], strides)]
+        starts = [max(0, -p) for p in begin]
+        stops = [n - max(0, -p) for n, p in zip(sizes, end)]
+        spread = b.op("Slice", spread, b.const(np.array(starts, np.int64)), b.const(np.array(stops, np.int64)),
+                      b.const(np.arange(2, 2 + spatial, dtype=np.int64)))
+        begin, end = [max(0, p) for p in begin], [max(0, p) for p in end]
+    # Kernel [Cin, Cout/g, k...] -> [Cout, Cin/g, k...], flipped in every spatial axis (in-graph, so the
+    # gradient reaches the trained weight).
+    cin, cout_g = wshape[0], wshape[1]
+    grouped = b.op("Reshape", weight, b.const(np.array([group, cin // group, cout_g] + kernel, np.int64)))
+    swapped = b.op("Transpose", grouped, perm=[0, 2, 1] + list(range(3, 3 + spatial)))
+    flipped = b.op("Reshape", swapped, b.const(np.array([group * cout_g, cin // group] + kernel, np.int64)))
+    for axis, size in enumerate(kernel):
+        flipped = b.op("Gather", flipped, b.const(np.arange(size - 1, -1, -1, dtype=np.int64)), axis=2 + axis)
+    inputs = [spread, flipped] + ([b.node.input[2]] if len(b.node.input) > 2 and b.node.input[2] else [])
+    b.op("Conv", *inputs, out=b.y, group=group, dilations=dilations, kernel_shape=kernel,
+         pads=begin + end, strides=[1] * spatial)
+    return None
+
+
 @_standin("InstanceNormalization")
 def _instance_norm(b):
     scale, bias = b.node.input[1], b.node.input[2]
@@ -286,11 +381,11 @@ def _layer_norm(b):
     b.nodes.append(node)
 
 
-def apply_standins(graph: onnx.GraphProto, opset: int, ranks: Dict[str, int]) -> Counter:
+def apply_standins(graph: onnx.GraphProto, opset: int, shapes: Dict[str, Tuple[Optional[int], ...]]) -> Counter:
     """Replace, in place, every main-graph node that has a stand-in; returns counts by op type.
 
     Args:
-        ranks: tensor name -> rank, from shape inference (normalization stand-ins need it).
+        shapes: tensor name -> shape from shape inference (normalization and Resize stand-ins read it).
     """
     constants = {init.name: numpy_helper.to_array(init) for init in graph.initializer
                  if init.data_type == onnx.TensorProto.FLOAT}
@@ -303,7 +398,7 @@ def apply_standins(graph: onnx.GraphProto, opset: int, ranks: Dict[str, int]) ->
         if standin is None or extra_outputs:
             nodes.append(node)
             continue
-        builder = StandinBuilder(node, opset, constants, ranks.get(node.input[0]))
+        builder = StandinBuilder(node, opset, constants, shapes)
         if standin(builder) is False:
             nodes.append(node)
             continue
