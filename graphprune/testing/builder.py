@@ -36,6 +36,8 @@ _FILTER_SPREAD = 0.3
 # smallest feature maps of a small test image still give each BN some hundred values per channel.
 _CALIBRATION_POSITIONS = 32768
 _CALIBRATION_MAX_BATCH = 64
+# Initializers up to this size stay in the graph shape inference sees (shape constants among them).
+_SKELETON_MAX_VALUES = 4096
 # Stand-in for a dynamic spatial dim while calibrating: the size tests typically feed (too small a
 # size leaves 1x1 deep feature maps, where 3x3 convs see only their centre tap).
 _CALIBRATION_DYNAMIC_SIZE = 64
@@ -147,15 +149,17 @@ class GraphBuilder:
     def build(self, doc_string: str = "") -> onnx.ModelProto:
         """The model, with output types from strict shape inference (symbolic dims kept)."""
         outputs = [helper.make_empty_tensor_value_info(o) for o in self.outputs]
-        graph = helper.make_graph(self.nodes, self.name, self.inputs, outputs, self.initializers)
-        model = helper.make_model(
-            graph,
-            opset_imports=[helper.make_opsetid("", self.opset)],
-            ir_version=self.ir_version,
-            producer_name="graphprune.testing",
-            doc_string=doc_string,
-        )
-        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=True)
+        model = self._model(self.inputs, outputs, self.initializers, doc_string)
+        # Infer on a skeleton whose big weights are typed inputs: inference needs their shapes only,
+        # and serializing BERT-base's 440 MB for it would double the build time.
+        small = [t for t in self.initializers if int(np.prod(t.dims)) <= _SKELETON_MAX_VALUES]
+        weights = [
+            helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
+            for t in self.initializers
+            if int(np.prod(t.dims)) > _SKELETON_MAX_VALUES
+        ]
+        skeleton = self._model(self.inputs + weights, outputs, small, doc_string)
+        inferred = onnx.shape_inference.infer_shapes(skeleton, strict_mode=True)
         known = {vi.name: vi for vi in list(inferred.graph.value_info) + list(inferred.graph.output)}
         for out in model.graph.output:
             if out.name in known and known[out.name].type.HasField("tensor_type"):
@@ -166,6 +170,16 @@ class GraphBuilder:
                 )
                 out.type.CopyFrom(declared.type)
         return model
+
+    def _model(self, inputs, outputs, initializers, doc_string: str) -> onnx.ModelProto:
+        graph = helper.make_graph(self.nodes, self.name, inputs, outputs, initializers)
+        return helper.make_model(
+            graph,
+            opset_imports=[helper.make_opsetid("", self.opset)],
+            ir_version=self.ir_version,
+            producer_name="graphprune.testing",
+            doc_string=doc_string,
+        )
 
     def channels(self, name: str) -> int:
         """Channel count (axis 1) of a tensor a layer helper produced."""
@@ -183,11 +197,19 @@ class GraphBuilder:
         spread = np.exp(self.rng.normal(0.0, _FILTER_SPREAD, size=(shape[0],) + (1,) * (len(shape) - 1)))
         return (w * spread).astype(np.float32)
 
-    def _unit_scale(self, w: np.ndarray, b: Optional[np.ndarray], forward) -> Tuple[np.ndarray, np.ndarray]:
-        """Rescale ``w`` so ``forward(w, b)`` has unit standard deviation; returns (w, output)."""
-        y = forward(w, None)
-        w = (w / max(float(y.std()), 1e-6)).astype(np.float32)
-        return w, forward(w, b)
+    @staticmethod
+    def _unit_scale(w: np.ndarray, b: Optional[np.ndarray], y: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+        """Rescale ``w`` so its layer's output, ``y`` before the bias, has unit standard deviation.
+
+        The layer is linear in ``w``, so the rescaled output is ``y`` rescaled: no second pass.
+        Returns (weight, output with bias).
+        """
+        scale = np.float32(1.0 / max(float(y.std()), 1e-6))
+        if b is not None:
+            y = y * scale + b.reshape((1, -1) + (1,) * (y.ndim - 2))
+        else:
+            y = y * scale
+        return (w * scale).astype(np.float32), y
 
     # --- layers ------------------------------------------------------------------------------------
 
@@ -214,13 +236,10 @@ class GraphBuilder:
         w = self.he_normal(shape, int(np.prod(shape[1:])))
         b = (self.rng.standard_normal(out_channels) * 0.05).astype(np.float32) if bias else None
 
-        def forward(weight, bias_):
-            return npops.conv2d(xv, weight, bias_, stride, pad, groups)
-
         if normalize if normalize is not None else bias:
-            w, y = self._unit_scale(w, b, forward)
+            w, y = self._unit_scale(w, b, npops.conv2d(xv, w, None, stride, pad, groups))
         else:
-            y = forward(w, b)
+            y = npops.conv2d(xv, w, b, stride, pad, groups)
         inputs = [x, self.initializer(f"{module}.weight", w)]
         if b is not None:
             inputs.append(self.initializer(f"{module}.bias", b))
@@ -235,7 +254,7 @@ class GraphBuilder:
         xv = self.values[x]
         w = self.he_normal((xv.shape[1], out_channels, kernel, kernel), xv.shape[1])
         b = (self.rng.standard_normal(out_channels) * 0.05).astype(np.float32)
-        w, y = self._unit_scale(w, b, lambda weight, bias_: npops.conv_transpose2d(xv, weight, bias_, stride))
+        w, y = self._unit_scale(w, b, npops.conv_transpose2d(xv, w, None, stride))
         out = self.op(
             "ConvTranspose",
             [x, self.initializer(f"{module}.weight", w), self.initializer(f"{module}.bias", b)],
@@ -336,7 +355,7 @@ class GraphBuilder:
         w = self.he_normal((out_features, xv.shape[1]), xv.shape[1])
         b = (self.rng.standard_normal(out_features) * 0.05).astype(np.float32)
         if normalize:
-            w, y = self._unit_scale(w, b, lambda weight, bias_: npops.gemm(xv, weight, bias_))
+            w, y = self._unit_scale(w, b, npops.gemm(xv, w))
         else:
             y = npops.gemm(xv, w, b)
         out = self.op("Gemm", [x, self.initializer(f"{module}.weight", w), self.initializer(f"{module}.bias", b)],

@@ -36,8 +36,8 @@ class _TransformerBuilder(GraphBuilder):
     """``GraphBuilder`` plus the layer idioms of exported transformers."""
 
     def linear(self, x: str, module: str, fan_in: int, fan_out: int, bias: bool = True) -> str:
-        w = self.rng.standard_normal((fan_in, fan_out)) / math.sqrt(fan_in)
-        w *= np.exp(self.rng.normal(0.0, _FEATURE_SPREAD, size=(1, fan_out)))
+        w = self.rng.standard_normal((fan_in, fan_out), dtype=np.float32) / np.float32(math.sqrt(fan_in))
+        w *= np.exp(self.rng.normal(0.0, _FEATURE_SPREAD, size=(1, fan_out))).astype(np.float32)
         y = self.op("MatMul", [x, self.initializer(f"{module}.weight", w)], module)
         if not bias:
             return y
@@ -76,12 +76,14 @@ class _TransformerBuilder(GraphBuilder):
     def embeddings(self, ids: str, module: str, vocab: int, hidden: int, max_positions: int,
                    word: str = "word_embeddings", position: str = "position_embeddings") -> str:
         """Token Gather + learned position Gather (position ids sliced to the sequence length)."""
-        table = self.initializer(f"{module}.{word}.weight", self.rng.standard_normal((vocab, hidden)))
+        table = self.initializer(f"{module}.{word}.weight", self.rng.standard_normal((vocab, hidden), dtype=np.float32))
         tokens = self.op("Gather", [table, ids], f"{module}.{word}", axis=0)
         position_ids = self.initializer(f"{module}.position_ids", np.arange(max_positions, dtype=np.int64)[None, :])
         seq = self.dim(self.op("Shape", [ids], module), 1, module)
         ids_now = self.op("Slice", [position_ids, self.ints([0], module), seq, self.ints([1], module)], module)
-        pos_table = self.initializer(f"{module}.{position}.weight", self.rng.standard_normal((max_positions, hidden)))
+        pos_table = self.initializer(
+            f"{module}.{position}.weight", self.rng.standard_normal((max_positions, hidden), dtype=np.float32)
+        )
         positions = self.op("Gather", [pos_table, ids_now], f"{module}.{position}", axis=0)
         return self.op("Add", [tokens, positions], module)
 
@@ -165,7 +167,7 @@ def bert_base_like(layers: int = 12, hidden: int = 768, heads: int = 12, ffn: in
 
 def _gemm(b: _TransformerBuilder, x: str, module: str, fan_in: int, fan_out: int) -> str:
     """nn.Linear on a 2-D tensor: Gemm(transB=1) with a torch-layout [out, in] weight."""
-    w = b.rng.standard_normal((fan_out, fan_in)) / math.sqrt(fan_in)
+    w = b.rng.standard_normal((fan_out, fan_in), dtype=np.float32) / np.float32(math.sqrt(fan_in))
     bias = b.rng.normal(0.0, 0.02, fan_out)
     return b.op("Gemm", [x, b.initializer(f"{module}.weight", w), b.initializer(f"{module}.bias", bias)], module,
                 alpha=1.0, beta=1.0, transB=1)

@@ -21,6 +21,7 @@ __all__ = [
     "resize_nearest",
     "batch_norm",
     "gemm",
+    "channel_stats",
     "ACTIVATIONS",
 ]
 
