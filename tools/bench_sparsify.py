@@ -135,7 +135,7 @@ class Bench:
     def _logits(self, outputs):
         return outputs[next(iter(outputs))]
 
-    def latencies(self, rounds=5, runs=10):
+    def latencies(self, rounds=7, runs=10):
         """Median latency per timed model, rounds interleaved so that load from other work hits all alike."""
         feed = self.data.first_batch(1)
         times = {label: [] for label in self.sessions}
@@ -245,7 +245,7 @@ def main():
         bench.measure("90% + int8 QDQ, sparse storage", compact_q.model, equal_to=out, time_it=True)
         latencies = bench.latencies()
         for label, ms in latencies.items():
-            print(f"latency {label:<50} {ms:7.1f} ms ({args.threads} thread(s), median of 5 interleaved rounds)")
+            print(f"latency {label:<50} {ms:7.1f} ms ({args.threads} thread(s), median of 7 interleaved rounds)")
         rows = bench.rows
     if args.json:
         with open(args.json, "w") as f:

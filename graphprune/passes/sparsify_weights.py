@@ -108,7 +108,7 @@ class SparsifyWeightsPass(Pass):
         inits = ir.initializer_map(work.graph)
         prunable: List[WeightTarget] = []
         for target in targets:
-            quantized = target.name not in _float_names(inits, [target.name])
+            quantized = not np.issubdtype(onnx.helper.tensor_dtype_to_np_dtype(inits[target.name].data_type), np.floating)
             if quantized and self.sparsity > 0:
                 skipped.extend(SkippedWeight(n, target.op_type, "weight is already quantized: compacted, not pruned")
                                for n in target.nodes)
@@ -227,6 +227,3 @@ def _split_names(names) -> List[str]:
     items = names.split(",") if isinstance(names, str) else [str(n) for n in names]
     return [item.strip() for item in items if item.strip()]
 
-
-def _float_names(inits, names) -> set:
-    return {n for n in names if np.issubdtype(onnx.helper.tensor_dtype_to_np_dtype(inits[n].data_type), np.floating)}

@@ -12,7 +12,6 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
 from graphprune import ir
 from graphprune.errors import UserError
@@ -25,7 +24,6 @@ __all__ = [
     "DEFAULT_OP_TYPES",
     "parse_op_types",
     "find_weights",
-    "weight_array",
 ]
 
 DEFAULT_OP_TYPES: Tuple[str, ...] = ("Conv", "Gemm", "MatMul")
@@ -223,7 +221,3 @@ def _sharing_reason(stored: str, nodes, consumers, producers, labels) -> Optiona
         return f"weight also feeds {user.op_type} node {labels[id(user)]!r}"
     return None
 
-
-def weight_array(model: onnx.ModelProto, name: str) -> np.ndarray:
-    """The value of initializer ``name``."""
-    return numpy_helper.to_array(ir.initializer_map(model.graph)[name])
