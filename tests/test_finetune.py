@@ -267,3 +267,22 @@ def test_recipe_style_arguments_read_labels_and_teacher_from_files(setup):
     assert finetune_pass.labels.shape == (1437,) and finetune_pass.teacher.graph.output[0].name == "logits"
     with pytest.raises(UserError, match="has no array 'nope'"):
         build_pass("finetune", {"labels": f"{MODELS}/digits_train.npz:nope"})
+
+
+def test_training_artifacts_are_loadable_by_onnxruntime_1_19(setup):
+    import os
+
+    from graphprune.training.artifacts import TrainingSession, build_training_graph, prepare_for_training
+    from graphprune.training.losses import resolve_loss
+
+    model = onnx.ModelProto()
+    model.CopyFrom(setup["pruned"])
+    model.ir_version = 11  # as onnx >= 1.18 would write it
+    work, trainable = prepare_for_training(model)
+    spec = resolve_loss((2, 10), "logits", setup["labels"], len(setup["labels"]), False)
+    graph = build_training_graph(work, trainable.names, spec, {})
+    with TrainingSession(graph) as session:
+        for name in ("training_model.onnx", "eval_model.onnx", "optimizer_model.onnx"):
+            assert onnx.load(os.path.join(session._dir, name)).ir_version <= 10
+        directory = session._dir
+    assert not os.path.exists(directory)  # the temporary artifacts are removed

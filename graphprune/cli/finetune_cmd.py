@@ -101,6 +101,10 @@ def run(args) -> int:
             settings["teacher"] = model
         result = gradual_prune_pipeline(ratio, steps, data=data, finetune_args=settings, progress=settings["progress"])(model)
         stats = result.stats
+        for record in stats["passes"]:
+            detail = record["stats"].get("val_metric_best")
+            metric = f" validation metric {detail * 100:.2f}%" if isinstance(detail, float) else ""
+            print(f"{record['pass']:<9} {record['seconds']:7.2f}s{metric}")
     else:
         result = FineTunePass(data=data, **settings)(model)
         stats = result.stats
