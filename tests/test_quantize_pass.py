@@ -278,3 +278,17 @@ def test_bad_data_and_exclude_are_user_errors():
         InsertQDQPass(data=[{"images": np.zeros((1, 16, 16, 16), np.float32)}], measure=False)(model)
     with pytest.raises(UserError, match="rank"):
         InsertQDQPass(data=[{"x": np.zeros((16, 16, 16), np.float32)}], measure=False)(model)
+
+
+def test_transformer_encoder_matmuls_fuse_with_dynamic_dims(tmp_path):
+    from graphprune.data import random_inputs
+    from graphprune.testing.fixtures import bert_encoder
+
+    model = bert_encoder(hidden=256, ffn=1024, heads=4)  # inputs [N, S]: shapes come from the data
+    data = random_inputs(model, {"input_ids": (1, 64)}, samples=4, seed=1)
+    result = InsertQDQPass(data=data, measure=False)(model)
+    assert result.modified
+    assert result.stats["quantized_ops"]["MatMul"] >= 12  # the projections and the FFN of both layers
+    ops = optimized_ops(result.model, tmp_path)
+    assert ops["QLinearMatMul"] + ops["MatMulIntegerToFloat"] >= 12, ops
+    assert rel_error(model, result.model, data) < 0.1

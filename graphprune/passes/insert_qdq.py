@@ -16,7 +16,13 @@ from graphprune.quantization.calibration import Feeds, calibrate, calibration_fe
 from graphprune.quantization.config import QuantConfig, check_max_error, check_names
 from graphprune.quantization.cost import estimate_costs, place
 from graphprune.quantization.engine import insert_qdq_nodes
-from graphprune.quantization.measure import Candidate, measure_latencies, output_error, reference_outputs
+from graphprune.quantization.measure import (
+    Candidate,
+    measure_latencies,
+    observed_shapes,
+    output_error,
+    reference_outputs,
+)
 from graphprune.quantization.prepare import is_quantized, prepare
 from graphprune.quantization.rules import RULES, GraphView, rule_for
 from graphprune.runtime import DEFAULT_THREADS
@@ -144,7 +150,8 @@ class _Planner:
         self.reference = reference
         self.options = options
         first = feeds[0]
-        self.shapes = concrete_shapes(prepared, {k: tuple(v.shape) for k, v in first.items()}) or {}
+        inferred = concrete_shapes(prepared, {k: tuple(v.shape) for k, v in first.items()}) or {}
+        self.shapes = observed_shapes(prepared, first, inferred, options.threads)
         self.view = GraphView.of(prepared)
         self.float_reasons: Dict[str, str] = {}
         allowed: Set[str] = set()

@@ -8,7 +8,7 @@ import tempfile
 
 import onnx
 
-from graphprune.model_io import default_opset, for_ort
+from graphprune.model_io import EXTERNAL_DATA_THRESHOLD, default_opset, for_ort
 from graphprune.shapes import infer_shapes
 
 __all__ = ["prepare", "QUANTIZED_OP_TYPES", "is_quantized", "save_for_tool"]
@@ -103,10 +103,16 @@ def _drop_unused_opsets(model: onnx.ModelProto) -> None:
 
 
 def save_for_tool(model: onnx.ModelProto, path: str) -> None:
-    """Write ``model`` for an ORT tool that takes a path (weights in a side file beside it).
+    """Write ``model`` for an ORT tool that takes a path.
 
+    Weights go to a side file only past protobuf's 2 GiB limit: ORT's pre-processing reloads
+    intermediate copies from its own temporary folder, where a side file would not be found.
     ``onnx.save_model`` rewrites the proto it saves as external data, so a copy is saved.
     """
+    model = for_ort(model)
+    if model.ByteSize() < EXTERNAL_DATA_THRESHOLD:
+        onnx.save_model(model, path)
+        return
     copy = onnx.ModelProto()
-    copy.CopyFrom(for_ort(model))
+    copy.CopyFrom(model)
     onnx.save_model(copy, path, save_as_external_data=True, location=os.path.basename(path) + ".data")
