@@ -115,6 +115,9 @@ class DependencyGraph:
             self._consumers = ir.consumer_map(self.model.graph)
         return self._consumers.get(name, [])
 
+    def producer(self, name: str) -> Optional[onnx.NodeProto]:
+        return self._producers.get(name)
+
     # -- building (called by RuleContext) --------------------------------------------------
     def info(self, dim: DimKey) -> DimInfo:
         return self._ensure(dim)

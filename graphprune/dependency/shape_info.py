@@ -6,7 +6,7 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import onnx
-from onnx import helper
+from onnx import helper, numpy_helper
 
 from graphprune.ir import value_shape
 
@@ -87,12 +87,56 @@ def infer_value_info(model: onnx.ModelProto, keep_value_info: bool = False) -> L
                 vi.CopyFrom(known[node.input[0]])
                 vi.name = node.output[0]
                 filled.append(vi)
-        if not filled:
+        refined = [vi for vi in (_slice_kept_axes(n, known, light.graph) for n in inferred.graph.node) if vi is not None]
+        if not filled and not refined:
             return list(inferred.graph.value_info)
+        replaced = {vi.name for vi in refined}
         del light.graph.value_info[:]
-        light.graph.value_info.extend(inferred.graph.value_info)
-        light.graph.value_info.extend(filled)
+        light.graph.value_info.extend(vi for vi in inferred.graph.value_info if vi.name not in replaced)
+        light.graph.value_info.extend(filled + refined)
     return list(light.graph.value_info)
+
+
+def _slice_kept_axes(node: onnx.NodeProto, known, graph: onnx.GraphProto) -> Optional[onnx.ValueInfoProto]:
+    """The output of a Slice whose bounds are computed at run time, with the dims of the axes it
+    does not slice copied from its input (onnx's inference then knows no dim at all: a causal mask
+    sliced to [.., S, S] would lose its leading size-1 axes); None when there is nothing to add."""
+    if node.op_type != "Slice" or len(node.input) < 3 or node.output[0] not in known or node.input[0] not in known:
+        return None
+    x, y = known[node.input[0]].type.tensor_type.shape.dim, known[node.output[0]].type.tensor_type.shape.dim
+    if len(x) != len(y):
+        return None
+    if len(node.input) > 3 and node.input[3]:
+        axes = _small_constant(graph, node.input[3])
+        if axes is None:
+            return None
+    else:
+        starts = known.get(node.input[1])
+        dims = starts.type.tensor_type.shape.dim if starts is not None else ()
+        if len(dims) != 1 or not dims[0].HasField("dim_value"):
+            return None
+        axes = np.arange(dims[0].dim_value)
+    sliced = {int(a) % len(x) for a in np.asarray(axes).reshape(-1)}
+    vi = onnx.ValueInfoProto()
+    vi.CopyFrom(known[node.output[0]])
+    changed = False
+    for a, (d_in, d_out) in enumerate(zip(x, vi.type.tensor_type.shape.dim)):
+        unknown = not d_out.HasField("dim_value") and not d_out.HasField("dim_param")
+        if a not in sliced and d_in.HasField("dim_value") and (unknown or d_out.dim_param.startswith("unk__")):
+            d_out.Clear()
+            d_out.dim_value = d_in.dim_value
+            changed = True
+    return vi if changed else None
+
+
+def _small_constant(graph: onnx.GraphProto, name: str) -> Optional[np.ndarray]:
+    for init in graph.initializer:
+        if init.name == name:
+            return numpy_helper.to_array(init)
+    for node in graph.node:
+        if node.op_type == "Constant" and node.output[0] == name and node.attribute and node.attribute[0].name == "value":
+            return numpy_helper.to_array(node.attribute[0].t)
+    return None
 
 
 def tensor_shapes(model: onnx.ModelProto) -> Dict[str, Optional[Tuple]]:

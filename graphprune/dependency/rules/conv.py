@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from graphprune.dependency.dims import DimKey
 from graphprune.dependency.index_mapping import Expand
+from graphprune.dependency.kinds import FFN
+from graphprune.dependency.rules.attention import activation_matmul
 from graphprune.dependency.rules.common import couple_broadcast
 from graphprune.dependency.rules.registry import RuleContext, register_rule
 
@@ -136,7 +138,12 @@ def matmul(ctx: RuleContext) -> None:
             ctx.param(name, "weight")
     ctx.couple(DimKey(a, ra - 2), DimKey(y, ry - 2))
     ctx.couple(DimKey(b, rb - 1), DimKey(y, ry - 1))
-    _contraction(ctx, DimKey(a, ra - 1), DimKey(b, rb - 2))
+    if ctx.is_constant(a) or ctx.is_constant(b):
+        _contraction(ctx, DimKey(a, ra - 1), DimKey(b, rb - 2))
+        if ra >= 3 and not ctx.is_constant(a):  # a token-wise projection's input: FFN neurons, or hidden/heads
+            ctx.tag(DimKey(a, ra - 1), FFN)
+    else:  # Q.K^T, P.V: heads and head dims (rules/attention.py)
+        activation_matmul(ctx)
     y_shape = ctx.require_shape(y)
     for name, rank in ((a, ra), (b, rb)):
         shape = ctx.require_shape(name)

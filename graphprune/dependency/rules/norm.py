@@ -69,31 +69,6 @@ def group_norm(ctx: RuleContext) -> None:
     ctx.fixup(fixup)
 
 
-@register_rule("LayerNormalization")
-def layer_norm(ctx: RuleContext) -> None:
-    """Normalizes over axes >= axis: those block; leading axes pass through."""
-    x = ctx.input(0)
-    rank = ctx.rank(x)
-    axis = int(ctx.attr("axis", -1)) % rank
-    for out in ctx.outputs[:1]:
-        for a in range(rank):
-            if a < axis:
-                ctx.couple(DimKey(x, a), DimKey(out, a))
-            else:
-                ctx.block(DimKey(x, a), "normalized over by LayerNormalization")
-                ctx.block(DimKey(out, a), "normalized over by LayerNormalization")
-    for stat in ctx.outputs[1:]:  # Mean / InvStdDev: [leading..., 1, ...]
-        if stat:
-            for a in range(rank):
-                if a < axis:
-                    ctx.couple(DimKey(x, a), DimKey(stat, a))
-                else:
-                    ctx.leave(DimKey(stat, a))
-    for name in ctx.inputs[1:3]:
-        if name:
-            ctx.block_tensor(name, "LayerNormalization scale/bias over normalized axes")
-
-
 def _block_axes_from(ctx: RuleContext, start_axes, reason: str) -> None:
     x, y = ctx.input(0), ctx.outputs[0]
     for a in range(ctx.rank(x)):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from graphprune.dependency.dims import DimKey
+from graphprune.dependency.rules.layernorm import normalization_statistic
 from graphprune.dependency.rules.registry import RuleContext, register_rule
 
 __all__ = ["REDUCE_OPS"]
@@ -107,6 +108,8 @@ def reduce(ctx: RuleContext) -> None:
         return
     if not axes:
         axes = [] if ctx.attr("noop_with_empty_axes", 0) else list(range(rank))
+    if ctx.op_type == "ReduceMean" and normalization_statistic(ctx, axes, bool(ctx.attr("keepdims", 1))):
+        return  # mean or variance of a decomposed LayerNorm / RMSNorm (rules/layernorm.py)
     _reduce(ctx, set(axes), bool(ctx.attr("keepdims", 1)))
 
 

@@ -126,6 +126,10 @@ class RuleContext:
         """Nodes that read tensor ``name``."""
         return self._b.consumers(name)
 
+    def producer(self, name: Optional[str]) -> Optional[onnx.NodeProto]:
+        """The node that writes tensor ``name`` (None for graph inputs and initializers)."""
+        return self._b.producer(name) if name else None
+
     def used(self, name: Optional[str]) -> bool:
         """Whether tensor ``name`` is read by a node or is a graph output (an unused optional
         output, like Dropout's mask, can be ignored)."""
