@@ -7,6 +7,7 @@ import pytest
 from graphprune.data import random_inputs
 from graphprune.passes import PruneChannelsPass
 from graphprune.runtime import make_session, run
+from graphprune.testing.fixtures import fixture_corpus
 from graphprune.testing.zoo import load_light_model
 from graphprune.validate import compare_outputs
 
@@ -45,3 +46,30 @@ def test_light_models_masked_equals_removed(name):
     blocked = 2 + EXTRA_BLOCKED.get(name, 0)
     assert stats["groups_blocked"] == blocked and stats["groups_prunable"] == stats["groups_found"] - blocked
     assert stats["groups_pruned"] > 0
+
+
+def _feed(model, batch=2, spatial=32):
+    """Seeded inputs; symbolic dims get ``batch`` (N) or ``spatial`` (H, W...)."""
+    shapes = {}
+    for vi in model.graph.input:
+        dims = vi.type.tensor_type.shape.dim
+        shapes[vi.name] = tuple(d.dim_value if d.dim_value > 0 else (batch if i == 0 else spatial) for i, d in enumerate(dims))
+    return random_inputs(model, shapes, seed=2).first_batch(batch)
+
+
+@pytest.mark.parametrize("name", sorted(fixture_corpus()))
+def test_fixtures_masked_equals_removed(name):
+    model = fixture_corpus()[name]()
+    stats = check_masked_equals_removed(model, _feed(model))
+    assert stats["groups_pruned"] == stats["groups_prunable"] > 0
+
+
+def test_dynamic_dims_stay_dynamic_and_other_sizes_run():
+    model = fixture_corpus()["dynamic_resnet"]()
+    pruned = PruneChannelsPass(ratio=0.5)(model).model
+    dims = [d.dim_param for d in pruned.graph.input[0].type.tensor_type.shape.dim]
+    assert dims == [d.dim_param for d in model.graph.input[0].type.tensor_type.shape.dim] and dims[0]
+    session = make_session(pruned)
+    for batch, spatial in ((1, 32), (3, 48)):
+        feed = _feed(model, batch, spatial)
+        assert run(session, feed)["output"].shape[0] == batch

@@ -16,22 +16,27 @@ _MAGNITUDE_ROLES = ("weight", "norm_scale")
 
 
 class _AxisNorms:
-    """Per-index magnitude of constants along one axis, cached per (tensor, axis)."""
+    """Per-index magnitude of constants along their channel axes, cached per (tensor, axis).
+
+    The elementwise |w| (or w^2) of a tensor is computed once and reduced for every axis of it the
+    graph knows, then dropped: memory stays O(channels), not a second copy of every weight.
+    """
 
     def __init__(self, dep: DependencyGraph, power: int):
         self.dep = dep
         self.power = power
-        self._elementwise: Dict[str, np.ndarray] = {}
         self._cache: Dict[DimKey, np.ndarray] = {}
 
     def __call__(self, dim: DimKey) -> np.ndarray:
         if dim not in self._cache:
-            if dim.tensor not in self._elementwise:
-                w = np.asarray(self.dep.const(dim.tensor), dtype=np.float32)
-                self._elementwise[dim.tensor] = np.abs(w) if self.power == 1 else np.square(w)
-            mag = self._elementwise[dim.tensor]
-            other = tuple(a for a in range(mag.ndim) if a != dim.axis)
-            self._cache[dim] = mag.sum(axis=other) if other else mag
+            w = np.asarray(self.dep.const(dim.tensor), dtype=np.float32)
+            mag = np.abs(w) if self.power == 1 else np.square(w)
+            for axis in range(mag.ndim):
+                key = DimKey(dim.tensor, axis)
+                node = self.dep.graph.nodes.get(key)
+                if key == dim or (node is not None and not node["info"].fixed):
+                    other = tuple(a for a in range(mag.ndim) if a != axis)
+                    self._cache[key] = mag.sum(axis=other) if other else mag
         return self._cache[dim]
 
 
