@@ -1,19 +1,23 @@
-"""Per-channel estimates of activation statistics, used to give synthetic weights a realistic scale.
+"""Per-channel estimates of activation statistics, used to give the light models' weights a realistic scale.
 
 Random weights make a deep network's activations grow or shrink geometrically with depth, and a
 softmax on top then saturates.  A trained network does not do that: its BatchNormalization running
-statistics match what actually reaches each layer.  The builders here get the same property without
-running anything: they carry, for every tensor, a ``Moments`` estimate (per channel: mean and mean
-square over batch and positions, model inputs taken as standard normal) and
+statistics match what actually reaches each layer.  ``zoo`` gets the same property for onnx's
+light models, whose op mix is arbitrary, without running them: it carries, for every tensor, a
+``Moments`` estimate (per channel: mean and mean square over batch and positions, model inputs
+taken as standard normal) and
 
-* scale a weight that feeds no normalization so its output has about unit variance (LSUV-style);
-* set a BatchNormalization's running mean and variance to the estimated statistics of its input,
+* scales a weight so its layer's output has about unit variance (LSUV-style);
+* sets a BatchNormalization's running mean and variance to the estimated statistics of its input,
   as training would have left them.
 
 Statistics are kept per channel because channels differ a lot (kept trained BN parameters, group
 convolutions that only mix a few channels): a single scalar would mis-set every BN after them.
 Element-wise functions are exact for a Gaussian input (Gauss-Hermite quadrature); linear layers use
-the independence of their inputs; pools use small empirical corrections.
+the independence of their inputs; a max pool is the max of independent draws.  The estimate drifts
+by a few percent per layer (measured against ONNX Runtime: activations end within 5x of it in
+ResNet-50, 11x in Inception-v2), which keeps outputs finite and far from saturation.  The
+fixture builders, which know their ops, calibrate exactly instead (``npops``).
 """
 
 from __future__ import annotations
