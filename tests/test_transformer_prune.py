@@ -60,3 +60,14 @@ def test_head_dim_option_couples_q_and_k_dims_and_keeps_heads():
     assert "encoder.layer.0.attention.self.key.weight" in qk.param_names()
     m = _member(qk, "encoder.layer.0.attention.self.query.weight", 1)
     assert np.array_equal(m.atoms, np.tile(np.arange(16), 4))  # dim j of every head
+
+
+def test_grouped_query_attention_prunes_a_kv_head_with_its_query_group():
+    heads = _by_kind(_groups("gpt_decoder_gqa_swiglu"), "heads")
+    assert [g.channels for g in heads] == [2, 2] and all(g.prunable for g in heads)
+    attn = "model.layers.0.self_attn"
+    g = heads[0]
+    assert np.array_equal(_member(g, f"{attn}.k_proj.weight", 1).atoms, np.repeat(np.arange(2), 16))
+    # 4 query heads, 2 per KV head: query head h belongs to KV head h // 2
+    assert np.array_equal(_member(g, f"{attn}.q_proj.weight", 1).atoms, np.repeat(np.arange(2), 32))
+    assert np.array_equal(_member(g, f"{attn}.o_proj.weight", 0).atoms, np.repeat(np.arange(2), 32))

@@ -9,6 +9,7 @@ import numpy as np
 from graphprune.dependency.dims import DimKey
 from graphprune.dependency.rules.common import axes_arg, block_all
 from graphprune.dependency.rules.registry import RuleContext, register_rule
+from graphprune.dependency.rules.shape_vectors import read_shape_vector
 
 __all__ = ["match_reshape_axes"]
 
@@ -86,20 +87,19 @@ def reshape(ctx: RuleContext) -> None:
     """
     x, s, y = ctx.input(0), ctx.input(1), ctx.outputs[0]
     ctx.ignore(s)
-    target = ctx.const(s)
+    target = read_shape_vector(ctx, s)  # a constant, or a Concat of constants and run-time sizes
     if target is None:
         block_all(ctx, "Reshape target computed at run time")
         return
     if not _couple_runs(ctx, x, y, ctx.require_shape(x), ctx.require_shape(y)):
         block_all(ctx, "Reshape between shapes whose axes cannot be matched")
         return
+    for j in target.runtime_entries:
+        ctx.block(DimKey(y, j), "its size in the Reshape target is computed at run time")
 
     def fixup(editor, node):
-        new = np.array(target)
-        for j, v in enumerate(new):
-            if v > 0:
-                new[j] = editor.new_size(DimKey(y, j))
-        editor.set_input(node, 1, new)
+        new = [editor.new_size(DimKey(y, j)) if v is not None and v > 0 else v for j, v in enumerate(target.values)]
+        target.write(editor, node, 1, new)
 
     ctx.fixup(fixup)
 

@@ -11,6 +11,7 @@ from graphprune.dependency.dims import DimKey
 from graphprune.dependency.index_mapping import Expand, Offset
 from graphprune.dependency.rules.common import block_all, ints, set_ints
 from graphprune.dependency.rules.registry import RuleContext, register_rule
+from graphprune.dependency.rules.shape_vectors import ShapeVector, read_shape_vector
 
 __all__ = []
 
@@ -127,17 +128,16 @@ def slice_(ctx: RuleContext) -> None:
     ctx.fixup(fixup)
 
 
-def _rewrite_target(ctx: RuleContext, y: str, target: np.ndarray, skip_ones: bool) -> None:
-    """Fixup: target entries (aligned right to y's axes) become y's new sizes."""
+def _rewrite_target(ctx: RuleContext, y: str, target: ShapeVector, skip_ones: bool) -> None:
+    """Fixup: target entries (aligned right to y's axes) become y's new sizes (entries computed at
+    run time stay)."""
     rank_y = ctx.rank(y)
 
     def fixup(editor, node):
-        new = np.array(target)
-        lead = rank_y - len(new)
-        for k, v in enumerate(new):
-            if not (skip_ones and v == 1):
-                new[k] = editor.new_size(DimKey(y, k + lead))
-        editor.set_input(node, 1, new)
+        lead = rank_y - len(target.values)
+        new = [v if v is None or (skip_ones and v == 1) else editor.new_size(DimKey(y, k + lead))
+               for k, v in enumerate(target.values)]
+        target.write(editor, node, 1, new)
 
     ctx.fixup(fixup)
 
@@ -148,11 +148,14 @@ def expand(ctx: RuleContext) -> None:
     target's size, which is rewritten to whatever the output's group keeps."""
     x, s, y = ctx.input(0), ctx.input(1), ctx.outputs[0]
     ctx.ignore(s)
-    target = ctx.const(s)
+    target = read_shape_vector(ctx, s)  # a constant, or a Concat of constants and run-time sizes
     xs, ys = ctx.require_shape(x), ctx.require_shape(y)
     lead = len(ys) - len(xs)
+    runtime = {k + len(ys) - len(target.values) for k in target.runtime_entries} if target is not None else set()
     for j in range(len(ys)):
         i = j - lead
+        if j in runtime:
+            ctx.block(DimKey(y, j), "its size in the Expand target is computed at run time")
         if i >= 0 and xs[i] == ys[j] and xs[i] is not None:
             ctx.couple(DimKey(x, i), DimKey(y, j))
             continue
