@@ -51,6 +51,9 @@ def _light_model(model: onnx.ModelProto, keep_value_info: bool) -> onnx.ModelPro
 # copied from the input and inference resumed from there.
 SAME_SHAPE_OPS = frozenset(
     {"GroupNormalization", "InstanceNormalization", "BatchNormalization", "LayerNormalization", "Dropout"}
+    # com.microsoft ops of ORT's transformer optimizer (rules/fused.py checks Attention's width)
+    | {"SkipLayerNormalization", "SkipSimplifiedLayerNormalization", "SimplifiedLayerNormalization", "FastGelu",
+       "BiasGelu", "QuickGelu", "Attention", "MultiHeadAttention"}
 )
 
 

@@ -17,6 +17,6 @@ from graphprune.dependency.rules.registry import (
     rule_for,
 )
 from graphprune.dependency.rules import conv, elementwise, layout, norm, pooling, shape_ops  # noqa: F401,E402
-from graphprune.dependency.rules import attention, embedding, layernorm  # noqa: F401,E402
+from graphprune.dependency.rules import attention, embedding, fused, layernorm  # noqa: F401,E402
 
 __all__ = ["ROLES", "MissingShape", "Rule", "RuleContext", "register_rule", "registered_ops", "rule_for"]
