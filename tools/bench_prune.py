@@ -10,7 +10,9 @@ Sections:
   2. Analysis + pruning time on ResNet-50 (the pass on an in-memory model: no file I/O, no checker),
      split into analysis / scoring+selection / applying, then the same for ResNets with 2x, 4x and
      8x the blocks per stage: it must grow linearly with the node count.
-  3. Per corpus model at 50%: channel groups found and blocked, params, MACs and latency before/after.
+  3. Per corpus model at 50%: channel groups found and blocked, params, MACs and latency before/after
+     (onnx's light models with seeded weights, then the project's fixtures; dynamic dims at batch 1,
+     64 px).
 With ``--torch-python`` (a throwaway venv holding torch and torch-pruning, never the project's), the
 same job in Torch-Pruning is timed in the same run: a torchvision-equivalent ResNet-50 pruned 50% with
 ``MagnitudePruner`` (L2, fc ignored), dependency graph construction and ``step()`` included.
@@ -51,8 +53,10 @@ def latency(model, feed, threads, runs) -> float:
 
 
 def input_shape(model):
+    """Concrete input shape: batch 1, other dynamic dims (spatial) 64."""
     vi = model.graph.input[0]
-    return {vi.name: tuple(d.dim_value if d.dim_value > 0 else 1 for d in vi.type.tensor_type.shape.dim)}
+    dims = vi.type.tensor_type.shape.dim
+    return {vi.name: tuple(d.dim_value if d.dim_value > 0 else (1 if i == 0 else 64) for i, d in enumerate(dims))}
 
 
 def best_time(fn, repeats=5) -> float:
@@ -127,7 +131,7 @@ def bench_depth():
 def corpus():
     from graphprune.testing.zoo import load_light_model
 
-    models = {name: (lambda n=name: load_light_model(n)) for name in
+    models = {f"light {name}": (lambda n=name: load_light_model(n)) for name in
               ("resnet50", "shufflenet", "densenet121", "inception_v1", "inception_v2", "squeezenet", "vgg19")}
     try:
         from graphprune.testing import fixtures
@@ -231,6 +235,8 @@ def bench_torch_pruning(python: str, factors=(1, 2, 4, 8)):
 
 
 def _m(n):
+    if n >= 1e9:
+        return f"{n / 1e9:.2f}G"
     return f"{n / 1e6:.2f}M" if n >= 1e5 else f"{n / 1e3:.1f}K"
 
 
@@ -270,7 +276,7 @@ def main() -> None:
         print("| model | groups | blocked | params | MACs | latency |\n|---|---|---|---|---|---|")
         for row in rows:
             p, m, t = row["params"], row["macs"], row["latency_ms"]
-            macs = f"{m[0] / 1e6:.0f}M -> {m[1] / 1e6:.0f}M ({m[1] / m[0]:.0%})" if m[0] and m[1] is not None else "n/a"
+            macs = f"{_m(m[0])} -> {_m(m[1])} ({m[1] / m[0]:.0%})" if m[0] and m[1] is not None else "n/a"
             print(f"| {row['model']} | {row['groups']} | {row['blocked']} | {_m(p[0])} -> {_m(p[1])} | {macs} "
                   f"| {t[0]:.2f} -> {t[1]:.2f} ms ({t[0] / t[1]:.2f}x) |")
     if args.json:

@@ -12,6 +12,7 @@ from graphprune.data import InputSet
 from graphprune.dependency import DependencyGraph, Group, build_dependency_graph, reported_groups
 from graphprune.errors import UserError
 from graphprune.passes.base import Pass, PassResult, register_pass
+from graphprune.progress import progress_bar
 from graphprune.pruning import (
     CRITERIA,
     MODES,
@@ -57,7 +58,7 @@ class PruneChannelsPass(Pass):
         mode: ``remove`` or ``mask``.
         data: calibration samples (``activation`` only).
         max_group_ratio: cap per group for ``global_ranking``.
-        progress: progress bar for the activation pass.
+        progress: progress bars (stages, and batches of the activation pass) on stderr.
     """
 
     name = "prune"
@@ -107,15 +108,22 @@ class PruneChannelsPass(Pass):
             raise UserError(f"prune: --exclude names no node of the model: {', '.join(missing)}")
 
     def call(self, model: onnx.ModelProto) -> PassResult:
+        with progress_bar(total=3, desc="prune", enabled=self.progress, unit="step") as bar:
+            return self._prune(model, bar)
+
+    def _prune(self, model: onnx.ModelProto, bar) -> PassResult:
         start = time.perf_counter()
+        bar.set_postfix_str("analysis")
         dep = build_dependency_graph(model)
         channel_groups = reported_groups(dep.groups())
         excluded = _excluded_groups(dep, channel_groups, self.exclude)
         prunable = [g for g in channel_groups if g.prunable and g.id not in excluded]
         stats = _base_stats(channel_groups, excluded, prunable, model)
+        bar.update(1)
         if self.ratio == 0 or not prunable:
             stats["note"] = "ratio 0: nothing to prune" if self.ratio == 0 else "nothing prunable: every group is blocked"
             return PassResult(model, False, stats)
+        bar.set_postfix_str("importance")
         stats_by_dim = None
         if self.criterion == "activation":
             dims = [m.dim for g in prunable for m in g.members]
@@ -125,14 +133,17 @@ class PruneChannelsPass(Pass):
         masks = removal_masks(prunable, selected)
         stats["groups_pruned"] = sum(1 for s in selected.values() if s.any())
         stats["channels_removed"] = int(sum(s.sum() for s in selected.values()))
+        bar.update(1)
         if not masks:
             stats["note"] = "the ratio rounds to no channel in any group"
             return PassResult(model, False, stats)
+        bar.set_postfix_str(self.mode)
         result, zeroed = apply_selection(dep, masks, self.mode)
         stats["params_after"] = ir.count_params(result)
         if self.mode == "mask":
             stats["params_zeroed"] = zeroed
         stats["seconds"] = round(time.perf_counter() - start, 4)
+        bar.update(1)
         return PassResult(result, True, stats)
 
 
