@@ -14,23 +14,24 @@ Adding a rule
 Write a function of a ``RuleContext`` and register it for op types (and a domain)::
 
     from graphprune.dependency.dims import DimKey
-    from graphprune.dependency.index_mapping import Expand
     from graphprune.dependency.rules import register_rule
 
-    @register_rule("FastGelu", domain="com.microsoft")
-    def fast_gelu(ctx):
-        x, y = ctx.input(0), ctx.outputs[0]
+    @register_rule("BiasGelu", domain="com.microsoft")
+    def bias_gelu(ctx):                                    # Y = Gelu(X + bias), bias [hidden]
+        x, bias, y = ctx.input(0), ctx.input(1), ctx.outputs[0]
         for axis in range(ctx.rank(x)):
             ctx.couple(DimKey(x, axis), DimKey(y, axis))   # elementwise: index i is index i
-        ctx.ignore(ctx.input(1))                           # a bias handled elsewhere / no channels
+        if ctx.is_param(bias):
+            ctx.param(bias, "shift")                       # deleted with its channels, zeroed by mask
+        ctx.couple(DimKey(bias, 0), ctx.dim(x, -1))      # the bias runs along X's last axis
 
 The context knows the node (``attr``, ``input(i)``, ``outputs``), inferred shapes (``shape``,
 ``rank``), constants (``const``, ``is_param``) and the graph (``consumers``).  It can:
 
 - ``couple(a, b, mapping)``: index i of ``a`` is index/indices mapping(i) of ``b``
   (``Identity``, ``Offset(start, step)`` for segments, ``Expand(outer, inner)`` when ``b`` is ``a``
-  flattened with other axes: an attention [B,S,H*D] -> [B,S,H,D] reshape couples the hidden axis to
-  the head axis with ``Expand(inner=D)``);
+  flattened with other axes: an attention [B,S,H*D] -> [B,S,H,D] reshape couples the head axis H
+  to the hidden axis H*D with ``Expand(inner=D)``);
 - ``block(dim, reason)``: never prune the group holding ``dim``; the reason is reported;
 - ``fix(dim, what)``: the axis is no channel axis (kernel, spatial window);
 - ``factor(merged, factors, prefer)``: an axis merged from several (Reshape/Flatten): one factor is
