@@ -131,7 +131,9 @@ def find_weights(
     fed = {vi.name for vi in graph.input}
     producers = ir.producer_map(graph)
     consumers = ir.consumer_map(graph)
-    labels = {id(node): _node_label(node, i) for i, node in enumerate(graph.node)}
+    # Keyed by outputs, not id(): protobuf's upb backend hands out short-lived wrapper objects whose
+    # ids are reused, so id(node) does not identify a node.
+    labels = {_node_key(node): _node_label(node, i) for i, node in enumerate(graph.node)}
     excluded = set(exclude)
     known_names = set(labels.values()) | set(inits)
     for name in excluded:
@@ -144,7 +146,7 @@ def find_weights(
         rule = WEIGHT_RULES.get(node.op_type)
         if node.op_type not in op_types or rule is None or node.domain not in ("", "ai.onnx"):
             continue
-        label = labels[id(node)]
+        label = labels[_node_key(node)]
         if len(node.input) <= rule.weight_input or not node.input[rule.weight_input]:
             continue
         weight = node.input[rule.weight_input]
@@ -161,18 +163,18 @@ def find_weights(
     for stored, nodes in by_weight.items():
         reason = _sharing_reason(stored, nodes, consumers, producers, labels)
         if reason:
-            skipped.extend(SkippedWeight(labels[id(n)], n.op_type, reason) for n in nodes)
+            skipped.extend(SkippedWeight(labels[_node_key(n)], n.op_type, reason) for n in nodes)
             continue
         shape = tuple(int(d) for d in inits[stored].dims)
         axes = {WEIGHT_RULES[n.op_type].reduction_axis(n, len(shape)) for n in nodes}
         ops = {n.op_type for n in nodes}
         if len(axes) > 1 or len(ops) > 1:
             skipped.extend(
-                SkippedWeight(labels[id(n)], n.op_type, "weight shared by nodes that sum over different axes")
+                SkippedWeight(labels[_node_key(n)], n.op_type, "weight shared by nodes that sum over different axes")
                 for n in nodes
             )
             continue
-        targets.append(WeightTarget(stored, [labels[id(n)] for n in nodes], nodes[0].op_type, shape, axes.pop()))
+        targets.append(WeightTarget(stored, [labels[_node_key(n)] for n in nodes], nodes[0].op_type, shape, axes.pop()))
     return targets, skipped
 
 
@@ -206,18 +208,23 @@ def _unusable_reason(weight: str, stored: Optional[str], inits, fed, producers) 
     return None
 
 
+def _node_key(node: onnx.NodeProto):
+    """What identifies a node within its graph: its name and outputs (outputs are unique in SSA)."""
+    return node.name, tuple(node.output)
+
+
 def _sharing_reason(stored: str, nodes, consumers, producers, labels) -> Optional[str]:
     """Why a weight used elsewhere too must stay: zeroing it would change those other uses."""
-    selected = {id(n) for n in nodes}
+    selected = {_node_key(n) for n in nodes}
     for user in consumers.get(stored, []):
-        if id(user) in selected:
+        if _node_key(user) in selected:
             continue
         if user.op_type == "DequantizeLinear":
             # The quantized form: its output's users must all be selected nodes.
             for inner in consumers.get(user.output[0], []):
-                if id(inner) not in selected:
-                    return f"weight also feeds {inner.op_type} node {labels[id(inner)]!r}"
+                if _node_key(inner) not in selected:
+                    return f"weight also feeds {inner.op_type} node {labels[_node_key(inner)]!r}"
             continue
-        return f"weight also feeds {user.op_type} node {labels[id(user)]!r}"
+        return f"weight also feeds {user.op_type} node {labels[_node_key(user)]!r}"
     return None
 
