@@ -17,7 +17,11 @@ def register(sub) -> None:
                    help="concrete shape of a dynamic input, for MACs (repeatable)")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
     p.add_argument("--groups", action="store_true",
-                   help="list the channel groups structured pruning sees: prunable ones, blocked ones with reasons")
+                   help="list the channel groups structured pruning sees (kind: channels, heads, ffn, hidden): "
+                   "prunable ones, blocked ones with reasons")
+    p.add_argument("--head-dim", action="store_true", help="with --groups: attention head dims instead of whole heads")
+    p.add_argument("--hidden", action="store_true",
+                   help="with --groups: the hidden size as --hidden-ratio sees it (coupled through LayerNorm)")
     p.set_defaults(func=run)
 
 
@@ -25,9 +29,10 @@ def run(args) -> int:
     model = load(args.model)
     if args.groups:
         from graphprune.cli.prune_cmd import format_groups, groups_json
+        from graphprune.dependency import AnalysisOptions
         from graphprune.passes.prune_channels import analyze
 
-        groups = analyze(model)
+        groups = analyze(model, AnalysisOptions(head_dim=args.head_dim, hidden=args.hidden))
         print(json.dumps(groups_json(groups), indent=2) if args.json else format_groups(groups))
         return 0
     stats = model_stats(model, parse_input_shapes(args.input_shape), size_bytes=_file_size(args.model))

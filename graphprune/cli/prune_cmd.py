@@ -24,11 +24,20 @@ def register(sub) -> None:
         help="remove (or mask) whole channels of coupled groups: smaller and faster",
         description="Structured pruning on the ONNX graph: channels that must go together (a conv's "
         "outputs, its BatchNorm, the next conv's inputs, every branch of a residual Add...) form a group; "
-        "the least important fraction of each group is removed. Output shapes never change.",
+        "the least important fraction of each group is removed. Output shapes never change. "
+        "Transformers: whole attention heads, FFN neurons and (on request, lossy) the hidden size.",
     )
     p.add_argument("model", help="the ONNX model")
     add_output_options(p)
-    p.add_argument("--ratio", required=True, metavar="R", help="fraction of channels to prune, in [0, 1)")
+    p.add_argument("--ratio", metavar="R",
+                   help="fraction of channels (and attention heads and FFN neurons) to prune, in [0, 1)")
+    p.add_argument("--heads-ratio", metavar="R",
+                   help="fraction of attention heads to prune, in [0, 1] (overrides --ratio; one head stays per layer)")
+    p.add_argument("--ffn-ratio", metavar="R", help="fraction of FFN neurons to prune, in [0, 1) (overrides --ratio)")
+    p.add_argument("--hidden-ratio", metavar="R",
+                   help="fraction of the hidden size (residual stream) to prune, in [0, 1); lossy, off by default")
+    p.add_argument("--head-dim", action="store_true",
+                   help="prune the same dims inside every attention head (keeps the head count) instead of whole heads")
     p.add_argument("--criterion", default="l2", metavar="|".join(CRITERIA),
                    help="importance: l1/l2 weight magnitude (default l2), bn (BatchNorm scale), "
                    "activation (mean |activation| on --data)")
@@ -49,7 +58,12 @@ def register(sub) -> None:
 
 def run(args) -> int:
     # every argument is checked before the model is read or anything is written
-    ratio = parse_number(args.ratio, "--ratio", 0.0, 1.0)
+    per_kind = {"--heads-ratio": args.heads_ratio, "--ffn-ratio": args.ffn_ratio, "--hidden-ratio": args.hidden_ratio}
+    if args.ratio is None and all(v is None for v in per_kind.values()):
+        raise UserError("give --ratio R (or a per-kind ratio: --heads-ratio, --ffn-ratio, --hidden-ratio)")
+    ratio = parse_number(args.ratio, "--ratio", 0.0, 1.0) if args.ratio is not None else 0.0
+    kind_ratios = {flag: None if text is None else parse_number(text, flag, 0.0, 1.0, high_inclusive=flag == "--heads-ratio")
+                   for flag, text in per_kind.items()}
     cap = parse_number(args.max_group_ratio, "--max-group-ratio", 0.0, 1.0, high_inclusive=True)
     if args.criterion not in CRITERIA:
         raise UserError(f"unknown --criterion {args.criterion!r} (choose from {', '.join(CRITERIA)})")
@@ -72,6 +86,10 @@ def run(args) -> int:
         data=data,
         max_group_ratio=cap if cap > 0 else 1.0,
         progress=sys.stderr.isatty(),
+        heads_ratio=kind_ratios["--heads-ratio"],
+        ffn_ratio=kind_ratios["--ffn-ratio"],
+        hidden_ratio=kind_ratios["--hidden-ratio"],
+        head_dim=args.head_dim,
     )
     prune.requires(model)  # --exclude names are checked before the (possibly long) analysis
     result = prune(model)
@@ -95,6 +113,11 @@ def _summary(stats: dict, before, after, shapes) -> str:
             lines.append(f"  blocked ({b['channels']} ch, {', '.join(b['params'])}): {b['reasons'][0]}")
         return "\n".join(lines)
     lines.append(f"channels removed: {stats['channels_removed']:,}" + (" (masked)" if "params_zeroed" in stats else ""))
+    kinds = stats.get("kinds", {})
+    if set(kinds) - {"channels"}:
+        lines.append("by kind: " + ", ".join(f"{k} {v['removed']:,} of {v['channels']:,} in {v['groups']} groups"
+                                             for k, v in kinds.items()))
+    lines.extend(f"note: {n}" for n in stats.get("notes", []))
     lines.append(f"params: {stats['params_before']:,} -> {stats['params_after']:,}"
                  + (f" ({stats['params_zeroed']:,} zeroed)" if "params_zeroed" in stats else ""))
     macs_before, macs_after = count_macs(before, shapes or None), count_macs(after, shapes or None)
@@ -111,7 +134,7 @@ def groups_json(groups: List[Group]) -> dict:
 
 
 def format_groups(groups: List[Group], max_params: int = 4) -> str:
-    """Prunable groups (channels, member params) then blocked groups with their reasons."""
+    """Prunable groups (channels, kind, member params) then blocked groups with their reasons."""
     prunable = [g for g in groups if not g.blocked]
     blocked = [g for g in groups if g.blocked]
     lines = [f"channel groups: {len(groups)} ({len(prunable)} prunable, {len(blocked)} blocked)"]
@@ -124,12 +147,12 @@ def format_groups(groups: List[Group], max_params: int = 4) -> str:
     if prunable:
         lines.append("prunable:")
         for g in prunable:
-            lines.append(f"  #{g.id:<4} {g.channels:>5} ch  {params(g)}")
+            lines.append(f"  #{g.id:<4} {g.channels:>5} ch  {g.kind:<8}  {params(g)}")
     if blocked:
         lines.append("blocked:")
         for g in blocked:
             channels = "?" if g.channels is None else g.channels
-            lines.append(f"  #{g.id:<4} {channels:>5} ch  {params(g)}")
+            lines.append(f"  #{g.id:<4} {channels:>5} ch  {g.kind:<8}  {params(g)}")
             for reason in g.reasons[:3]:
                 lines.append(f"          - {reason}")
             if len(g.reasons) > 3:

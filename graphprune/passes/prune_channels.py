@@ -9,7 +9,7 @@ import onnx
 
 from graphprune import ir
 from graphprune.data import InputSet
-from graphprune.dependency import DependencyGraph, Group, build_dependency_graph, reported_groups
+from graphprune.dependency import AnalysisOptions, DependencyGraph, Group, build_dependency_graph, reported_groups
 from graphprune.errors import UserError
 from graphprune.passes.base import Pass, PassResult, register_pass
 from graphprune.progress import progress_bar
@@ -20,8 +20,8 @@ from graphprune.pruning import (
     apply_selection,
     group_scores,
     removal_masks,
-    select_channels,
 )
+from graphprune.pruning.kind_ratios import KindRatios, select_by_kind
 
 __all__ = ["PruneChannelsPass", "prune_channels", "analyze"]
 
@@ -42,6 +42,13 @@ class PruneChannelsPass(Pass):
     are not folded (Shape -> Gather -> Reshape) block the axes they read; run ``canonicalize``
     first to fold them (the bundled ``prune`` recipe does).
 
+    Transformers: groups have a kind (``graphprune.dependency.kinds``): ``heads`` (whole attention
+    heads of Q/K/V and the output projection; with ``head_dim`` the same dims of every head
+    instead), ``ffn`` (neurons between up- and down-projections, gated ones included), ``hidden``
+    (the residual stream, lossy, pruned only when ``hidden_ratio`` asks), ``channels`` (the rest).
+    ``ratio`` applies to channels, heads and FFN neurons; ``heads_ratio`` / ``ffn_ratio`` override
+    it; at least one head stays per layer (a heads ratio of 1 keeps exactly one, and says so).
+
     Refuses (``UserError``): ratio outside [0, 1), unknown criterion or mode, ``activation``
     without data, ``exclude`` naming no node.  Never prunes: blocked groups (graph inputs/outputs,
     ops without a rule, Softmax/LayerNormalization/reductions over the channel axis, sizes read by
@@ -59,6 +66,10 @@ class PruneChannelsPass(Pass):
         data: calibration samples (``activation`` only).
         max_group_ratio: cap per group for ``global_ranking``.
         progress: progress bars (stages, and batches of the activation pass) on stderr.
+        heads_ratio: fraction of heads (or head dims) to prune, in [0, 1]; None: ``ratio``.
+        ffn_ratio: fraction of FFN neurons to prune; None: ``ratio``.
+        hidden_ratio: fraction of the hidden size to prune (lossy); None or 0: none.
+        head_dim: prune the same dims inside every head (head count kept) instead of whole heads.
     """
 
     name = "prune"
@@ -74,6 +85,10 @@ class PruneChannelsPass(Pass):
         data: Optional[InputSet] = None,
         max_group_ratio: float = 0.9,
         progress: bool = False,
+        heads_ratio: Optional[float] = None,
+        ffn_ratio: Optional[float] = None,
+        hidden_ratio: Optional[float] = None,
+        head_dim: bool = False,
     ):
         try:
             ratio = float(ratio)
@@ -100,6 +115,8 @@ class PruneChannelsPass(Pass):
         self.data = data
         self.max_group_ratio = float(max_group_ratio)
         self.progress = progress
+        self.ratios = KindRatios.from_options(ratio, heads_ratio, ffn_ratio, hidden_ratio)
+        self.head_dim = bool(head_dim)
 
     def requires(self, model: onnx.ModelProto) -> None:
         names = {n.name for n in model.graph.node if n.name}
@@ -114,14 +131,15 @@ class PruneChannelsPass(Pass):
     def _prune(self, model: onnx.ModelProto, bar) -> PassResult:
         start = time.perf_counter()
         bar.set_postfix_str("analysis")
-        dep = build_dependency_graph(model)
+        options = AnalysisOptions(head_dim=self.head_dim, hidden=self.ratios.hidden > 0)
+        dep = build_dependency_graph(model, options=options)
         channel_groups = reported_groups(dep.groups())
         excluded = _excluded_groups(dep, channel_groups, self.exclude)
         prunable = [g for g in channel_groups if g.prunable and g.id not in excluded]
         stats = _base_stats(channel_groups, excluded, prunable, model)
         bar.update(1)
-        if self.ratio == 0 or not prunable:
-            stats["note"] = "ratio 0: nothing to prune" if self.ratio == 0 else "nothing prunable: every group is blocked"
+        if self.ratios.nothing or not prunable:
+            stats["note"] = "ratio 0: nothing to prune" if self.ratios.nothing else "nothing prunable: every group is blocked"
             return PassResult(model, False, stats)
         bar.set_postfix_str("importance")
         stats_by_dim = None
@@ -129,8 +147,10 @@ class PruneChannelsPass(Pass):
             dims = [m.dim for g in prunable for m in g.members]
             stats_by_dim = activation_stats(model, dims, self.data, progress=self.progress)
         scores = group_scores(dep, prunable, self.criterion, stats_by_dim)
-        selected = select_channels(prunable, scores, self.ratio, self.global_ranking, self.round_to, self.max_group_ratio)
+        selected, notes = select_by_kind(prunable, scores, self.ratios, self.global_ranking, self.round_to,
+                                         self.max_group_ratio)
         masks = removal_masks(prunable, selected)
+        _kind_stats(stats, prunable, selected, notes)
         stats["groups_pruned"] = sum(1 for s in selected.values() if s.any())
         stats["channels_removed"] = int(sum(s.sum() for s in selected.values()))
         bar.update(1)
@@ -176,13 +196,28 @@ def _base_stats(groups: List[Group], excluded: Dict[int, str], prunable: List[Gr
         "channels_removed": 0,
         "params_before": ir.count_params(model),
         "params_after": ir.count_params(model),
-        "blocked": [{"channels": g.channels, "params": g.param_names()[:4], "reasons": g.reasons[:3]} for g in blocked],
+        "blocked": [{"kind": g.kind, "channels": g.channels, "params": g.param_names()[:4], "reasons": g.reasons[:3]}
+                    for g in blocked],
     }
 
 
-def analyze(model: onnx.ModelProto) -> List[Group]:
-    """The channel groups of ``model`` (prunable and blocked), as ``inspect --groups`` lists them."""
-    return reported_groups(build_dependency_graph(model).groups())
+def _kind_stats(stats: dict, prunable: List[Group], selected: Dict, notes: List[str]) -> None:
+    """Per kind (heads, ffn...): prunable groups and channels removed; the selection's notes."""
+    kinds: Dict[str, dict] = {}
+    for g in prunable:
+        entry = kinds.setdefault(g.kind, {"groups": 0, "channels": 0, "removed": 0})
+        entry["groups"] += 1
+        entry["channels"] += g.channels
+        entry["removed"] += int(selected[g.id].sum()) if g.id in selected else 0
+    stats["kinds"] = kinds
+    if notes:
+        stats["notes"] = notes
+
+
+def analyze(model: onnx.ModelProto, options: Optional[AnalysisOptions] = None) -> List[Group]:
+    """The channel groups of ``model`` (prunable and blocked), as ``inspect --groups`` lists them;
+    ``options`` asks for head-dim or hidden-size coupling."""
+    return reported_groups(build_dependency_graph(model, options=options).groups())
 
 
 def prune_channels(
