@@ -214,10 +214,10 @@ def expand_compact_weights(model: onnx.ModelProto) -> onnx.ModelProto:
     drop_nodes, drop_inits, dense = set(), set(), []
     for name in compact_weight_names(result):
         value, nodes, constants = _decode_chain(graph, name, producers, inits)
-        drop_nodes.update(id(n) for n in nodes)
+        drop_nodes.update(tuple(n.output) for n in nodes)  # not id(): upb wrappers are short-lived
         drop_inits.update(constants)
         dense.append(numpy_helper.from_array(value, name))
-    kept_nodes = [n for n in graph.node if id(n) not in drop_nodes]
+    kept_nodes = [n for n in graph.node if tuple(n.output) not in drop_nodes]
     kept_inits = [i for i in graph.initializer if i.name not in drop_inits]
     del graph.node[:]
     graph.node.extend(kept_nodes)
