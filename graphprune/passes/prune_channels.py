@@ -137,6 +137,7 @@ class PruneChannelsPass(Pass):
         excluded = _excluded_groups(dep, channel_groups, self.exclude)
         prunable = [g for g in channel_groups if g.prunable and g.id not in excluded]
         stats = _base_stats(channel_groups, excluded, prunable, model)
+        stats["kinds"] = _kind_stats(prunable, {})
         bar.update(1)
         if self.ratios.nothing or not prunable:
             stats["note"] = "ratio 0: nothing to prune" if self.ratios.nothing else "nothing prunable: every group is blocked"
@@ -150,7 +151,9 @@ class PruneChannelsPass(Pass):
         selected, notes = select_by_kind(prunable, scores, self.ratios, self.global_ranking, self.round_to,
                                          self.max_group_ratio)
         masks = removal_masks(prunable, selected)
-        _kind_stats(stats, prunable, selected, notes)
+        stats["kinds"] = _kind_stats(prunable, selected)
+        if notes:
+            stats["notes"] = notes
         stats["groups_pruned"] = sum(1 for s in selected.values() if s.any())
         stats["channels_removed"] = int(sum(s.sum() for s in selected.values()))
         bar.update(1)
@@ -201,17 +204,15 @@ def _base_stats(groups: List[Group], excluded: Dict[int, str], prunable: List[Gr
     }
 
 
-def _kind_stats(stats: dict, prunable: List[Group], selected: Dict, notes: List[str]) -> None:
-    """Per kind (heads, ffn...): prunable groups and channels removed; the selection's notes."""
+def _kind_stats(prunable: List[Group], selected: Dict) -> Dict[str, dict]:
+    """Per kind (heads, ffn...): prunable groups, their channels, and how many were selected."""
     kinds: Dict[str, dict] = {}
     for g in prunable:
         entry = kinds.setdefault(g.kind, {"groups": 0, "channels": 0, "removed": 0})
         entry["groups"] += 1
         entry["channels"] += g.channels
         entry["removed"] += int(selected[g.id].sum()) if g.id in selected else 0
-    stats["kinds"] = kinds
-    if notes:
-        stats["notes"] = notes
+    return kinds
 
 
 def analyze(model: onnx.ModelProto, options: Optional[AnalysisOptions] = None) -> List[Group]:
