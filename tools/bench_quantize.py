@@ -100,7 +100,9 @@ def corpus() -> Dict[str, Callable[[], Tuple[onnx.ModelProto, InputSet, InputSet
         "MobileNetV3-style": from_fixture("mobilenet_v3_block_net"),
         "YOLOv8-style": from_fixture("yolov8_c2f_net"),
         "digits CNN": _digits,
-        "BERT-style encoder": from_fixture("bert_encoder"),
+        "BERT-style encoder (4 layers, hidden 256, seq 128)": from_fixture(
+            "bert_encoder", layers=4, hidden=256, heads=4, ffn=1024
+        ),
     }
 
 
@@ -166,7 +168,7 @@ def bench_model(name, build, threads: int, seconds: float) -> dict:
     timed = {"fp32": model, "static": static}
     if mine is not model:  # an unchanged model is the fp32 file itself: same latency by identity
         timed["ours"] = mine
-    lat = measure_latencies(timed, feed, threads=threads, rounds=7, budget_seconds=seconds)
+    lat = measure_latencies(timed, feed, threads=threads, rounds=15, budget_seconds=seconds)
     lat.setdefault("ours", lat["fp32"])
     return {
         "model": name,
@@ -196,7 +198,7 @@ def bench_pruned(threads: int, seconds: float) -> Optional[dict]:
     pipeline = build_pipeline(load_recipe("prune-quantize"), context={"data": calib})
     result = pipeline(model)
     feed = held_out.first_batch(1)
-    lat = measure_latencies({"fp32": model, "pq": result.model}, feed, threads=threads, rounds=7, budget_seconds=seconds)
+    lat = measure_latencies({"fp32": model, "pq": result.model}, feed, threads=threads, rounds=15, budget_seconds=seconds)
     return {
         "model": "ResNet-50 pruned 50% + quantized",
         "fp32_ms": lat["fp32"] * 1e3,

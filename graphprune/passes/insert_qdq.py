@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import dataclasses
 from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Set, Tuple
 
 import numpy as np
@@ -33,6 +34,8 @@ __all__ = ["InsertQDQPass", "insert_qdq"]
 # A quantized candidate must beat float by this fraction to count as faster: run-to-run noise of
 # interleaved medians on a busy machine stays under it.
 _MIN_GAIN = 0.04
+# Scales of the cost model's int8 estimates whose placements are also measured (its uncertainty).
+_COST_BAND = (1.4, 0.7)
 # Samples used to rank layers by the error they add (one run of each model).
 _SENSITIVITY_FEEDS = 4
 
@@ -47,9 +50,11 @@ class InsertQDQPass(Pass):
     by minimum cut (``quantization/cost.py``) that keeps float the regions where QDQ borders cost
     more than int8 saves (depthwise convs, RGB stems, short runs between float activations); with
     ``max_error``, the layers that add most error stay float until the budget holds.  Then the
-    candidates -- the cost-model placement and every eligible node (what ``quantize_static`` does)
-    -- are timed against float on ORT (``threads`` intra-op threads) and the fastest that meets the
-    budget wins; when none beats float the model is returned unchanged (``modified=False``).
+    candidates -- the cost-model placement, the placements with its int8 estimates scaled by 1.4
+    and 0.7, and every eligible node (what ``quantize_static`` does) -- are timed against float on
+    ORT (``threads`` intra-op threads, batch 1 for dynamic-batch models, interleaved rounds) and the
+    fastest that beats float by 4% and meets the budget wins; when none does, the model is
+    returned unchanged (``modified=False``).
 
     Weights are symmetric int8 per output channel (``per_channel=False`` for one scale per tensor),
     biases int32, activations asymmetric uint8 (``activation_type="int8"`` on request).
@@ -182,8 +187,11 @@ class _Planner:
         error = output_error(model, self.feeds, self.reference, self.options.threads) if int8 else 0.0
         return Candidate(name, model, int8, error=error)
 
-    def _placement(self, forced_float: Set[str]):
-        return place(self.model, self.costs, self.allowed - forced_float, self.shapes, self.view.constants)
+    def _placement(self, forced_float: Set[str], int8_scale: float = 1.0):
+        costs = self.costs
+        if int8_scale != 1.0:
+            costs = {n: dataclasses.replace(c, int8_ns=c.int8_ns * int8_scale) for n, c in costs.items()}
+        return place(self.model, costs, self.allowed - forced_float, self.shapes, self.view.constants)
 
     def candidates(self) -> List[Candidate]:
         placement = self._placement(set())
@@ -192,9 +200,17 @@ class _Planner:
         found: List[Candidate] = []
         if placement.int8:
             found.append(self._fit_budget(self._build("cost-model", placement.int8)))
-        if self.options.measure and self.allowed and self.allowed != placement.int8:
-            everything = self._build("all-eligible", self.allowed)
-            found.append(self._fit_budget(everything) if not found else everything)
+        if self.options.measure:
+            # The cost model's unit costs are uncertain: placements at both ends of that band, and
+            # every eligible node, are measured too (each distinct placement once).
+            seen = {frozenset(placement.int8)}
+            variants = [(f"cost-model (int8 x{scale})", self._placement(set(), scale).int8) for scale in _COST_BAND]
+            variants.append(("all-eligible", self.allowed))
+            for name, int8 in variants:
+                if int8 and frozenset(int8) not in seen:
+                    seen.add(frozenset(int8))
+                    built = self._build(name, int8)
+                    found.append(self._fit_budget(built) if not found else built)
         budget = self.options.max_error
         return [c for c in found if c.int8_nodes and (budget is None or c.error <= budget)]
 
