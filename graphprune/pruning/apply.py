@@ -111,10 +111,9 @@ def _drop_unused(graph: onnx.GraphProto, names: set) -> None:
     read = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
     read |= {name for n in graph.node if any(a.g.node or a.graphs for a in n.attribute) for name in outer_names(n)}
     dead = names - read
-    if dead:
-        kept = [init for init in graph.initializer if init.name not in dead]
-        del graph.initializer[:]
-        graph.initializer.extend(kept)
+    # delete in place, last first: rebuilding the list would copy every (large) initializer again
+    for index in reversed([i for i, init in enumerate(graph.initializer) if init.name in dead]):
+        del graph.initializer[index]
 
 
 def _param_masks(masks: Dict[DimKey, np.ndarray]) -> Dict[str, List[Tuple[int, np.ndarray]]]:

@@ -1,0 +1,175 @@
+"""Benchmark transformer pruning (attention heads and FFN neurons) with graphprune's ``prune`` pass.
+
+Usage:
+    .venv/bin/python tools/bench_transformer.py [--threads 1 2] [--runs 20] [--seq 128]
+        [--finetune-layers 12] [--finetune-samples 256] [--skip-finetune] [--json out.json]
+
+Sections:
+  1. A BERT-base-sized encoder (``graphprune.testing.bert_base_like``: 12 layers, hidden 768, 12 heads,
+     FFN 3072, vocab 30522; dynamic batch and sequence) pruned 50% of the heads and 50% of the FFN
+     neurons (l2 magnitude): params, MACs at batch 1 x ``--seq`` tokens, ORT latency before/after
+     side by side and the speedup, at each ``--threads`` count.
+  2. Analysis + pruning time for that model: the pass on the in-memory model (no file I/O, no
+     checker), split into analysis / scoring+selection / applying; best of 5.
+  3. Output agreement with the original on held-out random tokens, right after pruning and after
+     fine-tuning by distillation (``graphprune.passes.finetune``, MSE on the last hidden state, label
+     free) on random-token data: relative L2 error and cosine of ``last_hidden_state``, top-1
+     agreement of the classifier ``logits``.  ``--finetune-layers`` sets the depth of the model used
+     here (12 = the same BERT-base-sized model; fewer layers run faster).
+
+Latency is the median of ``--runs`` runs after 3 warm-up runs at a fixed thread count, the two models
+timed in turns (one run each, repeated) so that load from other processes hits them alike.  All
+numbers come from one run of this script.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+
+os.environ.pop("GRAPHPRUNE_DEBUG", None)  # the full checker is not part of the timed work
+
+import numpy as np  # noqa: E402
+
+from graphprune.data import InputSet  # noqa: E402
+from graphprune.dependency import AnalysisOptions, build_dependency_graph, reported_groups  # noqa: E402
+from graphprune.ir import count_params  # noqa: E402
+from graphprune.metrics import MAC_RULES  # noqa: E402
+from graphprune.passes.prune_channels import PruneChannelsPass  # noqa: E402
+from graphprune.pruning import apply_selection, group_scores, removal_masks  # noqa: E402
+from graphprune.pruning.kind_ratios import KindRatios, select_by_kind  # noqa: E402
+from graphprune.quantization.measure import observed_shapes  # noqa: E402
+from graphprune.runtime import make_session, run  # noqa: E402
+from graphprune.testing import bert_base_like  # noqa: E402
+from graphprune.validate import compare_outputs  # noqa: E402
+
+VOCAB = 30522
+
+
+def tokens(batch: int, seq: int, seed: int) -> dict:
+    return {"input_ids": np.random.default_rng(seed).integers(0, VOCAB, size=(batch, seq)).astype(np.int64)}
+
+
+def interleaved_latencies(models, feed, threads: int, runs: int):
+    """Median seconds per run of each model, timed in turns so that outside load hits them alike."""
+    sessions = [make_session(m, threads=threads) for m in models]
+    for session in sessions:
+        for _ in range(3):
+            session.run(None, feed)
+    times = [[] for _ in sessions]
+    for _ in range(runs):
+        for i, session in enumerate(sessions):
+            start = time.perf_counter()
+            session.run(None, feed)
+            times[i].append(time.perf_counter() - start)
+    return [statistics.median(t) for t in times]
+
+
+def prune(model, **kwargs):
+    return PruneChannelsPass(ratio=0.0, heads_ratio=0.5, ffn_ratio=0.5, **kwargs)(model)
+
+
+def macs(model, feed) -> int:
+    """MatMul/Gemm multiply-accumulates of one run, at the shapes ORT observes (ONNX inference loses
+    the sequence length at the position-id Slice, so ``count_macs`` cannot resolve them)."""
+    known = {i.name: tuple(i.dims) for i in model.graph.initializer}
+    shapes = observed_shapes(model, feed, known, threads=2)
+    return sum(MAC_RULES[n.op_type](n, shapes) or 0 for n in model.graph.node if n.op_type in MAC_RULES)
+
+
+def section_speed(model, pruned, args) -> dict:
+    feed = tokens(1, args.seq, seed=1)
+    rows = {"params": (count_params(model), count_params(pruned)), "macs": (macs(model, feed), macs(pruned, feed))}
+    print(f"\n1. BERT-base-sized encoder, 50% heads + 50% FFN neurons, batch 1 x {args.seq} tokens")
+    print(f"{'':24}{'original':>16}{'pruned':>16}{'ratio':>9}")
+    for name, (a, b) in rows.items():
+        print(f"{name:24}{a:>16,}{b:>16,}{b / a:>9.3f}")
+    for threads in args.threads:
+        before, after = interleaved_latencies([model, pruned], feed, threads, args.runs)
+        rows[f"latency_ms_{threads}t"] = (before * 1e3, after * 1e3)
+        print(f"{f'latency ({threads} thread)':24}{before * 1e3:>13.1f} ms{after * 1e3:>13.1f} ms"
+              f"{before / after:>8.2f}x")
+    return {k: list(v) for k, v in rows.items()}
+
+
+def section_timing(model) -> dict:
+    """Best of 5: analysis, scoring + selection, applying (the pass's own steps, no I/O)."""
+    ratios = KindRatios.from_options(0.0, heads_ratio=0.5, ffn_ratio=0.5)
+    best = {"analysis": 1e9, "selection": 1e9, "apply": 1e9, "pass": 1e9}
+    for _ in range(5):
+        t0 = time.perf_counter()
+        dep = build_dependency_graph(model, options=AnalysisOptions())
+        groups = [g for g in reported_groups(dep.groups()) if g.prunable]
+        t1 = time.perf_counter()
+        selected, _ = select_by_kind(groups, group_scores(dep, groups, "l2"), ratios)
+        masks = removal_masks(groups, selected)
+        t2 = time.perf_counter()
+        apply_selection(dep, masks, "remove")
+        t3 = time.perf_counter()
+        prune(model)
+        t4 = time.perf_counter()
+        for key, value in zip(best, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
+            best[key] = min(best[key], value)
+    print("\n2. Analysis + pruning time (in memory, best of 5)")
+    for key, value in best.items():
+        print(f"  {key:<10}{value:>8.3f} s")
+    return best
+
+
+def agreement(reference, candidate) -> dict:
+    hidden = compare_outputs("last_hidden_state", reference["last_hidden_state"], candidate["last_hidden_state"])
+    logits = compare_outputs("logits", reference["logits"], candidate["logits"])
+    return {"hidden_rel_l2": hidden.rel_l2, "hidden_cosine": hidden.cosine, "logits_top1": logits.top1_agreement}
+
+
+def section_finetune(args) -> dict:
+    from graphprune.passes.finetune import finetune
+
+    model = bert_base_like(layers=args.finetune_layers)
+    pruned = prune(model).model
+    train = InputSet(tokens(args.finetune_samples, args.finetune_seq, seed=2))
+    held_out = tokens(128, args.finetune_seq, seed=3)
+    reference = run(make_session(model), held_out)
+    start = time.perf_counter()
+    tuned = finetune(pruned, data=train, teacher=model, epochs=args.finetune_epochs, batch_size=16, lr=5e-4)
+    seconds = time.perf_counter() - start
+    rows = {"pruned": agreement(reference, run(make_session(pruned), held_out)),
+            "fine-tuned": agreement(reference, run(make_session(tuned), held_out))}
+    print(f"\n3. Agreement with the original ({args.finetune_layers} layers, 128 held-out random-token sequences of "
+          f"{args.finetune_seq}); distillation on {args.finetune_samples} random-token sequences, "
+          f"{args.finetune_epochs} epochs, {seconds:.0f} s")
+    print(f"{'':14}{'hidden rel L2':>15}{'hidden cosine':>15}{'logits top-1':>14}")
+    for name, row in rows.items():
+        print(f"{name:14}{row['hidden_rel_l2']:>15.3f}{row['hidden_cosine']:>15.3f}{row['logits_top1']:>14.1%}")
+    return {"rows": rows, "seconds": seconds}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--runs", type=int, default=20)
+    parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--skip-finetune", action="store_true")
+    parser.add_argument("--finetune-layers", type=int, default=12)
+    parser.add_argument("--finetune-samples", type=int, default=256)
+    parser.add_argument("--finetune-seq", type=int, default=32)
+    parser.add_argument("--finetune-epochs", type=int, default=3)
+    parser.add_argument("--json", help="write the numbers here")
+    args = parser.parse_args()
+
+    model = bert_base_like()
+    result = prune(model)
+    print(f"heads/FFN groups: {result.stats['kinds']}")
+    report = {"speed": section_speed(model, result.model, args), "timing": section_timing(model)}
+    if not args.skip_finetune:
+        report["finetune"] = section_finetune(args)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=2, default=float)
+
+
+if __name__ == "__main__":
+    main()
