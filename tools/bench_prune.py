@@ -16,7 +16,9 @@ Sections:
 With ``--torch-python`` (a throwaway venv holding torch and torch-pruning, never the project's), the
 same job in Torch-Pruning is timed in the same run: a torchvision-equivalent ResNet-50 pruned 50% with
 ``MagnitudePruner`` (L2, fc ignored), dependency graph construction and ``step()`` included.
-Latency is the median of ``--runs`` runs after 3 warm-up runs at a fixed thread count; pruning
+Latency is the median of ``--runs`` runs after 3 warm-up runs at a fixed thread count, the models
+being compared timed in turns (one run each, repeated) so that load from other processes hits them
+alike; pruning
 timings are the best of 5 runs (3 for the largest nets), Torch-Pruning's too.  All numbers come from one run of this script.
 """
 
@@ -25,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -37,7 +40,7 @@ from graphprune.metrics import count_macs  # noqa: E402
 from graphprune.ir import count_params  # noqa: E402
 from graphprune.passes.prune_channels import PruneChannelsPass  # noqa: E402
 from graphprune.pruning import apply_selection, group_scores, removal_masks, select_channels  # noqa: E402
-from graphprune.runtime import make_session, measure_latency  # noqa: E402
+from graphprune.runtime import make_session  # noqa: E402
 
 STAGES = (3, 4, 6, 3)  # ResNet-50 blocks per stage
 
@@ -48,8 +51,20 @@ def resnet50(width: float = 1.0, blocks=STAGES):
     return fixtures.resnet(depth=50, width=width, image=224, blocks=tuple(blocks))
 
 
-def latency(model, feed, threads, runs) -> float:
-    return measure_latency(make_session(model, threads=threads), feed, runs=runs)
+def interleaved_latencies(models, feed, threads, runs):
+    """Median seconds per run of each model, timed in turns (one run of each, ``runs`` times) so that
+    load from other processes on the shared machine hits every model alike."""
+    sessions = [make_session(m, threads=threads) for m in models]
+    for session in sessions:
+        for _ in range(3):
+            session.run(None, feed)
+    times = [[] for _ in sessions]
+    for _ in range(runs):
+        for i, session in enumerate(sessions):
+            start = time.perf_counter()
+            session.run(None, feed)
+            times[i].append(time.perf_counter() - start)
+    return [statistics.median(t) for t in times]
 
 
 def input_shape(model):
@@ -104,11 +119,12 @@ def bench_resnet50(threads, runs):
     result = PruneChannelsPass(ratio=0.5)(model)
     pruned = result.model
     half = resnet50(width=0.5)
+    original_s, pruned_s, half_s = interleaved_latencies([model, pruned, half], feed, threads, runs)
     row = {
         "params": [count_params(model), count_params(pruned)],
         "macs": [count_macs(model, shapes), count_macs(pruned, shapes)],
-        "latency_ms": [latency(model, feed, threads, runs) * 1e3, latency(pruned, feed, threads, runs) * 1e3],
-        "hand_built_half_latency_ms": latency(half, feed, threads, runs) * 1e3,
+        "latency_ms": [original_s * 1e3, pruned_s * 1e3],
+        "hand_built_half_latency_ms": half_s * 1e3,
         "hand_built_half_macs": count_macs(half, shapes),
         "groups_pruned": result.stats["groups_pruned"],
     }
@@ -154,7 +170,7 @@ def bench_corpus(threads, runs):
             "model": name, "groups": s["groups_found"], "blocked": s["groups_blocked"],
             "params": [s["params_before"], s["params_after"]],
             "macs": [count_macs(model, shapes), count_macs(result.model, shapes)],
-            "latency_ms": [latency(model, feed, threads, runs) * 1e3, latency(result.model, feed, threads, runs) * 1e3],
+            "latency_ms": [t * 1e3 for t in interleaved_latencies([model, result.model], feed, threads, runs)],
         })
     return rows
 
