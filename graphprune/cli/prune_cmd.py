@@ -109,6 +109,7 @@ def _summary(stats: dict, before, after, shapes) -> str:
     ]
     if stats.get("note"):
         lines.append(f"nothing pruned: {stats['note']}")
+        lines.extend(f"note: {n}" for n in stats.get("notes", []))
         for b in stats["blocked"][:5]:
             lines.append(f"  blocked ({b['channels']} ch, {', '.join(b['params'])}): {b['reasons'][0]}")
         return "\n".join(lines)

@@ -46,12 +46,14 @@ class KindRatios:
         heads: attention heads, or head dims with head-dim pruning; 1.0 keeps one head per layer.
         ffn: FFN neurons (the inner axis of token-wise up/down projections, gated ones included).
         hidden: the hidden size (residual stream); lossy.
+        asked: the kinds given a ratio of their own (a note says when the model has none of them).
     """
 
     channels: float = 0.0
     heads: float = 0.0
     ffn: float = 0.0
     hidden: float = 0.0
+    asked: frozenset = frozenset()
 
     @classmethod
     def from_options(
@@ -71,6 +73,8 @@ class KindRatios:
             heads=ratio if heads_ratio is None else _check(heads_ratio, "heads ratio", allow_one=True),
             ffn=ratio if ffn_ratio is None else _check(ffn_ratio, "ffn ratio"),
             hidden=0.0 if hidden_ratio is None else _check(hidden_ratio, "hidden ratio"),
+            asked=frozenset(kind for kind, value in ((HEADS, heads_ratio), (FFN, ffn_ratio), (HIDDEN, hidden_ratio))
+                            if value is not None and float(value) > 0),
         )
 
     def for_kind(self, kind: str) -> float:
@@ -102,6 +106,10 @@ def select_by_kind(
     """
     selected: Dict[int, np.ndarray] = {}
     notes: List[str] = []
+    present = {g.kind for g in groups}
+    for kind in sorted(ratios.asked):
+        if kind not in present and not (kind == HEADS and HEAD_DIM in present):
+            notes.append(f"{kind} ratio {ratios.for_kind(kind):g} unused: the model has no prunable {kind} groups")
     for kind in KINDS:
         members = [g for g in groups if g.kind == kind]
         ratio = ratios.for_kind(kind)
