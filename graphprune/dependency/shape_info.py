@@ -85,7 +85,8 @@ def infer_value_info(model: onnx.ModelProto, keep_value_info: bool = False) -> L
         known = _known(inferred.graph)
         filled = []
         for node in inferred.graph.node:
-            if node.op_type in same_shape and node.input and node.output[0] not in known and node.input[0] in known:
+            if (node.op_type in same_shape and node.input and node.output[0] not in known and node.input[0] in known
+                    and _keeps_width(node, known)):
                 vi = onnx.ValueInfoProto()
                 vi.CopyFrom(known[node.input[0]])
                 vi.name = node.output[0]
@@ -98,6 +99,26 @@ def infer_value_info(model: onnx.ModelProto, keep_value_info: bool = False) -> L
         light.graph.value_info.extend(vi for vi in inferred.graph.value_info if vi.name not in replaced)
         light.graph.value_info.extend(filled + refined)
     return list(light.graph.value_info)
+
+
+def _last_dim(known, name: str) -> Optional[int]:
+    vi = known.get(name)
+    dims = vi.type.tensor_type.shape.dim if vi is not None else ()
+    return dims[-1].dim_value if dims and dims[-1].HasField("dim_value") else None
+
+
+def _keeps_width(node: onnx.NodeProto, known) -> bool:
+    """Fused attention writes [B, S, V width]: its input's shape only when V is as wide as the input."""
+    if node.op_type == "Attention":
+        w = known.get(node.input[1]) if len(node.input) > 1 else None
+        dims = w.type.tensor_type.shape.dim if w is not None else ()
+        width = _last_dim(known, node.input[0])
+        return (not any(a.name == "qkv_hidden_sizes" for a in node.attribute) and len(dims) == 2
+                and width is not None and dims[1].dim_value == 3 * width)
+    if node.op_type == "MultiHeadAttention":
+        width = _last_dim(known, node.input[0])
+        return len(node.input) > 2 and width is not None and _last_dim(known, node.input[2]) == width
+    return True
 
 
 def _slice_kept_axes(node: onnx.NodeProto, known, graph: onnx.GraphProto) -> Optional[onnx.ValueInfoProto]:
