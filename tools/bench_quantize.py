@@ -24,7 +24,6 @@ import time
 import warnings
 from typing import Callable, Dict, List, Optional, Tuple
 
-import numpy as np
 import onnx
 
 from graphprune.data import InputSet, load_inputs, random_inputs
