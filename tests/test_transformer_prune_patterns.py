@@ -145,3 +145,25 @@ def test_a_heads_ratio_on_a_model_without_heads_says_so():
     result = PruneChannelsPass(ratio=0.0, heads_ratio=0.5)(onnx.load("models/digits_cnn.onnx"))
     assert not result.modified
     assert result.stats["notes"] == ["heads ratio 0.5 unused: the model has no prunable heads groups"]
+
+
+def test_gather_of_an_activation_blocks_the_indexed_axis_and_prunes_the_picks():
+    rng = np.random.default_rng(0)
+    nodes = [helper.make_node("MatMul", ["x", "w_in"], ["h"]),
+             helper.make_node("Gather", ["h", "pick"], ["g"], axis=2),   # features 0, 2, 5 of 8
+             helper.make_node("MatMul", ["g", "w_out"], ["y"])]
+    model = _model(nodes, {"w_in": rng.standard_normal((IN, HIDDEN)).astype(np.float32),
+                           "pick": np.array([0, 2, 5], np.int64),
+                           "w_out": rng.standard_normal((3, OUT)).astype(np.float32)})
+    groups = reported_groups(build_dependency_graph(model).groups())
+    picked = next(g for g in groups if "w_in" in g.param_names())
+    assert picked.blocked and any("indexed by Gather" in r for r in picked.reasons)
+    picks = next(g for g in groups if "pick" in g.param_names())
+    assert picks.prunable and set(picks.param_names()) == {"pick", "w_out"}
+    removed = PruneChannelsPass(ratio=0.5)(model)
+    masked = PruneChannelsPass(ratio=0.5, mode="mask")(model)
+    dims = {i.name: list(i.dims) for i in removed.model.graph.initializer}
+    assert dims["pick"] == [2] and dims["w_out"] == [2, OUT] and dims["w_in"] == [IN, HIDDEN]
+    x = rng.standard_normal((1, 2, IN)).astype(np.float32)
+    np.testing.assert_allclose(run(make_session(removed.model), {"x": x})["y"],
+                               run(make_session(masked.model), {"x": x})["y"], rtol=1e-5, atol=1e-6)

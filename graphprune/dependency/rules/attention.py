@@ -125,7 +125,7 @@ def activation_matmul(ctx: RuleContext) -> None:
     ra, rb, ry = ctx.rank(a), ctx.rank(b), ctx.rank(y)
     contraction = (DimKey(a, ra - 1), DimKey(b, rb - 2))
     scores = _reaches_softmax(ctx, y)
-    weighted = not scores and (_from_softmax(ctx, a))
+    weighted = not scores and _from_softmax(ctx, a)
     if not (scores or weighted):
         for dim in contraction:
             ctx.block(dim, "contraction between two non-constant operands")

@@ -14,9 +14,9 @@ def gather(ctx: RuleContext) -> None:
     data[axis+1:].
 
     The other axes of ``data`` pass through (an embedding table [vocab, hidden] gives the hidden
-    axis of every looked-up token); the indexed axis blocks (vocabulary rows are picked by value,
-    never pruned); the indices' axes are the lookups' batch/sequence axes.  Constant indices are
-    never zeroed by ``mask`` (zero is a valid index).
+    axis of every looked-up token); the indexed axis is never pruned: a table's rows (the vocabulary)
+    are no channel axis at all, an activation's indexed axis blocks.  The indices' axes are the
+    lookups' batch/sequence axes.  Constant indices are never zeroed by ``mask`` (0 is an index).
     """
     data, indices, y = ctx.input(0), ctx.input(1), ctx.outputs[0]
     rank = ctx.rank(data)
@@ -27,8 +27,10 @@ def gather(ctx: RuleContext) -> None:
             ctx.couple(DimKey(data, a), DimKey(y, a))
         elif a > axis:
             ctx.couple(DimKey(data, a), DimKey(y, a + index_rank - 1))
+        elif ctx.is_constant(data):
+            ctx.fix(DimKey(data, a), "rows of a table looked up by Gather")
         else:
-            ctx.fix(DimKey(data, a), "indexed by Gather (rows are picked by value)")
+            ctx.block(DimKey(data, a), "indexed by Gather")
     if ctx.is_param(indices):
         ctx.param(indices, "divisor")
     for k in range(index_rank):
