@@ -168,3 +168,22 @@ def test_any_heads_and_ffn_ratio_keeps_outputs_and_masked_equals_removed(heads, 
     assert removed.stats["kinds"]["heads"]["removed"] <= 2  # one KV group of each layer stays
     feeds = _tokens(1, seq)
     _assert_close(_outputs(removed.model, feeds), _outputs(masked.model, feeds))
+
+
+@settings(max_examples=5, deadline=None)
+@given(heads=st.sampled_from([1, 2, 4]), head_dim=st.sampled_from([2, 4]), ffn=st.sampled_from([4, 12]),
+       ratio=st.floats(0.1, 0.9), decomposed=st.booleans(), per_head_dims=st.booleans())
+def test_random_small_encoders_prune_consistently(heads, head_dim, ffn, ratio, decomposed, per_head_dims):
+    from graphprune.testing import bert_encoder
+
+    model = bert_encoder(layers=1, hidden=heads * head_dim, heads=heads, ffn=ffn, vocab=20, max_positions=16,
+                         decomposed_layernorm=decomposed)
+    kwargs = dict(ratio=ratio, head_dim=per_head_dims)
+    removed = PruneChannelsPass(**kwargs)(model)
+    masked = PruneChannelsPass(mode="mask", **kwargs)(model)
+    kinds = removed.stats["kinds"]
+    assert kinds["ffn"]["removed"] == int(ffn * ratio + 1e-9)
+    if heads > 1 and not per_head_dims:
+        assert kinds["heads"]["removed"] == min(int(heads * ratio + 1e-9), heads - 1)
+    feeds = {"input_ids": np.random.default_rng(0).integers(0, 20, size=(2, 5)).astype(np.int64)}
+    _assert_close(_outputs(removed.model, feeds), _outputs(masked.model, feeds))

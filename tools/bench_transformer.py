@@ -13,9 +13,9 @@ Sections:
      checker), split into analysis / scoring+selection / applying; best of 5.
   3. Output agreement with the original on held-out random tokens, right after pruning and after
      fine-tuning by distillation (``graphprune.passes.finetune``, MSE on the last hidden state, label
-     free) on random-token data: relative L2 error and cosine of ``last_hidden_state``, top-1
-     agreement of the classifier ``logits``.  ``--finetune-layers`` sets the depth of the model used
-     here (12 = the same BERT-base-sized model; fewer layers run faster).
+     free) on random-token data: relative L2 error and cosine of ``last_hidden_state``, relative L2
+     error and top-1 agreement of the classifier ``logits``.  ``--finetune-layers`` sets the depth of
+     the model used here (12 = the same BERT-base-sized model; fewer layers run faster).
 
 Latency is the median of ``--runs`` runs after 3 warm-up runs at a fixed thread count, the two models
 timed in turns (one run each, repeated) so that load from other processes hits them alike.  All
@@ -122,7 +122,8 @@ def section_timing(model) -> dict:
 def agreement(reference, candidate) -> dict:
     hidden = compare_outputs("last_hidden_state", reference["last_hidden_state"], candidate["last_hidden_state"])
     logits = compare_outputs("logits", reference["logits"], candidate["logits"])
-    return {"hidden_rel_l2": hidden.rel_l2, "hidden_cosine": hidden.cosine, "logits_top1": logits.top1_agreement}
+    return {"hidden_rel_l2": hidden.rel_l2, "hidden_cosine": hidden.cosine, "logits_rel_l2": logits.rel_l2,
+            "logits_top1": logits.top1_agreement}
 
 
 def section_finetune(args) -> dict:
@@ -141,9 +142,10 @@ def section_finetune(args) -> dict:
     print(f"\n3. Agreement with the original ({args.finetune_layers} layers, 128 held-out random-token sequences of "
           f"{args.finetune_seq}); distillation on {args.finetune_samples} random-token sequences, "
           f"{args.finetune_epochs} epochs, {seconds:.0f} s")
-    print(f"{'':14}{'hidden rel L2':>15}{'hidden cosine':>15}{'logits top-1':>14}")
+    print(f"{'':14}{'hidden rel L2':>15}{'hidden cosine':>15}{'logits rel L2':>15}{'logits top-1':>14}")
     for name, row in rows.items():
-        print(f"{name:14}{row['hidden_rel_l2']:>15.3f}{row['hidden_cosine']:>15.3f}{row['logits_top1']:>14.1%}")
+        print(f"{name:14}{row['hidden_rel_l2']:>15.3f}{row['hidden_cosine']:>15.3f}{row['logits_rel_l2']:>15.3f}"
+              f"{row['logits_top1']:>14.1%}")
     return {"rows": rows, "seconds": seconds}
 
 
@@ -154,9 +156,9 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--skip-finetune", action="store_true")
     parser.add_argument("--finetune-layers", type=int, default=12)
-    parser.add_argument("--finetune-samples", type=int, default=256)
+    parser.add_argument("--finetune-samples", type=int, default=512)
     parser.add_argument("--finetune-seq", type=int, default=32)
-    parser.add_argument("--finetune-epochs", type=int, default=3)
+    parser.add_argument("--finetune-epochs", type=int, default=4)
     parser.add_argument("--json", help="write the numbers here")
     args = parser.parse_args()
 
