@@ -65,12 +65,17 @@ def prepare(model: onnx.ModelProto) -> onnx.ModelProto:
         logger = logging.getLogger()
         level = logger.level
         logger.setLevel(logging.ERROR)
+        previous_cwd = os.getcwd()
         try:
+            # ORT's symbolic shape inference dumps sym_shape_infer_temp.onnx (and its weights) into the
+            # working directory when it gives up; keep that litter in our temporary folder.
+            os.chdir(tmp)
             try:
                 quant_pre_process(src, out)
             except Exception:  # symbolic shape inference gives up on some graphs; ONNX's own still runs
                 quant_pre_process(src, out, skip_symbolic_shape=True)
         finally:
+            os.chdir(previous_cwd)
             logger.setLevel(level)
         prepared = onnx.load(out)
     _name_nodes(prepared.graph)
