@@ -84,3 +84,11 @@ def test_bad_ratios_exit_2_with_one_line_and_write_nothing(bert_path, tmp_path, 
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1
     assert not out.exists()
+
+
+def test_run_pipeline_passes_kind_ratios_to_the_prune_pass(bert_path, tmp_path, capsys):
+    out = tmp_path / "r.onnx"
+    assert main(["run", bert_path, "-o", str(out), "--pass", "prune:ratio=0,heads_ratio=0.5,head_dim=true"]) == 0
+    dims = {i.name: list(i.dims) for i in onnx.load(str(out)).graph.initializer}
+    assert dims["encoder.layer.0.attention.self.query.weight"] == [64, 32]  # 4 heads of 8 dims
+    assert dims["encoder.layer.0.intermediate.dense.weight"] == [64, 256]
