@@ -18,8 +18,8 @@ same job in Torch-Pruning is timed in the same run: a torchvision-equivalent Res
 ``MagnitudePruner`` (L2, fc ignored), dependency graph construction and ``step()`` included.
 Latency is the median of ``--runs`` runs after 3 warm-up runs at a fixed thread count, the models
 being compared timed in turns (one run each, repeated) so that load from other processes hits them
-alike; pruning
-timings are the best of 5 runs (3 for the largest nets), Torch-Pruning's too.  All numbers come from one run of this script.
+alike; pruning timings are the best of 5 runs (3 for the largest nets), Torch-Pruning's too.  All
+numbers come from one run of this script.
 """
 
 from __future__ import annotations
