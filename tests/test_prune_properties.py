@@ -156,8 +156,7 @@ class NetBuilder:
             self.x = self.node("Gemm", [f, self.weight(5, self.c), self.const(np.zeros(5, np.float32))], transB=1)
             return [("N", 5)]
         if kind == "matmul":
-            r = self.node("ReduceMean", [self.x], axes=[2, 3], keepdims=0) if OPSET < 18 else \
-                self.node("ReduceMean", [self.x, self.const(np.array([2, 3], np.int64))], keepdims=0)
+            r = self.node("ReduceMean", [self.x, self.const(np.array([2, 3], np.int64))], keepdims=0)
             self.x = self.node("MatMul", [r, self.weight(self.c, 5)])
             return [("N", 5)]
         f = self.node("Flatten", [self.node("MaxPool", [self.x], kernel_shape=[self.hw, self.hw])])
