@@ -9,6 +9,7 @@ import onnx
 
 from graphprune.dependency.dims import VIRTUAL_PREFIX, DimKey
 from graphprune.dependency.index_mapping import IDENTITY, IndexMapping
+from graphprune.dependency.kinds import stronger
 
 __all__ = ["RuleContext", "Rule", "register_rule", "rule_for", "registered_ops", "MissingShape", "ROLES"]
 
@@ -174,8 +175,6 @@ class RuleContext:
     def tag(self, dim: DimKey, kind: str) -> None:
         """Name what ``dim`` is (``graphprune.dependency.kinds``: heads, ffn, hidden...); the
         strongest tag among a group's dims is the group's kind.  Tagging maps nothing."""
-        from graphprune.dependency.kinds import stronger
-
         info = self._b.info(dim)
         info.kind = stronger(info.kind, kind)
 
