@@ -106,3 +106,16 @@ def test_fused_attention_with_past_state_or_heads_that_do_not_divide_blocks():
         attention = next(n for n in result.model.graph.node if n.op_type == "Attention")
         assert list(attention.input[1:3]) == ["qkv_w", "qkv_b"]  # untouched
         assert next(i for i in result.model.graph.initializer if i.name == "qkv_w").dims == [HIDDEN, 3 * HIDDEN]
+
+
+def test_fused_head_dim_pruning_keeps_num_heads_and_writes_the_trained_scale():
+    model = fused_encoder_layer()
+    removed = PruneChannelsPass(ratio=0.0, heads_ratio=0.5, head_dim=True)(model)
+    masked = PruneChannelsPass(ratio=0.0, heads_ratio=0.5, head_dim=True, mode="mask")(model)
+    assert removed.stats["kinds"]["head_dim"]["removed"] == 2
+    assert _attr(removed.model, "Attention", "num_heads") == HEADS
+    assert _attr(removed.model, "Attention", "scale") == pytest.approx(0.5)  # 1 / sqrt(4), not 1 / sqrt(2)
+    qkv = next(i for i in removed.model.graph.initializer if i.name == "qkv_w")
+    assert list(qkv.dims) == [HIDDEN, 3 * HIDDEN // 2]
+    a = run(make_session(removed.model), _feeds())["y"]
+    np.testing.assert_allclose(a, run(make_session(masked.model), _feeds())["y"], rtol=1e-4, atol=1e-5)
