@@ -49,8 +49,8 @@ class PruneChannelsPass(Pass):
     ``ratio`` applies to channels, heads and FFN neurons; ``heads_ratio`` / ``ffn_ratio`` override
     it; at least one head stays per layer (a heads ratio of 1 keeps exactly one, and says so).
 
-    Refuses (``UserError``): ratio outside [0, 1), unknown criterion or mode, ``activation``
-    without data, ``exclude`` naming no node.  Never prunes: blocked groups (graph inputs/outputs,
+    Refuses (``UserError``): ratio outside [0, 1) (heads ratio outside [0, 1]), unknown criterion
+    or mode, ``activation`` without data, ``exclude`` naming no node.  Never prunes: blocked groups (graph inputs/outputs,
     ops without a rule, Softmax/LayerNormalization/reductions over the channel axis, sizes read by
     Shape...); ``stats["blocked"]`` lists them with reasons.  Outputs keep their shapes.
 
