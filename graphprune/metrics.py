@@ -84,6 +84,7 @@ def count_macs(model: onnx.ModelProto, input_shapes: Optional[Mapping[str, Tuple
     shapes = concrete_shapes(model, input_shapes)
     if shapes is None:
         return None
+    shapes = _complete_mac_shapes(model, shapes, input_shapes or {})
     total = 0
     for node in model.graph.node:
         rule = MAC_RULES.get(node.op_type)
@@ -93,6 +94,35 @@ def count_macs(model: onnx.ModelProto, input_shapes: Optional[Mapping[str, Tuple
         if macs is not None:
             total += macs
     return total
+
+
+def _complete_mac_shapes(model: onnx.ModelProto, shapes: dict, input_shapes: Mapping[str, Tuple[int, ...]]) -> dict:
+    """Fill the shapes MAC rules need but ONNX inference lost with what one ORT run observes.
+
+    Exported transformers lose the sequence length at Shape -> Slice chains, which would otherwise
+    count their MatMuls as zero.  Models ORT cannot run on random inputs keep the inferred shapes.
+    """
+    wanted = [
+        name
+        for node in model.graph.node
+        if node.op_type in MAC_RULES
+        for name in list(node.input) + list(node.output)
+        if name and name not in shapes
+    ]
+    if not wanted:
+        return shapes
+    from graphprune.data import random_inputs
+    from graphprune.errors import UserError
+    from graphprune.shapes import observed_shapes
+
+    try:
+        feed = random_inputs(model, input_shapes, samples=1).first_batch()
+        return observed_shapes(model, feed, shapes, names=wanted)
+    except (UserError, RuntimeError, ValueError) as exc:  # ORT failures surface as RuntimeError subclasses
+        import warnings
+
+        warnings.warn(f"MACs counted from inferred shapes only (ORT could not run the model: {exc})")
+        return shapes
 
 
 @dataclasses.dataclass

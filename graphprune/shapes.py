@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Dict, Mapping, Optional, Tuple
+from typing import Dict, Iterable, Mapping, Optional, Tuple
+
+import numpy as np
 
 import onnx
 
 from graphprune.ir import clone, real_inputs, value_shape
 from graphprune.model_io import EXTERNAL_DATA_THRESHOLD
 
-__all__ = ["infer_shapes", "concrete_shapes", "with_input_shapes"]
+__all__ = ["infer_shapes", "concrete_shapes", "with_input_shapes", "observed_shapes"]
 
 
 def infer_shapes(model: onnx.ModelProto, strict: bool = False) -> onnx.ModelProto:
@@ -66,4 +68,42 @@ def concrete_shapes(
     for node in g.node:
         if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
             shapes[node.output[0]] = tuple(node.attribute[0].t.dims)
+    return shapes
+
+
+def observed_shapes(
+    model: onnx.ModelProto,
+    feed: Mapping[str, np.ndarray],
+    known: Mapping[str, tuple],
+    *,
+    names: Optional[Iterable[str]] = None,
+    threads: Optional[int] = 1,
+) -> Dict[str, tuple]:
+    """``known`` completed with the shapes ORT observes for the node outputs it lacks.
+
+    ONNX shape inference gives up on some exported graphs (position-embedding slices at batch 1,
+    Shape -> Gather -> Reshape chains); one run with those tensors exposed as outputs fills the gaps.
+
+    Args:
+        feed: one input feed at the shapes of interest.
+        known: shapes already known (from inference); returned entries override nothing in it.
+        names: the tensors wanted (default: every node output).
+        threads: intra-op threads of the probe session.
+    """
+    from graphprune.runtime import make_session
+
+    produced = [out for node in model.graph.node for out in node.output if out]
+    produced_set = set(produced)
+    wanted = produced if names is None else [n for n in names if n in produced_set]
+    missing = list(dict.fromkeys(n for n in wanted if n not in known))
+    if not missing:
+        return dict(known)
+    probe = clone(model)
+    listed = {o.name for o in probe.graph.output}
+    for name in missing:
+        if name not in listed:
+            probe.graph.output.append(onnx.ValueInfoProto(name=name))  # ORT needs no type for outputs
+    values = make_session(probe, threads=threads).run(missing, dict(feed))
+    shapes = dict(known)
+    shapes.update({name: tuple(np.shape(v)) for name, v in zip(missing, values)})
     return shapes

@@ -37,11 +37,10 @@ import numpy as np  # noqa: E402
 from graphprune.data import InputSet  # noqa: E402
 from graphprune.dependency import AnalysisOptions, build_dependency_graph, reported_groups  # noqa: E402
 from graphprune.ir import count_params  # noqa: E402
-from graphprune.metrics import MAC_RULES  # noqa: E402
+from graphprune.metrics import count_macs  # noqa: E402
 from graphprune.passes.prune_channels import PruneChannelsPass  # noqa: E402
 from graphprune.pruning import apply_selection, group_scores, removal_masks  # noqa: E402
 from graphprune.pruning.kind_ratios import KindRatios, select_by_kind  # noqa: E402
-from graphprune.quantization.measure import observed_shapes  # noqa: E402
 from graphprune.runtime import make_session, run  # noqa: E402
 from graphprune.testing import bert_base_like  # noqa: E402
 from graphprune.validate import compare_outputs  # noqa: E402
@@ -73,11 +72,9 @@ def prune(model, **kwargs):
 
 
 def macs(model, feed) -> int:
-    """MatMul/Gemm multiply-accumulates of one run, at the shapes ORT observes (ONNX inference loses
-    the sequence length at the position-id Slice, so ``count_macs`` cannot resolve them)."""
-    known = {i.name: tuple(i.dims) for i in model.graph.initializer}
-    shapes = observed_shapes(model, feed, known, threads=2)
-    return sum(MAC_RULES[n.op_type](n, shapes) or 0 for n in model.graph.node if n.op_type in MAC_RULES)
+    """Multiply-accumulates of one run at the feed's shapes (``count_macs`` completes the shapes
+    ONNX inference loses at the position-id Slice with one ORT run)."""
+    return count_macs(model, {name: value.shape for name, value in feed.items()})
 
 
 def section_speed(model, pruned, args) -> dict:

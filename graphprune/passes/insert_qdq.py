@@ -17,17 +17,11 @@ from graphprune.quantization.calibration import Feeds, calibrate, calibration_fe
 from graphprune.quantization.config import QuantConfig, check_max_error, check_names
 from graphprune.quantization.cost import estimate_costs, place
 from graphprune.quantization.engine import insert_qdq_nodes
-from graphprune.quantization.measure import (
-    Candidate,
-    measure_latencies,
-    observed_shapes,
-    output_error,
-    reference_outputs,
-)
+from graphprune.quantization.measure import Candidate, measure_latencies, output_error, reference_outputs
 from graphprune.quantization.prepare import is_quantized, prepare
 from graphprune.quantization.rules import RULES, GraphView, rule_for
 from graphprune.runtime import DEFAULT_THREADS
-from graphprune.shapes import concrete_shapes
+from graphprune.shapes import concrete_shapes, observed_shapes
 
 __all__ = ["InsertQDQPass", "insert_qdq"]
 
@@ -156,7 +150,7 @@ class _Planner:
         self.options = options
         first = feeds[0]
         inferred = concrete_shapes(prepared, {k: tuple(v.shape) for k, v in first.items()}) or {}
-        self.shapes = observed_shapes(prepared, first, inferred, options.threads)
+        self.shapes = observed_shapes(prepared, first, inferred, threads=options.threads)
         self.view = GraphView.of(prepared)
         self.float_reasons: Dict[str, str] = {}
         allowed: Set[str] = set()

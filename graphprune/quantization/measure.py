@@ -11,7 +11,7 @@ import onnx
 
 from graphprune.runtime import DEFAULT_THREADS, make_session, run
 
-__all__ = ["Candidate", "output_error", "reference_outputs", "measure_latencies", "observed_shapes"]
+__all__ = ["Candidate", "output_error", "reference_outputs", "measure_latencies"]
 
 
 @dataclasses.dataclass
@@ -82,26 +82,3 @@ def measure_latencies(
                 times.append(time.perf_counter() - start)
             best[name] = min(best[name], float(np.median(times)))
     return best
-
-
-def observed_shapes(
-    model: onnx.ModelProto, feed: Dict[str, np.ndarray], known: Mapping[str, tuple], threads: int = DEFAULT_THREADS
-) -> Dict[str, tuple]:
-    """``known`` completed with the shapes ORT observes for the node outputs it lacks.
-
-    ONNX shape inference gives up on some exported graphs (position-embedding slices at batch 1,
-    Shape -> Gather -> Reshape chains); one run with those tensors exposed as outputs fills the gaps.
-    """
-    missing = [out for node in model.graph.node for out in node.output if out and out not in known]
-    if not missing:
-        return dict(known)
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    listed = {o.name for o in probe.graph.output}
-    for name in missing:
-        if name not in listed:
-            probe.graph.output.append(onnx.ValueInfoProto(name=name))  # ORT needs no type for outputs
-    values = make_session(probe, threads=threads).run(missing, feed)
-    shapes = dict(known)
-    shapes.update({name: tuple(np.shape(v)) for name, v in zip(missing, values)})
-    return shapes
