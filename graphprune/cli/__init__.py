@@ -55,6 +55,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         return int(args.func(args) or 0)
     except UserError as exc:
         message = " ".join(str(exc).split())
+        # a pass names itself in its errors (useful under `run`); under its own command that repeats
+        if message.startswith(f"{args.command}: "):
+            message = message[len(args.command) + 2 :]
         print(f"graphprune {args.command}: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
