@@ -209,7 +209,7 @@ def format_report(report: ValidationReport) -> str:
                 f"latency ({report.threads} thr)",
                 f"{report.latency_before * 1e3:.3f} ms",
                 f"{report.latency_after * 1e3:.3f} ms",
-                f"{report.speedup:.2f}x faster",
+                f"{report.speedup:.2f}x speedup",
             )
         )
     if report.accuracy_before is not None:
