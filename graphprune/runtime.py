@@ -84,8 +84,8 @@ def run(session, feeds: Dict[str, np.ndarray], output_names: Optional[Sequence[s
     return dict(zip(names, values))
 
 
-def run_samples(session, samples: "InputSet", batch_size: int = 32, progress: bool = False) -> Dict[str, np.ndarray]:  # noqa: F821
-    """Run every sample of an ``InputSet`` (in batches its shapes allow); outputs stacked on axis 0."""
+def run_samples(session, samples, batch_size: int = 32, progress: bool = False) -> Dict[str, np.ndarray]:
+    """Run every sample of a ``graphprune.data.InputSet`` (in batches its shapes allow); outputs stacked on axis 0."""
     from graphprune.progress import progress_bar
 
     chunks: Dict[str, List[np.ndarray]] = {}

@@ -79,6 +79,8 @@ def _bad(tmp_path, model_path):
         (["validate", model_path, model_path], "dynamic dims"),
         (["validate", model_path, model_path, "--data", str(wrong)], "the model expects"),
         (["validate", model_path, model_path, "--input-shape", "x=1xAx8"], "--input-shape"),
+        (["validate", model_path, model_path, "--report", str(tmp_path / "no" / "r.json")], "output directory does not exist"),
+        (["validate", model_path, model_path, "--report", model_path], "same file as the original"),
         (["run", model_path, "-o", out], "nothing to run"),
         (["run", model_path, "-o", out, "--pass", "nope"], "unknown pass 'nope'"),
         (["run", model_path, "-o", out, "--pass", "canonicalize:bogus=1"], "no argument 'bogus'"),

@@ -1,7 +1,6 @@
 """Dependency analysis: which channels are coupled, through which index mapping, and what blocks."""
 
 import numpy as np
-import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 

@@ -1,7 +1,6 @@
 """The corpus oracle: on real architectures, removed == masked at ratios 0.25 and 0.5, and every
 pruned model passes the full checker (GRAPHPRUNE_DEBUG) and runs in ORT with unchanged outputs."""
 
-import numpy as np
 import pytest
 
 from graphprune.data import random_inputs

@@ -3,7 +3,6 @@ pruned like their unfused forms (masked == removed, ``num_heads`` rewritten), or
 reason — never corrupted.  The graphs are written as ORT's transformer optimizer emits them."""
 
 import numpy as np
-import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 from typing import Dict, Optional, Tuple
 
@@ -10,9 +11,19 @@ import onnx
 
 from graphprune.data import InputSet, load_inputs, parse_input_shapes
 from graphprune.errors import UserError
-from graphprune.model_io import load, save
+from graphprune.model_io import atomic_write_text, save
 
-__all__ = ["add_data_options", "add_output_options", "read_inputs", "write_model", "parse_number"]
+__all__ = [
+    "add_data_options",
+    "add_output_options",
+    "add_report_option",
+    "check_output_path",
+    "check_report_path",
+    "read_inputs",
+    "write_model",
+    "write_report",
+    "parse_number",
+]
 
 
 def add_data_options(parser: argparse.ArgumentParser, data_help: str = "samples as .npz, one array per model input") -> None:
@@ -46,6 +57,31 @@ def check_output_path(args) -> None:
         raise UserError(f"{args.output}: output directory does not exist")
     if os.path.exists(out) and os.path.samefile(out, args.model) and not args.overwrite_input:
         raise UserError(f"{args.output}: refusing to overwrite the input model (choose another output path)")
+
+
+def add_report_option(parser: argparse.ArgumentParser, what: str = "the report") -> None:
+    parser.add_argument("--report", metavar="R.json", help=f"also write {what} as JSON")
+
+
+def check_report_path(args) -> None:
+    """Fail before any work when ``--report`` cannot be written or would replace an input."""
+    if not getattr(args, "report", None):
+        return
+    path = os.path.abspath(args.report)
+    if not os.path.isdir(os.path.dirname(path)):
+        raise UserError(f"--report {args.report}: output directory does not exist")
+    for name in ("model", "original", "candidate", "output"):
+        other = getattr(args, name, None)
+        if other and os.path.abspath(other) == path:
+            raise UserError(f"--report {args.report}: is the same file as the {name} path")
+
+
+def write_report(args, data) -> None:
+    """Write ``data`` as JSON to ``--report`` (atomically), when asked."""
+    if getattr(args, "report", None):
+        from graphprune.model_io import atomic_write_text
+
+        atomic_write_text(args.report, json.dumps(data, indent=2, default=str))
 
 
 def write_model(args, model: onnx.ModelProto) -> str:

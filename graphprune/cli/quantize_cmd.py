@@ -3,13 +3,21 @@
 from __future__ import annotations
 
 import collections
-import json
 import sys
 import warnings
 
-from graphprune.cli.common import add_data_options, add_output_options, check_output_path, read_inputs, write_model
+from graphprune.cli.common import (
+    add_data_options,
+    add_output_options,
+    add_report_option,
+    check_output_path,
+    check_report_path,
+    read_inputs,
+    write_model,
+    write_report,
+)
 from graphprune.errors import UserError
-from graphprune.model_io import atomic_write_text, load
+from graphprune.model_io import load
 from graphprune.quantization.config import ACTIVATION_TYPES, METHODS, QuantConfig, check_max_error
 
 # Reasons listing more layers than this print the first few and a count.
@@ -38,7 +46,7 @@ def register(sub) -> None:
                    help="trust the cost model instead of timing candidates on ONNX Runtime")
     p.add_argument("--threads", type=int, default=1, help="intra-op threads for the timing (default 1)")
     p.add_argument("--calibration-samples", type=int, default=64, help="samples used to calibrate (default 64)")
-    p.add_argument("--report", metavar="R.json", help="also write the placement report as JSON")
+    add_report_option(p, "the placement report")
     p.set_defaults(func=run)
 
 
@@ -52,8 +60,7 @@ def run(args) -> int:
         raise UserError(f"--threads must be at least 1, got {args.threads}")
     QuantConfig(args.method, not args.per_tensor, args.activation_type, args.calibration_samples)
     check_output_path(args)
-    if args.report:
-        check_output_path(argparse_namespace(args.report, args))
+    check_report_path(args)
     model = load(args.model)
     data, shapes, _ = read_inputs(args, model)
     quantize = InsertQDQPass(
@@ -78,17 +85,9 @@ def run(args) -> int:
         print(f"graphprune quantize: warning: {warning.message}", file=sys.stderr)
     write_model(args, result.model)
     print(format_summary(result.stats, result.modified))
-    if args.report:
-        atomic_write_text(args.report, json.dumps(result.stats, indent=2, default=str))
+    write_report(args, result.stats)
     print(f"wrote {args.output}")
     return 0
-
-
-def argparse_namespace(path: str, args):
-    """A stand-in ``args`` for checking a second output path with ``check_output_path``."""
-    import argparse
-
-    return argparse.Namespace(output=path, model=args.model, overwrite_input=False)
 
 
 def format_summary(stats: dict, modified: bool) -> str:

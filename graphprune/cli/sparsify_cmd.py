@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
-import json
-import os
 import sys
 
-from graphprune.cli.common import add_output_options, check_output_path, parse_number, write_model
+from graphprune.cli.common import (
+    add_output_options,
+    add_report_option,
+    check_output_path,
+    check_report_path,
+    parse_number,
+    write_model,
+    write_report,
+)
 from graphprune.errors import UserError
-from graphprune.model_io import atomic_write_text, load
+from graphprune.model_io import load
 from graphprune.passes.sparsify_weights import SparsifyWeightsPass
 from graphprune.sparsity.report import file_sizes, format_sparsity_report
 from graphprune.sparsity.targets import DEFAULT_OP_TYPES
@@ -38,7 +44,7 @@ def register(sub) -> None:
                    help="node or weight names to leave untouched (repeatable, or comma-separated)")
     p.add_argument("--storage", choices=("dense", "sparse"), default="dense",
                    help="dense: zeros in place; sparse: non-zeros + 1-byte steps, rebuilt when ORT loads it")
-    p.add_argument("--report", metavar="R.json", help="also write the per-layer report as JSON")
+    add_report_option(p, "the per-layer report")
     p.set_defaults(func=run)
 
 
@@ -47,8 +53,7 @@ def run(args) -> int:
     sparsity = parse_number(args.sparsity, "--sparsity", 0.0, 1.0) if args.sparsity is not None else None
     cap = (parse_number(args.max_layer_sparsity, "--max-layer-sparsity", 0.0, 1.0)
            if args.max_layer_sparsity is not None else None)
-    if args.report and not os.path.isdir(os.path.dirname(os.path.abspath(args.report))):
-        raise UserError(f"--report {args.report}: output directory does not exist")
+    check_report_path(args)
     exclude = [name.strip() for item in args.exclude for name in item.split(",") if name.strip()]
     sparsify = SparsifyWeightsPass(
         sparsity=sparsity,
@@ -74,7 +79,6 @@ def run(args) -> int:
     progress = sys.stderr.isatty()
     sizes = {"input": file_sizes(args.model, progress), "output": file_sizes(args.output, progress)}
     print(format_sparsity_report(stats, sizes))
-    if args.report:
-        atomic_write_text(args.report, json.dumps({**stats, "sizes": sizes}, indent=2))
+    write_report(args, {**stats, "sizes": sizes})
     print(f"wrote {args.output}")
     return 0

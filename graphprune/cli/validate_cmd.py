@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import os
 import sys
 
-from graphprune.cli.common import add_data_options, read_inputs
+from graphprune.cli.common import add_data_options, add_report_option, check_report_path, read_inputs, write_report
 from graphprune.cli.inspect_cmd import _file_size
 from graphprune.errors import UserError
 from graphprune.model_io import load
@@ -21,11 +20,12 @@ def register(sub) -> None:
     p.add_argument("--samples", type=int, default=8, help="random samples when no --data (default 8)")
     p.add_argument("--threads", type=int, default=1, help="intra-op threads for latency (default 1)")
     p.add_argument("--runs", type=int, default=20, help="timed runs for the median latency (default 20)")
-    p.add_argument("--report", metavar="R.json", help="also write the report as JSON")
+    add_report_option(p)
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
+    check_report_path(args)
     original = load(args.original)
     candidate = load(args.candidate)
     args.model = args.original
@@ -45,8 +45,5 @@ def run(args) -> int:
         progress=sys.stderr.isatty(),
     )
     print(report.format_table())
-    if args.report:
-        from graphprune.model_io import atomic_write_text
-
-        atomic_write_text(args.report, report.to_json())
+    write_report(args, report.to_dict())
     return 0

@@ -11,7 +11,7 @@ and nothing reads it), and records them in ``metadata_props[PRUNED_CHANNELS_KEY]
 from __future__ import annotations
 
 import json
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Tuple
 
 import numpy as np
 import onnx

@@ -16,12 +16,11 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
 from graphprune import ir
 from graphprune.errors import UserError
 from graphprune.model_io import ORT_MAX_IR_VERSION, default_opset, for_ort
-from graphprune.training.losses import LOSS_NAME, LossSpec, add_loss_graph
+from graphprune.training.losses import LossSpec, add_loss_graph
 from graphprune.training.masks import mask_weights_in_graph
 from graphprune.training.ort_training import ort_training, quiet_native_stderr
 from graphprune.training.standins import apply_standins

@@ -73,7 +73,7 @@ def attention(ctx: RuleContext) -> None:
         return _block_node(ctx, "fused Attention weights are not constants")
     if sizes is not None and len(set(sizes)) != 1:
         return _block_node(ctx, f"fused Attention with unequal qkv_hidden_sizes {list(sizes)}")
-    heads, (width_in, width) = int(ctx.attr("num_heads")), ctx.require_shape(w)
+    heads, (_, width) = int(ctx.attr("num_heads")), ctx.require_shape(w)
     out = ctx.require_shape(y)
     if width % 3 or (width // 3) % heads:
         return _block_node(ctx, f"num_heads {heads} does not divide the {width // 3} features per projection")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import List, Optional, Sequence, Tuple
 
-import numpy as np
 
 from graphprune.dependency.dims import DimKey
 from graphprune.dependency.rules.common import axes_arg, block_all
