@@ -11,7 +11,7 @@ x86 thread (AVX-512 VNNI class machine): the ratios matter, not the absolute num
 chosen placement is then checked by measured latency (``measure.py``).  Observations behind them:
 dense int8 convolution gains with its reduction length K (x0.85 at K=16, x1.5 at K=32, x2-3 from
 K=64); depthwise int8 convolution is *slower* than fp32 NCHWc (x0.55-0.9); a 3-channel stem conv is
-3x slower in int8 (x0.75-1.3 once rewritten over SpaceToDepth, ``stem.py``); a uint8 MaxPool outside an int8 region runs in NCHW, 80x slower; batch-1 Gemm/MatMul is bound by reading the weights, 4x fewer bytes in int8.
+3x slower in int8 (a 7x7/2 one x1.3 faster once rewritten over SpaceToDepth, ``stem.py``); a uint8 MaxPool outside an int8 region runs in NCHW, 80x slower; batch-1 Gemm/MatMul is bound by reading the weights, 4x fewer bytes in int8.
 """
 
 from __future__ import annotations
@@ -40,9 +40,10 @@ _WEIGHT_INT8_NS_PER_ELEM = 0.04
 _DEPTHWISE_INT8_SPEEDUP = 0.6
 _THIN_INPUT_INT8_SPEEDUP = 0.4  # fewer than 8 input channels per group and K < 64 (3x3 RGB stems)
 _THIN_INPUT_LARGE_K_SPEEDUP = 0.8  # the same with K >= 64 (7x7 RGB stems: x0.7-1.1 measured)
-# Stride-2 thin-input convs run in int8 over SpaceToDepth (stem.py), SpaceToDepth included:
-# 3x3/2 RGB stem 243 us fp32 vs 349 us int8 (with its QuantizeLinear), 7x7/2 772 vs 616 us.
-_SPACE_TO_DEPTH_SPEEDUP = 0.75
+# Stride-2 thin-input convs with K >= 64 run in int8 over SpaceToDepth (stem.py), which makes the
+# 7x7/2 RGB stem pay: 772 us fp32 vs 616 us int8 with its SpaceToDepth and QuantizeLinear.  A 3x3/2
+# stem stays slower in int8 even so (243 vs 349 us) and keeps the thin-input price above: pricing
+# it nearer (x0.75) moved MobileNetV2's stem into int8 with no measured gain and more error.
 _SPACE_TO_DEPTH_LARGE_K_SPEEDUP = 1.3
 # An int8 pool fed from float stays in NCHW layout, where ORT's uint8 MaxPool is ~6 ns per element
 # (80x its NHWC form, which it only gets inside an int8 region).
@@ -115,7 +116,7 @@ def _compute_cost(node: onnx.NodeProto, shapes, constants) -> Optional[NodeCost]
             return NodeCost(fp32, fp32 / _DEPTHWISE_INT8_SPEEDUP, "depthwise Conv")
         fp32 = macs * _DENSE_FP32_NS_PER_MAC
         if cin_per_group < 8 and stem_check(node, x, tuple(w)) is None:
-            speedup = _SPACE_TO_DEPTH_SPEEDUP if k < 64 else _SPACE_TO_DEPTH_LARGE_K_SPEEDUP
+            speedup = _SPACE_TO_DEPTH_LARGE_K_SPEEDUP
             note = f"Conv with {cin_per_group} input channels (as SpaceToDepth stem)"
         elif cin_per_group < 8:
             speedup = _THIN_INPUT_INT8_SPEEDUP if k < 64 else _THIN_INPUT_LARGE_K_SPEEDUP
