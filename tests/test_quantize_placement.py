@@ -139,3 +139,33 @@ def test_conv_transpose_stays_float_on_ort_cpu():
     placement, _ = _placement(model)
     assert placement.int8 == set()  # ...but ORT's CPU provider runs it in float between DQ and Q
     assert "int8 ConvTranspose (no fused int8 kernel on ORT CPU) slower" in placement.float_reasons["up"]
+
+
+def test_choice_prefers_the_most_accurate_of_equally_fast_candidates(monkeypatch):
+    # Two placements within timing noise of each other: the smaller output error decides, so that
+    # noise does not flip the written model between runs.
+    import importlib
+
+    from graphprune.quantization.measure import Candidate
+
+    # the package re-exports the function insert_qdq under the module's name: fetch the module
+    insert_qdq_module = importlib.import_module("graphprune.passes.insert_qdq")
+
+    fast_but_worse = Candidate("a", None, frozenset({"n1"}), error=0.20)
+    almost_as_fast = Candidate("b", None, frozenset({"n1", "n2"}), error=0.10)
+    slow_and_exact = Candidate("c", None, frozenset({"n2"}), error=0.01)
+    timings = {"float": 10.0, "a": 5.0, "b": 5.1, "c": 7.0}
+    monkeypatch.setattr(insert_qdq_module, "measure_latencies", lambda models, feed, threads, rounds: dict(timings))
+
+    class _Planner:
+        options = type("O", (), {"measure": True, "threads": 1})()
+        model = None
+
+        def _latency_feed(self):
+            return {}
+
+    chosen, latencies = insert_qdq_module._Planner.choose(_Planner(), [fast_but_worse, almost_as_fast, slow_and_exact])
+    assert chosen is almost_as_fast and latencies == timings
+    timings.update(a=9.8, b=9.9, c=9.9)  # nothing beats float by the required margin
+    chosen, _ = insert_qdq_module._Planner.choose(_Planner(), [fast_but_worse, almost_as_fast, slow_and_exact])
+    assert chosen is None

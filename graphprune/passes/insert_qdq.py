@@ -28,6 +28,9 @@ __all__ = ["InsertQDQPass", "insert_qdq"]
 # A quantized candidate must beat float by this fraction to count as faster: run-to-run noise of
 # interleaved medians on a busy machine stays under it.
 _MIN_GAIN = 0.04
+# Candidates within this fraction of the fastest are equally fast as far as timing can tell; among
+# them the most accurate wins, so that noise does not flip the choice between near-equal placements.
+_TIMING_NOISE = 0.03
 # Scales of the cost model's int8 estimates whose placements are also measured (its uncertainty).
 _COST_BAND = (1.4, 0.7)
 # Samples used to rank layers by the error they add (one run of each model).
@@ -46,9 +49,9 @@ class InsertQDQPass(Pass):
     ``max_error``, the layers that add most error stay float until the budget holds.  Then the
     candidates -- the cost-model placement, the placements with its int8 estimates scaled by 1.4
     and 0.7, and every eligible node (what ``quantize_static`` does) -- are timed against float on
-    ORT (``threads`` intra-op threads, batch 1 for dynamic-batch models, interleaved rounds) and the
-    fastest that beats float by 4% and meets the budget wins; when none does, the model is
-    returned unchanged (``modified=False``).
+    ORT (``threads`` intra-op threads, batch 1 for dynamic-batch models, interleaved rounds); when the
+    fastest beats float by 4%, the most accurate candidate within 3% of the fastest (timing noise)
+    that meets the budget wins; when none does, the model is returned unchanged (``modified=False``).
 
     Weights are symmetric int8 per output channel (``per_channel=False`` for one scale per tensor),
     biases int32, activations asymmetric uint8 (``activation_type="int8"`` on request).
@@ -233,7 +236,11 @@ class _Planner:
         return built.get(frozenset(keep_float), candidate)
 
     def choose(self, candidates: List[Candidate]):
-        """The fastest candidate that beats float by ``_MIN_GAIN`` (None: keep float) and all latencies."""
+        """The candidate to write (None: keep float) and every latency.
+
+        The fastest candidate must beat float by ``_MIN_GAIN``; among the candidates within
+        ``_TIMING_NOISE`` of it, the one with the smallest output error is chosen.
+        """
         if not candidates:
             return None, {}
         if not self.options.measure:
@@ -242,10 +249,11 @@ class _Planner:
         latencies = measure_latencies(models, self._latency_feed(), threads=self.options.threads, rounds=5)
         for c in candidates:
             c.latency = latencies[c.name]
-        best = min(candidates, key=lambda c: c.latency)
-        if best.latency > latencies["float"] * (1 - _MIN_GAIN):
+        fastest = min(c.latency for c in candidates)
+        if fastest > latencies["float"] * (1 - _MIN_GAIN):
             return None, latencies
-        return best, latencies
+        tied = [c for c in candidates if c.latency <= fastest * (1 + _TIMING_NOISE)]
+        return min(tied, key=lambda c: (c.error or 0.0, c.latency)), latencies
 
     def _latency_feed(self) -> Dict[str, np.ndarray]:
         """The first feed, cut to one sample on dynamic-batch inputs: latency is judged at batch 1."""
