@@ -128,10 +128,15 @@ def ort_quantize_static(model: onnx.ModelProto, calib: InputSet) -> onnx.ModelPr
         if (default_opset(model) or 13) < 13:  # per-channel QDQ needs opset 13
             model = onnx.version_converter.convert_version(model, 13)
         save_for_tool(model, src)
+        cwd = os.getcwd()
+        os.chdir(tmp)  # symbolic shape inference dumps sym_shape_infer_temp.onnx into the cwd when it gives up
         try:
-            quant_pre_process(src, pre)
-        except Exception:  # symbolic shape inference refuses some graphs; ORT's docs then skip it
-            quant_pre_process(src, pre, skip_symbolic_shape=True)
+            try:
+                quant_pre_process(src, pre)
+            except Exception:  # symbolic shape inference refuses some graphs; ORT's docs then skip it
+                quant_pre_process(src, pre, skip_symbolic_shape=True)
+        finally:
+            os.chdir(cwd)
         quantize_static(pre, out, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                         calibrate_method=CalibrationMethod.MinMax)
