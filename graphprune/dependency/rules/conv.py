@@ -40,12 +40,8 @@ def conv(ctx: RuleContext) -> None:
     x, w, b, y = ctx.input(0), ctx.input(1), ctx.input(2), ctx.outputs[0]
     ctx.couple(DimKey(x, 0), DimKey(y, 0))
     _fix_spatial(ctx, x, y, w)
-    if not ctx.is_constant(w):
-        for dim in (DimKey(x, 1), DimKey(y, 1), DimKey(w, 0), DimKey(w, 1)):
-            ctx.block(dim, "weight is not a constant")
+    if not _constant_weight(ctx, x, y, w):
         return
-    if ctx.is_param(w):
-        ctx.param(w, "weight")
     ctx.couple(DimKey(w, 0), DimKey(y, 1))
     if b:
         ctx.param(b, "bias")
@@ -72,12 +68,8 @@ def conv_transpose(ctx: RuleContext) -> None:
     _fix_spatial(ctx, x, y, w)
     if ctx.attr("output_shape") is not None:
         ctx.block(DimKey(y, 1), "output_shape attribute")
-    if not ctx.is_constant(w):
-        for dim in (DimKey(x, 1), DimKey(y, 1), DimKey(w, 0), DimKey(w, 1)):
-            ctx.block(dim, "weight is not a constant")
+    if not _constant_weight(ctx, x, y, w):
         return
-    if ctx.is_param(w):
-        ctx.param(w, "weight")
     ctx.couple(DimKey(x, 1), DimKey(w, 0))
     if b:
         ctx.param(b, "bias")
@@ -155,3 +147,14 @@ def matmul(ctx: RuleContext) -> None:
                 ctx.couple(DimKey(name, axis), DimKey(y, out_axis))
             else:
                 ctx.block(DimKey(name, axis), "cannot tell how the batch axis broadcasts")
+
+
+def _constant_weight(ctx, x, y, w) -> bool:
+    """Record ``w`` as a member weight; a computed weight blocks every channel axis it touches."""
+    if not ctx.is_constant(w):
+        for dim in (DimKey(x, 1), DimKey(y, 1), DimKey(w, 0), DimKey(w, 1)):
+            ctx.block(dim, "weight is not a constant")
+        return False
+    if ctx.is_param(w):
+        ctx.param(w, "weight")
+    return True
