@@ -14,7 +14,15 @@ import onnx
 from graphprune.errors import UserError
 from graphprune.model_io import EXTERNAL_DATA_THRESHOLD, for_ort
 
-__all__ = ["ort", "make_session", "run", "run_samples", "measure_latency", "DEFAULT_THREADS"]
+__all__ = [
+    "ort",
+    "make_session",
+    "run",
+    "run_samples",
+    "measure_latency",
+    "interleaved_latencies",
+    "DEFAULT_THREADS",
+]
 
 # Latency is measured with a fixed thread count so that before/after numbers compare.
 DEFAULT_THREADS = 1
@@ -107,3 +115,22 @@ def measure_latency(session, feed: Dict[str, np.ndarray], warmup: int = 3, runs:
         session.run(None, feed)
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def interleaved_latencies(models: Sequence[onnx.ModelProto], feed: Dict[str, np.ndarray], threads: Optional[int] = DEFAULT_THREADS,
+                          runs: int = 20, warmup: int = 3) -> List[float]:
+    """Median seconds per run of each model, timed in turns (one run of each, ``runs`` times).
+
+    Benchmarks compare models this way so that load from other processes hits every model alike.
+    """
+    sessions = [make_session(m, threads=threads) for m in models]
+    for session in sessions:
+        for _ in range(warmup):
+            session.run(None, feed)
+    times: List[List[float]] = [[] for _ in sessions]
+    for _ in range(runs):
+        for i, session in enumerate(sessions):
+            start = time.perf_counter()
+            session.run(None, feed)
+            times[i].append(time.perf_counter() - start)
+    return [statistics.median(t) for t in times]

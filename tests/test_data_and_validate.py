@@ -93,3 +93,11 @@ def test_validate_reports_differences_and_accuracy():
     assert report.latency_before is None
     with pytest.raises(UserError, match="labels"):
         validate(model, other, data=data, labels=np.zeros(3, np.int64), latency=False)
+
+
+def test_interleaved_latencies_times_every_model():
+    from graphprune.runtime import interleaved_latencies
+
+    feed = {"x": np.ones((1, 3, 8, 8), np.float32)}
+    times = interleaved_latencies([conv_model(), conv_model(width=8)], feed, threads=1, runs=3)
+    assert len(times) == 2 and all(t > 0 for t in times)

@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time
@@ -40,7 +39,7 @@ from graphprune.metrics import count_macs  # noqa: E402
 from graphprune.ir import count_params  # noqa: E402
 from graphprune.passes.prune_channels import PruneChannelsPass  # noqa: E402
 from graphprune.pruning import apply_selection, group_scores, removal_masks, select_channels  # noqa: E402
-from graphprune.runtime import make_session  # noqa: E402
+from graphprune.runtime import interleaved_latencies  # noqa: E402
 
 STAGES = (3, 4, 6, 3)  # ResNet-50 blocks per stage
 
@@ -50,21 +49,6 @@ def resnet50(width: float = 1.0, blocks=STAGES):
 
     return fixtures.resnet(depth=50, width=width, image=224, blocks=tuple(blocks))
 
-
-def interleaved_latencies(models, feed, threads, runs):
-    """Median seconds per run of each model, timed in turns (one run of each, ``runs`` times) so that
-    load from other processes on the shared machine hits every model alike."""
-    sessions = [make_session(m, threads=threads) for m in models]
-    for session in sessions:
-        for _ in range(3):
-            session.run(None, feed)
-    times = [[] for _ in sessions]
-    for _ in range(runs):
-        for i, session in enumerate(sessions):
-            start = time.perf_counter()
-            session.run(None, feed)
-            times[i].append(time.perf_counter() - start)
-    return [statistics.median(t) for t in times]
 
 
 def input_shape(model):

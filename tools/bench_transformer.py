@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import time
 
 os.environ.pop("GRAPHPRUNE_DEBUG", None)  # the full checker is not part of the timed work
@@ -41,7 +40,7 @@ from graphprune.metrics import count_macs  # noqa: E402
 from graphprune.passes.prune_channels import PruneChannelsPass  # noqa: E402
 from graphprune.pruning import apply_selection, group_scores, removal_masks  # noqa: E402
 from graphprune.pruning.kind_ratios import KindRatios, select_by_kind  # noqa: E402
-from graphprune.runtime import make_session, run  # noqa: E402
+from graphprune.runtime import interleaved_latencies, make_session, run  # noqa: E402
 from graphprune.testing import bert_base_like  # noqa: E402
 from graphprune.validate import compare_outputs  # noqa: E402
 
@@ -51,20 +50,6 @@ VOCAB = 30522
 def tokens(batch: int, seq: int, seed: int) -> dict:
     return {"input_ids": np.random.default_rng(seed).integers(0, VOCAB, size=(batch, seq)).astype(np.int64)}
 
-
-def interleaved_latencies(models, feed, threads: int, runs: int):
-    """Median seconds per run of each model, timed in turns so that outside load hits them alike."""
-    sessions = [make_session(m, threads=threads) for m in models]
-    for session in sessions:
-        for _ in range(3):
-            session.run(None, feed)
-    times = [[] for _ in sessions]
-    for _ in range(runs):
-        for i, session in enumerate(sessions):
-            start = time.perf_counter()
-            session.run(None, feed)
-            times[i].append(time.perf_counter() - start)
-    return [statistics.median(t) for t in times]
 
 
 def prune(model, **kwargs):
