@@ -16,7 +16,6 @@ __all__ = [
     "initializer_map",
     "producer_map",
     "consumer_map",
-    "constant_value",
     "get_attr",
     "value_shape",
     "Dim",
@@ -81,22 +80,6 @@ def constant_node_value(node: onnx.NodeProto) -> np.ndarray:
     if dtype is None:  # value_string(s)
         return np.array(value, dtype=object)
     return np.array(value, dtype=dtype)
-
-
-def constant_value(graph: onnx.GraphProto, name: str) -> Optional[np.ndarray]:
-    """The value of tensor ``name`` if it is an initializer or a ``Constant`` node output, else None.
-
-    Initializers that are also graph inputs (overridable at run time) are not constants.
-    """
-    if any(vi.name == name for vi in graph.input):
-        return None
-    for init in graph.initializer:
-        if init.name == name:
-            return numpy_helper.to_array(init)
-    for node in graph.node:
-        if node.op_type == "Constant" and node.output[0] == name and node.domain in ("", "ai.onnx"):
-            return constant_node_value(node)
-    return None
 
 
 def value_shape(vi: onnx.ValueInfoProto) -> Optional[Tuple[Dim, ...]]:

@@ -54,25 +54,22 @@ def _matmul_macs(node, shapes) -> Optional[int]:
     return _prod(out) * int(a[-1])
 
 
+def _qlinear_conv_macs(node, shapes) -> Optional[int]:
+    out = shapes.get(node.output[0])
+    w = shapes.get(node.input[3])  # x, x_scale, x_zero_point come first
+    return None if out is None or w is None else _prod(out) * _prod(w[1:])
+
+
 # op type -> rule(node, shapes) giving MACs (None when shapes are unknown)
 MAC_RULES: Dict[str, Callable] = {
     "Conv": _conv_macs,
     "ConvInteger": _conv_macs,
-    "QLinearConv": None,  # placeholder: set below (input positions differ)
+    "QLinearConv": _qlinear_conv_macs,
     "ConvTranspose": _conv_transpose_macs,
     "Gemm": _gemm_macs,
     "MatMul": _matmul_macs,
     "MatMulInteger": _matmul_macs,
 }
-
-
-def _qlinear_conv_macs(node, shapes):
-    out = shapes.get(node.output[0])
-    w = shapes.get(node.input[3])
-    return None if out is None or w is None else _prod(out) * _prod(w[1:])
-
-
-MAC_RULES["QLinearConv"] = _qlinear_conv_macs
 
 
 def count_macs(model: onnx.ModelProto, input_shapes: Optional[Mapping[str, Tuple[int, ...]]] = None) -> Optional[int]:

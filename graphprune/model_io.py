@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from typing import Optional
+from typing import List, Optional
 
 import onnx
 from google.protobuf.message import DecodeError
@@ -20,6 +20,8 @@ __all__ = [
     "ORT_MAX_OPSET",
     "EXTERNAL_DATA_THRESHOLD",
     "atomic_write_text",
+    "model_files",
+    "model_file_size",
 ]
 
 # onnxruntime-training 1.19.2 (the last training release) loads IR <= 10 and ai.onnx opset <= 21.
@@ -242,3 +244,15 @@ def atomic_write_text(path: "str | os.PathLike", text: str) -> str:
             os.unlink(tmp)
         raise
     return path
+
+
+def model_files(path: "str | os.PathLike") -> List[str]:
+    """The files a saved model occupies: the model and, when present, its ``.data`` side file."""
+    path = os.fspath(path)
+    side = path + ".data"
+    return [path, side] if os.path.exists(side) else [path]
+
+
+def model_file_size(path: "str | os.PathLike") -> int:
+    """Bytes on disk of a saved model, side file included (what a deployment ships)."""
+    return sum(os.path.getsize(p) for p in model_files(path))

@@ -137,3 +137,13 @@ def test_for_ort_refuses_element_types_of_a_newer_ir():
     model.graph.initializer.append(onnx.TensorProto(name="f4", data_type=23, dims=[2], raw_data=b"\x00"))  # FLOAT4E2M1
     with pytest.raises(UserError, match="IR 11"):
         for_ort(model)
+
+
+def test_model_file_size_counts_the_side_file(tmp_path):
+    from graphprune.model_io import model_file_size, model_files
+
+    inline = save(conv_model(width=32), tmp_path / "inline.onnx")
+    assert model_files(inline) == [inline] and model_file_size(inline) == os.path.getsize(inline)
+    external = save(conv_model(width=32), tmp_path / "ext.onnx", external_data=True)
+    assert model_files(external) == [external, external + ".data"]
+    assert model_file_size(external) == os.path.getsize(external) + os.path.getsize(external + ".data")

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
 
 from graphprune.data import parse_input_shapes
 from graphprune.metrics import model_stats
-from graphprune.model_io import load
+from graphprune.model_io import load, model_file_size
 
 
 def register(sub) -> None:
@@ -35,7 +34,7 @@ def run(args) -> int:
         groups = analyze(model, AnalysisOptions(head_dim=args.head_dim, hidden=args.hidden))
         print(json.dumps(groups_json(groups), indent=2) if args.json else format_groups(groups))
         return 0
-    stats = model_stats(model, parse_input_shapes(args.input_shape), size_bytes=_file_size(args.model))
+    stats = model_stats(model, parse_input_shapes(args.input_shape), size_bytes=model_file_size(args.model))
     if args.json:
         print(json.dumps(stats.to_dict(), indent=2))
         return 0
@@ -49,8 +48,3 @@ def run(args) -> int:
     print(f"nodes: {stats.nodes}  ops: " + ", ".join(f"{op} {n}" for op, n in stats.ops.items()))
     return 0
 
-
-def _file_size(path: str) -> int:
-    total = os.path.getsize(path)
-    data = path + ".data"
-    return total + (os.path.getsize(data) if os.path.exists(data) else 0)

@@ -5,9 +5,8 @@ from __future__ import annotations
 import sys
 
 from graphprune.cli.common import add_data_options, add_report_option, check_report_path, read_inputs, write_report
-from graphprune.cli.inspect_cmd import _file_size
 from graphprune.errors import UserError
-from graphprune.model_io import load
+from graphprune.model_io import load, model_file_size
 from graphprune.validate import validate
 
 
@@ -41,7 +40,7 @@ def run(args) -> int:
         samples=args.samples,
         threads=args.threads,
         latency_runs=args.runs,
-        sizes=(_file_size(args.original), _file_size(args.candidate)),
+        sizes=(model_file_size(args.original), model_file_size(args.candidate)),
         progress=sys.stderr.isatty(),
     )
     print(report.format_table())
