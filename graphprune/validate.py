@@ -124,6 +124,8 @@ def validate(
     """
     if data is None:
         data = random_inputs(original, input_shapes, samples=samples, seed=seed)
+    if labels is not None and len(labels) != len(data):
+        raise UserError(f"labels: {len(labels)} labels for {len(data)} samples")
     first = data.first_batch(1)
     shapes = {name: tuple(arr.shape) for name, arr in first.items()}
     _check_same_inputs(original, candidate)
@@ -132,21 +134,18 @@ def validate(
     sess_b = make_session(candidate, threads=threads)
     out_a = run_samples(sess_a, data, progress=progress)
     out_b = run_samples(sess_b, data, progress=progress)
+    if len(out_a) != len(out_b):
+        raise UserError(f"the models have different outputs: original {list(out_a)}, candidate {list(out_b)}")
+    # outputs pair by name; a renamed output pairs by position
     names_b = list(out_b)
-    comparisons = []
-    for i, (name, ref) in enumerate(out_a.items()):
-        cand = out_b.get(name)
-        if cand is None:  # a renamed output: pair by position
-            cand = out_b[names_b[i]]
-        comparisons.append(compare_outputs(name, ref, cand))
+    paired = {name: out_b.get(name, out_b[names_b[i]]) for i, name in enumerate(out_a)}
+    comparisons = [compare_outputs(name, ref, paired[name]) for name, ref in out_a.items()]
 
     acc_a = acc_b = None
     if labels is not None:
         first_out = next(iter(out_a))
-        if len(labels) != len(out_a[first_out]):
-            raise UserError(f"labels: {len(labels)} labels for {len(out_a[first_out])} samples")
         acc_a = accuracy(out_a[first_out], labels)
-        acc_b = accuracy(out_b.get(first_out, out_b[names_b[0]]), labels)
+        acc_b = accuracy(paired[first_out], labels)
 
     lat_a = lat_b = None
     if latency:

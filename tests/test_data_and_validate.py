@@ -101,3 +101,14 @@ def test_interleaved_latencies_times_every_model():
     feed = {"x": np.ones((1, 3, 8, 8), np.float32)}
     times = interleaved_latencies([conv_model(), conv_model(width=8)], feed, threads=1, runs=3)
     assert len(times) == 2 and all(t > 0 for t in times)
+
+
+def test_validate_refuses_models_with_other_outputs_before_comparing():
+    import onnx
+
+    model = conv_model(dynamic_batch=False)
+    extra = onnx.ModelProto()
+    extra.CopyFrom(model)
+    extra.graph.output.append(onnx.helper.make_tensor_value_info("r", onnx.TensorProto.FLOAT, [1, 4, 8, 8]))
+    with pytest.raises(UserError, match="different outputs"):
+        validate(model, extra, latency=False)
