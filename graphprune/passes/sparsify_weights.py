@@ -10,6 +10,7 @@ from onnx import numpy_helper
 
 from graphprune import ir
 from graphprune.errors import UserError
+from graphprune.model_io import default_opset
 from graphprune.passes.base import Pass, PassResult, register_pass
 from graphprune.progress import progress_bar
 from graphprune.sparsity import masks as masks_mod
@@ -95,7 +96,7 @@ class SparsifyWeightsPass(Pass):
 
     def requires(self, model: onnx.ModelProto) -> None:
         if self.storage == "sparse":
-            opset = next((i.version for i in model.opset_import if i.domain in ("", "ai.onnx")), 0)
+            opset = default_opset(model) or 0
             if opset < MIN_OPSET:
                 raise UserError(
                     f"--storage sparse needs ai.onnx opset >= {MIN_OPSET} (the model imports opset {opset}; "

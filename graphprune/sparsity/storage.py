@@ -25,12 +25,12 @@ from onnx import helper, numpy_helper
 
 from graphprune import ir
 from graphprune.errors import UserError
+from graphprune.model_io import default_opset
 
 __all__ = [
     "MIN_OPSET",
     "encode_positions",
     "compact_initializers",
-    "compact_nbytes",
     "stored_weights",
     "compact_weight_names",
     "expand_compact_weights",
@@ -67,26 +67,13 @@ def encode_positions(weight: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
     return steps, values
 
 
-def compact_nbytes(weight: np.ndarray) -> int:
-    """Bytes of the compact form of ``weight`` (values + steps), without the fixed overhead."""
-    steps, values = encode_positions(weight)
-    return steps.nbytes + values.nbytes
-
-
-def _default_opset(model: onnx.ModelProto) -> int:
-    for imp in model.opset_import:
-        if imp.domain in ("", "ai.onnx"):
-            return imp.version
-    return 0
-
-
 def compact_initializers(model: onnx.ModelProto, names: Iterable[str]) -> Tuple[List[str], Dict[str, str]]:
     """Replace initializers ``names`` by their compact form, in place, where that makes them smaller.
 
     Returns (compacted names, {name: why it stayed dense}).  Raises ``UserError`` when the model's
     opset predates the rebuild ops.
     """
-    opset = _default_opset(model)
+    opset = default_opset(model) or 0
     if opset < MIN_OPSET:
         raise UserError(f"sparse storage needs ai.onnx opset >= {MIN_OPSET} (the model imports opset {opset})")
     graph = model.graph
