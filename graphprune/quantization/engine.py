@@ -7,6 +7,7 @@ from typing import Collection
 
 import onnx
 
+from graphprune.ir import clone, value_shape
 from graphprune.quantization.config import QuantConfig
 from graphprune.quantization.stem import space_to_depth_stems
 
@@ -19,8 +20,8 @@ def insert_qdq_nodes(model: onnx.ModelProto, ranges, nodes: Collection[str], con
     Weights become symmetric int8 (per output channel unless ``config.per_channel`` is off), biases
     int32 with scale = input scale x weight scale, activations ``config.activation_type`` with the
     calibrated ``ranges``.  Relu/Clip behind a quantized op are folded into its output range.
-Stride-2 convs on thin (RGB) inputs are then rewritten over ``SpaceToDepth`` (``stem.py``), the
-same integer arithmetic with a kernel layout ORT's int8 convolution runs faster.
+    Stride-2 convs on thin (RGB) inputs are then rewritten over ``SpaceToDepth`` (``stem.py``), the
+    same integer arithmetic with a kernel layout ORT's int8 convolution runs faster.
 
     Args:
         model: a prepared model (see ``prepare``): every node named, shapes inferred.
@@ -28,8 +29,7 @@ same integer arithmetic with a kernel layout ORT's int8 convolution runs faster.
         nodes: names of the nodes to quantize; an empty collection returns an unchanged copy.
         config: the quantization settings.
     """
-    copy = onnx.ModelProto()
-    copy.CopyFrom(model)
+    copy = clone(model)
     if not nodes:
         return copy
     from onnxruntime.quantization.qdq_quantizer import QDQQuantizer
@@ -66,10 +66,6 @@ same integer arithmetic with a kernel layout ORT's int8 convolution runs faster.
 
 
 def _shapes(model: onnx.ModelProto):
-    """Tensor name -> shape (ints, None for symbolic dims) from the inputs and value_info."""
-    shapes = {}
-    for vi in list(model.graph.input) + list(model.graph.value_info):
-        if vi.type.HasField("tensor_type") and vi.type.tensor_type.HasField("shape"):
-            dims = vi.type.tensor_type.shape.dim
-            shapes[vi.name] = tuple(d.dim_value if d.HasField("dim_value") else None for d in dims)
-    return shapes
+    """Tensor name -> declared shape of the inputs and value_info (``stem_check`` needs only int dims)."""
+    declared = ((vi.name, value_shape(vi)) for vi in list(model.graph.input) + list(model.graph.value_info))
+    return {name: shape for name, shape in declared if shape is not None}

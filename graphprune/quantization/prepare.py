@@ -8,6 +8,7 @@ import tempfile
 
 import onnx
 
+from graphprune.ir import clone
 from graphprune.model_io import EXTERNAL_DATA_THRESHOLD, default_opset, for_ort
 from graphprune.shapes import infer_shapes
 
@@ -118,6 +119,4 @@ def save_for_tool(model: onnx.ModelProto, path: str) -> None:
     if model.ByteSize() < EXTERNAL_DATA_THRESHOLD:
         onnx.save_model(model, path)
         return
-    copy = onnx.ModelProto()
-    copy.CopyFrom(model)
-    onnx.save_model(copy, path, save_as_external_data=True, location=os.path.basename(path) + ".data")
+    onnx.save_model(clone(model), path, save_as_external_data=True, location=os.path.basename(path) + ".data")
