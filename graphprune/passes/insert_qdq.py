@@ -19,7 +19,7 @@ from graphprune.quantization.cost import estimate_costs, place
 from graphprune.quantization.engine import insert_qdq_nodes
 from graphprune.quantization.measure import Candidate, measure_latencies, output_error, reference_outputs
 from graphprune.quantization.prepare import is_quantized, prepare
-from graphprune.quantization.rules import RULES, GraphView, rule_for
+from graphprune.quantization.rules import RULES, GraphView, eligible_nodes, rule_for
 from graphprune.runtime import DEFAULT_THREADS
 from graphprune.shapes import concrete_shapes, observed_shapes
 
@@ -158,8 +158,9 @@ class _Planner:
         self.float_reasons: Dict[str, str] = {}
         allowed: Set[str] = set()
         excluded = set(options.exclude)
+        eligibility = eligible_nodes(prepared, self.view)
         for node in prepared.graph.node:
-            reason = self._eligible(node)
+            reason = eligibility[node.name]
             if reason is None and node.name in excluded:
                 reason = "excluded by the user (--exclude)"
             if reason is None and options.op_types is not None and node.op_type not in options.op_types:
@@ -170,13 +171,7 @@ class _Planner:
                 self.float_reasons[node.name] = reason
         self.allowed = allowed
         self.costs = estimate_costs(prepared, self.shapes, self.view.constants)
-        self.compute = {n.name: n for n in prepared.graph.node if rule_for(n) and rule_for(n).role == "compute"}
-
-    def _eligible(self, node: onnx.NodeProto) -> Optional[str]:
-        rule = rule_for(node)
-        if rule is None:
-            return f"no int8 kernel for {node.op_type} in ONNX Runtime (CPU)"
-        return rule.check(node, self.view)
+        self.compute = {n.name: n for n in prepared.graph.node if (rule := rule_for(n)) is not None and rule.role == "compute"}
 
     def _build(self, name: str, int8: Iterable[str]) -> Candidate:
         int8 = frozenset(int8)
