@@ -16,54 +16,44 @@ from graphprune.dependency.rules.shape_vectors import ShapeVector, read_shape_ve
 __all__ = []
 
 
+def _couple_segments(ctx: RuleContext, whole: str, pieces, axis: int, what: str) -> None:
+    """Piece k is ``whole``'s segment k along ``axis``: its channels are ``whole``'s channels
+    [offset_k, offset_k + C_k); the other axes are the same axes.  After a segment of dynamic size
+    no offset is known: the rest block."""
+    rank = ctx.rank(whole)
+    start: Optional[int] = 0
+    for piece in pieces:
+        for a in range(rank):
+            if a != axis:
+                ctx.couple(DimKey(piece, a), DimKey(whole, a))
+        size = ctx.require_shape(piece)[axis]
+        if not isinstance(size, int) or start is None:
+            ctx.block(DimKey(piece, axis), f"{what} along an axis of dynamic size")
+            ctx.block(DimKey(whole, axis), f"{what} along an axis of dynamic size")
+            start = None
+        elif size:
+            ctx.couple(DimKey(piece, axis), DimKey(whole, axis), Offset(start))
+            start += size
+        else:
+            ctx.leave(DimKey(piece, axis))
+
+
 @register_rule("Concat")
 def concat(ctx: RuleContext) -> None:
     """Input k's channels are the output's channels [offset_k, offset_k + C_k)."""
     y = ctx.outputs[0]
-    rank = ctx.rank(y)
-    axis = int(ctx.attr("axis")) % rank
-    start: Optional[int] = 0
-    for x in ctx.inputs:
-        if not x:
-            continue
-        for a in range(rank):
-            if a != axis:
-                ctx.couple(DimKey(x, a), DimKey(y, a))
-        size = ctx.require_shape(x)[axis]
-        if not isinstance(size, int) or start is None:
-            ctx.block(DimKey(x, axis), "concatenated along an axis of dynamic size")
-            ctx.block(DimKey(y, axis), "concatenated along an axis of dynamic size")
-            start = None
-        elif size:
-            ctx.couple(DimKey(x, axis), DimKey(y, axis), Offset(start))
-            start += size
-        else:
-            ctx.leave(DimKey(x, axis))
+    axis = int(ctx.attr("axis")) % ctx.rank(y)
+    _couple_segments(ctx, y, [x for x in ctx.inputs if x], axis, "concatenated")
 
 
 @register_rule("Split")
 def split(ctx: RuleContext) -> None:
     """Output k is the input's segment k; the split sizes are rewritten (explicit from then on)."""
     x = ctx.input(0)
-    rank = ctx.rank(x)
-    axis = int(ctx.attr("axis", 0)) % rank
+    axis = int(ctx.attr("axis", 0)) % ctx.rank(x)
     ctx.ignore(ctx.input(1))
     outs = [o for o in ctx.outputs if o]
-    start: Optional[int] = 0
-    for y in outs:
-        for a in range(rank):
-            if a != axis:
-                ctx.couple(DimKey(x, a), DimKey(y, a))
-        size = ctx.require_shape(y)[axis]
-        if not isinstance(size, int) or start is None:
-            ctx.block(DimKey(y, axis), "split along an axis of dynamic size")
-            ctx.block(DimKey(x, axis), "split along an axis of dynamic size")
-            start = None
-        elif size:
-            ctx.couple(DimKey(y, axis), DimKey(x, axis), Offset(start))
-            start += size
-        else:
-            ctx.leave(DimKey(y, axis))
+    _couple_segments(ctx, x, outs, axis, "split")
     as_input = ctx.opset >= 13
 
     def fixup(editor, node):
