@@ -77,7 +77,6 @@ def run(args) -> int:
         calibration_samples=args.calibration_samples,
         progress=sys.stderr.isatty(),
     )
-    quantize.requires(model)  # refuse before any work (already quantized, unknown --exclude)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", UserWarning)
         result = quantize(model)

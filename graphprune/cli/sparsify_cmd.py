@@ -76,8 +76,7 @@ def run(args) -> int:
             + (f" ({reasons})" if reasons else " (the model has no such layers with stored weights)")
         )
     write_model(args, result.model)
-    progress = sys.stderr.isatty()
-    sizes = {"input": file_sizes(args.model, progress), "output": file_sizes(args.output, progress)}
+    sizes = {"input": file_sizes(args.model, sparsify.progress), "output": file_sizes(args.output, sparsify.progress)}
     print(format_sparsity_report(stats, sizes))
     write_report(args, {**stats, "sizes": sizes})
     print(f"wrote {args.output}")
