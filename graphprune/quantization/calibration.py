@@ -10,7 +10,7 @@ from typing import Dict, Iterable, List, Mapping, Optional, Tuple, Union
 import numpy as np
 import onnx
 
-from graphprune.data import InputSet, random_inputs
+from graphprune.data import InputSet, input_specs, random_inputs
 from graphprune.errors import UserError
 from graphprune.quantization.config import QuantConfig
 from graphprune.quantization.prepare import save_for_tool
@@ -72,8 +72,6 @@ def calibration_feeds(
 
 
 def _check_feed_names(model: onnx.ModelProto, feed: Mapping[str, np.ndarray]) -> None:
-    from graphprune.data import input_specs
-
     for name, _, declared in input_specs(model):
         if name not in feed:
             raise UserError(f"calibration data has no array for model input {name!r} (has: {', '.join(sorted(feed))})")
