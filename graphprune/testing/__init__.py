@@ -7,44 +7,10 @@
 * ``fixture_corpus()`` / ``transformer_corpus()``: small instances of each, by name.
 """
 
-from graphprune.testing.fixtures import (
-    DYNAMIC_FIXTURES,
-    bert_base_like,
-    bert_encoder,
-    conv_flatten_mlp,
-    digits_cnn_like,
-    fixture_corpus,
-    gpt_decoder,
-    mlp,
-    mobilenet_v2,
-    mobilenet_v3_block_net,
-    resnet,
-    resnext_block_net,
-    transformer_corpus,
-    unet,
-    yolov8_c2f_net,
-)
+from graphprune.testing import fixtures
 from graphprune.testing.builder import GraphBuilder
+from graphprune.testing.fixtures import *  # noqa: F401,F403
 from graphprune.testing.zoo import light_model_names, light_model_path, load_light_model
 
-__all__ = [
-    "load_light_model",
-    "light_model_names",
-    "light_model_path",
-    "fixture_corpus",
-    "transformer_corpus",
-    "DYNAMIC_FIXTURES",
-    "GraphBuilder",
-    "resnet",
-    "mobilenet_v2",
-    "mobilenet_v3_block_net",
-    "unet",
-    "yolov8_c2f_net",
-    "mlp",
-    "conv_flatten_mlp",
-    "resnext_block_net",
-    "digits_cnn_like",
-    "bert_encoder",
-    "bert_base_like",
-    "gpt_decoder",
-]
+__all__ = ["load_light_model", "light_model_names", "light_model_path", "GraphBuilder"]
+__all__ += fixtures.__all__

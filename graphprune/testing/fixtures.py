@@ -2,8 +2,8 @@
 
 ``fixture_corpus()`` maps a name to a zero-argument builder of a convolutional model sized to run in
 milliseconds (small widths, 32-64 px images); ``transformer_corpus()`` does the same for the
-transformers.  The builders themselves live in ``fixtures_cnn`` and ``fixtures_transformer`` and
-are re-exported here.
+transformers.  The builders themselves live in ``fixtures_cnn``, ``fixtures_dense_prediction``,
+``fixtures_small`` and ``fixtures_transformer`` and are re-exported here.
 """
 
 from __future__ import annotations
@@ -12,38 +12,18 @@ from typing import Callable, Dict
 
 import onnx
 
-from graphprune.testing.fixtures_cnn import (
-    conv_flatten_mlp,
-    digits_cnn_like,
-    make_divisible,
-    mlp,
-    mobilenet_v2,
-    mobilenet_v3_block_net,
-    resnet,
-    resnext_block_net,
-    unet,
-    yolov8_c2f_net,
-)
-from graphprune.testing.fixtures_transformer import bert_base_like, bert_encoder, gpt_decoder
+from graphprune.testing import fixtures_cnn, fixtures_dense_prediction, fixtures_small, fixtures_transformer
+from graphprune.testing.fixtures_cnn import *  # noqa: F401,F403
+from graphprune.testing.fixtures_dense_prediction import *  # noqa: F401,F403
+from graphprune.testing.fixtures_small import *  # noqa: F401,F403
+from graphprune.testing.fixtures_transformer import *  # noqa: F401,F403
 
-__all__ = [
-    "fixture_corpus",
-    "transformer_corpus",
-    "DYNAMIC_FIXTURES",
-    "resnet",
-    "mobilenet_v2",
-    "mobilenet_v3_block_net",
-    "unet",
-    "yolov8_c2f_net",
-    "mlp",
-    "conv_flatten_mlp",
-    "resnext_block_net",
-    "digits_cnn_like",
-    "make_divisible",
-    "bert_encoder",
-    "bert_base_like",
-    "gpt_decoder",
-]
+# The corpus, then every builder under the one list of names its family module declares.
+__all__ = ["fixture_corpus", "transformer_corpus", "DYNAMIC_FIXTURES"]
+__all__ += fixtures_cnn.__all__
+__all__ += fixtures_dense_prediction.__all__
+__all__ += fixtures_small.__all__
+__all__ += fixtures_transformer.__all__
 
 Builder = Callable[[], onnx.ModelProto]
 
