@@ -10,6 +10,7 @@ from onnx import helper
 
 from graphprune.ir import clone
 from graphprune.runtime import make_session
+from graphprune.validate import compare_outputs
 
 __all__ = ["layer_sensitivity", "fit_error_budget"]
 
@@ -21,12 +22,6 @@ def _with_outputs(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelPro
         if name not in present:
             copy.graph.output.append(helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
     return copy
-
-
-def _rel_l2(a: np.ndarray, b: np.ndarray) -> float:
-    ref = float(np.linalg.norm(b.astype(np.float64)))
-    diff = float(np.linalg.norm(a.astype(np.float64) - b.astype(np.float64)))
-    return diff / ref if ref > 0 else diff
 
 
 def layer_sensitivity(
@@ -57,7 +52,7 @@ def layer_sensitivity(
             values = sess.run(probe, feed)
             for n, v in zip(probe, values):
                 store[n].append(np.ravel(v))
-    err = {n: _rel_l2(np.concatenate(q_vals[n]), np.concatenate(ref_vals[n])) for n in probe}
+    err = {n: compare_outputs(n, np.concatenate(ref_vals[n]), np.concatenate(q_vals[n])).rel_l2 for n in probe}
     return {
         layer: max(err.get(out, 0.0) - err.get(inp, 0.0), 0.0) for layer, (inp, out) in layers.items()
     }
