@@ -153,9 +153,9 @@ def tensor_shapes(model: onnx.ModelProto) -> Dict[str, Tuple[Optional[int], ...]
     graph = infer_shapes(model).graph
     shapes: Dict[str, Tuple[Optional[int], ...]] = {}
     for vi in list(graph.input) + list(graph.value_info) + list(graph.output):
-        if vi.type.HasField("tensor_type") and vi.type.tensor_type.HasField("shape"):
-            shapes[vi.name] = tuple(d.dim_value if d.HasField("dim_value") else None
-                                    for d in vi.type.tensor_type.shape.dim)
+        shape = ir.value_shape(vi)
+        if shape is not None:  # symbolic dims count as unknown
+            shapes[vi.name] = tuple(d if isinstance(d, int) else None for d in shape)
     for init in graph.initializer:
         shapes[init.name] = tuple(init.dims)
     return shapes
