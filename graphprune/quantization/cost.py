@@ -24,7 +24,7 @@ import networkx as nx
 import numpy as np
 import onnx
 
-from graphprune.ir import get_attr
+from graphprune.ir import consumer_map, get_attr
 from graphprune.quantization.rules import rule_for
 from graphprune.quantization.stem import stem_check
 
@@ -168,10 +168,7 @@ def _pool_fed_nodes(graph: onnx.GraphProto) -> Set[str]:
     ORT gives a uint8 pool its fast NHWC form only when an NHWC int8 op (QLinearConv) feeds it;
     a QuantizeLinear in front of a Relu -> MaxPool stem does not, whatever the Relu's label.
     """
-    consumers: Dict[str, list] = {}
-    for node in graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
+    consumers = consumer_map(graph)
     found: Set[str] = set()
 
     def feeds_pool(node: onnx.NodeProto, depth: int = 0) -> bool:

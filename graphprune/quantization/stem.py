@@ -22,7 +22,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from graphprune.ir import get_attr
+from graphprune.ir import get_attr, initializer_map, producer_map
 
 __all__ = ["space_to_depth_stems", "stem_check", "THIN_CHANNELS", "MIN_REDUCTION"]
 
@@ -121,8 +121,8 @@ def space_to_depth_stems(model: onnx.ModelProto, x_shapes: Dict[str, Tuple[int, 
         x_shapes: tensor name -> shape, for the float inputs of the quantized convs.
     """
     graph = model.graph
-    producer = {out: n for n in graph.node for out in n.output}
-    inits = {t.name: t for t in graph.initializer}
+    producer = producer_map(graph)
+    inits = initializer_map(graph)
     rewritten: List[str] = []
     for conv in list(graph.node):
         if conv.op_type != "Conv" or len(conv.input) < 2:
