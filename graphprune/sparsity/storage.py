@@ -147,7 +147,7 @@ def _rebuild(name: str, weight: np.ndarray, steps: np.ndarray, values: np.ndarra
     return nodes, constants
 
 
-def _decode_chain(graph: onnx.GraphProto, name: str, producers, inits) -> Optional[Tuple[np.ndarray, List[onnx.NodeProto], List[str]]]:
+def _decode_chain(name: str, producers, inits) -> Optional[Tuple[np.ndarray, List[onnx.NodeProto], List[str]]]:
     """(dense value, rebuild nodes, their initializers) when ``name`` is a compact rebuild, else None."""
     reshape = producers.get(name)
     if reshape is None or reshape.op_type != "Reshape":
@@ -175,7 +175,7 @@ def compact_weight_names(model: onnx.ModelProto) -> List[str]:
     graph = model.graph
     producers, inits = ir.producer_map(graph), ir.initializer_map(graph)
     return [n.output[0] for n in graph.node
-            if n.op_type == "Reshape" and _decode_chain(graph, n.output[0], producers, inits) is not None]
+            if n.op_type == "Reshape" and _decode_chain(n.output[0], producers, inits) is not None]
 
 
 def stored_weights(model: onnx.ModelProto, names: Sequence[str]) -> Dict[str, np.ndarray]:
@@ -187,7 +187,7 @@ def stored_weights(model: onnx.ModelProto, names: Sequence[str]) -> Dict[str, np
         if name in inits:
             values[name] = numpy_helper.to_array(inits[name])
             continue
-        chain = _decode_chain(graph, name, producers, inits)
+        chain = _decode_chain(name, producers, inits)
         if chain is not None:
             values[name] = chain[0]
     return values
@@ -199,11 +199,14 @@ def expand_compact_weights(model: onnx.ModelProto) -> onnx.ModelProto:
     graph = result.graph
     producers, inits = ir.producer_map(graph), ir.initializer_map(graph)
     drop_nodes, drop_inits, dense = set(), set(), []
-    for name in compact_weight_names(result):
-        value, nodes, constants = _decode_chain(graph, name, producers, inits)
+    for reshape in graph.node:
+        chain = _decode_chain(reshape.output[0], producers, inits) if reshape.op_type == "Reshape" else None
+        if chain is None:
+            continue
+        value, nodes, constants = chain
         drop_nodes.update(tuple(n.output) for n in nodes)  # not id(): upb wrappers are short-lived
         drop_inits.update(constants)
-        dense.append(numpy_helper.from_array(value, name))
+        dense.append(numpy_helper.from_array(value, reshape.output[0]))
     kept_nodes = [n for n in graph.node if tuple(n.output) not in drop_nodes]
     kept_inits = [i for i in graph.initializer if i.name not in drop_inits]
     del graph.node[:]
