@@ -9,6 +9,7 @@ import onnx
 import pytest
 from onnx import helper, numpy_helper
 
+from graphprune.ir import clone
 from graphprune.quantization.cost import estimate_costs
 from graphprune.quantization.rules import GraphView
 from graphprune.quantization.stem import space_to_depth_stems, stem_check
@@ -54,8 +55,7 @@ def _qdq_stem(k=7, stride=2, pads=None, size=32, cin=3, cout=8, per_channel=True
 
 
 def _rewrite(model):
-    copy = onnx.ModelProto()
-    copy.CopyFrom(model)
+    copy = clone(model)
     shapes = {"x": tuple(d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim)}
     return copy, space_to_depth_stems(copy, shapes)
 
