@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from graphprune.dependency.dims import DimKey
+from graphprune.dependency.rules.common import axes_arg, block_all
 from graphprune.dependency.rules.layernorm import normalization_statistic
 from graphprune.dependency.rules.registry import RuleContext, register_rule
 
@@ -71,16 +72,8 @@ def resize(ctx: RuleContext) -> None:
 
 def _reduced_axes(ctx: RuleContext, rank: int):
     """(known, axes) of a Reduce op: attribute before opset 18 (13 for ReduceSum), input after."""
-    since = 13 if ctx.op_type == "ReduceSum" else 18
-    if ctx.opset >= since:
-        name = ctx.input(1)
-        ctx.ignore(name)
-        if name is None:
-            return True, None
-        value = ctx.const(name)
-        return value is not None, None if value is None else [int(v) % rank for v in np.asarray(value).reshape(-1)]
-    axes = ctx.attr("axes")
-    return True, None if axes is None else [int(a) % rank for a in axes]
+    known, axes = axes_arg(ctx, since=13 if ctx.op_type == "ReduceSum" else 18)
+    return known, None if axes is None else [a % rank for a in axes]
 
 
 def _reduce(ctx: RuleContext, reduced: set, keepdims: bool) -> None:
@@ -103,8 +96,7 @@ def reduce(ctx: RuleContext) -> None:
     rank = ctx.rank(ctx.input(0))
     known, axes = _reduced_axes(ctx, rank)
     if not known:
-        ctx.block_tensor(ctx.input(0), f"{ctx.op_type} axes computed at run time")
-        ctx.block_tensor(ctx.outputs[0], f"{ctx.op_type} axes computed at run time")
+        block_all(ctx, f"{ctx.op_type} axes computed at run time")
         return
     if not axes:
         axes = [] if ctx.attr("noop_with_empty_axes", 0) else list(range(rank))

@@ -10,6 +10,7 @@ import onnx
 from graphprune.dependency.dims import VIRTUAL_PREFIX, DimKey
 from graphprune.dependency.index_mapping import IDENTITY, IndexMapping
 from graphprune.dependency.kinds import stronger
+from graphprune.ir import get_attr
 
 __all__ = ["RuleContext", "Rule", "register_rule", "rule_for", "registered_ops", "MissingShape", "ROLES"]
 
@@ -95,10 +96,7 @@ class RuleContext:
         return self.inputs[i] if i < len(self.inputs) and self.inputs[i] else None
 
     def attr(self, name: str, default: Any = None) -> Any:
-        for a in self.node.attribute:
-            if a.name == name:
-                return onnx.helper.get_attribute_value(a)
-        return default
+        return get_attr(self.node, name, default)
 
     def shape(self, name: str) -> Optional[Tuple]:
         """Inferred shape (ints, symbol names, None for unknown dims), or None if unknown."""

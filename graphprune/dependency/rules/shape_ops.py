@@ -12,6 +12,7 @@ from graphprune.dependency.index_mapping import Expand, Offset
 from graphprune.dependency.rules.common import block_all, ints, set_ints
 from graphprune.dependency.rules.registry import RuleContext, register_rule
 from graphprune.dependency.rules.shape_vectors import ShapeVector, read_shape_vector
+from graphprune.ir import get_attr
 
 __all__ = []
 
@@ -222,7 +223,7 @@ def _shape_read_axes(ctx: RuleContext, rank: int, start: int, end: int) -> set:
     picked: set = set()
     for consumer in ctx.consumers(ctx.outputs[0]):
         if consumer.op_type == "Gather" and consumer.input[0] == ctx.outputs[0]:
-            axis = next((a.i for a in consumer.attribute if a.name == "axis"), 0)
+            axis = get_attr(consumer, "axis", 0)
             idx = ctx.const(consumer.input[1])
             if axis != 0 or idx is None:
                 return every
