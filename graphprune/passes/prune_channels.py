@@ -90,12 +90,7 @@ class PruneChannelsPass(Pass):
         hidden_ratio: Optional[float] = None,
         head_dim: bool = False,
     ):
-        try:
-            ratio = float(ratio)
-        except (TypeError, ValueError):
-            raise UserError(f"prune: ratio {ratio!r} is not a number") from None
-        if not 0.0 <= ratio < 1.0:
-            raise UserError(f"prune: ratio {ratio} is outside [0, 1)")
+        self.ratios = KindRatios.from_options(ratio, heads_ratio, ffn_ratio, hidden_ratio)  # checks each ratio
         if criterion not in CRITERIA:
             raise UserError(f"prune: unknown criterion {criterion!r} (choose from {', '.join(CRITERIA)})")
         if mode not in MODES:
@@ -106,7 +101,7 @@ class PruneChannelsPass(Pass):
             raise UserError(f"prune: round_to {round_to} must be at least 1")
         if not 0.0 < float(max_group_ratio) <= 1.0:
             raise UserError(f"prune: max_group_ratio {max_group_ratio} is outside (0, 1]")
-        self.ratio = ratio
+        self.ratio = self.ratios.channels
         self.criterion = criterion
         self.global_ranking = bool(global_ranking)
         self.round_to = int(round_to)
@@ -115,7 +110,6 @@ class PruneChannelsPass(Pass):
         self.data = data
         self.max_group_ratio = float(max_group_ratio)
         self.progress = progress
-        self.ratios = KindRatios.from_options(ratio, heads_ratio, ffn_ratio, hidden_ratio)
         self.head_dim = bool(head_dim)
 
     def requires(self, model: onnx.ModelProto) -> None:
@@ -190,6 +184,7 @@ def _excluded_groups(dep: DependencyGraph, groups: List[Group], exclude: Sequenc
 
 def _base_stats(groups: List[Group], excluded: Dict[int, str], prunable: List[Group], model) -> dict:
     blocked = [g for g in groups if g.blocked]
+    params = ir.count_params(model)
     return {
         "groups_found": len(groups),
         "groups_prunable": len(prunable),
@@ -197,8 +192,8 @@ def _base_stats(groups: List[Group], excluded: Dict[int, str], prunable: List[Gr
         "groups_excluded": len(excluded),
         "groups_pruned": 0,
         "channels_removed": 0,
-        "params_before": ir.count_params(model),
-        "params_after": ir.count_params(model),
+        "params_before": params,
+        "params_after": params,
         "blocked": [{"kind": g.kind, "channels": g.channels, "params": g.param_names()[:4], "reasons": g.reasons[:3]}
                     for g in blocked],
     }
