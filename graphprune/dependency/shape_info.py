@@ -10,7 +10,7 @@ from onnx import helper, numpy_helper
 
 from graphprune.ir import value_shape
 
-__all__ = ["infer_value_info", "tensor_shapes"]
+__all__ = ["infer_value_info", "tensor_shapes", "model_shell"]
 
 # Initializers at most this many elements keep their values (shape vectors, axes, scalars) so
 # that data propagation resolves Reshape targets; larger ones become typed inputs.
@@ -31,12 +31,19 @@ def _copy_fields(src, dst, skip=()) -> None:
             setattr(dst, field.name, value)
 
 
+def model_shell(model: onnx.ModelProto, keep_value_info: bool) -> onnx.ModelProto:
+    """The model without its initializers (and without its value_info unless ``keep_value_info``),
+    built field by field: no copy of the (large) weights."""
+    shell = onnx.ModelProto()
+    _copy_fields(model, shell, skip=("graph",))
+    skip = ("initializer",) if keep_value_info else ("initializer", "value_info")
+    _copy_fields(model.graph, shell.graph, skip=skip)
+    return shell
+
+
 def _light_model(model: onnx.ModelProto, keep_value_info: bool) -> onnx.ModelProto:
     """The model with large initializers replaced by typed graph inputs."""
-    light = onnx.ModelProto()
-    _copy_fields(model, light, skip=("graph",))
-    skip = ("initializer", "value_info") if not keep_value_info else ("initializer",)
-    _copy_fields(model.graph, light.graph, skip=skip)
+    light = model_shell(model, keep_value_info)
     declared = {vi.name for vi in model.graph.input}
     for init in model.graph.initializer:
         if int(np.prod(init.dims)) <= _SMALL:

@@ -18,7 +18,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from graphprune.dependency import DependencyGraph, DimKey, Group
-from graphprune.dependency.shape_info import _copy_fields, infer_value_info
+from graphprune.dependency.shape_info import infer_value_info, model_shell
 
 __all__ = ["MODES", "PRUNED_CHANNELS_KEY", "Editor", "removal_masks", "apply_selection", "pruned_channels"]
 
@@ -172,10 +172,7 @@ def apply_selection(dep: DependencyGraph, masks: Dict[DimKey, np.ndarray], mode:
     """
     model = dep.model
     per_param = _param_masks(masks)
-    new = onnx.ModelProto()
-    _copy_fields(model, new, skip=("graph",))
-    skip = ("initializer", "value_info") if mode == "remove" else ("initializer",)
-    _copy_fields(model.graph, new.graph, skip=skip)
+    new = model_shell(model, keep_value_info=mode != "remove")  # removal makes value_info stale
     const_nodes = {n.output[0]: i for i, n in enumerate(new.graph.node) if n.op_type == "Constant"}
     zeroed = [0]
     for init in model.graph.initializer:
