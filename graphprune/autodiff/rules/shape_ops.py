@@ -1,0 +1,1 @@
+"""Gradient rules: shape_ops (being written)."""

@@ -1,0 +1,1 @@
+"""Gradient rules: spatial (being written)."""
