@@ -1,0 +1,171 @@
+"""One training step as one ONNX model: forward, loss, gradients and the optimizer update.
+
+``build_training_step(model, loss, trainable, optimizer)`` takes a forward model whose outputs
+include a scalar loss and returns
+  - ``step_model``: inputs = the batch, the trainable weights, the optimizer state, ``lr`` and ``step``;
+    outputs = the loss, the forward's other outputs, the updated weights and the updated state;
+  - ``eval_model``: the same forward and loss with the weights as inputs (no gradients), so one set
+    of weight buffers serves training and evaluation.
+Both run in a plain ``onnxruntime.InferenceSession`` on any execution provider.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from graphprune.autodiff.context import GradContext
+from graphprune.autodiff.gradient import build_gradients, forward_facts
+from graphprune.autodiff.optimizers import OptimizerConfig, clip_by_global_norm, emit_update
+from graphprune.errors import UserError
+
+__all__ = ["TrainingStep", "build_training_step", "LR_INPUT", "STEP_INPUT"]
+
+LR_INPUT = "graphprune.step/lr"
+STEP_INPUT = "graphprune.step/t"
+_PREFIX = "graphprune.step/"
+
+
+@dataclasses.dataclass
+class TrainingStep:
+    """The step and eval models and how their inputs and outputs pair up.
+
+    Attributes:
+        step_model, eval_model: see the module docstring.
+        loss: the loss output; ``outputs``: the forward's other outputs, in order.
+        weights: the trainable weights (inputs of both models), with their initial values in ``initial``.
+        states: every optimizer-state input, with its initial value (zeros) in ``initial``.
+        updates: each weight or state input -> the step model's output holding its next value.
+        untouched: trainable weights the loss does not depend on (left out of the step).
+    """
+
+    step_model: onnx.ModelProto
+    eval_model: onnx.ModelProto
+    loss: str
+    outputs: List[str]
+    weights: List[str]
+    states: List[str]
+    initial: Dict[str, np.ndarray]
+    updates: Dict[str, str]
+    untouched: List[str]
+
+
+def _weights_as_inputs(model: onnx.ModelProto, names: Sequence[str]) -> Dict[str, np.ndarray]:
+    """Move the initializers ``names`` to graph inputs (in place); returns their values."""
+    wanted = set(names)
+    values: Dict[str, np.ndarray] = {}
+    kept = []
+    for init in model.graph.initializer:
+        if init.name in wanted:
+            values[init.name] = numpy_helper.to_array(init)
+            model.graph.input.append(helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
+        else:
+            kept.append(init)
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(kept)
+    missing = wanted - set(values)
+    if missing:
+        raise UserError(f"trainable weights are not initializers of the model: {', '.join(sorted(missing))}")
+    return values
+
+
+def build_training_step(
+    model: onnx.ModelProto,
+    loss: str,
+    trainable: Sequence[str],
+    optimizer: Optional[OptimizerConfig] = None,
+) -> TrainingStep:
+    """Differentiate ``loss`` of ``model`` with respect to ``trainable`` and append the optimizer update.
+
+    Args:
+        model: forward model (ai.onnx opset >= 13) with ``loss`` among its outputs; the trainable
+            weights are initializers.
+        loss: the scalar loss output.
+        trainable: names of float initializers to train.
+        optimizer: the update rule (default AdamW, no decay).
+
+    Raises ``UserError`` for an op without a gradient rule (named), a non-float trainable weight, or a
+    loss that depends on none of the weights.
+    """
+    optimizer = optimizer or OptimizerConfig()
+    optimizer.check()
+    outputs = [vi.name for vi in model.graph.output]
+    if loss not in outputs:
+        raise UserError(f"the model has no output {loss!r} to train on")
+    inits = {init.name: init for init in model.graph.initializer}
+    for name in trainable:
+        if name in inits and inits[name].data_type not in (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE):
+            dtype = helper.tensor_dtype_to_np_dtype(inits[name].data_type)
+            raise UserError(f"trainable weight {name!r} has dtype {np.dtype(dtype).name}: only float weights train")
+    forward = onnx.ModelProto()
+    forward.CopyFrom(model)
+    initial = _weights_as_inputs(forward, trainable)
+    facts = forward_facts(forward)
+    grads = build_gradients(forward, loss, list(trainable), facts=facts)
+    untouched = [name for name in trainable if grads.grads[name] is None]
+    weights = [name for name in trainable if grads.grads[name] is not None]
+    if not weights:
+        raise UserError(f"the loss does not depend on any trainable weight")
+
+    from graphprune.model_io import default_opset
+
+    ctx = GradContext(default_opset(forward) or 13, facts.types, facts.shapes, facts.constants, prefix=_PREFIX + "opt/")
+    step_grads = {name: grads.grads[name] for name in weights}
+    if optimizer.clip_grad_norm:
+        step_grads = clip_by_global_norm(ctx, step_grads, optimizer.clip_grad_norm)
+    step_model = onnx.ModelProto()
+    step_model.CopyFrom(forward)
+    graph = step_model.graph
+    for name in untouched:  # not read by the step: keep them as constants there
+        graph.initializer.append(numpy_helper.from_array(initial[name], name))
+    kept_inputs = [vi for vi in graph.input if vi.name not in set(untouched)]
+    del graph.input[:]
+    graph.input.extend(kept_inputs)
+    graph.input.append(helper.make_tensor_value_info(LR_INPUT, onnx.TensorProto.FLOAT, []))
+    graph.input.append(helper.make_tensor_value_info(STEP_INPUT, onnx.TensorProto.FLOAT, []))
+    states: List[str] = []
+    updates: Dict[str, str] = {}
+    new_values: List[onnx.ValueInfoProto] = []
+    for name in weights:
+        elem = facts.types.get(name, onnx.TensorProto.FLOAT)
+        lr, step = LR_INPUT, STEP_INPUT
+        if elem != onnx.TensorProto.FLOAT:  # the schedule is fed in float32; weights may be float64
+            lr, step = ctx.op("Cast", LR_INPUT, to=elem), ctx.op("Cast", STEP_INPUT, to=elem)
+        state_inputs = {suffix: f"{_PREFIX}state/{name}/{suffix}" for suffix in optimizer.state_names()}
+        for state in state_inputs.values():
+            graph.input.append(helper.make_tensor_value_info(state, elem, list(initial[name].shape)))
+            initial[state] = np.zeros_like(initial[name])
+            states.append(state)
+        new_weight, new_states = emit_update(ctx, optimizer, name, step_grads[name], state_inputs, lr, step)
+        outputs_here = {name: new_weight, **{state_inputs[k]: v for k, v in new_states.items()}}
+        for source, produced in outputs_here.items():
+            out_name = f"{_PREFIX}next/{source}"
+            ctx.nodes.append(helper.make_node("Identity", [produced], [out_name], name=out_name))
+            new_values.append(helper.make_tensor_value_info(out_name, elem, list(initial[source].shape)))
+            updates[source] = out_name
+    graph.node.extend(grads.nodes + ctx.nodes)
+    graph.initializer.extend(grads.initializers + ctx.initializers)
+    graph.output.extend(new_values)
+
+    eval_model = onnx.ModelProto()
+    eval_model.CopyFrom(forward)
+    for name in untouched:
+        eval_model.graph.initializer.append(numpy_helper.from_array(initial[name], name))
+    eval_inputs = [vi for vi in eval_model.graph.input if vi.name not in set(untouched)]
+    del eval_model.graph.input[:]
+    eval_model.graph.input.extend(eval_inputs)
+    return TrainingStep(
+        step_model=step_model,
+        eval_model=eval_model,
+        loss=loss,
+        outputs=[name for name in outputs if name != loss],
+        weights=weights,
+        states=states,
+        initial={k: v for k, v in initial.items() if k in set(weights) | set(states)},
+        updates=updates,
+        untouched=untouched,
+    )
