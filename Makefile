@@ -11,6 +11,12 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q -c constraints.txt -e ".[dev]"
+	@# torch is a test-only reference (gradients are compared with its autograd).  It is taken only
+	@# from a wheel pip already has on disk for this Python (a find-links folder), never downloaded:
+	@# elsewhere those comparisons are skipped and every other test runs.
+	@if $(BIN)/python -m pip install -q --no-index --no-deps torch==2.13.0 >/dev/null 2>&1; then \
+	  $(BIN)/python -m pip install -q -c constraints.txt torch==2.13.0; \
+	else echo "torch: no local wheel for this Python; torch comparisons will be skipped"; fi
 	touch $(STAMP)
 
 demo: $(STAMP)
