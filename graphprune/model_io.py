@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import tempfile
-from typing import List, Optional
+from typing import List, NamedTuple, Optional
 
 import onnx
+from onnx import helper
 from google.protobuf.message import DecodeError
 
 from graphprune.errors import UserError
@@ -16,31 +18,35 @@ __all__ = [
     "save",
     "check_model",
     "for_ort",
-    "ORT_MAX_IR_VERSION",
-    "ORT_MAX_OPSET",
+    "ort_limits",
+    "OrtLimits",
     "EXTERNAL_DATA_THRESHOLD",
     "atomic_write_text",
     "model_files",
     "model_file_size",
 ]
 
-# onnxruntime-training 1.19.2 (the last training release) loads IR <= 10 and ai.onnx opset <= 21.
-ORT_MAX_IR_VERSION = 10
-ORT_MAX_OPSET = 21
 # Protobuf cannot serialize a message of 2 GiB or more: above this, weights go to a side file.
 EXTERNAL_DATA_THRESHOLD = 2**31 - 2**24
 
 # IR versions introduce element types; a model using none of a newer version's types can be
-# labelled with an older IR version without changing its meaning.
+# labelled with an older IR version without changing its meaning.  By name: older onnx releases
+# lack the newest types (and then cannot hold them either).
 _ELEM_TYPE_MIN_IR = {
-    onnx.TensorProto.BFLOAT16: 4,
-    onnx.TensorProto.FLOAT8E4M3FN: 9,
-    onnx.TensorProto.FLOAT8E4M3FNUZ: 9,
-    onnx.TensorProto.FLOAT8E5M2: 9,
-    onnx.TensorProto.FLOAT8E5M2FNUZ: 9,
-    onnx.TensorProto.UINT4: 10,
-    onnx.TensorProto.INT4: 10,
+    getattr(onnx.TensorProto, name): ir
+    for name, ir in [
+        ("BFLOAT16", 4),
+        ("FLOAT8E4M3FN", 9), ("FLOAT8E4M3FNUZ", 9), ("FLOAT8E5M2", 9), ("FLOAT8E5M2FNUZ", 9),
+        ("UINT4", 10), ("INT4", 10),
+        ("FLOAT4E2M1", 11),
+        ("FLOAT8E8M0", 12),
+        ("UINT2", 13), ("INT2", 13),
+        ("FLOAT6E2M3", 14), ("FLOAT6E3M2", 14),
+    ]
+    if hasattr(onnx.TensorProto, name)
 }
+# Probing starts this far above what the installed onnx knows: the runtime may bundle a newer onnx.
+_PROBE_HEADROOM = 3
 
 
 def load(path: "str | os.PathLike", load_external_data: bool = True) -> onnx.ModelProto:
@@ -110,6 +116,9 @@ def save(
 ) -> str:
     """Write ``model`` to ``path`` atomically (temporary file, then rename).
 
+    The IR label is lowered to the installed onnxruntime's when the content allows (onnx stamps
+    its own newest IR on models it builds), so that the written file loads in that runtime.
+
     Args:
         model: the model to write; it is not modified.
         path: destination.
@@ -128,6 +137,7 @@ def save(
     directory = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(directory):
         raise UserError(f"{path}: output directory {directory} does not exist")
+    model = _for_writing(model)
     if external_data is None:
         external_data = model.ByteSize() >= EXTERNAL_DATA_THRESHOLD if _all_inline(model) else True
     tmp_dir = tempfile.mkdtemp(prefix=".graphprune-", dir=directory)
@@ -168,40 +178,111 @@ def _write(model: onnx.ModelProto, path: str, external_data: bool = False) -> No
         onnx.save_model(model, path)
 
 
-def for_ort(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Return ``model`` labelled with an IR version and opset ONNX Runtime 1.19 accepts.
+class OrtLimits(NamedTuple):
+    """What the installed ONNX Runtime loads (see ``ort_limits``)."""
 
-    Newer onnx releases stamp IR versions ORT 1.19 rejects; when the content uses nothing newer than
-    IR 10 the label is lowered.  Raises ``UserError`` when that is impossible (opset > 21, or
-    element types that need a newer IR).
+    ir_version: int  # highest IR version
+    opset: int  # highest ai.onnx opset
+    version: str  # onnxruntime.__version__
+
+    @property
+    def short_version(self) -> str:
+        """"1.32" for "1.32.0": the release line messages name."""
+        return ".".join(self.version.split(".")[:2])
+
+
+@functools.lru_cache(maxsize=None)
+def ort_limits() -> OrtLimits:
+    """The highest IR version and ai.onnx opset the installed onnxruntime loads, probed once.
+
+    Each probe is a one-node Identity model handed to an ``InferenceSession`` (a few ms in all):
+    the runtime refuses IR versions newer than its own and opsets newer than the onnx release it
+    bundles, whatever the Python ``onnx`` package knows.
     """
+    from graphprune.runtime import ort
+
+    rt = ort()
+    ir_version = _highest_loaded(rt, "ir_version", onnx.IR_VERSION + _PROBE_HEADROOM, opset=13)
+    opset = _highest_loaded(rt, "opset", onnx.defs.onnx_opset_version() + _PROBE_HEADROOM, ir_version=ir_version)
+    return OrtLimits(ir_version, opset, rt.__version__)
+
+
+def _highest_loaded(rt, field: str, start: int, **fixed: int) -> int:
+    """Count ``field`` down from ``start`` until the runtime loads the probe model."""
+    options = rt.SessionOptions()
+    options.graph_optimization_level = rt.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.log_severity_level = 4
+    for value in range(start, 2, -1):
+        versions = {**fixed, field: value}
+        try:
+            rt.InferenceSession(_probe_model(**versions), options, providers=["CPUExecutionProvider"])
+            return value
+        except Exception:  # the runtime's refusal: try the next lower version
+            continue
+    raise UserError(f"onnxruntime {rt.__version__} loads no ONNX model at all (broken installation?)")
+
+
+def _probe_model(ir_version: int, opset: int) -> bytes:
+    info = [helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, [1]) for n in ("x", "y")]
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "probe", info[:1], info[1:])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=ir_version)
+    return model.SerializeToString()
+
+
+def for_ort(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Return ``model`` labelled with an IR version the installed onnxruntime loads.
+
+    Newer onnx releases stamp newer IR versions than a runtime may know; when the content uses
+    nothing newer than the runtime's IR the label is lowered (a copy; the input is not modified).
+    Raises ``UserError`` when that is impossible: an ai.onnx opset above the runtime's (it has no
+    kernels for it), or element types of a newer IR.
+    """
+    limits = ort_limits()
     opset = default_opset(model)
-    if opset is not None and opset > ORT_MAX_OPSET:
+    if opset is not None and opset > limits.opset:
         raise UserError(
-            f"model uses ai.onnx opset {opset}; onnxruntime 1.19 supports opset <= {ORT_MAX_OPSET} "
-            "(convert it with onnx.version_converter first)"
+            f"model uses ai.onnx opset {opset}; the installed onnxruntime {limits.short_version} runs "
+            f"opset <= {limits.opset} (upgrade onnxruntime or convert the model)"
         )
-    if model.ir_version <= ORT_MAX_IR_VERSION:
+    if model.ir_version <= limits.ir_version:
         return model
     needed = _min_ir_for_content(model)
-    if needed > ORT_MAX_IR_VERSION:
+    if needed > limits.ir_version:
         raise UserError(
-            f"model has IR version {model.ir_version} and uses element types of IR {needed}; "
-            f"onnxruntime 1.19 loads IR <= {ORT_MAX_IR_VERSION}"
+            f"model has IR version {model.ir_version} and uses element types of IR {needed}; the installed "
+            f"onnxruntime {limits.short_version} loads IR <= {limits.ir_version} (upgrade onnxruntime)"
         )
+    return _relabelled(model, limits.ir_version)
+
+
+def _for_writing(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` with its IR label lowered to the runtime's when its content allows, else itself.
+
+    What ``save`` writes: never an error (a model the runtime cannot run is still the user's model).
+    """
+    limits = ort_limits()
+    if model.ir_version <= limits.ir_version or _min_ir_for_content(model) > limits.ir_version:
+        return model
+    return _relabelled(model, limits.ir_version)
+
+
+def _relabelled(model: onnx.ModelProto, ir_version: int) -> onnx.ModelProto:
     lowered = onnx.ModelProto()
     lowered.CopyFrom(model)
-    lowered.ir_version = ORT_MAX_IR_VERSION
+    lowered.ir_version = ir_version
     return lowered
 
 
 def _min_ir_for_content(model: onnx.ModelProto) -> int:
+    """The oldest IR version whose element types cover every type the model uses."""
     needed = 3
+    newest_known = max(_ELEM_TYPE_MIN_IR)
+
     def visit_type(elem_type: int) -> None:
         nonlocal needed
         known = _ELEM_TYPE_MIN_IR.get(elem_type)
-        if known is None and elem_type > onnx.TensorProto.INT4:
-            known = 11  # an element type newer than IR 10 (e.g. FLOAT4E2M1)
+        if known is None and elem_type > newest_known:
+            known = onnx.IR_VERSION + 1  # a type newer than this onnx release: assume the newest IR
         needed = max(needed, known or 3)
 
     for graph in _all_graphs(model.graph):
@@ -214,6 +295,8 @@ def _min_ir_for_content(model: onnx.ModelProto) -> int:
             for attr in node.attribute:
                 if attr.name in ("to", "output_dtype", "dtype") and attr.type == onnx.AttributeProto.INT:
                     visit_type(attr.i)
+                elif attr.type == onnx.AttributeProto.TENSOR:
+                    visit_type(attr.t.data_type)
     return needed
 
 

@@ -33,9 +33,7 @@ def ort():
     try:
         import onnxruntime
     except ImportError:
-        raise UserError(
-            "onnxruntime is not installed: pip install 'graphprune[ort]' (or 'graphprune[training]')"
-        ) from None
+        raise UserError("onnxruntime is not installed: pip install onnxruntime") from None
     # ORT's optimizer logs expected non-events (e.g. "cannot remove node") at warning level.
     onnxruntime.set_default_logger_severity(3)
     return onnxruntime
@@ -50,7 +48,7 @@ def make_session(
     """An ``InferenceSession`` for ``model`` on the CPU.
 
     Args:
-        model: the model; relabelled for ORT 1.19 when needed (see ``model_io.for_ort``).
+        model: the model; relabelled for the installed runtime when needed (see ``model_io.for_ort``).
         threads: intra-op threads (None lets ORT decide).
         optimization: "all", "extended", "basic" or "disabled".
         optimized_model_path: where ORT writes the graph it actually runs (for fusion checks).
@@ -71,13 +69,14 @@ def make_session(
     opts.log_severity_level = 3
     model = for_ort(model)
     try:
+        kwargs = dict(providers=["CPUExecutionProvider"])
         if model.ByteSize() < EXTERNAL_DATA_THRESHOLD:
-            return rt.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+            return rt.InferenceSession(model.SerializeToString(), opts, **kwargs)
         from graphprune.model_io import save
 
         with tempfile.TemporaryDirectory() as tmp:
             path = save(model, os.path.join(tmp, "model.onnx"), external_data=True)
-            return rt.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+            return rt.InferenceSession(path, opts, **kwargs)
     except Exception as exc:
         if isinstance(exc, UserError):
             raise

@@ -8,7 +8,7 @@ import pytest
 
 from graphprune import model_io
 from graphprune.errors import UserError
-from graphprune.model_io import for_ort, load, save
+from graphprune.model_io import OrtLimits, for_ort, load, ort_limits, save
 from graphprune.runtime import make_session, run
 from tests.helpers import conv_model, save_model
 
@@ -115,28 +115,83 @@ def test_old_style_ir3_graph_loads(tmp_path):
     assert out.shape == (1, 5)
 
 
+def test_ort_limits_are_probed_from_the_installed_runtime():
+    import onnxruntime
+
+    limits = ort_limits()
+    assert limits is ort_limits()  # probed once per process
+    assert limits.version == onnxruntime.__version__
+    assert limits.short_version == ".".join(onnxruntime.__version__.split(".")[:2])
+
+    def loads(ir_version, opset):
+        model = conv_model()
+        model.ir_version, model.opset_import[0].version = ir_version, opset
+        try:
+            onnxruntime.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+            return True
+        except Exception:
+            return False
+
+    # the highest of each: the runtime loads them and refuses one more
+    assert loads(limits.ir_version, limits.opset)
+    assert not loads(limits.ir_version + 1, limits.opset)
+    assert not loads(limits.ir_version, limits.opset + 1)
+
+
+# What onnxruntime-training 1.19 (the last training release) loads: IR 10, opset 21.
+ORT_1_19 = OrtLimits(ir_version=10, opset=21, version="1.19.2")
+
+
 def test_for_ort_lowers_newer_ir_labels_when_content_allows():
     model = conv_model()
-    model.ir_version = 11
+    model.ir_version = ort_limits().ir_version + 1
     lowered = for_ort(model)
-    assert lowered.ir_version == model_io.ORT_MAX_IR_VERSION
-    assert model.ir_version == 11  # the input is not modified
-    assert for_ort(conv_model()) is not None
+    assert lowered.ir_version == ort_limits().ir_version
+    assert model.ir_version == ort_limits().ir_version + 1  # the input is not modified
+    feeds = {"x": np.ones((1, 3, 8, 8), np.float32)}
+    assert run(make_session(model), feeds)["y"].shape == (1, 5)
+    current = conv_model()
+    assert for_ort(current) is current  # nothing to relabel
 
 
-def test_for_ort_refuses_an_opset_ort_does_not_know():
+def test_for_ort_relabels_for_an_older_runtime(monkeypatch):
+    monkeypatch.setattr(model_io, "ort_limits", lambda: ORT_1_19)
     model = conv_model()
+    model.ir_version = 14  # what onnx 1.23's helper.make_model stamps
+    assert for_ort(model).ir_version == 10
     model.opset_import[0].version = 22
-    with pytest.raises(UserError, match="opset 22"):
+    with pytest.raises(UserError) as info:
+        for_ort(model)
+    assert str(info.value) == ("model uses ai.onnx opset 22; the installed onnxruntime 1.19 runs opset <= 21 "
+                               "(upgrade onnxruntime or convert the model)")
+
+
+def test_for_ort_refuses_an_opset_the_runtime_does_not_run():
+    model = conv_model()
+    model.opset_import[0].version = ort_limits().opset + 1
+    with pytest.raises(UserError, match=rf"opset {ort_limits().opset + 1}; the installed onnxruntime "
+                                        rf"{ort_limits().short_version} runs opset <= {ort_limits().opset}"):
         for_ort(model)
 
 
-def test_for_ort_refuses_element_types_of_a_newer_ir():
+def test_for_ort_refuses_element_types_of_a_newer_ir(monkeypatch):
+    monkeypatch.setattr(model_io, "ort_limits", lambda: ORT_1_19)
     model = conv_model()
     model.ir_version = 11
     model.graph.initializer.append(onnx.TensorProto(name="f4", data_type=23, dims=[2], raw_data=b"\x00"))  # FLOAT4E2M1
-    with pytest.raises(UserError, match="IR 11"):
+    with pytest.raises(UserError, match="uses element types of IR 11; the installed onnxruntime 1.19 loads IR <= 10"):
         for_ort(model)
+
+
+def test_save_writes_an_ir_label_the_runtime_loads(tmp_path, monkeypatch):
+    monkeypatch.setattr(model_io, "ort_limits", lambda: ORT_1_19)
+    model = conv_model()
+    model.ir_version = 14
+    assert onnx.load(save(model, tmp_path / "m.onnx")).ir_version == 10
+    assert model.ir_version == 14
+    # content of a newer IR keeps its label: the file is still the user's model
+    model.graph.initializer.append(onnx.TensorProto(name="f4", data_type=23, dims=[2], raw_data=b"\x00"))
+    assert onnx.load(save(model, tmp_path / "f4.onnx")).ir_version == 14
 
 
 def test_model_file_size_counts_the_side_file(tmp_path):
