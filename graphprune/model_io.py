@@ -53,6 +53,8 @@ def load(path: "str | os.PathLike", load_external_data: bool = True) -> onnx.Mod
     """Load an ONNX model, raising ``UserError`` naming the problem for any bad file.
 
     Handles IR 3+ models, external data (looked up beside the file), and old-style graphs.
+    GroupNormalization in its opset 18-20 form, which onnx >= 1.18 refuses, is upgraded to the
+    opset 21 form (``opset_upgrade.upgrade_group_norm``).
     """
     path = os.fspath(path)
     if not os.path.exists(path):
@@ -76,7 +78,10 @@ def load(path: "str | os.PathLike", load_external_data: bool = True) -> onnx.Mod
     opset = default_opset(model)
     if opset is not None and opset < 7:
         raise UserError(f"{path}: opset {opset} is too old (graphprune reads opset 7 and up)")
+    from graphprune.opset_upgrade import upgrade_group_norm
+
     try:
+        model = upgrade_group_norm(model)
         check_model(model, full=False)
     except UserError as exc:
         raise UserError(f"{path}: {exc}") from None

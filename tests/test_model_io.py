@@ -202,3 +202,107 @@ def test_model_file_size_counts_the_side_file(tmp_path):
     external = save(conv_model(width=32), tmp_path / "ext.onnx", external_data=True)
     assert model_files(external) == [external, external + ".data"]
     assert model_file_size(external) == os.path.getsize(external) + os.path.getsize(external + ".data")
+
+
+# -- GroupNormalization's opset 18-20 form, upgraded on load -----------------------------------------
+
+def _group_norm_reference(x, scale, bias, groups, eps=1e-5):
+    """GroupNormalization-18: statistics and scale/bias per group."""
+    n, c = x.shape[:2]
+    grouped = x.reshape(n, groups, -1).astype(np.float64)
+    normed = (grouped - grouped.mean(-1, keepdims=True)) / np.sqrt(grouped.var(-1, keepdims=True) + eps)
+    return (normed * scale.reshape(1, groups, 1) + bias.reshape(1, groups, 1)).reshape(x.shape)
+
+
+def _opset18_model(nodes, inits, inputs, outputs, opset=18):
+    graph = onnx.helper.make_graph(
+        nodes, "gn",
+        [onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, s) for n, s in inputs],
+        [onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, s) for n, s in outputs],
+        [onnx.numpy_helper.from_array(v, k) for k, v in inits.items()],
+    )
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", opset)])
+    model.ir_version = 8
+    return model
+
+
+def test_load_upgrades_opset18_group_norm_to_the_per_channel_form(tmp_path):
+    rng = np.random.default_rng(0)
+    inits = {"s": np.array([1.5, 0.5, -1.0], np.float32), "b": np.array([0.1, -0.2, 0.3], np.float32),
+             "grid": rng.uniform(-1, 1, (2, 3, 3, 2)).astype(np.float32)}
+    nodes = [
+        onnx.helper.make_node("GroupNormalization", ["x", "s", "b"], ["n"], name="gn", num_groups=3),
+        # GridSample's "bilinear" became "linear" in opset 20: the rest of the model is converted too
+        onnx.helper.make_node("GridSample", ["n", "grid"], ["y"], name="sample", mode="bilinear"),
+    ]
+    model = _opset18_model(nodes, inits, [("x", [2, 6, 4, 4])], [("n", [2, 6, 4, 4]), ("y", [2, 6, 3, 3])])
+    with pytest.raises(onnx.checker.ValidationError, match="GroupNormalization is deprecated"):
+        onnx.checker.check_model(model)  # what onnx >= 1.18 says of the opset 18 form
+    path = str(tmp_path / "gn18.onnx")
+    onnx.save_model(model, path)
+
+    loaded = load(path)
+    model_io.check_model(loaded, full=True)
+    assert model_io.default_opset(loaded) == 21 and loaded.ir_version >= 10
+    values = {i.name: onnx.numpy_helper.to_array(i) for i in loaded.graph.initializer}
+    np.testing.assert_array_equal(values["s"], np.repeat(inits["s"], 2))  # each group's value, per channel
+    np.testing.assert_array_equal(values["b"], np.repeat(inits["b"], 2))
+    sample = next(n for n in loaded.graph.node if n.op_type == "GridSample")
+    assert onnx.helper.get_attribute_value(sample.attribute[0]) == b"linear"
+
+    x = rng.standard_normal((2, 6, 4, 4)).astype(np.float32)
+    after = run(make_session(loaded), {"x": x})
+    np.testing.assert_allclose(after["n"], _group_norm_reference(x, inits["s"], inits["b"], 3), rtol=1e-4, atol=1e-5)
+    before = run(make_session(model), {"x": x})  # onnxruntime still runs the opset 18 form
+    np.testing.assert_allclose(after["y"], before["y"], rtol=1e-5, atol=1e-6)
+
+
+def test_group_norm_upgrade_handles_shared_and_computed_parameters():
+    from graphprune.opset_upgrade import upgrade_group_norm
+
+    rng = np.random.default_rng(1)
+    inits = {"w": rng.standard_normal((6, 4, 1, 1)).astype(np.float32),
+             "s": np.array([2.0, 0.5], np.float32), "b": np.array([0.5, -0.5], np.float32)}
+    nodes = [
+        onnx.helper.make_node("Conv", ["x", "w"], ["c"], name="conv"),
+        onnx.helper.make_node("GroupNormalization", ["c", "s", "b"], ["g6"], name="gn6", num_groups=2),  # C = 6
+        onnx.helper.make_node("GroupNormalization", ["x", "s", "b"], ["g4"], name="gn4", num_groups=2),  # C = 4
+        onnx.helper.make_node("Abs", ["s"], ["s_abs"], name="abs"),  # a computed scale
+        onnx.helper.make_node("GroupNormalization", ["x", "s_abs", "b"], ["g4a"], name="gn4a", num_groups=2),
+    ]
+    outputs = [("g6", [1, 6, 3, 3]), ("g4", [1, 4, 3, 3]), ("g4a", [1, 4, 3, 3])]
+    model = _opset18_model(nodes, inits, [("x", [1, 4, 3, 3])], outputs)
+    upgraded = upgrade_group_norm(model)
+    model_io.check_model(upgraded, full=True)
+    shapes = {i.name: tuple(i.dims) for i in upgraded.graph.initializer}
+    # read at two channel counts: a copy for each; "b" has no reader left, "s" still feeds Abs
+    assert "b" not in shapes and shapes["s"] == (2,)
+    gn = {n.name: n for n in upgraded.graph.node if n.op_type == "GroupNormalization"}
+    assert shapes[gn["gn6"].input[1]] == (6,) and shapes[gn["gn4"].input[1]] == (4,)
+    assert "Expand" in [n.op_type for n in upgraded.graph.node]  # Abs(s) repeated at run time
+    x = rng.standard_normal((1, 4, 3, 3)).astype(np.float32)
+    after, before = run(make_session(upgraded), {"x": x}), run(make_session(model), {"x": x})
+    for name in before:
+        np.testing.assert_allclose(after[name], before[name], rtol=1e-5, atol=1e-6)
+
+
+def test_group_norm_with_unknown_channels_is_refused_on_load(tmp_path):
+    nodes = [onnx.helper.make_node("GroupNormalization", ["x", "s", "b"], ["y"], name="gn", num_groups=2)]
+    inits = {"s": np.ones(2, np.float32), "b": np.zeros(2, np.float32)}
+    model = _opset18_model(nodes, inits, [("x", ["N", "C", 4, 4])], [("y", ["N", "C", 4, 4])])
+    path = str(tmp_path / "gn_dynamic.onnx")
+    onnx.save_model(model, path)
+    with pytest.raises(UserError, match=r"gn_dynamic.onnx: GroupNormalization 'gn': cannot tell its channel count"):
+        load(path)
+
+
+def test_group_norm_upgrade_leaves_other_models_alone():
+    from graphprune.opset_upgrade import upgrade_group_norm
+
+    nodes = [onnx.helper.make_node("GroupNormalization", ["x", "s", "b"], ["y"], num_groups=2)]
+    per_channel = _opset18_model(nodes, {"s": np.ones(4, np.float32), "b": np.zeros(4, np.float32)},
+                                 [("x", [1, 4, 2, 2])], [("y", [1, 4, 2, 2])], opset=21)
+    assert upgrade_group_norm(per_channel) is per_channel
+    without = conv_model()
+    without.opset_import[0].version = 18
+    assert upgrade_group_norm(without) is without

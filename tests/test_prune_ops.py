@@ -6,6 +6,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from graphprune.opset_upgrade import upgrade_group_norm
 from graphprune.passes import PruneChannelsPass
 from graphprune.runtime import make_session, run
 from graphprune.validate import compare_outputs
@@ -122,7 +123,8 @@ CASES = {
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_op_rule_prunes_and_masked_equals_removed(name):
     nodes, inits = CASES[name]()
-    model = make_model(nodes, [("x", ["N", 3, 6, 6])], [("y", ["N", None])], inits, opset=18)
+    # opset 18: GroupNormalization in its per-group form, upgraded as model_io.load does
+    model = upgrade_group_norm(make_model(nodes, [("x", ["N", 3, 6, 6])], [("y", ["N", None])], inits, opset=18))
     model.graph.output[0].type.tensor_type.shape.dim[1].ClearField("dim_param")
     onnx.checker.check_model(model, full_check=True)
     feed = {"x": np.random.default_rng(3).standard_normal((2, 3, 6, 6)).astype(np.float32)}

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
 from graphprune.dependency import build_dependency_graph, reported_groups
+from graphprune.opset_upgrade import upgrade_group_norm
 from graphprune.passes import PruneChannelsPass
 from graphprune.pruning import group_scores, removal_masks, select_channels
 from graphprune.runtime import make_session, run
@@ -173,7 +174,7 @@ class NetBuilder:
         )
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
         model.ir_version = 9
-        return model
+        return upgrade_group_norm(model)  # GroupNormalization's per-group form, upgraded as model_io.load does
 
 
 BLOCKS = ["conv", "residual", "concat", "depthwise", "group_conv", "se", "c2f", "shuffle", "pool",
