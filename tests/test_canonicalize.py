@@ -10,6 +10,7 @@ from onnx import helper, numpy_helper
 
 from graphprune.data import random_inputs
 from graphprune.ir import real_inputs
+from graphprune.model_io import ort_limits
 from graphprune.passes import CanonicalizePass, canonicalize
 from graphprune.runtime import make_session, run
 from tests.helpers import conv_model
@@ -83,3 +84,60 @@ def test_folding_respects_the_size_cap_and_dynamic_shapes():
     feeds = {"x": np.ones((64, 64), np.float32)}
     np.testing.assert_array_equal(_outputs(capped, feeds)["y"], _outputs(model, feeds)["y"])
     np.testing.assert_array_equal(_outputs(unfolded, feeds)["y"], _outputs(model, feeds)["y"])
+
+
+def _expand_model(extra_nodes=(), opset_imports=(("", 17),)):
+    """y = x + Expand(c, [64, 64]): the Expand is foldable (16 KiB)."""
+    c = numpy_helper.from_array(np.ones((1, 1), np.float32), "c")
+    shape = numpy_helper.from_array(np.array([64, 64], np.int64), "shape")
+    graph = helper.make_graph(
+        [helper.make_node("Expand", ["c", "shape"], ["big"]), helper.make_node("Add", ["x", "big"], ["y"]), *extra_nodes],
+        "g",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [64, 64])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [64, 64])],
+        [c, shape],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid(d, v) for d, v in opset_imports])
+
+
+def test_folding_runs_on_models_labelled_newer_than_the_runtime():
+    # graphsurgeon opens its own ORT session: an IR label the runtime refuses used to skip folding silently
+    model = _expand_model()
+    model.ir_version = ort_limits().ir_version + 1
+    result = CanonicalizePass(fold_limit=1 << 20)(model)
+    assert result.stats["fold_failure"] is None
+    assert [n.op_type for n in result.model.graph.node] == ["Add"]
+    assert result.model.ir_version == ort_limits().ir_version
+
+
+def test_a_folding_failure_is_reported_and_the_rest_still_folds():
+    # a custom op on constants is foldable for graphsurgeon, but ORT has no kernel for it
+    custom = helper.make_node("Double", ["c"], ["c2"], domain="test.graphprune")
+    model = _expand_model([custom, helper.make_node("Mul", ["y", "c2"], ["y2"])], [("", 17), ("test.graphprune", 1)])
+    model.graph.output.append(helper.make_tensor_value_info("y2", onnx.TensorProto.FLOAT, [64, 64]))
+    with pytest.warns(UserWarning, match=r"constant folding failed \(.*Double"):
+        result = CanonicalizePass(fold_limit=1 << 20)(model)
+    assert "Double" in result.stats["fold_failure"]
+    ops = [n.op_type for n in result.model.graph.node]
+    assert "Double" in ops and "Expand" not in ops  # folded node by node around the op ORT lacks
+
+
+def test_folding_is_skipped_with_the_reason_when_the_runtime_lacks_the_opset():
+    model = _expand_model(opset_imports=[("", ort_limits().opset + 1)])
+    with pytest.warns(UserWarning, match="constant folding skipped"):
+        result = CanonicalizePass(fold_limit=1 << 20)(model)
+    assert f"opset <= {ort_limits().opset}" in result.stats["fold_failure"]
+    assert "Expand" in [n.op_type for n in result.model.graph.node]
+
+
+def test_graphprune_run_prints_the_folding_failure_once(tmp_path, capsys):
+    from graphprune.cli import main
+
+    custom = helper.make_node("Double", ["c"], ["c2"], domain="test.graphprune")
+    model = _expand_model([custom, helper.make_node("Mul", ["y", "c2"], ["y2"])], [("", 17), ("test.graphprune", 1)])
+    model.graph.output.append(helper.make_tensor_value_info("y2", onnx.TensorProto.FLOAT, [64, 64]))
+    src = str(tmp_path / "custom.onnx")
+    onnx.save_model(model, src)
+    assert main(["run", src, "-o", str(tmp_path / "out.onnx"), "--pass", "canonicalize", "--pass", "canonicalize"]) == 0
+    warned = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+    assert len(warned) == 1 and warned[0].startswith("graphprune run: warning: constant folding failed (")

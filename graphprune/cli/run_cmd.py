@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import warnings
 
 from graphprune.cli.common import add_data_options, add_output_options, check_output_path, read_inputs, write_model
 from graphprune.errors import UserError
@@ -37,7 +38,11 @@ def run(args) -> int:
     model = load(args.model)
     data, shapes, _ = read_inputs(args, model)
     pipeline = build_pipeline(specs, context={"data": data, "input_shapes": shapes or None}, progress=sys.stderr.isatty())
-    result = pipeline(model)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", UserWarning)
+        result = pipeline(model)
+    for message in dict.fromkeys(str(w.message) for w in caught):  # a warning once, however many passes raise it
+        print(f"graphprune run: warning: {message}", file=sys.stderr)
     write_model(args, result.model)
     for record in result.stats["passes"]:
         print(f"{record['pass']:<14} modified={str(record['modified']):<5} {record['seconds']:.3f}s")

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
-import logging
+import warnings
+from typing import Optional
 
 import onnx
+import onnx_graphsurgeon as gs
 from onnx import numpy_helper
 
 from graphprune import ir
-from graphprune.runtime import ort
+from graphprune.errors import UserError
+from graphprune.model_io import for_ort
 from graphprune.passes.base import Pass, PassResult, register_pass
+from graphprune.runtime import ort
 from graphprune.shapes import infer_shapes
 
 __all__ = ["CanonicalizePass", "canonicalize"]
@@ -27,7 +31,11 @@ class CanonicalizePass(Pass):
       - Old-style graphs (IR < 4) that list initializers as inputs: those inputs are dropped, so the
         weights are constants (the IR version is raised to 4, the first that allows it).
       - Constant folding through onnx-graphsurgeon (evaluated by ONNX Runtime), skipping results
-        larger than ``fold_limit`` bytes so that e.g. an ``Expand`` does not bloat the file.
+        larger than ``fold_limit`` bytes so that e.g. an ``Expand`` does not bloat the file.  The
+        model is relabelled for the installed runtime first (``model_io.for_ort``).  When ORT
+        cannot evaluate the foldable part as a whole (an op it lacks, a model it cannot load),
+        folding goes on node by node, and the failure is reported: a warning and the
+        ``fold_failure`` stat (None when folding ran cleanly or was off).
       - Dead nodes, unused initializers, and topological order.
       - Shape inference (with data propagation) to record value shapes.
 
@@ -49,13 +57,18 @@ class CanonicalizePass(Pass):
         work = ir.clone(model)
         constants = _constants_to_initializers(work.graph)
         dropped_inputs = _drop_initializer_inputs(work)
+        fold_failure = None
+        if self.fold:
+            try:
+                work = for_ort(work)  # graphsurgeon's own ORT session loads the model with this label
+            except UserError as exc:
+                fold_failure = f"skipped: {exc}"
         graph = ir.to_gs(work)
         nodes_before = len(graph.nodes)
-        if self.fold:
-            # graphsurgeon logs every skipped fold at warning level; those are expected, not problems.
-            logging.getLogger("onnx_graphsurgeon").setLevel(logging.ERROR)
-            ort()  # graphsurgeon folds with ONNX Runtime; this also quiets its logger
-            graph.fold_constants(size_threshold=self.fold_limit, error_ok=True)
+        if self.fold and fold_failure is None:
+            fold_failure = _fold_constants(graph, self.fold_limit)
+        if fold_failure:
+            warnings.warn(f"constant folding {fold_failure}", stacklevel=2)
         graph.cleanup(remove_unused_graph_inputs=False).toposort()
         result = infer_shapes(ir.from_gs(graph, like=work))
         modified = _structure_key(result) != before
@@ -63,6 +76,7 @@ class CanonicalizePass(Pass):
             "constants_to_initializers": constants,
             "initializer_inputs_dropped": dropped_inputs,
             "nodes_removed": nodes_before - len(result.graph.node),
+            "fold_failure": fold_failure,
         }
         return PassResult(result if modified else model, modified, stats)
 
@@ -70,6 +84,25 @@ class CanonicalizePass(Pass):
 def canonicalize(model: onnx.ModelProto, fold_limit: int = _DEFAULT_FOLD_LIMIT, fold: bool = True) -> onnx.ModelProto:
     """Functional form of ``CanonicalizePass``."""
     return CanonicalizePass(fold_limit=fold_limit, fold=fold)(model).model
+
+
+def _fold_constants(graph: gs.Graph, fold_limit: int) -> Optional[str]:
+    """Fold ``graph`` in place; None when ORT evaluated everything, else what failed.
+
+    graphsurgeon evaluates the whole foldable part in one ORT session; when that fails it is
+    folded again node by node ("recursive" partitioning), so one op ORT cannot run costs only its
+    own fold.  graphsurgeon's log lines (printed to stdout) are silenced: the failure is returned.
+    """
+    ort()  # quiets ORT's logger before graphsurgeon opens its sessions
+    with gs.logger.G_LOGGER.suppress(gs.logger.G_LOGGER.CRITICAL + 1):
+        try:
+            graph.fold_constants(size_threshold=fold_limit, error_ok=False)
+            return None
+        except Exception as exc:  # ORT's load/run errors, or a graphsurgeon routine's
+            text = str(exc).strip()
+            reason = text.splitlines()[0] if text else type(exc).__name__
+        graph.fold_constants(size_threshold=fold_limit, error_ok=True, partitioning="recursive")
+    return f"failed ({reason}); folded node by node what ONNX Runtime could evaluate"
 
 
 def _constants_to_initializers(graph: onnx.GraphProto) -> int:
