@@ -193,6 +193,98 @@ def test_exclude_and_op_types_keep_nodes_float(tmp_path):
     assert "op types" in convs_only.stats["float_layers"]["fc"]
 
 
+def _default_session_graph(model: onnx.ModelProto, tmp_path) -> onnx.GraphProto:
+    """The graph plain onnxruntime runs for ``model`` with default session options (every optimizer on)."""
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "default_options.onnx")
+    onnxruntime.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return onnx.load(options.optimized_model_filepath).graph
+
+
+def _float_weighted(graph: onnx.GraphProto, op_type: str):
+    """(node, weight array) of the ``op_type`` nodes (any domain: ORT's NCHWc Conv too) with a float32 initializer weight."""
+    inits = {i.name: i for i in graph.initializer}
+    return [(n, numpy_helper.to_array(inits[n.input[1]])) for n in graph.node
+            if n.op_type == op_type and n.input[1] in inits and inits[n.input[1]].data_type == onnx.TensorProto.FLOAT]
+
+
+def test_excluded_conv_stays_float_on_default_session_options(tmp_path, monkeypatch):
+    # ORT >= 1.21's WeightBiasQuantization would quantize c3's weights: its input comes from the int8 MaxPool
+    import onnxruntime
+
+    from graphprune.quantization import engine
+
+    model, data = dense_cnn(), samples(dense_cnn())
+    result = InsertQDQPass(data=data, measure=False, exclude=["c3"])(model)
+    graph = _default_session_graph(result.model, tmp_path)
+    assert Counter(n.op_type for n in graph.node)["QLinearConv"] == 2
+    (conv, weight), = _float_weighted(graph, "Conv")
+    original = next(numpy_helper.to_array(i) for i in model.graph.initializer if i.name == "c3_w")
+    # the very weights of c3 (ORT may reorder them into its NCHWc blocked layout)
+    np.testing.assert_array_equal(np.sort(weight.ravel()), np.sort(original.ravel()))
+    # what the user's default session computes is what graphprune measured
+    feed = {"x": data.arrays["x"][:1]}
+    default = onnxruntime.InferenceSession(result.model.SerializeToString(), providers=["CPUExecutionProvider"])
+    measured = make_session(result.model).run(None, feed)[0]
+    np.testing.assert_allclose(default.run(None, feed)[0], measured, rtol=1e-6, atol=1e-6)
+
+    # control: with the per-tensor DequantizeLinear the quantizer writes, ORT makes c3 int8 too
+    if tuple(int(v) for v in onnxruntime.__version__.split(".")[:2]) >= (1, 21):
+        monkeypatch.setattr(engine, "keep_float_layers_float", lambda model, shapes: [])
+        exposed = InsertQDQPass(data=data, measure=False, exclude=["c3"])(model)
+        exposed_graph = _default_session_graph(exposed.model, tmp_path)
+        assert Counter(n.op_type for n in exposed_graph.node)["QLinearConv"] == 3
+
+
+def test_float_layers_read_a_per_axis_dequantize_with_the_same_values():
+    from graphprune.quantization.float_layers import keep_float_layers_float
+
+    rng = np.random.default_rng(0)
+    f32 = lambda *shape: rng.standard_normal(shape).astype(np.float32)  # noqa: E731
+    inits = [numpy_helper.from_array(np.float32(0.05), "s"), numpy_helper.from_array(np.uint8(128), "zp"),
+             numpy_helper.from_array(f32(4, 3, 3, 3), "wa"), numpy_helper.from_array(f32(4, 3, 1, 1), "wb"),
+             numpy_helper.from_array(f32(5, 4), "wg"), numpy_helper.from_array(f32(5), "bg")]
+    nodes = [
+        helper.make_node("QuantizeLinear", ["x", "s", "zp"], ["xq"], name="q"),
+        helper.make_node("DequantizeLinear", ["xq", "s", "zp"], ["xd"], name="dq"),  # read by two float convs
+        helper.make_node("Conv", ["xd", "wa"], ["a"], name="conv_a", pads=[1, 1, 1, 1]),
+        helper.make_node("Conv", ["xd", "wb"], ["b"], name="conv_b"),
+        helper.make_node("Add", ["a", "b"], ["s1"], name="add"),
+        helper.make_node("ReduceMean", ["s1"], ["m"], name="mean", axes=[2, 3], keepdims=0),
+        helper.make_node("QuantizeLinear", ["m", "s", "zp"], ["mq"], name="q2"),
+        helper.make_node("DequantizeLinear", ["mq", "s", "zp"], ["md"], name="dq2"),  # read by the Gemm alone
+        helper.make_node("Gemm", ["md", "wg", "bg"], ["y"], name="fc", transB=1),
+    ]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 3, 6, 6])],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 5])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    before = model.SerializeToString()
+    protected = onnx.ModelProto.FromString(before)
+    assert keep_float_layers_float(protected, {}) == []
+    check_model(protected, full=True)
+
+    by_name = {n.name: n for n in protected.graph.node}
+    values = {i.name: numpy_helper.to_array(i) for i in protected.graph.initializer}
+    # each conv gets its own DequantizeLinear, spread over its 3 channels; the shared one, unread, goes
+    assert "dq" not in by_name
+    for conv in ("conv_a", "conv_b"):
+        own = next(n for n in protected.graph.node if n.output[0] == by_name[conv].input[0])
+        assert own.op_type == "DequantizeLinear" and own.input[0] == "xq" and own.name == f"dq/for_{conv}"
+        assert [a.i for a in own.attribute if a.name == "axis"] == [1]
+        np.testing.assert_array_equal(values[own.input[1]], np.full(3, np.float32(0.05)))
+        np.testing.assert_array_equal(values[own.input[2]], np.full(3, np.uint8(128)))
+    # the Gemm's DequantizeLinear has no other reader: spread in place over K = 4 (axis 1 of A)
+    assert by_name["fc"].input[0] == "md" and [a.i for a in by_name["dq2"].attribute] == [1]
+    assert values[by_name["dq2"].input[1]].shape == (4,)
+    feed = {"x": rng.standard_normal((1, 3, 6, 6)).astype(np.float32)}
+    np.testing.assert_array_equal(make_session(protected).run(None, feed)[0],
+                                  make_session(onnx.ModelProto.FromString(before)).run(None, feed)[0])
+    assert keep_float_layers_float(protected, {}) == []  # a second run finds nothing per-tensor left
+    assert len(protected.graph.node) == len(nodes) + 1
+
+
 def test_cost_model_keeps_depthwise_net_float():
     model = depthwise_net()
     result = InsertQDQPass(data=samples(model), measure=False)(model)

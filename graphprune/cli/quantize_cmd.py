@@ -80,8 +80,8 @@ def run(args) -> int:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", UserWarning)
         result = quantize(model)
-    for warning in caught:
-        print(f"graphprune quantize: warning: {warning.message}", file=sys.stderr)
+    for message in dict.fromkeys(str(w.message) for w in caught):  # once, however many candidates raise it
+        print(f"graphprune quantize: warning: {message}", file=sys.stderr)
     write_model(args, result.model)
     print(format_summary(result.stats, result.modified))
     write_report(args, result.stats)

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import logging
+import warnings
 from typing import Collection
 
 import onnx
 
 from graphprune.ir import clone, value_shape
 from graphprune.quantization.config import QuantConfig
+from graphprune.quantization.float_layers import keep_float_layers_float
 from graphprune.quantization.stem import space_to_depth_stems
 
 __all__ = ["insert_qdq_nodes"]
@@ -21,7 +23,9 @@ def insert_qdq_nodes(model: onnx.ModelProto, ranges, nodes: Collection[str], con
     int32 with scale = input scale x weight scale, activations ``config.activation_type`` with the
     calibrated ``ranges``.  Relu/Clip behind a quantized op are folded into its output range.
     Stride-2 convs on thin (RGB) inputs are then rewritten over ``SpaceToDepth`` (``stem.py``), the
-    same integer arithmetic with a kernel layout ORT's int8 convolution runs faster.
+    same integer arithmetic with a kernel layout ORT's int8 convolution runs faster.  Float
+    Conv/ConvTranspose/Gemm layers behind an int8 producer read a per-axis DequantizeLinear, so
+    that ORT's ``WeightBiasQuantization`` leaves them float (``float_layers.py``).
 
     Args:
         model: a prepared model (see ``prepare``): every node named, shapes inferred.
@@ -59,7 +63,15 @@ def insert_qdq_nodes(model: onnx.ModelProto, ranges, nodes: Collection[str], con
     finally:
         logger.setLevel(level)
     result = quantizer.model.model
-    space_to_depth_stems(result, _shapes(model))
+    shapes = _shapes(model)
+    space_to_depth_stems(result, shapes)
+    exposed = keep_float_layers_float(result, shapes)
+    if exposed:
+        warnings.warn(
+            f"float layer(s) {', '.join(exposed)} read a one-channel int8 tensor: onnxruntime >= 1.21 quantizes "
+            "their weights unless the session disables that optimizer: "
+            "InferenceSession(..., disabled_optimizers=['WeightBiasQuantization'])"
+        )
     result.producer_name = model.producer_name
     result.producer_version = model.producer_version
     return result
