@@ -3,7 +3,7 @@
 Stages (each on the previous stage's model):
   1. prune 50% of the channels of every prunable group (L1 filter norms), printed *before* any
      training to show what pruning alone costs;
-  2. fine-tune with labels and distillation from the original (onnxruntime-training, no torch);
+  2. fine-tune with labels and distillation from the original (graphprune's gradient graphs on plain onnxruntime, no torch);
   3. int8 QDQ quantization calibrated on training samples.
 With ``steps`` K > 1, stages 1-2 repeat K times with a per-round ratio composing to the target.
 Every row reports held-out accuracy (``models/digits_test.npz``, never trained on), parameters, MACs,

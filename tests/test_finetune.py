@@ -190,12 +190,33 @@ def test_non_finite_loss_stops_and_names_the_step(setup):
         FineTunePass(data=setup["train"], labels=setup["labels"], optimizer="sgd", lr=1e30, epochs=1)(setup["pruned"])
 
 
-def test_quantized_model_is_refused(setup):
+def test_integer_operator_model_is_refused(setup):
     model = onnx.ModelProto()
     model.CopyFrom(setup["pruned"])
-    model.graph.node.insert(0, onnx.helper.make_node("QuantizeLinear", ["images", "s"], ["q"], name="q"))
-    with pytest.raises(UserError, match="fine-tune before quantizing"):
+    model.graph.node.insert(0, onnx.helper.make_node("DynamicQuantizeLinear", ["images"], ["q", "s", "z"], name="q"))
+    with pytest.raises(UserError, match=r"computes in integers \(DynamicQuantizeLinear\)"):
         FineTunePass(data=setup["train"], labels=setup["labels"])(model)
+
+
+def test_qdq_model_fine_tunes_in_place_and_beats_the_untuned_qdq_model(setup):
+    """Quantization-aware fine-tuning: the pruned digits CNN quantized to QDQ, then trained with the
+    straight-through estimator; the written model keeps its int8 weights, scales and structure."""
+    from graphprune import insert_qdq
+
+    qdq = insert_qdq(setup["pruned"], data=setup["train"], measure=False)
+    tuned = FineTunePass(data=setup["train"], labels=setup["labels"], epochs=6, lr=5e-3, val_split=0.0,
+                         batchnorm="keep")(qdq).model
+    accuracy = lambda m: float((_outputs(m, setup["test"]).argmax(-1) == setup["test_labels"]).mean())  # noqa: E731
+    before, after = accuracy(qdq), accuracy(tuned)
+    assert after > before + 0.3, (before, after)
+    assert structure(tuned) == structure(qdq)
+    old = {i.name: i for i in qdq.graph.initializer}
+    new = {i.name: i for i in tuned.graph.initializer}
+    changed = [n for n in old if not np.array_equal(numpy_helper.to_array(old[n]), numpy_helper.to_array(new[n]))]
+    assert changed and all(old[n].data_type == new[n].data_type == onnx.TensorProto.INT8 for n in changed
+                           if "weight_quantized" in n)
+    assert all("scale" not in n and "zero_point" not in n for n in changed)  # calibration is kept
+    onnx.checker.check_model(tuned, full_check=True)
 
 
 def _token_classifier() -> onnx.ModelProto:
@@ -269,20 +290,25 @@ def test_recipe_style_arguments_read_labels_and_teacher_from_files(setup):
         build_pass("finetune", {"labels": f"{MODELS}/digits_train.npz:nope"})
 
 
-def test_training_artifacts_are_loadable_by_onnxruntime_1_19(setup):
-    import os
+def test_training_runs_on_plain_onnxruntime_at_any_batch_size(setup):
+    """One step graph (batch dim dynamic) serves every batch size; no onnxruntime-training anywhere."""
+    import importlib.util
 
     from graphprune.training.artifacts import TrainingSession, build_training_graph, prepare_for_training
-    from graphprune.training.losses import resolve_loss
+    from graphprune.training.losses import BatchTargets, resolve_loss
 
     model = onnx.ModelProto()
     model.CopyFrom(setup["pruned"])
-    model.ir_version = 11  # as onnx >= 1.18 would write it
+    model.ir_version = 11  # as onnx >= 1.18 writes it
     work, trainable = prepare_for_training(model)
     spec = resolve_loss((2, 10), "logits", setup["labels"], len(setup["labels"]), False)
     graph = build_training_graph(work, trainable.names, spec, {})
-    with TrainingSession(graph) as session:
-        for name in ("training_model.onnx", "eval_model.onnx", "optimizer_model.onnx"):
-            assert onnx.load(os.path.join(session._dir, name)).ir_version <= 10
-        directory = session._dir
-    assert not os.path.exists(directory)  # the temporary artifacts are removed
+    targets = BatchTargets(spec, setup["labels"], None, 10)
+    images = setup["train"].arrays["images"]
+    with TrainingSession(graph, threads=1) as session:
+        assert session.step.step_model.graph.input[0].type.tensor_type.shape.dim[0].dim_param
+        for size in (1, 7, 32):
+            idx = np.arange(size)
+            loss, output = session.train_step({"images": images[idx], **targets.feeds(idx)}, 1e-3)
+            assert np.isfinite(loss) and output.shape == (size, 10)
+    assert importlib.util.find_spec("onnxruntime.training") is None

@@ -13,7 +13,7 @@ from graphprune.model_io import load
 def register(sub) -> None:
     p = sub.add_parser(
         "finetune",
-        help="fine-tune a model's weights through onnxruntime-training (labels and/or distillation)",
+        help="fine-tune a model's weights on plain onnxruntime (labels and/or distillation)",
         description="Train the weights of an ONNX model (e.g. after pruning) with labels, by distillation from "
         "the original model, or both, and write the same graph with the new weights.  No torch needed.",
     )

@@ -1,10 +1,10 @@
-"""Fine-tune: train a model's weights through onnxruntime-training, with labels or by distillation."""
+"""Fine-tune: train a model's weights on plain onnxruntime (graphprune's gradient graphs), with labels or by distillation."""
 
 from __future__ import annotations
 
 import os
 import time
-from typing import Any, Dict, Optional, Union
+from typing import Any, Dict, Optional, Sequence, Union
 
 import numpy as np
 import onnx
@@ -17,11 +17,16 @@ from graphprune.training.batchnorm import recalibrate_batchnorm
 from graphprune.training.losses import BatchTargets, LossSpec, resolve_loss
 from graphprune.training.loop import TrainConfig, train_loop
 from graphprune.training.masks import apply_masks, read_masks
+from graphprune.training.qdq import requantize
 from graphprune.training.trainable import write_back
 
 __all__ = ["FineTunePass", "finetune"]
 
 ModelLike = Union[onnx.ModelProto, str, "os.PathLike[str]"]
+
+# Integer-only operators have no gradient: their weights cannot train.
+_INTEGER_OPS = {"DynamicQuantizeLinear", "QLinearConv", "QLinearMatMul", "ConvInteger", "MatMulInteger",
+                "QLinearAdd", "QLinearMul", "QGemm"}
 
 
 @register_pass
@@ -34,21 +39,24 @@ class FineTunePass(Pass):
         into those nodes.  Everything else is frozen.
       - Losses: cross-entropy with integer labels, MSE with float targets, distillation from a teacher
         (KL on temperature-softened logits, or MSE), or labels and distillation combined.
-      - Ops without gradients in onnxruntime-training (HardSigmoid, HardSwish, Mish, Softplus,
-        InstanceNormalization, ...) train through differentiable stand-ins; the output keeps the
-        original ops.
+      - Every op with a gradient rule in ``graphprune.autodiff`` trains as it is (the step graph is
+        plain ONNX run by ``onnxruntime.InferenceSession``); batch, sequence and image dims stay
+        dynamic; opsets below 13 train on a converted copy.
       - BatchNormalization: the running statistics are re-estimated once from the training samples
         (pruning changed the activations they describe; ``batchnorm="keep"`` skips this), then held
         *frozen* while scale and bias train.  Frozen statistics are the small-data choice: batch
         statistics of a few dozen samples are noisy, the per-channel affine absorbs any remaining
         shift, and the trained function is exactly the one inference computes.
+      - QDQ models (quantization-aware fine-tuning): int8 weights train as float weights behind a
+        QuantizeLinear with the straight-through estimator, and are quantized again with their
+        unchanged scales; activation scales and zero points stay as calibrated.
       - Weights named by the sparsity mask record or the pruned-channel record keep their zeros.
       - A held-out split is evaluated before training and after each epoch and the best is kept, so
         training never makes the validation metric worse than at its start.
 
     Refuses: a model without data, labels or teacher; data that does not match the model inputs;
-    labels of the wrong length, dtype or shape; a model with QuantizeLinear nodes or without trainable
-    weights; a loss that becomes non-finite (the error names the epoch and step).
+    labels of the wrong length, dtype or shape; a model with integer-only operators (QLinearConv...)
+    or without trainable weights; an op on the training path without a gradient rule (named); a loss that becomes non-finite (the error names the epoch and step).
 
     Args:
         data: training samples (``InputSet``; the CLI and recipes inject ``--data``).
@@ -65,6 +73,8 @@ class FineTunePass(Pass):
         batchnorm: "recalibrate" (re-estimate BatchNorm statistics from ``data`` first) or "keep".
         output: the output to train (default: the first float32 output).
         threads: intra-op threads for training (None: onnxruntime decides).
+        providers: onnxruntime execution providers for training (default CPU), e.g.
+            ``["CUDAExecutionProvider", "CPUExecutionProvider"]``; passed through as they are.
         progress: show a progress bar with the running loss and metric.
     """
 
@@ -91,6 +101,7 @@ class FineTunePass(Pass):
         seed: int = 0,
         threads: Optional[int] = None,
         progress: bool = False,
+        providers: Optional[Sequence[str]] = None,
     ):
         self.data = data
         self.labels = _read_labels(labels) if isinstance(labels, (str, os.PathLike)) else labels
@@ -114,14 +125,17 @@ class FineTunePass(Pass):
         self.temperature = float(temperature)
         self.output = output
         self.threads = threads
+        self.providers = list(providers) if providers else None
 
     def requires(self, model: onnx.ModelProto) -> None:
         if self.data is None or len(self.data) == 0:
             raise UserError("finetune needs training samples (--data FILE.npz)")
         if self.labels is None and self.teacher is None:
             raise UserError("finetune needs labels (--labels KEY) or a teacher model (--teacher ORIGINAL.onnx)")
-        if any(node.op_type in ("QuantizeLinear", "DynamicQuantizeLinear") for node in model.graph.node):
-            raise UserError("the model is already quantized (QuantizeLinear nodes): fine-tune before quantizing")
+        integer_ops = sorted({node.op_type for node in model.graph.node if node.op_type in _INTEGER_OPS})
+        if integer_ops:
+            raise UserError(f"the model computes in integers ({', '.join(integer_ops)}): only float and QDQ "
+                            "models fine-tune (fine-tune before converting to integer operators)")
         _check_data(model, self.data, "data")
         if self.teacher is not None:
             _check_data(self.teacher, self.data, "data (for the teacher)")
@@ -147,17 +161,18 @@ class FineTunePass(Pass):
         }
         if self.config.epochs == 0:
             return PassResult(base, recalibrated > 0, stats)
-        sample_shapes = {name: value.shape[1:] for name, value in self.data.arrays.items()}
-        graph = build_training_graph(work, trainable.names, spec, masks, sample_shapes)
+        graph = build_training_graph(work, trainable.names, spec, masks)
         targets = BatchTargets(spec, self.labels, teacher_out, classes)
         arrays = self.data.arrays
         feeds = lambda idx: {**{k: v[idx] for k, v in arrays.items()}, **targets.feeds(idx)}  # noqa: E731
-        with TrainingSession(graph, self.optimizer, self.weight_decay, threads=self.threads) as session:
+        with TrainingSession(graph, self.optimizer, self.weight_decay, threads=self.threads,
+                             providers=self.providers) as session:
             outcome = train_loop(session, self.config, feeds, self._metric(spec, teacher_out), train_idx, val_idx,
                                  fixed_batch=self.data.fixed_batch, loss_offset=targets.loss_offset)
         trained = apply_masks(outcome.weights, masks)
         changed = [n for n, v in trained.items() if not np.array_equal(v, values[n])]
-        result = write_back(base, {n: trained[n] for n in changed}) if changed else base
+        new_values = requantize({n: trained[n] for n in changed}, trainable.fake_quant)
+        result = write_back(base, new_values) if changed else base
         stats.update(_training_stats(graph, outcome, len(changed)))
         stats["seconds"] = round(time.perf_counter() - start, 3)
         return PassResult(result, bool(changed) or recalibrated > 0, stats)
@@ -221,7 +236,6 @@ def _training_stats(graph, outcome, changed: int) -> Dict[str, Any]:
     return {
         "trainable_weights": len(graph.trainable),
         "weights_changed": changed,
-        "standins": dict(graph.standins),
         "steps": outcome.steps,
         "best_epoch": outcome.best_epoch,
         "train_loss_first_epoch": trained[0].train_loss,

@@ -18,6 +18,7 @@ from onnx import numpy_helper
 
 from graphprune import ir
 from graphprune.errors import UserError
+from graphprune.training.qdq import FakeQuantWeight
 
 __all__ = ["TrainableWeights", "find_trainable", "TRAINABLE_INPUTS", "write_back", "constants_to_initializers"]
 
@@ -70,6 +71,7 @@ class TrainableWeights:
 
     names: List[str]
     in_constant_nodes: List[str]  # the subset stored as Constant nodes in the input model
+    fake_quant: Dict[str, FakeQuantWeight] = dataclasses.field(default_factory=dict)  # int8 weights trained as float
 
     def count(self, graph: onnx.GraphProto) -> int:
         values = {init.name: init for init in graph.initializer}
@@ -116,10 +118,20 @@ def find_trainable(graph: onnx.GraphProto, from_constants: Sequence[str] = ()) -
         if rule is None or node.domain not in ("", "ai.onnx"):
             continue
         for index in rule(node, producers):
-            if index < len(node.input) and node.input[index] in floats and node.input[index] not in names:
-                names.append(node.input[index])
+            source = _weight_source(node.input[index], producers) if index < len(node.input) else ""
+            if source in floats and source not in names:
+                names.append(source)
     constants = set(from_constants)
     return TrainableWeights(names=names, in_constant_nodes=[n for n in names if n in constants])
+
+
+def _weight_source(name: str, producers: Dict[str, onnx.NodeProto]) -> str:
+    """The float weight behind ``name``: itself, or the input of a QuantizeLinear -> DequantizeLinear pair."""
+    dq = producers.get(name)
+    if dq is None or dq.op_type != "DequantizeLinear":
+        return name
+    q = producers.get(dq.input[0])
+    return q.input[0] if q is not None and q.op_type == "QuantizeLinear" else name
 
 
 def write_back(model: onnx.ModelProto, values: Dict[str, np.ndarray]) -> onnx.ModelProto:
@@ -131,7 +143,8 @@ def write_back(model: onnx.ModelProto, values: Dict[str, np.ndarray]) -> onnx.Mo
     remaining = dict(values)
     for index, init in enumerate(result.graph.initializer):
         if init.name in remaining:
-            new = numpy_helper.from_array(remaining.pop(init.name).astype(np.float32), init.name)
+            dtype = onnx.helper.tensor_dtype_to_np_dtype(init.data_type)
+            new = numpy_helper.from_array(remaining.pop(init.name).astype(dtype), init.name)
             result.graph.initializer[index].CopyFrom(new)
     for node in result.graph.node:
         if node.op_type == "Constant" and node.output[0] in remaining:
