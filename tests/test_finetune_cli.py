@@ -137,3 +137,43 @@ def test_gradual_pruning_from_the_cli(tmp_path, data_file, capsys):
     original = onnx.load(DIGITS)
     conv = lambda m: {i.name: i.dims[0] for i in m.graph.initializer if i.name.endswith("conv2.weight")}  # noqa: E731
     assert conv(model)["conv2.weight"] <= 0.55 * conv(original)["conv2.weight"]
+
+
+def _digits_with(edit) -> onnx.ModelProto:
+    model = onnx.load(DIGITS)
+    edit(model)
+    return model
+
+
+def _det_on_path(model: onnx.ModelProto) -> None:
+    """logits -> Det-free detour through an op without a gradient rule (Det of a [N,10,10] outer product)."""
+    graph = model.graph
+    logits = graph.output[0].name
+    graph.node.extend([
+        onnx.helper.make_node("Unsqueeze", [logits + "_pre", "gp_ax2"], ["gp_col"], name="gp_unsq"),
+        onnx.helper.make_node("Mul", ["gp_col", "gp_eye"], ["gp_diag"], name="gp_mul"),
+        onnx.helper.make_node("Det", ["gp_diag"], ["gp_det"], name="the_det"),
+        onnx.helper.make_node("Unsqueeze", ["gp_det", "gp_ax1"], ["gp_det1"], name="gp_unsq2"),
+        onnx.helper.make_node("Add", [logits + "_pre", "gp_det1"], [logits], name="gp_add"),
+    ])
+    for node in graph.node[:-5]:
+        for i, out in enumerate(node.output):
+            if out == logits:
+                node.output[i] = logits + "_pre"
+    graph.initializer.extend([onnx.numpy_helper.from_array(np.array([2], np.int64), "gp_ax2"),
+                              onnx.numpy_helper.from_array(np.array([1], np.int64), "gp_ax1"),
+                              onnx.numpy_helper.from_array(np.eye(10, dtype=np.float32), "gp_eye")])
+
+
+@pytest.mark.parametrize("edit, message", [
+    (_det_on_path, "op Det (node 'the_det') has no gradient rule"),
+    (lambda m: m.opset_import[0].__setattr__("version", 99), "opset 99"),
+])
+def test_models_that_cannot_train_exit_2_naming_the_problem(tmp_path, data_file, capsys, edit, message):
+    path = tmp_path / "model.onnx"
+    onnx.save(_digits_with(edit), str(path))
+    before = path.read_bytes()
+    out = str(tmp_path / "out.onnx")
+    _fails(capsys, ["finetune", str(path), "-o", out, "--data", data_file, "--labels", "labels",
+                    "--teacher", DIGITS, "--epochs", "1"], message, out)
+    assert path.read_bytes() == before

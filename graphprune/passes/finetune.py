@@ -149,7 +149,8 @@ class FineTunePass(Pass):
         if self.batchnorm == "recalibrate":
             base, recalibrated = recalibrate_batchnorm(model, self.data.subset(train_idx), self.threads)
         work, trainable = prepare_for_training(base)
-        spec, teacher_out, classes = self._loss_spec(model)
+        spec, output_shape, out_names = self._loss_spec(model)
+        classes = output_shape[-1] if output_shape else 1
         values = {init.name: onnx.numpy_helper.to_array(init) for init in work.graph.initializer
                   if init.name in set(trainable.names)}
         masks = read_masks(model, values)
@@ -162,11 +163,14 @@ class FineTunePass(Pass):
         if self.config.epochs == 0:
             return PassResult(base, recalibrated > 0, stats)
         graph = build_training_graph(work, trainable.names, spec, masks)
-        targets = BatchTargets(spec, self.labels, teacher_out, classes)
-        arrays = self.data.arrays
-        feeds = lambda idx: {**{k: v[idx] for k, v in arrays.items()}, **targets.feeds(idx)}  # noqa: E731
+        # The step model is built (and an op without a gradient rule refused) before the teacher's
+        # outputs are computed: a refusal comes in seconds, not after a pass over the data.
         with TrainingSession(graph, self.optimizer, self.weight_decay, threads=self.threads,
                              providers=self.providers) as session:
+            teacher_out = self._teacher_outputs(spec.output, out_names, output_shape)
+            targets = BatchTargets(spec, self.labels, teacher_out, classes)
+            arrays = self.data.arrays
+            feeds = lambda idx: {**{k: v[idx] for k, v in arrays.items()}, **targets.feeds(idx)}  # noqa: E731
             outcome = train_loop(session, self.config, feeds, self._metric(spec, teacher_out), train_idx, val_idx,
                                  fixed_batch=self.data.fixed_batch, loss_offset=targets.loss_offset)
         trained = apply_masks(outcome.weights, masks)
@@ -178,7 +182,7 @@ class FineTunePass(Pass):
         return PassResult(result, bool(changed) or recalibrated > 0, stats)
 
     def _loss_spec(self, model: onnx.ModelProto):
-        """(LossSpec, teacher outputs or None, number of classes) for the trained output."""
+        """(LossSpec, the trained output's shape on a probe batch, the model's output names)."""
         from graphprune.runtime import make_session
 
         probe = make_session(model, threads=self.threads)
@@ -191,10 +195,9 @@ class FineTunePass(Pass):
             raise UserError(f"output {output!r} is not float32: choose the float output to train with output=NAME")
         first = next(iter(self.data.batches(min(len(self.data), 2))))
         output_shape = tuple(probe.run([output], first)[0].shape)
-        teacher_out = self._teacher_outputs(output, out_names, output_shape)
-        spec = resolve_loss(output_shape, output, self.labels, len(self.data), teacher_out is not None,
+        spec = resolve_loss(output_shape, output, self.labels, len(self.data), self.teacher is not None,
                             self.loss, self.distill_loss, self.distill_weight, self.temperature)
-        return spec, teacher_out, (output_shape[-1] if output_shape else 1)
+        return spec, output_shape, out_names
 
     def _teacher_outputs(self, output: str, out_names, output_shape) -> Optional[np.ndarray]:
         if self.teacher is None:
