@@ -12,16 +12,19 @@ compares it with
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Dict, Sequence
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
+from onnx.reference.op_run import OpRun
 
 from graphprune.autodiff.gradient import build_gradients
 
-__all__ = ["check_gradients", "make_model", "to_double", "loss_model", "graph_gradients", "torch_gradients", "ORT_IR"]
+__all__ = ["check_gradients", "make_model", "to_double", "loss_model", "graph_gradients", "torch_gradients", "ORT_IR",
+           "reference_evaluator"]
 
 ORT_IR = 10  # every supported onnxruntime (>= 1.20) loads IR 10
 
@@ -32,6 +35,68 @@ def make_model(nodes, inputs, outputs, initializers=(), opset: int = 17) -> onnx
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
     model.ir_version = ORT_IR
     return model
+
+
+class Erf(OpRun):
+    """Erf in the input's precision: onnx 1.23's reference rounds it to float32 (``otypes="f"``),
+    noise that float64 finite differences (and Gelu, whose function body uses Erf) cannot see through."""
+
+    op_domain = ""
+
+    def _run(self, x):
+        return (np.vectorize(math.erf, otypes=[x.dtype])(x),)
+
+
+class LRN(OpRun):
+    """LRN as the spec defines it: onnx 1.23's reference loops over the batch instead of the channels."""
+
+    op_domain = ""
+
+    def _run(self, x, alpha=None, beta=None, bias=None, size=None):
+        alpha, beta, bias, size = (self.alpha if alpha is None else alpha, self.beta if beta is None else beta,
+                                   self.bias if bias is None else bias, self.size if size is None else size)
+        before, after = (size - 1) // 2, size // 2  # floor((size-1)/2) and ceil((size-1)/2)
+        padded = np.pad(x * x, [(0, 0), (before, after)] + [(0, 0)] * (x.ndim - 2))
+        square_sum = sum(padded[:, i: i + x.shape[1]] for i in range(size))
+        return ((x / (bias + alpha / size * square_sum) ** beta).astype(x.dtype),)
+
+
+class LpNormalization(OpRun):
+    """LpNormalization with |x|: onnx 1.23's reference sums x ** p, wrong for p = 1 and negative x."""
+
+    op_domain = ""
+
+    def _run(self, x, axis=None, p=None):
+        axis, p = self.axis if axis is None else axis, self.p if p is None else p
+        norm = np.power(np.power(np.abs(x), p).sum(axis=axis, keepdims=True), 1.0 / p)
+        return (np.where(norm == 0, 0, x / np.where(norm == 0, 1, norm)).astype(x.dtype),)
+
+
+class MeanVarianceNormalization(OpRun):
+    """MVN in the input's precision: onnx 1.23's function body adds a float32 epsilon (fails on float64)."""
+
+    op_domain = ""
+
+    def _run(self, x, axes=None):
+        axes = tuple(self.axes if axes is None else axes)
+        centered = x - x.mean(axis=axes, keepdims=True)
+        return (centered / (np.sqrt((centered * centered).mean(axis=axes, keepdims=True)) + 1e-9),)
+
+
+# Exact replacements for reference ops that are imprecise or wrong in the installed onnx.
+EXACT_OPS = [Erf, LRN, LpNormalization, MeanVarianceNormalization]
+
+
+class _ExactEvaluator(ReferenceEvaluator):
+    # A subclass, not a new_ops argument alone: function bodies (Gelu, GroupNormalization...) are
+    # evaluated by a fresh instance of the evaluator's class, which must use EXACT_OPS too.
+    def __init__(self, proto, *args, new_ops=None, **kwargs):
+        super().__init__(proto, *args, new_ops=list(new_ops or []) + EXACT_OPS, **kwargs)
+
+
+def reference_evaluator(model: onnx.ModelProto) -> ReferenceEvaluator:
+    """onnx's ReferenceEvaluator with ``EXACT_OPS`` in place of the library's versions."""
+    return _ExactEvaluator(model)
 
 
 def _retype(elem: int, to: int) -> int:
@@ -58,14 +123,14 @@ def to_double(model: onnx.ModelProto, to: int = TensorProto.DOUBLE) -> onnx.Mode
         for attr in node.attribute:
             if attr.type == onnx.AttributeProto.TENSOR:
                 convert_tensor(attr.t)
-            elif attr.name in ("to", "dtype", "output_dtype") and attr.type == onnx.AttributeProto.INT:
+            elif attr.name in ("to", "dtype", "output_dtype", "stash_type") and attr.type == onnx.AttributeProto.INT:
                 attr.i = _retype(attr.i, to)
     return out
 
 
 def loss_model(model: onnx.ModelProto, feeds: Dict[str, np.ndarray], seed: int = 0) -> onnx.ModelProto:
     """``model`` plus ``loss = sum_i ReduceSum(Y_i * R_i)`` as its only output (float64 in, float64 out)."""
-    outputs = ReferenceEvaluator(model).run(None, feeds)
+    outputs = reference_evaluator(model).run(None, feeds)
     rng = np.random.default_rng(seed)
     result = onnx.ModelProto()
     result.CopyFrom(model)
@@ -102,7 +167,7 @@ def graph_gradients(model: onnx.ModelProto, wrt: Sequence[str], loss: str = "che
 
 def _finite_differences(model: onnx.ModelProto, feeds, name: str, eps: float, max_elements: int, rng):
     """(flat indices, d loss / d name at those indices) by central differences in float64."""
-    session = ReferenceEvaluator(model)
+    session = reference_evaluator(model)
     inits = {init.name: init for init in model.graph.initializer}
     base = feeds[name] if name in feeds else numpy_helper.to_array(inits[name])
     size = base.size
@@ -122,7 +187,7 @@ def _finite_differences(model: onnx.ModelProto, feeds, name: str, eps: float, ma
                 for init in changed.graph.initializer:
                     if init.name == name:
                         init.CopyFrom(numpy_helper.from_array(bumped, name))
-                total.append(ReferenceEvaluator(changed).run(None, feeds)[0])
+                total.append(reference_evaluator(changed).run(None, feeds)[0])
         values.append((float(total[0]) - float(total[1])) / (2 * eps))
     return picks, np.array(values)
 
@@ -155,7 +220,7 @@ def check_gradients(
     feeds64 = {k: (v.astype(np.float64) if np.issubdtype(v.dtype, np.floating) else v) for k, v in feeds.items()}
     lossy = loss_model(double, feeds64, seed)
     with_grads = graph_gradients(lossy, wrt)
-    analytic = dict(zip(wrt, ReferenceEvaluator(with_grads).run(None, feeds64)[1:]))
+    analytic = dict(zip(wrt, reference_evaluator(with_grads).run(None, feeds64)[1:]))
     inits = {init.name: init for init in double.graph.initializer}
     for name in wrt:
         shape = feeds64[name].shape if name in feeds64 else tuple(inits[name].dims)

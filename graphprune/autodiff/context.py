@@ -146,9 +146,13 @@ class GradContext:
         return self.reduce("ReduceSum", x, axes, keepdims)
 
     def unsqueeze(self, x: str, axes: Sequence[int]) -> str:
+        if self.opset < 13:  # axes were an attribute before opset 13
+            return self.op("Unsqueeze", x, axes=list(axes))
         return self.op("Unsqueeze", x, self.ints(axes))
 
     def squeeze(self, x: str, axes: Sequence[int]) -> str:
+        if self.opset < 13:
+            return self.op("Squeeze", x, axes=list(axes))
         return self.op("Squeeze", x, self.ints(axes))
 
     def zeros_like(self, name: str) -> str:
