@@ -109,7 +109,7 @@ def build_training_step(
     untouched = [name for name in trainable if grads.grads[name] is None]
     weights = [name for name in trainable if grads.grads[name] is not None]
     if not weights:
-        raise UserError(f"the loss does not depend on any trainable weight")
+        raise UserError("the loss does not depend on any trainable weight")
 
     from graphprune.model_io import default_opset
 

@@ -3,6 +3,8 @@
 from graphprune.autodiff.rules import (  # noqa: F401
     activations,
     arithmetic,
+    einsum,
+    gather,
     linear,
     normalization,
     quantization,

@@ -28,7 +28,7 @@ def _rows(ctx, x: str, like: str) -> str:
 @vjp("MatMul")
 def _matmul(ctx, node, dy, wants):
     (g,), (a, b), y = dy, node.input, node.output[0]
-    rank_a, rank_b, rank_y = ctx.rank(a), ctx.rank(b), ctx.rank(y)
+    rank_a, rank_b = ctx.rank(a), ctx.rank(b)
     if rank_a is None or rank_b is None:
         raise UserError(f"MatMul node {node.name!r}: the rank of its inputs is unknown; give the model's inputs "
                         "a known rank")
