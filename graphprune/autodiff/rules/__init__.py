@@ -3,12 +3,14 @@
 from graphprune.autodiff.rules import (  # noqa: F401
     activations,
     arithmetic,
+    conv,
     einsum,
     gather,
     linear,
     normalization,
+    pooling,
     quantization,
     reduction,
+    resample,
     shape_ops,
-    spatial,
 )

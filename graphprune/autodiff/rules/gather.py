@@ -7,7 +7,15 @@ from typing import Union
 import numpy as np
 
 from graphprune.autodiff.registry import vjp
-from graphprune.autodiff.rules._shape_helpers import as_int64, axis_of, dim_of, int_vector, rank_of, refuse, shape_tensor
+from graphprune.autodiff.rules._shape_helpers import (
+    as_int64,
+    axis_of,
+    dim_of,
+    int_vector,
+    rank_of,
+    refuse,
+    shape_tensor,
+)
 
 # Gather along an axis of at most this many entries uses a one-hot MatMul (a dense, threaded kernel)
 # instead of a scatter-add (an element-by-element serial loop): on onnxruntime's CPU the MatMul is

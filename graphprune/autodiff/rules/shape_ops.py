@@ -1,4 +1,4 @@
-"""Gradient rules: ops that move, select or copy elements (Reshape, Transpose, Split, Concat, Slice, Gather...).
+"""Gradient rules: ops that move or copy elements (Reshape, Transpose, Split, Concat, Slice, Expand, Tile).
 
 Every rule works when dims are only known at run time: static shapes turn sizes and pads into
 constants, and where they are missing the same values are computed from ``Shape`` nodes.  Selection
@@ -25,7 +25,16 @@ from typing import List, Optional
 import numpy as np
 
 from graphprune.autodiff.registry import vjp
-from graphprune.autodiff.rules._shape_helpers import INT64, as_int64, axis_of, dim_of, int_vector, no_input_grads, refuse, shape_tensor
+from graphprune.autodiff.rules._shape_helpers import (
+    INT64,
+    as_int64,
+    axis_of,
+    dim_of,
+    int_vector,
+    no_input_grads,
+    refuse,
+    shape_tensor,
+)
 
 # ----- pure data movement ----------------------------------------------------------------------------
 
