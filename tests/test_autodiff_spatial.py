@@ -158,8 +158,16 @@ def torch_mod():
     return torch
 
 
+class _LazyFunctional:
+    """``torch.nn.functional`` looked up at call time: cases (and their torch twins) are built at
+    collection, where torch may be absent; only the torch comparisons need it (and skip without it)."""
+
+    def __getattr__(self, name):
+        return lambda *args, **kwargs: getattr(torch_mod().nn.functional, name)(*args, **kwargs)
+
+
 def F():
-    return torch_mod().nn.functional
+    return _LazyFunctional()
 
 
 @dataclasses.dataclass
