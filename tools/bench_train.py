@@ -156,6 +156,7 @@ class _Ours:
         self.session = StepSession(self.step, threads=threads)
         self.lr = adamw["lr"]
         self.threads = threads
+        self.workdir = workdir
 
     def train_step(self) -> float:
         return self.session.train_step(self.feeds, self.lr)[0]
@@ -172,7 +173,7 @@ class _Ours:
         options = rt.SessionOptions()
         options.intra_op_num_threads, options.inter_op_num_threads = self.threads, 1
         options.enable_profiling = True
-        options.profile_file_prefix = os.path.join(tempfile.mkdtemp(prefix="bench-train-prof-"), "ours")
+        options.profile_file_prefix = os.path.join(self.workdir, "ours-prof")
         session = rt.InferenceSession(for_ort(self.step.step_model).SerializeToString(), options,
                                       providers=["CPUExecutionProvider"])
         feeds = dict(self.feeds, **self.step.initial)
@@ -229,7 +230,7 @@ class _OrtTraining:
         training = _import_ort_training()
         model = onnx.load(os.path.join(workdir, "model.onnx"))
         _as_old_graphprune_trained_it(model)
-        artifacts = tempfile.mkdtemp(prefix="bench-train-ortt-")
+        artifacts = tempfile.mkdtemp(prefix="ortt-artifacts-", dir=workdir)  # removed with workdir
         adamw = meta["adamw"]
         optimizer = training["onnxblock"].optim.AdamW(betas=tuple(adamw["betas"]), eps=adamw["eps"],
                                                       weight_decay=adamw["weight_decay"])
