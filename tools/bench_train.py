@@ -293,9 +293,10 @@ def _import_ort_training() -> dict:
 def _as_old_graphprune_trained_it(model) -> None:
     """The forward-graph rewrites graphprune applied before onnxruntime-training (in place).
 
-    ORT-training's BatchNormalization gradient needs training mode: inference BatchNorm became
-    ``(x - mean) * inv_std * scale + bias`` with frozen statistics.  Its LayerNormalization gradient
-    needs the optional mean / inv-std outputs, which exporters leave out.
+    onnxruntime-training runs a BatchNormalization node in training mode (batch statistics) whatever
+    the node says (the first loss differs from torch's eval-mode BatchNorm), so inference BatchNorm
+    became ``(x - mean) * inv_std * scale + bias`` with frozen statistics.  Its LayerNormalization
+    gradient needs the optional mean / inv-std outputs, which exporters leave out.
     """
     import numpy as np
     from onnx import helper, numpy_helper
