@@ -239,7 +239,9 @@ def check_gradients(
         got = session.run(None, {k: (v.astype(np.float32) if np.issubdtype(v.dtype, np.floating) else v)
                                  for k, v in feeds.items()})[1:]
         for name, value in zip(wrt, got):
-            scale = max(float(np.abs(analytic[name]).max()), 1e-6)
+            # float32 rounding is relative to the values the gradient is computed from (order 1 here),
+            # not to the gradient itself: a saturated softmax's 1e-7 gradient carries 1e-9 of noise.
+            scale = max(float(np.abs(analytic[name]).max()), 1e-4)
             np.testing.assert_allclose(value, analytic[name], rtol=0, atol=ort_rtol * scale,
                                        err_msg=f"gradient of {name} in onnxruntime (float32)")
     return analytic
