@@ -44,6 +44,9 @@ class GradContext:
         constants: tensor name -> value, for initializers and Constant outputs (axes, shapes, pads...).
         prefix: name prefix of every emitted node and tensor.
         default_type: element type assumed for tensors shape inference left untyped.
+        dim_names: tensor name -> the symbolic name of each dim (None where static or unnamed); two
+            dims with one name are equal, which spares run-time broadcast reductions over batch and
+            sequence dims.
     """
 
     def __init__(
@@ -54,6 +57,7 @@ class GradContext:
         constants: Dict[str, np.ndarray],
         prefix: str = "graphprune.grad/",
         default_type: int = onnx.TensorProto.FLOAT,
+        dim_names: Optional[Dict[str, Tuple[Optional[str], ...]]] = None,
     ):
         self.opset = opset
         self.types = types
@@ -61,6 +65,7 @@ class GradContext:
         self.constants = constants
         self.prefix = prefix
         self.default_type = default_type
+        self.dim_names = dim_names or {}
         self.nodes: List[onnx.NodeProto] = []
         self.initializers: List[onnx.TensorProto] = []
         self.node: Optional[onnx.NodeProto] = None  # the forward node whose rule is running
@@ -175,12 +180,15 @@ class GradContext:
         shape_out = self.shape(out) if isinstance(out, str) else out
         if shape_x is not None and shape_out is not None and len(shape_out) >= len(shape_x):
             lead = len(shape_out) - len(shape_x)
+            names_x = self.dim_names.get(x, (None,) * len(shape_x))
+            names_out = self.dim_names.get(out, (None,) * len(shape_out)) if isinstance(out, str) else None
             axes, static = list(range(lead)), True
             for i, dim in enumerate(shape_x):
                 other = shape_out[lead + i]
+                same_symbol = names_out is not None and names_x[i] is not None and names_x[i] == names_out[lead + i]
                 if dim == 1 and other != 1:
                     axes.append(lead + i)
-                elif dim is None and other != 1:
+                elif dim is None and other != 1 and not same_symbol:
                     static = False  # x's dim may be 1 while out's is not
             if static:
                 if not axes:

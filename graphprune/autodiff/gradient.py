@@ -10,7 +10,7 @@ no rule is refused by name.
 from __future__ import annotations
 
 import dataclasses
-from typing import Dict, List, Optional, Sequence, Set
+from typing import Dict, List, Optional, Sequence, Set, Tuple
 
 import numpy as np
 import onnx
@@ -32,6 +32,7 @@ class ForwardFacts:
     types: Dict[str, int]
     shapes: Dict[str, Shape]
     constants: Dict[str, np.ndarray]
+    dim_names: Dict[str, Tuple[Optional[str], ...]] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass
@@ -60,6 +61,7 @@ def forward_facts(model: onnx.ModelProto) -> ForwardFacts:
     graph = inferred.graph
     types: Dict[str, int] = {}
     shapes: Dict[str, Shape] = {}
+    dim_names: Dict[str, Tuple[Optional[str], ...]] = {}
     for vi in list(graph.input) + list(graph.value_info) + list(graph.output):
         tensor_type = vi.type.tensor_type
         if vi.type.HasField("tensor_type") and tensor_type.elem_type:
@@ -67,6 +69,7 @@ def forward_facts(model: onnx.ModelProto) -> ForwardFacts:
         shape = ir.value_shape(vi)
         if shape is not None:
             shapes[vi.name] = tuple(d if isinstance(d, int) and d > 0 else None for d in shape)
+            dim_names[vi.name] = tuple(d if isinstance(d, str) and d else None for d in shape)
     constants: Dict[str, np.ndarray] = {}
     for init in graph.initializer:
         constants[init.name] = numpy_helper.to_array(init)
@@ -79,7 +82,7 @@ def forward_facts(model: onnx.ModelProto) -> ForwardFacts:
                 continue
             constants[node.output[0]] = np.asarray(value)
             types.setdefault(node.output[0], onnx.helper.np_dtype_to_tensor_dtype(np.asarray(value).dtype))
-    return ForwardFacts(types, shapes, constants)
+    return ForwardFacts(types, shapes, constants, dim_names)
 
 
 def _carries_gradient(node: onnx.NodeProto, name: str, facts: ForwardFacts) -> bool:
@@ -139,7 +142,7 @@ def build_gradients(
 
     facts = facts or forward_facts(model)
     ctx = GradContext(default_opset(model) or 13, facts.types, facts.shapes, facts.constants, prefix=prefix,
-                      default_type=facts.types.get(loss, onnx.TensorProto.FLOAT))
+                      default_type=facts.types.get(loss, onnx.TensorProto.FLOAT), dim_names=facts.dim_names)
     reached = differentiable_path(model, wrt, facts)
     if loss not in reached:
         return GradientGraph([], [], {name: None for name in wrt})

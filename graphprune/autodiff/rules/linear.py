@@ -47,7 +47,7 @@ def _matmul(ctx, node, dy, wants):
         da = ctx.op("MatMul", g2, _swap_last_two(ctx, b2, rb))
         if rank_a == 1:
             da = ctx.squeeze(ctx.reduce_sum(da, list(range(rg - 2)), keepdims=False) if rg > 2 else da, [0])
-        else:
+        elif rank_b > 2:  # a 2-D (or 1-D) B broadcasts nothing onto A: dA has A's shape already
             da = ctx.reduce_to(da, a, None if batch is None else batch + tuple(ctx.shape(a)[-2:]))
         grad_a = da
     if wants[1]:
