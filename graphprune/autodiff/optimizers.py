@@ -14,7 +14,7 @@ from typing import Dict, List, Optional, Tuple
 from graphprune.autodiff.context import GradContext
 from graphprune.errors import UserError
 
-__all__ = ["OptimizerConfig", "OPTIMIZERS", "emit_update", "clip_by_global_norm"]
+__all__ = ["OptimizerConfig", "OPTIMIZERS", "StepScalars", "emit_update", "clip_by_global_norm"]
 
 OPTIMIZERS = ("adamw", "sgd")
 
@@ -70,14 +70,35 @@ def clip_by_global_norm(ctx: GradContext, grads: Dict[str, str], max_norm: float
     return {name: ctx.op("Mul", g, factor) for name, g in grads.items()}
 
 
+class StepScalars:
+    """Per-step scalars of the update, computed once per step (not once per weight).
+
+    AdamW's bias corrections are folded into one step size and one epsilon, as torch does:
+    ``lr / bc1 * m / (sqrt(v) / sqrt(bc2) + eps) == (lr * sqrt(bc2) / bc1) * m / (sqrt(v) + eps * sqrt(bc2))``.
+    """
+
+    def __init__(self, ctx: GradContext, config: OptimizerConfig, lr: str, step: str, like: str):
+        c = lambda v: ctx.const(v, like=like)  # noqa: E731
+        self.lr = lr
+        self.decay = None
+        if config.kind == "adamw":
+            beta1, beta2 = config.betas
+            bias1 = ctx.op("Sub", c(1.0), ctx.op("Pow", c(beta1), step))
+            root_bias2 = ctx.op("Sqrt", ctx.op("Sub", c(1.0), ctx.op("Pow", c(beta2), step)))
+            self.step_size = ctx.op("Div", ctx.op("Mul", lr, root_bias2), bias1)
+            self.eps = ctx.op("Mul", c(config.eps), root_bias2)
+            if config.weight_decay:
+                self.decay = ctx.op("Sub", c(1.0), ctx.op("Mul", lr, c(config.weight_decay)))
+
+
 def emit_update(ctx: GradContext, config: OptimizerConfig, weight: str, grad: str, states: Dict[str, str],
-                lr: str, step: str) -> Tuple[str, Dict[str, str]]:
+                scalars: StepScalars) -> Tuple[str, Dict[str, str]]:
     """Nodes computing one weight's new value and new optimizer state.
 
     Args:
         weight, grad: the current weight and its gradient.
         states: state suffix -> the input holding its current value.
-        lr: the scalar learning-rate input; ``step``: the scalar 1-based step count (AdamW bias correction).
+        scalars: the step's shared scalars (learning rate, AdamW's folded bias corrections).
 
     Returns (new weight, state suffix -> new state).
     """
@@ -86,16 +107,11 @@ def emit_update(ctx: GradContext, config: OptimizerConfig, weight: str, grad: st
         beta1, beta2 = config.betas
         exp_avg = ctx.op("Add", ctx.op("Mul", states["exp_avg"], c(beta1)), ctx.op("Mul", grad, c(1 - beta1)))
         exp_avg_sq = ctx.op("Add", ctx.op("Mul", states["exp_avg_sq"], c(beta2)),
-                            ctx.op("Mul", ctx.op("Mul", grad, grad), c(1 - beta2)))
-        bias1 = ctx.op("Sub", c(1.0), ctx.op("Pow", c(beta1), step))
-        bias2 = ctx.op("Sub", c(1.0), ctx.op("Pow", c(beta2), step))
-        denom = ctx.op("Add", ctx.op("Div", ctx.op("Sqrt", exp_avg_sq), ctx.op("Sqrt", bias2)), c(config.eps))
-        step_size = ctx.op("Div", lr, bias1)
-        decayed = weight
-        if config.weight_decay:
-            decayed = ctx.op("Mul", weight, ctx.op("Sub", c(1.0), ctx.op("Mul", lr, c(config.weight_decay))))
-        new = ctx.op("Sub", decayed, ctx.op("Mul", step_size, ctx.op("Div", exp_avg, denom)))
-        return new, {"exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}
+                            ctx.op("Mul", ctx.op("Mul", grad, c(1 - beta2)), grad))
+        denom = ctx.op("Add", ctx.op("Sqrt", exp_avg_sq), scalars.eps)
+        update = ctx.op("Mul", ctx.op("Div", exp_avg, denom), scalars.step_size)
+        decayed = ctx.op("Mul", weight, scalars.decay) if scalars.decay else weight
+        return ctx.op("Sub", decayed, update), {"exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}
     if config.weight_decay:
         grad = ctx.op("Add", grad, ctx.op("Mul", weight, c(config.weight_decay)))
     new_states: Dict[str, str] = {}
@@ -104,4 +120,4 @@ def emit_update(ctx: GradContext, config: OptimizerConfig, weight: str, grad: st
         buffer = ctx.op("Add", ctx.op("Mul", states["momentum_buffer"], c(config.momentum)), grad)
         new_states["momentum_buffer"] = buffer
         direction = ctx.op("Add", grad, ctx.op("Mul", buffer, c(config.momentum))) if config.nesterov else buffer
-    return ctx.op("Sub", weight, ctx.op("Mul", lr, direction)), new_states
+    return ctx.op("Sub", weight, ctx.op("Mul", direction, scalars.lr)), new_states

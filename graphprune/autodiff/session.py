@@ -38,7 +38,6 @@ class StepSession:
 
     def __init__(self, step: TrainingStep, providers: Optional[Sequence] = None, threads: Optional[int] = None,
                  output: Optional[str] = None):
-        from graphprune.model_io import for_ort
         from graphprune.runtime import ort
 
         rt = ort()
@@ -51,22 +50,27 @@ class StepSession:
             options.intra_op_num_threads = threads
             options.inter_op_num_threads = 1
         self.output = output or (step.outputs[0] if step.outputs else None)
-        try:
-            self._train = rt.InferenceSession(for_ort(step.step_model).SerializeToString(), options,
-                                              providers=self.providers)
-            self._eval = rt.InferenceSession(for_ort(step.eval_model).SerializeToString(), options,
-                                             providers=self.providers)
-        except UserError:
-            raise
-        except Exception as exc:
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            raise UserError(f"onnxruntime cannot run the training step: {first[-300:]}") from None
+        self._options = options
+        self._train = self._open(step.step_model)
+        self._eval = None  # opened on first use: a loop without validation never pays for it
         self.trainable = list(step.weights)
         self._ortvalue = rt.OrtValue
         self._current = {name: self._on_device(value) for name, value in step.initial.items()}
         self._spare = {name: self._on_device(np.zeros_like(value)) for name, value in step.initial.items()}
         self._count = 0
         self._fetch = [step.loss] + ([self.output] if self.output else [])
+
+    def _open(self, model):
+        from graphprune.model_io import for_ort
+        from graphprune.runtime import ort
+
+        try:
+            return ort().InferenceSession(for_ort(model).SerializeToString(), self._options, providers=self.providers)
+        except UserError:
+            raise
+        except Exception as exc:
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise UserError(f"onnxruntime cannot run the training step: {first[-300:]}") from None
 
     def _on_device(self, value: np.ndarray):
         return self._ortvalue.ortvalue_from_numpy(np.ascontiguousarray(value), self.device, self.device_id)
@@ -103,6 +107,8 @@ class StepSession:
 
     def eval_step(self, feeds: Dict[str, np.ndarray]) -> Tuple[float, Optional[np.ndarray]]:
         """Loss and model output at the current weights (no update)."""
+        if self._eval is None:
+            self._eval = self._open(self.step.eval_model)
         return self._run(self._eval, feeds, {}, list(self.step.weights), None)
 
     def weights(self) -> Dict[str, np.ndarray]:

@@ -20,7 +20,7 @@ from onnx import helper, numpy_helper
 
 from graphprune.autodiff.context import GradContext
 from graphprune.autodiff.gradient import build_gradients, forward_facts
-from graphprune.autodiff.optimizers import OptimizerConfig, clip_by_global_norm, emit_update
+from graphprune.autodiff.optimizers import OptimizerConfig, StepScalars, clip_by_global_norm, emit_update
 from graphprune.errors import UserError
 
 __all__ = ["TrainingStep", "build_training_step", "LR_INPUT", "STEP_INPUT"]
@@ -130,23 +130,28 @@ def build_training_step(
     states: List[str] = []
     updates: Dict[str, str] = {}
     new_values: List[onnx.ValueInfoProto] = []
+    scalars: Dict[int, StepScalars] = {}
     for name in weights:
         elem = facts.types.get(name, onnx.TensorProto.FLOAT)
-        lr, step = LR_INPUT, STEP_INPUT
-        if elem != onnx.TensorProto.FLOAT:  # the schedule is fed in float32; weights may be float64
-            lr, step = ctx.op("Cast", LR_INPUT, to=elem), ctx.op("Cast", STEP_INPUT, to=elem)
+        if elem not in scalars:  # the schedule is fed in float32; weights may be float64
+            lr, step = ((LR_INPUT, STEP_INPUT) if elem == onnx.TensorProto.FLOAT else
+                        (ctx.op("Cast", LR_INPUT, to=elem), ctx.op("Cast", STEP_INPUT, to=elem)))
+            scalars[elem] = StepScalars(ctx, optimizer, lr, step, like=name)
         state_inputs = {suffix: f"{_PREFIX}state/{name}/{suffix}" for suffix in optimizer.state_names()}
         for state in state_inputs.values():
             graph.input.append(helper.make_tensor_value_info(state, elem, list(initial[name].shape)))
             initial[state] = np.zeros_like(initial[name])
             states.append(state)
-        new_weight, new_states = emit_update(ctx, optimizer, name, step_grads[name], state_inputs, lr, step)
-        outputs_here = {name: new_weight, **{state_inputs[k]: v for k, v in new_states.items()}}
-        for source, produced in outputs_here.items():
-            out_name = f"{_PREFIX}next/{source}"
-            ctx.nodes.append(helper.make_node("Identity", [produced], [out_name], name=out_name))
-            new_values.append(helper.make_tensor_value_info(out_name, elem, list(initial[source].shape)))
-            updates[source] = out_name
+        new_weight, new_states = emit_update(ctx, optimizer, name, step_grads[name], state_inputs, scalars[elem])
+        for source, produced in {name: new_weight, **{state_inputs[k]: v for k, v in new_states.items()}}.items():
+            updates[source] = produced
+            new_values.append(helper.make_tensor_value_info(f"{_PREFIX}next/{source}", elem, list(initial[source].shape)))
+    # The nodes computing the new values write the step's outputs directly (no Identity copies).
+    renamed = {produced: f"{_PREFIX}next/{source}" for source, produced in updates.items()}
+    for node in ctx.nodes:
+        node.input[:] = [renamed.get(i, i) for i in node.input]
+        node.output[:] = [renamed.get(o, o) for o in node.output]
+    updates = {source: renamed[produced] for source, produced in updates.items()}
     graph.node.extend(grads.nodes + ctx.nodes)
     graph.initializer.extend(grads.initializers + ctx.initializers)
     graph.output.extend(new_values)
