@@ -40,7 +40,8 @@ def test_finetune_writes_a_checked_model_and_leaves_the_input_alone(tmp_path, da
     out = tmp_path / "ft.onnx"
     before = open(DIGITS, "rb").read()
     code = main(["finetune", DIGITS, "-o", str(out), "--data", data_file, "--labels", "labels",
-                 "--teacher", DIGITS, "--epochs", "2", "--batch-size", "16", "--lr", "2e-3", "--val-split", "0.2"])
+                 "--teacher", DIGITS, "--epochs", "2", "--batch-size", "16", "--lr", "2e-3", "--val-split", "0.2",
+                 "--providers", "CPUExecutionProvider"])
     printed = capsys.readouterr().out
     assert code == 0
     assert "0.5 x ce on labels + 0.5 x kl distillation, T=2" in printed and f"wrote {out}" in printed
@@ -64,6 +65,7 @@ def test_finetune_writes_a_checked_model_and_leaves_the_input_alone(tmp_path, da
         (["--labels", "labels", "--val-split", "1"], "--val-split 1.0 is outside"),
         (["--labels", "labels", "--distill-weight", "2"], "--distill-weight 2.0 is outside"),
         (["--labels", "labels", "--steps", "2"], "--steps needs --prune-ratio"),
+        (["--labels", "labels", "--providers", "NoSuchExecutionProvider"], "--providers: NoSuchExecutionProvider not in"),
         ([], "give --labels KEY, --teacher ORIGINAL.onnx, or both"),
     ],
 )

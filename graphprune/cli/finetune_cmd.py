@@ -36,6 +36,9 @@ def register(sub) -> None:
     p.add_argument("--output-name", metavar="NAME", help="the model output to train (default: the first)")
     p.add_argument("--seed", type=int, default=0, help="shuffling and split seed")
     p.add_argument("--threads", type=int, help="training threads (default: onnxruntime decides)")
+    p.add_argument("--providers", metavar="EP[,EP...]",
+                   help="onnxruntime execution providers for training, in order (default CPUExecutionProvider), "
+                   "e.g. CUDAExecutionProvider,CPUExecutionProvider")
     p.add_argument("--prune-ratio", metavar="R", help="prune this fraction of channels first (with --steps)")
     p.add_argument("--steps", default="1", metavar="K", help="with --prune-ratio: prune in K rounds, fine-tuning after each")
     p.add_argument("--stats", action="store_true", help="print the training statistics as JSON")
@@ -76,7 +79,22 @@ def _training_args(args) -> dict:
         "seed": args.seed,
         "threads": args.threads,
         "progress": sys.stderr.isatty(),
+        "providers": _providers(args.providers),
     }
+
+
+def _providers(text):
+    """``--providers`` checked against the providers the installed onnxruntime has."""
+    if not text:
+        return None
+    from graphprune.runtime import ort
+
+    wanted = [name.strip() for name in text.split(",") if name.strip()]
+    available = ort().get_available_providers()
+    missing = [name for name in wanted if name not in available]
+    if missing:
+        raise UserError(f"--providers: {', '.join(missing)} not in this onnxruntime (available: {', '.join(available)})")
+    return wanted
 
 
 def run(args) -> int:
