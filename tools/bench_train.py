@@ -756,7 +756,7 @@ def markdown(rows) -> str:
     return "\n".join(lines)
 
 
-def profile_text(rows, top: int = 15) -> str:
+def profile_text(rows, top: int = 40) -> str:
     out = []
     for row in rows:
         for kind in ("ours", "ortt"):
