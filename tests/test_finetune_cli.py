@@ -65,6 +65,7 @@ def test_finetune_writes_a_checked_model_and_leaves_the_input_alone(tmp_path, da
         (["--labels", "labels", "--val-split", "1"], "--val-split 1.0 is outside"),
         (["--labels", "labels", "--distill-weight", "2"], "--distill-weight 2.0 is outside"),
         (["--labels", "labels", "--steps", "2"], "--steps needs --prune-ratio"),
+        (["--teacher", DIGITS, "--distill-loss", "bce"], "does not come from a Sigmoid"),
         (["--labels", "labels", "--providers", "NoSuchExecutionProvider"], "--providers: NoSuchExecutionProvider not in"),
         ([], "give --labels KEY, --teacher ORIGINAL.onnx, or both"),
     ],

@@ -29,6 +29,10 @@ def register(sub) -> None:
     p.add_argument("--optimizer", choices=["adamw", "sgd"], default="adamw")
     p.add_argument("--weight-decay", default="1e-4", help="AdamW weight decay (default 1e-4)")
     p.add_argument("--schedule", choices=["cosine", "linear", "constant"], default="cosine", help="learning-rate schedule")
+    p.add_argument("--loss", choices=["auto", "ce", "mse"], default="auto",
+                   help="label loss: ce for integer class ids, mse for float targets (default auto)")
+    p.add_argument("--distill-loss", choices=["auto", "kl", "mse", "bce"], default="auto",
+                   help="distillation loss: kl for class scores, bce for sigmoid outputs, mse otherwise (default auto)")
     p.add_argument("--distill-weight", help="w in (1-w)*label loss + w*distillation loss (default 0.5 with both)")
     p.add_argument("--temperature", default="2", help="distillation temperature (default 2)")
     p.add_argument("--batchnorm", choices=["recalibrate", "keep"], default="recalibrate",
@@ -74,6 +78,8 @@ def _training_args(args) -> dict:
         "distill_weight": None if args.distill_weight is None
         else parse_number(args.distill_weight, "--distill-weight", 0.0, 1.0, high_inclusive=True),
         "temperature": temperature,
+        "loss": args.loss,
+        "distill_loss": args.distill_loss,
         "batchnorm": args.batchnorm,
         "output": args.output_name,
         "seed": args.seed,

@@ -167,7 +167,7 @@ class FineTunePass(Pass):
         # outputs are computed: a refusal comes in seconds, not after a pass over the data.
         with TrainingSession(graph, self.optimizer, self.weight_decay, threads=self.threads,
                              providers=self.providers) as session:
-            teacher_out = self._teacher_outputs(spec.output, out_names, output_shape)
+            teacher_out = _as_teacher_targets(self._teacher_outputs(self._model_output, out_names, output_shape), spec)
             targets = BatchTargets(spec, self.labels, teacher_out, classes)
             arrays = self.data.arrays
             feeds = lambda idx: {**{k: v[idx] for k, v in arrays.items()}, **targets.feeds(idx)}  # noqa: E731
@@ -195,8 +195,10 @@ class FineTunePass(Pass):
             raise UserError(f"output {output!r} is not float32: choose the float output to train with output=NAME")
         first = next(iter(self.data.batches(min(len(self.data), 2))))
         output_shape = tuple(probe.run([output], first)[0].shape)
-        spec = resolve_loss(output_shape, output, self.labels, len(self.data), self.teacher is not None,
-                            self.loss, self.distill_loss, self.distill_weight, self.temperature)
+        logits, head = probability_head(model, output, len(output_shape))
+        spec = resolve_loss(output_shape, logits, self.labels, len(self.data), self.teacher is not None,
+                            self.loss, self.distill_loss, self.distill_weight, self.temperature, head)
+        self._model_output = output
         return spec, output_shape, out_names
 
     def _teacher_outputs(self, output: str, out_names, output_shape) -> Optional[np.ndarray]:
@@ -226,11 +228,11 @@ class FineTunePass(Pass):
         return np.sort(order[held:]), np.sort(order[:held])
 
     def _metric(self, spec: LossSpec, teacher_out: Optional[np.ndarray]):
-        """Correct-sample counter: label accuracy with class labels, else top-1 agreement with the teacher."""
+        """Correct-sample counter: label accuracy with class labels, else none, so that the best epoch
+        is the one with the lowest validation loss.  (Top-1 agreement with the teacher cannot tell a
+        collapsed model: an all-blank CTC recognizer agrees with its teacher on 80% of positions.)"""
         if spec.label_loss == "ce":
             return _top1_counter(self.labels)
-        if spec.distill_loss == "kl":
-            return _top1_counter(teacher_out.argmax(-1))
         return lambda out, idx: None
 
 
@@ -255,6 +257,34 @@ def finetune(model: onnx.ModelProto, data: InputSet, labels: Optional[np.ndarray
              teacher: Optional[ModelLike] = None, **kwargs) -> onnx.ModelProto:
     """Functional form of ``FineTunePass`` (same arguments)."""
     return FineTunePass(data=data, labels=labels, teacher=teacher, **kwargs)(model).model
+
+
+def probability_head(model: onnx.ModelProto, output: str, rank: int):
+    """(the tensor to train, "softmax" | "sigmoid" | None): the logits feeding a Softmax (last axis) or
+    Sigmoid that produces ``output``, or ``output`` itself."""
+    for node in model.graph.node:
+        if output in node.output and node.domain in ("", "ai.onnx") and node.input and node.input[0]:
+            if node.op_type == "Sigmoid":
+                return node.input[0], "sigmoid"
+            if node.op_type == "Softmax":
+                axis = next((a.i for a in node.attribute if a.name == "axis"), -1)
+                opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 13)
+                last = axis in (-1, rank - 1) if opset >= 13 else axis in (-1, rank - 1) or rank <= 2
+                return (node.input[0], "softmax") if last else (output, None)
+    return output, None
+
+
+def _as_teacher_targets(values: Optional[np.ndarray], spec: LossSpec) -> Optional[np.ndarray]:
+    """The teacher's probabilities in the form the loss reads: log-probabilities for a softmax head
+    (logits up to a constant, which softmax ignores), logits for a sigmoid head distilled with MSE."""
+    if values is None or spec.head is None:
+        return values
+    p = np.clip(values.astype(np.float64), 1e-12, 1 - 1e-12)
+    if spec.head == "softmax":
+        return np.log(p).astype(np.float32)
+    if spec.distill_loss == "mse":
+        return (np.log(p) - np.log1p(-p)).astype(np.float32)
+    return values
 
 
 def _top1_counter(reference: np.ndarray):

@@ -114,9 +114,12 @@ def build_training_graph(
     graph = model.graph
     opset = default_opset(model) or 1
     outputs = {vi.name: vi for vi in graph.output}
-    if spec.output not in outputs:
+    if spec.output in outputs:
+        output_vi = outputs[spec.output]
+    elif any(spec.output in node.output for node in graph.node):  # the logits before a probability head
+        output_vi = _value_info(model, spec.output)
+    else:
         raise UserError(f"model has no output {spec.output!r} (outputs: {', '.join(outputs)})")
-    output_vi = outputs[spec.output]
     _keep_needed(graph, [spec.output])
     present = {init.name for init in graph.initializer}
     trainable = [name for name in trainable if name in present]
@@ -125,6 +128,19 @@ def build_training_graph(
     masked = mask_weights_in_graph(graph, {n: m for n, m in masks.items() if n in trainable})
     add_loss_graph(graph, spec, output_vi, opset)
     return TrainingGraph(model, trainable, masked)
+
+
+def _value_info(model: onnx.ModelProto, name: str) -> onnx.ValueInfoProto:
+    """The inferred type and shape of an intermediate tensor (a float tensor of unknown shape if none)."""
+    from graphprune.shapes import infer_shapes
+
+    try:
+        for vi in infer_shapes(model).graph.value_info:
+            if vi.name == name:
+                return vi
+    except Exception:  # inference gaps only cost the shape annotation
+        pass
+    return onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None)
 
 
 def tensor_shapes(model: onnx.ModelProto) -> Dict[str, Tuple[Optional[int], ...]]:

@@ -4,8 +4,15 @@
     [N, T, V] token logits with [N, T] labels).  Fed as one-hot targets, so it works on every opset.
   - ``mse``: mean squared error against float targets shaped like the output (regression outputs).
   - distillation ``kl``: KL(teacher || student) on temperature-softened logits, scaled by T^2 (Hinton
-    et al.), fed as the teacher's softened probabilities; ``mse``: MSE against the teacher outputs.
+    et al.), fed as the teacher's softened probabilities; ``mse``: MSE against the teacher outputs;
+    ``bce``: binary cross-entropy of sigmoid logits against the teacher's probabilities.
 With labels and a teacher, loss = (1 - w) * label loss + w * distillation loss.
+
+Outputs that are already probabilities (a model ending in Softmax or Sigmoid) are trained on the
+logits that feed that head (``head``): cross-entropy and KL then see real logits (a KL on
+probabilities is nearly flat), and a sigmoid map gets a per-element binary cross-entropy instead of a
+softmax over its width.  Class scores are recognised by a Softmax head or a ``[N, C]`` output; any
+other shape (maps, sequences without a softmax) is distilled with MSE.
 """
 
 from __future__ import annotations
@@ -33,10 +40,11 @@ class LossSpec:
 
     Attributes:
         output: the model output the loss reads.
-        label_loss: "ce", "mse" or None (no labels).
-        distill_loss: "kl", "mse" or None (no teacher).
+        label_loss: "ce", "mse", "bce" (sigmoid heads) or None (no labels).
+        distill_loss: "kl", "mse", "bce" (sigmoid heads) or None (no teacher).
         distill_weight: w in (1 - w) * label loss + w * distillation loss.
         temperature: softening temperature of the ``kl`` distillation.
+        head: "softmax" or "sigmoid" when ``output`` holds the logits feeding that head, else None.
     """
 
     output: str
@@ -44,6 +52,7 @@ class LossSpec:
     distill_loss: Optional[str]
     distill_weight: float
     temperature: float
+    head: Optional[str] = None
 
     def describe(self) -> str:
         parts = []
@@ -52,9 +61,9 @@ class LossSpec:
         if self.distill_loss:
             detail = f", T={self.temperature:g}" if self.distill_loss == "kl" else ""
             parts.append(f"{self.distill_loss} distillation{detail}")
-        if len(parts) == 2:
-            return f"{1 - self.distill_weight:g} x {parts[0]} + {self.distill_weight:g} x {parts[1]}"
-        return parts[0]
+        text = (f"{1 - self.distill_weight:g} x {parts[0]} + {self.distill_weight:g} x {parts[1]}"
+                if len(parts) == 2 else parts[0])
+        return text + (f" (on the logits of the {self.head} head)" if self.head else "")
 
 
 def resolve_loss(
@@ -67,20 +76,27 @@ def resolve_loss(
     distill_loss: str = "auto",
     distill_weight: Optional[float] = None,
     temperature: float = 2.0,
+    head: Optional[str] = None,
 ) -> LossSpec:
     """Pick and check the losses for an output of shape ``output_shape`` (one sample batch).
 
+    ``head`` says ``output`` is the logits of a Softmax (last axis) or Sigmoid head (see the module).
     Raises ``UserError`` for labels of the wrong length, dtype or shape, and for class labels out of range.
     """
     label_loss = None
     if labels is not None:
         label_loss = _label_loss(output_shape, output, labels, samples, loss)
+        if head == "sigmoid" and label_loss == "mse" and loss == "auto":
+            label_loss = "bce"  # float targets of a sigmoid head are probabilities
     distill = None
     if has_teacher:
-        classes_like = len(output_shape) >= 2 and output_shape[-1] > 1
-        distill = distill_loss if distill_loss != "auto" else ("kl" if classes_like else "mse")
-        if distill not in ("kl", "mse"):
-            raise UserError(f"distillation loss {distill_loss!r}: choose kl, mse or auto")
+        classes_like = head == "softmax" or (head is None and len(output_shape) == 2 and output_shape[-1] > 1)
+        auto = "kl" if classes_like else ("bce" if head == "sigmoid" else "mse")
+        distill = distill_loss if distill_loss != "auto" else auto
+        if distill not in ("kl", "mse", "bce"):
+            raise UserError(f"distillation loss {distill_loss!r}: choose kl, mse, bce or auto")
+        if distill == "bce" and head != "sigmoid":
+            raise UserError(f"output {output!r} does not come from a Sigmoid: bce distillation needs one")
         if distill == "kl" and not classes_like:
             raise UserError(f"output {output!r} has shape {_shape(output_shape)}: KL distillation needs class scores on the last axis")
     if label_loss is None and distill is None:
@@ -91,7 +107,7 @@ def resolve_loss(
         raise UserError(f"distillation weight {distill_weight} is outside [0, 1]")
     if not temperature > 0:
         raise UserError(f"temperature {temperature} must be positive")
-    return LossSpec(output, label_loss, distill, float(distill_weight), float(temperature))
+    return LossSpec(output, label_loss, distill, float(distill_weight), float(temperature), head)
 
 
 def _shape(shape: tuple) -> str:
@@ -163,6 +179,11 @@ class _Nodes:
         log_probs = self.op("LogSoftmax", logits, axis=-1)
         return self.op("Neg", self.mean_all(self.sum_last_axis(self.op("Mul", targets, log_probs))))
 
+    def bce_with_logits(self, logits: str, targets: str) -> str:
+        """mean of softplus(z) - p * z: binary cross-entropy of sigmoid(z) against probabilities p
+        (minus p's own entropy, added back by ``BatchTargets.loss_offset``)."""
+        return self.mean_all(self.op("Sub", self.op("Softplus", logits), self.op("Mul", targets, logits)))
+
     def mse(self, x: str, targets: str) -> str:
         diff = self.op("Sub", x, targets)
         return self.mean_all(self.op("Mul", diff, diff))
@@ -182,6 +203,7 @@ def add_loss_graph(graph: onnx.GraphProto, spec: LossSpec, output_vi: onnx.Value
     if spec.label_loss:
         graph.input.append(_renamed(float_like, _TARGETS))
         term = (nodes.soft_cross_entropy(spec.output, _TARGETS) if spec.label_loss == "ce"
+                else nodes.bce_with_logits(spec.output, _TARGETS) if spec.label_loss == "bce"
                 else nodes.mse(spec.output, _TARGETS))
         terms.append((term, 1.0 - spec.distill_weight if spec.distill_loss else 1.0))
     if spec.distill_loss:
@@ -189,6 +211,8 @@ def add_loss_graph(graph: onnx.GraphProto, spec: LossSpec, output_vi: onnx.Value
         if spec.distill_loss == "kl":
             softened = nodes.op("Div", spec.output, nodes.const(spec.temperature))
             term = nodes.op("Mul", nodes.soft_cross_entropy(softened, _TEACHER), nodes.const(spec.temperature**2))
+        elif spec.distill_loss == "bce":
+            term = nodes.bce_with_logits(spec.output, _TEACHER)
         else:
             term = nodes.mse(spec.output, _TEACHER)
         terms.append((term, spec.distill_weight if spec.label_loss else 1.0))
@@ -229,6 +253,11 @@ class BatchTargets:
             self.teacher = p.astype(np.float32)
             per_row = (p * log_p).sum(axis=-1)
             self.teacher_plogp = per_row.reshape(len(per_row), -1).mean(axis=1)  # mean over rows of a sample
+        elif spec.distill_loss == "bce":  # teacher probabilities; their entropy is the KL's constant part
+            p = np.clip(teacher.astype(np.float64), 1e-12, 1 - 1e-12)
+            self.teacher = teacher.astype(np.float32)
+            entropy = -(p * np.log(p) + (1 - p) * np.log(1 - p))
+            self.teacher_plogp = -entropy.reshape(len(entropy), -1).mean(axis=1)
         elif spec.distill_loss == "mse":
             self.teacher = teacher.astype(np.float32)
 
@@ -236,7 +265,7 @@ class BatchTargets:
         out: Dict[str, np.ndarray] = {}
         if self.spec.label_loss == "ce":
             out[_TARGETS] = np.eye(self.classes, dtype=np.float32)[self.labels[indices]]
-        elif self.spec.label_loss == "mse":
+        elif self.spec.label_loss in ("mse", "bce"):
             out[_TARGETS] = self.labels[indices].astype(np.float32)
         if self.spec.distill_loss:
             out[_TEACHER] = self.teacher[indices]
@@ -247,4 +276,5 @@ class BatchTargets:
         if self.teacher_plogp is None:
             return 0.0
         weight = self.spec.distill_weight if self.spec.label_loss else 1.0
-        return float(weight * self.spec.temperature**2 * self.teacher_plogp[indices].mean())
+        scale = self.spec.temperature**2 if self.spec.distill_loss == "kl" else 1.0
+        return float(weight * scale * self.teacher_plogp[indices].mean())
