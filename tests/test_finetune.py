@@ -312,3 +312,28 @@ def test_training_runs_on_plain_onnxruntime_at_any_batch_size(setup):
             loss, output = session.train_step({"images": images[idx], **targets.feeds(idx)}, 1e-3)
             assert np.isfinite(loss) and output.shape == (size, 10)
     assert importlib.util.find_spec("onnxruntime.training") is None
+
+
+def test_batchnorm_statistics_in_constant_nodes_are_recalibrated(setup):
+    """Paddle exports hold BatchNorm statistics in Constant nodes: they are re-estimated in place."""
+    from graphprune.training.batchnorm import recalibrate_batchnorm
+
+    model = onnx.ModelProto()
+    model.CopyFrom(setup["pruned"])
+    bn = [n for n in model.graph.node if n.op_type == "BatchNormalization"]
+    assert bn
+    stats = {name for node in bn for name in node.input[3:5]}
+    moved = [init for init in model.graph.initializer if init.name in stats]
+    for init in moved:
+        model.graph.node.insert(0, onnx.helper.make_node("Constant", [], [init.name], value=numpy_helper.from_array(
+            numpy_helper.to_array(init))))
+    kept = [init for init in model.graph.initializer if init.name not in stats]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(kept)
+    result, count = recalibrate_batchnorm(model, setup["train"])
+    assert count == len(bn)
+    constants = {n.output[0]: numpy_helper.to_array(n.attribute[0].t) for n in result.graph.node
+                 if n.op_type == "Constant"}
+    before = {init.name: numpy_helper.to_array(init) for init in moved}
+    assert all(not np.allclose(constants[name], before[name]) for name in stats)
+    onnx.checker.check_model(result, full_check=True)

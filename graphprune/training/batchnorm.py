@@ -21,14 +21,25 @@ from graphprune.data import InputSet
 __all__ = ["recalibrate_batchnorm"]
 
 
-def _recalibratable(model: onnx.ModelProto) -> List[onnx.NodeProto]:
-    """Inference-mode BatchNorm nodes whose statistics are initializers."""
-    inits = {init.name for init in model.graph.initializer}
+def _stored_constants(model: onnx.ModelProto) -> set:
+    """Names of tensors stored in the model: initializers (not fed) and Constant-node outputs.
+
+    Paddle and other exporters write BatchNorm statistics as Constant nodes; they are recalibrated too."""
     fed = {vi.name for vi in model.graph.input}
+    stored = {init.name for init in model.graph.initializer if init.name not in fed}
+    stored.update(node.output[0] for node in model.graph.node
+                  if node.op_type == "Constant" and node.domain in ("", "ai.onnx") and node.attribute
+                  and node.attribute[0].name == "value")
+    return stored
+
+
+def _recalibratable(model: onnx.ModelProto) -> List[onnx.NodeProto]:
+    """Inference-mode BatchNorm nodes whose statistics are stored in the model."""
+    stored = _stored_constants(model)
     return [
         node for node in model.graph.node
         if node.op_type == "BatchNormalization" and node.domain in ("", "ai.onnx") and len(node.input) == 5
-        and not any(node.output[1:]) and all(n in inits and n not in fed for n in node.input[3:5])
+        and not any(node.output[1:]) and all(n in stored for n in node.input[3:5])
     ]
 
 
@@ -60,10 +71,16 @@ def recalibrate_batchnorm(model: onnx.ModelProto, data: InputSet, threads: Optio
             acc[2] += x.shape[1]
     result = ir.clone(model)
     index = {init.name: i for i, init in enumerate(result.graph.initializer)}
+    constants = {node.output[0]: node for node in result.graph.node if node.op_type == "Constant" and node.output}
     for node in nodes:
         total, squares, count = sums[node.input[0]]
         mean = total / count
         var = np.maximum(squares / count - mean * mean, 0.0)
         for name, value in ((node.input[3], mean), (node.input[4], var)):
-            result.graph.initializer[index[name]].CopyFrom(numpy_helper.from_array(value.astype(np.float32), name))
+            tensor = numpy_helper.from_array(value.astype(np.float32), name)
+            if name in index:
+                result.graph.initializer[index[name]].CopyFrom(tensor)
+            else:  # a Constant node keeps its place and name; only its value changes
+                tensor.ClearField("name")
+                constants[name].attribute[0].t.CopyFrom(tensor)
     return result, len(nodes)
