@@ -180,15 +180,15 @@ def test_cli_mask_mode_records_channels(tmp_path, capsys):
     assert PRUNED_CHANNELS_KEY in {p.key for p in onnx.load(str(out)).metadata_props}
 
 
-def test_cli_nothing_prunable_writes_the_model_unchanged(tmp_path, capsys):
+def test_cli_nothing_prunable_exits_2_with_the_reasons_and_writes_nothing(tmp_path, capsys):
     model = make_model([helper.make_node("Conv", ["x", "w"], ["y"])], [("x", [1, 3, 4, 4])], [("y", [1, 2, 2, 2])],
                        {"w": w(2, 3, 3, 3)})
     src, out = tmp_path / "in.onnx", tmp_path / "out.onnx"
     onnx.save(model, str(src))
-    assert main(["prune", str(src), "-o", str(out), "--ratio", "0.5"]) == 0
-    text = capsys.readouterr().out
-    assert "nothing pruned: nothing prunable" in text and "graph input x" in text
-    assert onnx.load(str(out)).graph == model.graph
+    assert main(["prune", str(src), "-o", str(out), "--ratio", "0.5"]) == 2
+    err = capsys.readouterr().err
+    assert "nothing pruned: every group is blocked" in err and "channels x2 (first: graph output y)" in err
+    assert len(err.strip().splitlines()) == 1 and not out.exists()
 
 
 def test_cli_activation_criterion_with_data(tmp_path, capsys):

@@ -63,6 +63,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     except KeyboardInterrupt:
         print(f"graphprune {args.command}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        return _closed_pipe()
     except Exception as exc:  # anything else is our bug
         if os.environ.get("GRAPHPRUNE_TRACEBACK"):
             traceback.print_exc()
@@ -70,5 +72,19 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 1
 
 
+def _closed_pipe() -> int:
+    """The reader of our output went away (``graphprune inspect M | head -1``): stop quietly, as git does."""
+    try:  # the interpreter's last flush would raise again: later writes go to /dev/null
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # stdout without a file descriptor (tests)
+        pass
+    return 141  # 128 + SIGPIPE: what the shell reports for `git log | head -1`
+
+
 def entry_point() -> None:  # pragma: no cover - console script
-    sys.exit(main())
+    code = main()
+    try:
+        sys.stdout.flush()  # output still buffered when the reader has gone
+    except BrokenPipeError:
+        code = _closed_pipe()
+    sys.exit(code)

@@ -15,7 +15,7 @@ from graphprune.model_io import load
 from graphprune.passes.prune_channels import PruneChannelsPass
 from graphprune.pruning import CRITERIA, MODES
 
-__all__ = ["register", "run", "format_groups", "groups_json"]
+__all__ = ["register", "run", "format_groups", "groups_json", "nothing_pruned"]
 
 
 def register(sub) -> None:
@@ -93,6 +93,9 @@ def run(args) -> int:
     )
     prune.requires(model)  # --exclude names are checked before the (possibly long) analysis
     result = prune(model)
+    if not result.modified and not prune.ratios.nothing:
+        # a ratio was asked for and nothing at all could be pruned: say why instead of copying the model
+        raise UserError(nothing_pruned(result.stats, prune.ratios))
     write_model(args, result.model)
     stats = result.stats
     print(_summary(stats, model, result.model, shapes))
@@ -100,6 +103,38 @@ def run(args) -> int:
         print(json.dumps(stats, indent=2, default=str))
     print(f"wrote {args.output}" + ("" if result.modified else " (unchanged)"))
     return 0
+
+
+def nothing_pruned(stats: dict, ratios=None, reason_chars: int = 90) -> str:
+    """One line on why a pass that was asked to prune pruned nothing: its note, the kinds asked for
+    that the model lacks, and each blocked kind with its group count and first reason.
+
+    Args:
+        stats: the ``PruneChannelsPass`` stats.
+        ratios: its ``KindRatios``: tells "no group of the kinds asked for" from a ratio too small.
+        reason_chars: each first reason is cut to this length.
+    """
+    note = (stats.get("note") or "no channel selected").replace("nothing prunable: ", "")
+    prunable = stats.get("kinds", {})
+    if ratios is not None and prunable and not any(ratios.for_kind(kind) > 0 for kind in prunable):
+        note = "no prunable group of the kinds asked for (prunable: " + ", ".join(
+            f"{kind} x{entry['groups']}" for kind, entry in prunable.items()) + ")"
+    parts = [f"nothing pruned: {note}"]
+    parts.extend(stats.get("notes", []))
+    if stats.get("groups_excluded"):
+        parts.append(f"{stats['groups_excluded']} group(s) excluded by --exclude")
+    by_kind: dict = {}
+    for b in stats.get("blocked", []):
+        by_kind.setdefault(b["kind"], []).append(b)
+    if by_kind:
+        kinds = []
+        for kind, blocked in by_kind.items():
+            first = blocked[0]["reasons"][0] if blocked[0]["reasons"] else "no reason recorded"
+            if len(first) > reason_chars:
+                first = first[: reason_chars - 3] + "..."
+            kinds.append(f"{kind} x{len(blocked)} (first: {first})")
+        parts.append("blocked: " + ", ".join(kinds))
+    return "; ".join(parts) + " (see graphprune inspect MODEL --groups)"
 
 
 def _summary(stats: dict, before, after, shapes) -> str:
