@@ -11,6 +11,8 @@ import onnx
 from onnx import helper
 from google.protobuf.message import DecodeError
 
+from graphprune import external_data as external_data_io
+from graphprune import tempfiles
 from graphprune.errors import UserError
 
 __all__ = [
@@ -64,13 +66,14 @@ def load(path: "str | os.PathLike", load_external_data: bool = True) -> onnx.Mod
     if os.path.getsize(path) == 0:
         raise UserError(f"{path}: empty file, not an ONNX model")
     try:
-        model = onnx.load(path, load_external_data=load_external_data)
+        model = onnx.load(path, load_external_data=False)
     except DecodeError as exc:
         raise UserError(f"{path}: not an ONNX model or truncated (protobuf parse failed: {exc})") from None
     except (FileNotFoundError, OSError) as exc:
         raise UserError(f"{path}: cannot read model or its external data ({exc})") from None
     except Exception as exc:  # onnx raises assorted errors on corrupt external-data records
         raise UserError(f"{path}: cannot load ONNX model ({type(exc).__name__}: {exc})") from None
+    external_data_io.load_external_data(model, path, read=load_external_data)  # checked before any byte is read
     if not model.HasField("graph") or (not model.graph.node and not model.graph.output):
         raise UserError(f"{path}: not an ONNX model (no graph found; truncated or another file type)")
     if model.ir_version < 3:
@@ -118,20 +121,39 @@ def save(
     input_path: "Optional[str | os.PathLike]" = None,
     overwrite_input: bool = False,
     external_data: Optional[bool] = None,
+    source_dir: "Optional[str | os.PathLike]" = None,
 ) -> str:
-    """Write ``model`` to ``path`` atomically (temporary file, then rename).
+    """Write ``model`` to ``path`` atomically; with external data, the model and its data switch together.
 
     The IR label is lowered to the installed onnxruntime's when the content allows (onnx stamps
     its own newest IR on models it builds), so that the written file loads in that runtime.
+
+    How a model and its data file replace the previous pair in one step (no instant shows the
+    old ``.onnx`` with new data, or the reverse):
+
+    1. everything is written into a hidden ``.graphprune-*`` folder beside ``path`` and fsynced;
+    2. the data file moves beside ``path`` under a name that does not exist yet
+       (``<name>.data``, else ``<name>.1.data``, ...): the current ``path``, if any, cannot refer
+       to it, so the old pair is untouched;
+    3. the ``.onnx`` is renamed over ``path`` (one atomic rename: the switch), and the folder
+       fsynced;
+    4. the previous pair's data file (and any a killed write left, same naming) is removed.
+
+    A failure (or SIGINT/SIGTERM) before 3 removes what 1 and 2 made; a kill (SIGKILL, power
+    loss) before 3 leaves the old pair intact plus an unreferenced data file, which the next
+    write to ``path`` removes in step 4, and hidden folders, which writes to the same folder remove
+    after an hour (``tempfiles.clean_beside``).
 
     Args:
         model: the model to write; it is not modified.
         path: destination.
         input_path: the file the model was read from; writing over it is refused unless
-            ``overwrite_input`` is set.
+            ``overwrite_input`` is set.  Its data files are never removed in step 4.
         overwrite_input: allow ``path`` to be ``input_path``.
-        external_data: store weights in ``<name>.data`` beside the model; by default only when the
-            model would exceed protobuf's 2 GiB limit.
+        external_data: store weights in a ``.data`` file beside the model; by default when some
+            weights are still on disk, or the model would exceed protobuf's 2 GiB limit.
+        source_dir: the folder ``model`` was loaded from, when it was loaded without its external
+            data (those tensors are copied from there); default ``input_path``'s folder.
 
     Returns the path written.
     """
@@ -142,22 +164,62 @@ def save(
     directory = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(directory):
         raise UserError(f"{path}: output directory {directory} does not exist")
-    model = _for_writing(model)
+    if os.path.isdir(path):
+        raise UserError(f"{path}: is a directory (give a file name for the model)")
+    if source_dir is None and input_path is not None:
+        source_dir = os.path.dirname(os.path.abspath(os.fspath(input_path)))
+    ir_version = _written_ir_version(model)
     if external_data is None:
-        external_data = model.ByteSize() >= EXTERNAL_DATA_THRESHOLD if _all_inline(model) else True
-    tmp_dir = tempfile.mkdtemp(prefix=".graphprune-", dir=directory)
+        external_data = not _all_inline(model) or _inline_bytes(model) >= EXTERNAL_DATA_THRESHOLD
+    tempfiles.clean_beside(directory)
+    name = os.path.basename(path)
+    location = external_data_io.free_data_name(directory, name) if external_data else None
+    tmp_dir = tempfiles.track(tempfile.mkdtemp(prefix=tempfiles.HIDDEN_PREFIX, dir=directory))
+    placed = None  # the new data file once beside the model, until the model's rename commits it
     try:
-        tmp_model = os.path.join(tmp_dir, os.path.basename(path))
-        _write(model, tmp_model, external_data=external_data)
-        data_name = os.path.basename(path) + ".data"
-        if external_data and os.path.exists(os.path.join(tmp_dir, data_name)):  # absent if all tensors are tiny
-            os.replace(os.path.join(tmp_dir, data_name), os.path.join(directory, data_name))
-        os.replace(tmp_model, path)
+        tmp_model = os.path.join(tmp_dir, name)
+        _write(model, tmp_model, external_data=external_data, location=location, ir_version=ir_version,
+               source_dir=None if source_dir is None else os.fspath(source_dir))
+        if location and os.path.exists(os.path.join(tmp_dir, location)):  # absent if all tensors are tiny
+            placed = tempfiles.track(os.path.join(directory, location))
+            os.replace(os.path.join(tmp_dir, location), placed)
+        os.replace(tmp_model, path)  # the switch
+        if placed:
+            tempfiles.untrack(placed)
+            placed = None
+        _fsync_dir(directory)
+    except BaseException:
+        if placed:
+            tempfiles.remove(placed)
+        raise
     finally:
-        for leftover in os.listdir(tmp_dir):
-            os.unlink(os.path.join(tmp_dir, leftover))
-        os.rmdir(tmp_dir)
+        tempfiles.remove(tmp_dir)
+    _remove_old_data(directory, name, keep=location, input_path=None if overwrite_input else input_path)
     return path
+
+
+def _remove_old_data(directory: str, name: str, keep: Optional[str], input_path) -> None:
+    """Step 4 of ``save``: the previous pair's data file and killed writes' leftovers, not an input's."""
+    old = external_data_io.old_data_names(directory, name, keep)
+    if old and input_path is not None:
+        inputs = {os.path.realpath(p) for p in external_data_io.data_files(os.fspath(input_path))}
+        old = [n for n in old if os.path.realpath(os.path.join(directory, n)) not in inputs]
+    for leftover in old:
+        tempfiles.remove(os.path.join(directory, leftover))
+
+
+def _fsync_dir(directory: str) -> None:
+    """Make the renames in ``directory`` durable (best effort: not every platform can open a folder)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def _all_inline(model: onnx.ModelProto) -> bool:
@@ -166,21 +228,41 @@ def _all_inline(model: onnx.ModelProto) -> bool:
     )
 
 
-def _write(model: onnx.ModelProto, path: str, external_data: bool = False) -> None:
+def _inline_bytes(model: onnx.ModelProto) -> int:
+    """Serialized size of the initializers, tensor by tensor (``ByteSize`` of a whole proto past
+    2 GiB fails), plus the rest of the graph's nodes (small next to the weights)."""
+    return sum(init.ByteSize() for init in model.graph.initializer) + sum(n.ByteSize() for n in model.graph.node)
+
+
+def _write(
+    model: onnx.ModelProto,
+    path: str,
+    external_data: bool = False,
+    location: Optional[str] = None,
+    ir_version: Optional[int] = None,
+    source_dir: Optional[str] = None,
+) -> None:
+    """Write ``model`` to ``path`` (a new file), with the IR label ``ir_version`` (default: its own).
+
+    With ``external_data``, initializers of 1 KiB or more go to ``location`` beside ``path``
+    (default ``<name>.data``), streamed tensor by tensor (``external_data.write_with_external_data``).
+    """
     if external_data:
-        # onnx.save_model converts in place; work on a copy so the caller's model keeps its data.
-        copy = onnx.ModelProto()
-        copy.CopyFrom(model)
-        onnx.save_model(
-            copy,
-            path,
-            save_as_external_data=True,
-            all_tensors_to_one_file=True,
-            location=os.path.basename(path) + ".data",
-            size_threshold=1024,
+        external_data_io.write_with_external_data(
+            model, path, location or os.path.basename(path) + ".data", ir_version=ir_version, source_dir=source_dir
         )
-    else:
+        return
+    original = model.ir_version
+    relabel = ir_version is not None and ir_version != original
+    if relabel:
+        model.ir_version = ir_version  # relabelled in place for the write, not copied (restored below)
+    try:
         onnx.save_model(model, path)
+    finally:
+        if relabel:
+            model.ir_version = original
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
 
 
 class OrtLimits(NamedTuple):
@@ -261,15 +343,15 @@ def for_ort(model: onnx.ModelProto) -> onnx.ModelProto:
     return _relabelled(model, limits.ir_version)
 
 
-def _for_writing(model: onnx.ModelProto) -> onnx.ModelProto:
-    """``model`` with its IR label lowered to the runtime's when its content allows, else itself.
+def _written_ir_version(model: onnx.ModelProto) -> int:
+    """The IR label ``save`` writes: the runtime's when the content allows, else the model's own.
 
-    What ``save`` writes: never an error (a model the runtime cannot run is still the user's model).
+    Never an error (a model the runtime cannot run is still the user's model).
     """
     limits = ort_limits()
     if model.ir_version <= limits.ir_version or _min_ir_for_content(model) > limits.ir_version:
-        return model
-    return _relabelled(model, limits.ir_version)
+        return model.ir_version
+    return limits.ir_version
 
 
 def _relabelled(model: onnx.ModelProto, ir_version: int) -> onnx.ModelProto:
@@ -318,28 +400,44 @@ def _all_graphs(graph: onnx.GraphProto):
 
 
 def atomic_write_text(path: "str | os.PathLike", text: str) -> str:
-    """Write a text file (reports, masks) via a temporary file and a rename."""
+    """Write a text file (reports, masks) via a fsynced temporary file and a rename."""
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(directory):
         raise UserError(f"{path}: output directory {directory} does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=".graphprune-", dir=directory)
+    if os.path.isdir(path):
+        raise UserError(f"{path}: is a directory (give a file name)")
+    tempfiles.clean_beside(directory)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=tempfiles.HIDDEN_PREFIX, dir=directory)
+    except OSError as exc:
+        raise UserError(f"{path}: cannot write in {directory} ({exc.strerror})") from None
+    tempfiles.track(tmp)
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        tempfiles.remove(tmp)
         raise
+    tempfiles.untrack(tmp)
     return path
 
 
+# A model file this large is parsed for its data-file names only when graphprune's own names are
+# beside it: parsing a big inline model just to list its files would cost its size in memory.
+_PARSE_FOR_FILES_BELOW = 64 * 2**20
+
+
 def model_files(path: "str | os.PathLike") -> List[str]:
-    """The files a saved model occupies: the model and, when present, its ``.data`` side file."""
+    """The files a saved model occupies: the model and the existing data files it refers to."""
     path = os.fspath(path)
-    side = path + ".data"
-    return [path, side] if os.path.exists(side) else [path]
+    folder, name = os.path.split(os.path.abspath(path))
+    if os.path.getsize(path) >= _PARSE_FOR_FILES_BELOW and not external_data_io.old_data_names(folder, name, None):
+        return [path]
+    return [path] + external_data_io.data_files(path)
 
 
 def model_file_size(path: "str | os.PathLike") -> int:

@@ -111,3 +111,16 @@ def test_non_float_weight_and_missing_loss_are_refused():
         build_training_step(model, "nope", ["w"])
     with pytest.raises(UserError, match="adamw or sgd"):
         build_training_step(model, "loss", ["w"], OptimizerConfig("lion"))
+
+
+def test_flush_denormals_sets_ftz_daz_for_the_block_only():
+    from graphprune.autodiff.fpenv import _libm, flush_denormals
+
+    tiny = np.array([1e-40], np.float32)
+    assert (tiny * np.float32(0.5))[0] != 0  # denormal arithmetic, as IEEE says
+    with flush_denormals():
+        inside = (tiny * np.float32(0.5))[0]
+    after = (tiny * np.float32(0.5))[0]
+    if _libm() is None:
+        pytest.skip("flush-to-zero is only set on x86-64 glibc")
+    assert inside == 0 and after != 0

@@ -13,6 +13,7 @@ import traceback
 from typing import List, Optional
 
 from graphprune.errors import UserError
+from graphprune.tempfiles import run_scope
 
 __all__ = ["main", "COMMAND_MODULES"]
 
@@ -52,7 +53,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return int(args.func(args) or 0)
+        with run_scope():  # temporaries removed on exit and SIGTERM; killed runs' leftovers cleaned
+            return int(args.func(args) or 0)
     except UserError as exc:
         message = " ".join(str(exc).split())
         # a pass names itself in its errors (useful under `run`); under its own command that repeats

@@ -5,13 +5,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import tempfile
 from typing import Dict, Optional, Tuple
 
 import onnx
 
 from graphprune.data import InputSet, load_inputs, parse_input_shapes
 from graphprune.errors import UserError
+from graphprune.external_data import data_files, free_data_name, old_data_names
 from graphprune.model_io import atomic_write_text, save
+from graphprune.tempfiles import HIDDEN_PREFIX
 
 __all__ = [
     "add_data_options",
@@ -50,13 +53,87 @@ def read_inputs(args, model: onnx.ModelProto, extra_keys=()) -> Tuple[Optional[I
     return None, shapes, {}
 
 
+# Files a run reads, by argument name, with how messages name them.
+_RUN_INPUTS = (
+    ("model", "input model"),
+    ("original", "original model"),
+    ("candidate", "candidate model"),
+    ("teacher", "--teacher model"),
+    ("data", "--data file"),
+    ("recipe", "--recipe file"),
+)
+_MODEL_INPUTS = frozenset({"model", "original", "candidate", "teacher"})
+
+
 def check_output_path(args) -> None:
-    """Fail before any work when the output cannot be written (same file as input, missing folder)."""
-    out = os.path.abspath(args.output)
-    if not os.path.isdir(os.path.dirname(out)):
-        raise UserError(f"{args.output}: output directory does not exist")
-    if os.path.exists(out) and os.path.samefile(out, args.model) and not args.overwrite_input:
-        raise UserError(f"{args.output}: refusing to overwrite the input model (choose another output path)")
+    """Fail before any work when ``-o`` (or ``--report``) cannot be written or would replace a file of the run.
+
+    Refused with one line (exit 2), before anything is read or written: a missing or unwritable
+    folder, an existing directory or special file, the input model (unless ``--overwrite-input``),
+    any other file the run reads (``--data``, ``--teacher``, ``--recipe``, a model's external data),
+    and an input that writing the model would replace or remove (its data files
+    ``OUT.data``, ``OUT.<n>.data``).  ``--report`` is checked too (``check_report_path``).
+    """
+    out = args.output
+    _check_writable("-o", out)
+    overwrite = getattr(args, "overwrite_input", False)
+    if os.path.exists(out) and os.path.samefile(out, args.model) and not overwrite:
+        raise UserError(f"{out}: refusing to overwrite the input model (choose another output path)")
+    folder, name = os.path.split(os.path.abspath(out))
+    targets = [("-o", out)] + [
+        (f"the data file {n} of -o", os.path.join(folder, n)) for n in old_data_names(folder, name, None)
+    ]
+    for what, target in targets:
+        for label, path in _run_files(args, target):
+            if overwrite and label in ("input model", "input model's external data") and _replaces_input(out, args.model):
+                continue
+            raise UserError(f"-o {out}: {what} is the {label} of this run (choose another output path)")
+    check_report_path(args)
+
+
+def _check_writable(flag: str, path: str) -> None:
+    """``path`` can become a file: its folder exists and takes files, and it is no directory or special file."""
+    if not path:
+        raise UserError(f"{flag}: empty path")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise UserError(f"{flag} {path}: output directory does not exist")
+    if os.path.isdir(path):
+        raise UserError(f"{flag} {path}: is a directory (give a file name)")
+    if os.path.exists(path) and not os.path.isfile(path):
+        raise UserError(f"{flag} {path}: exists and is not a regular file")
+    try:  # the only sure test of writability (permissions, read-only mounts, quotas): make a file
+        fd, probe = tempfile.mkstemp(prefix=HIDDEN_PREFIX, dir=folder)
+    except OSError as exc:
+        raise UserError(f"{flag} {path}: cannot write in {folder} ({exc.strerror})") from None
+    os.close(fd)
+    os.unlink(probe)
+
+
+def _run_files(args, target: str):
+    """(label, path) of every file of the run that is ``target`` (as files: links and all)."""
+    if not os.path.exists(target):
+        return []
+    found = []
+    for attr, label in _RUN_INPUTS:
+        path = getattr(args, attr, None)
+        if not path or not os.path.exists(path):
+            continue
+        if os.path.samefile(path, target):
+            found.append((label, path))
+        elif attr in _MODEL_INPUTS and _inside(target, os.path.dirname(os.path.abspath(path))):
+            # external data lies in the model's folder (``external_data`` refuses anything else)
+            found += [(f"{label}'s external data", p) for p in data_files(path) if os.path.samefile(p, target)]
+    return found
+
+
+def _inside(path: str, folder: str) -> bool:
+    real, root = os.path.realpath(path), os.path.realpath(folder)
+    return os.path.commonpath([real, root]) == root
+
+
+def _replaces_input(out: str, model: str) -> bool:
+    return os.path.exists(out) and os.path.samefile(out, model)
 
 
 def add_report_option(parser: argparse.ArgumentParser, what: str = "the report") -> None:
@@ -64,16 +141,27 @@ def add_report_option(parser: argparse.ArgumentParser, what: str = "the report")
 
 
 def check_report_path(args) -> None:
-    """Fail before any work when ``--report`` cannot be written or would replace an input."""
+    """Fail before any work when ``--report`` cannot be written, is ``-o`` (or its data), or would
+    replace a file of the run."""
     if not getattr(args, "report", None):
         return
-    path = os.path.abspath(args.report)
-    if not os.path.isdir(os.path.dirname(path)):
-        raise UserError(f"--report {args.report}: output directory does not exist")
-    for name in ("model", "original", "candidate", "output"):
-        other = getattr(args, name, None)
-        if other and os.path.abspath(other) == path:
-            raise UserError(f"--report {args.report}: is the same file as the {name} path")
+    report = args.report
+    _check_writable("--report", report)
+    for label, _ in _run_files(args, report):
+        raise UserError(f"--report {report}: is the same file as the {label} of this run")
+    out = getattr(args, "output", None)
+    if out:
+        folder, name = os.path.split(os.path.abspath(out))
+        if os.path.realpath(report) == os.path.realpath(out) or _same(report, out):
+            raise UserError(f"--report {report}: is the same file as the output model (-o)")
+        data_names = old_data_names(folder, name, None) + [free_data_name(folder, name)]
+        if os.path.realpath(os.path.dirname(os.path.abspath(report))) == os.path.realpath(folder) \
+                and os.path.basename(report) in data_names:
+            raise UserError(f"--report {report}: is a data file of the output model (-o {out})")
+
+
+def _same(a: str, b: str) -> bool:
+    return os.path.exists(a) and os.path.exists(b) and os.path.samefile(a, b)
 
 
 def write_report(args, data) -> None:
@@ -96,6 +184,9 @@ def write_model(args, model: onnx.ModelProto) -> str:
         check_model(model, full=True)
     except UserError as exc:
         raise PassContractError(f"refusing to write an invalid result: {exc}") from None
+    from graphprune.validation import check_result
+
+    check_result(model)  # NaN/Inf weights and what onnxruntime cannot load: refused, nothing written
     return save(model, args.output, input_path=args.model, overwrite_input=args.overwrite_input)
 
 
