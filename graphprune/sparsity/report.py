@@ -52,8 +52,10 @@ def _compressed_size(paths: List[str], progress: bool) -> int:
 
 
 def file_sizes(path: str, progress: bool = False) -> Dict[str, int]:
-    """{"bytes": raw size, "gzip_bytes": gzip -6 size} of a model file and its ``.data`` side file."""
-    paths = [path] + ([path + ".data"] if os.path.exists(path + ".data") else [])
+    """{"bytes": raw size, "gzip_bytes": gzip -6 size} of a model file and the data files it refers to."""
+    from graphprune.model_io import model_files
+
+    paths = model_files(path)
     return {"bytes": sum(os.path.getsize(p) for p in paths), "gzip_bytes": _compressed_size(paths, progress)}
 
 
