@@ -53,7 +53,7 @@ def test_quantize_measures_against_float(files, capsys):
     out = str(tmp / "q.onnx")
     assert main(["quantize", model_path, "-o", out, "--data", data_path, "--max-error", "0.05"]) == 0
     printed = capsys.readouterr().out
-    assert "latency (1 thread): float" in printed
+    assert "CPU time per run (1 thread, median of interleaved runs): float" in printed
     check_model(onnx.load(out), full=True)
 
 

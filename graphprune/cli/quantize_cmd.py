@@ -29,8 +29,9 @@ def register(sub) -> None:
         "quantize",
         help="int8 QDQ quantization, placed only where it makes ONNX Runtime faster",
         description="Calibrate on --data (or random inputs), insert QuantizeLinear/DequantizeLinear where "
-        "int8 kernels pay for their borders, time the placement against float on ONNX Runtime, write the "
-        "fastest (the float model when int8 does not pay).",
+        "int8 kernels pay for their borders, time the placements against float on ONNX Runtime (CPU time "
+        "per run), write the fastest whose output error is not far above the best one's (the float model "
+        "when int8 does not pay).",
     )
     p.add_argument("model", help="the float ONNX model")
     add_output_options(p)
@@ -94,13 +95,16 @@ def format_summary(stats: dict, modified: bool) -> str:
     lines = []
     threads = stats.get("threads")
     if stats.get("float_latency_ms") is not None:
-        lines.append(f"latency ({threads} thread{'s' if threads != 1 else ''}): float {stats['float_latency_ms']:.3f} ms")
+        lines.append(f"CPU time per run ({threads} thread{'s' if threads != 1 else ''}, median of interleaved runs): "
+                     f"float {stats['float_latency_ms']:.3f} ms")
         for name, cand in stats["candidates"].items():
             speedup = stats["float_latency_ms"] / cand["latency_ms"] if cand.get("latency_ms") else float("nan")
             lines.append(
                 f"  {name:<13} {cand['latency_ms']:.3f} ms ({speedup:.2f}x)  int8 nodes {cand['int8_nodes']:<4} "
                 f"rel L2 error {cand['error']:.4g}"
             )
+    for name, reason in stats.get("discarded", {}).items():
+        lines.append(f"  {name:<13} discarded: {reason}")
     if modified:
         ops = ", ".join(f"{op} {n}" for op, n in stats["quantized_ops"].items())
         lines.append(f"chosen: {stats['chosen']}: {stats['nodes_quantized']} nodes in int8 ({ops}); "

@@ -13,11 +13,17 @@ from graphprune.errors import UserError
 from graphprune.passes.base import Pass, PassResult, register_pass
 from graphprune.progress import progress_bar
 from graphprune.quantization.budget import fit_error_budget, layer_sensitivity
-from graphprune.quantization.calibration import Feeds, calibrate, calibration_feeds
+from graphprune.quantization.calibration import Feeds, calibrate, calibration_feeds, nonfinite_ranges, without
 from graphprune.quantization.config import QuantConfig, check_max_error, check_names
 from graphprune.quantization.cost import estimate_costs, place
 from graphprune.quantization.engine import insert_qdq_nodes
-from graphprune.quantization.measure import Candidate, measure_latencies, output_error, reference_outputs
+from graphprune.quantization.measure import (
+    Candidate,
+    drop_wrecked,
+    measure_latencies,
+    output_error,
+    reference_outputs,
+)
 from graphprune.quantization.prepare import is_quantized, prepare
 from graphprune.quantization.rules import RULES, GraphView, eligible_nodes, rule_for
 from graphprune.runtime import DEFAULT_THREADS
@@ -49,9 +55,15 @@ class InsertQDQPass(Pass):
     ``max_error``, the layers that add most error stay float until the budget holds.  Then the
     candidates -- the cost-model placement, the placements with its int8 estimates scaled by 1.4
     and 0.7, and every eligible node (what ``quantize_static`` does) -- are timed against float on
-    ORT (``threads`` intra-op threads, batch 1 for dynamic-batch models, interleaved rounds); when the
-    fastest beats float by 4%, the most accurate candidate within 3% of the fastest (timing noise)
-    that meets the budget wins; when none does, the model is returned unchanged (``modified=False``).
+    ORT (``threads`` intra-op threads, batch 1 for dynamic-batch models, CPU time per run, median of
+    interleaved runs); when the fastest beats float by 4%, the most accurate candidate within 3% of
+    the fastest (timing noise) that meets the budget wins; when none does, the model is returned
+    unchanged (``modified=False``).  Without ``max_error``, candidates whose output error is above
+    max(3x, +0.05) of the best candidate's are dropped before timing (``measure.drop_wrecked``).
+
+    Never quantized: tensors whose calibrated range is infinite or NaN (the nodes touching them stay
+    float, with that reason).  A candidate that fails to build, load or run is discarded with a
+    note (``stats["discarded"]``); the others still compete.
 
     Weights are symmetric int8 per output channel (``per_channel=False`` for one scale per tensor),
     biases int32, activations asymmetric uint8 (``activation_type="int8"`` on request).
@@ -156,11 +168,19 @@ class _Planner:
         self.shapes = observed_shapes(prepared, first, inferred, threads=options.threads)
         self.view = GraphView.of(prepared)
         self.float_reasons: Dict[str, str] = {}
+        self.discarded: Dict[str, str] = {}  # candidate name -> why it is not in the running
         allowed: Set[str] = set()
         excluded = set(options.exclude)
         eligibility = eligible_nodes(prepared, self.view)
+        nonfinite = nonfinite_ranges(ranges)
+        self.ranges = without(ranges, nonfinite)
+        self.listed: Set[str] = set(excluded)  # float nodes always listed, whatever their role
         for node in prepared.graph.node:
             reason = eligibility[node.name]
+            if reason is None and nonfinite:
+                reason = _nonfinite_reason(node, nonfinite, self.view)
+                if reason is not None:
+                    self.listed.add(node.name)
             if reason is None and node.name in excluded:
                 reason = "excluded by the user (--exclude)"
             if reason is None and options.op_types is not None and node.op_type not in options.op_types:
@@ -173,10 +193,21 @@ class _Planner:
         self.costs = estimate_costs(prepared, self.shapes, self.view.constants)
         self.compute = {n.name: n for n in prepared.graph.node if (rule := rule_for(n)) is not None and rule.role == "compute"}
 
-    def _build(self, name: str, int8: Iterable[str]) -> Candidate:
+    def _build(self, name: str, int8: Iterable[str], note: bool = True) -> Optional[Candidate]:
+        """The candidate with its output error; None (and a note in ``discarded``) when it fails to
+        build, load or run, or its outputs turn non-finite where float's are finite."""
         int8 = frozenset(int8)
-        model = insert_qdq_nodes(self.model, self.ranges, int8, self.options.config)
-        error = output_error(model, self.feeds, self.reference, self.options.threads) if int8 else 0.0
+        try:
+            model = insert_qdq_nodes(self.model, self.ranges, int8, self.options.config)
+            error = output_error(model, self.feeds, self.reference, self.options.threads) if int8 else 0.0
+        except Exception as exc:  # a placement ORT cannot build or run must not end the command
+            if note:
+                self.discarded[name] = f"failed to build or run: {_first_line(exc)}"
+            return None
+        if not np.isfinite(error):
+            if note:
+                self.discarded[name] = "its outputs hold inf/NaN where the float model's are finite"
+            return None
         return Candidate(name, model, int8, error=error)
 
     def _placement(self, forced_float: Set[str], int8_scale: float = 1.0):
@@ -191,7 +222,9 @@ class _Planner:
         self.estimated_saving_us = placement.estimated_saving_ns / 1e3
         found: List[Candidate] = []
         if placement.int8:
-            found.append(self._fit_budget(self._build("cost-model", placement.int8)))
+            built = self._build("cost-model", placement.int8)
+            if built is not None:
+                found.append(self._fit_budget(built))
         if self.options.measure:
             # The cost model's unit costs are uncertain: placements at both ends of that band, and
             # every eligible node, are measured too (each distinct placement once).
@@ -202,9 +235,15 @@ class _Planner:
                 if int8 and frozenset(int8) not in seen:
                     seen.add(frozenset(int8))
                     built = self._build(name, int8)
-                    found.append(self._fit_budget(built) if not found else built)
+                    if built is not None:
+                        found.append(self._fit_budget(built) if not found else built)
         budget = self.options.max_error
-        return [c for c in found if c.int8_nodes and (budget is None or c.error <= budget)]
+        found = [c for c in found if c.int8_nodes and (budget is None or c.error <= budget)]
+        if budget is None:
+            # no budget given: a placement that wrecks the outputs must not win on speed
+            found, dropped = drop_wrecked(found)
+            self.discarded.update(dropped)
+        return found
 
     def _fit_budget(self, candidate: Candidate) -> Candidate:
         """Keep the layers that add most error float until ``max_error`` holds (mixed precision)."""
@@ -221,8 +260,11 @@ class _Planner:
         def error_of(keep_float: Set[str]) -> float:
             int8 = self._placement(keep_float).int8 if candidate.name == "cost-model" else candidate.int8_nodes - keep_float
             key = frozenset(keep_float)
-            built[key] = self._build(candidate.name, int8)
-            return built[key].error
+            trial = self._build(candidate.name, int8, note=False)
+            if trial is None:
+                return float("inf")  # keep more float
+            built[key] = trial
+            return trial.error
 
         keep_float, _, _ = fit_error_budget(ranked, error_of, budget)
         for rank, n in enumerate(ranked):
@@ -241,7 +283,16 @@ class _Planner:
         if not self.options.measure:
             return (candidates[0] if self.estimated_saving_us > 0 else None), {}
         models = {"float": self.model, **{c.name: c.model for c in candidates}}
-        latencies = measure_latencies(models, self._latency_feed(), threads=self.options.threads, rounds=5)
+        failures: Dict[str, str] = {}
+        kwargs = {"failures": failures} if hasattr(self, "discarded") else {}
+        latencies = measure_latencies(models, self._latency_feed(), threads=self.options.threads, rounds=5, **kwargs)
+        if "float" in failures:
+            raise UserError(f"onnxruntime cannot run the float model at batch 1: {failures['float']}")
+        for name, reason in failures.items():
+            self.discarded[name] = f"failed to run for timing: {reason}"
+        candidates[:] = [c for c in candidates if c.name in latencies]
+        if not candidates:
+            return None, latencies
         for c in candidates:
             c.latency = latencies[c.name]
         fastest = min(c.latency for c in candidates)
@@ -269,7 +320,7 @@ class _Planner:
             if n not in int8
         }
         for name, reason in self.float_reasons.items():
-            if name in self.options.exclude:
+            if name in self.listed:
                 float_nodes[name] = reason
         return {
             "chosen": chosen.name if chosen is not None else "float",
@@ -281,11 +332,27 @@ class _Planner:
                 c.name: {"int8_nodes": len(c.int8_nodes), "error": c.error, "latency_ms": _ms(c.latency)}
                 for c in candidates
             },
+            "discarded": dict(self.discarded),
             "float_latency_ms": _ms(latencies.get("float")),
+            "timing": "median CPU time per run (interleaved)",
             "threads": self.options.threads,
             "estimated_saving_us": round(self.estimated_saving_us, 2),
             "calibration": {"method": self.options.config.method, "feeds": n_feeds, "from_data": from_data},
         }
+
+
+def _nonfinite_reason(node: onnx.NodeProto, nonfinite, view: GraphView) -> Optional[str]:
+    """Why ``node`` stays float when one of its activations has an infinite or NaN range, else None."""
+    for name in list(node.input) + list(node.output):
+        if name in nonfinite and not view.is_constant(name):
+            low, high = nonfinite[name]
+            return f"calibrated range of {name!r} is not finite ({low:g}, {high:g}): int8 cannot hold it"
+    return None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
 
 
 def _ms(seconds: Optional[float]) -> Optional[float]:

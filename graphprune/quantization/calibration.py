@@ -15,7 +15,7 @@ from graphprune.errors import UserError
 from graphprune.quantization.config import QuantConfig
 from graphprune.quantization.prepare import save_for_tool
 
-__all__ = ["Feeds", "as_feeds", "calibration_feeds", "calibrate", "calibrated_op_types"]
+__all__ = ["Feeds", "as_feeds", "calibration_feeds", "calibrate", "calibrated_op_types", "nonfinite_ranges", "without"]
 
 # Samples for calibration: an InputSet, or any iterable of {input name: batch} feeds.
 Feeds = Union[InputSet, Iterable[Mapping[str, np.ndarray]]]
@@ -121,6 +121,10 @@ def calibrate(model: onnx.ModelProto, feeds: List[Dict[str, np.ndarray]], config
                 calibrate_method=config.ort_method(),
                 use_external_data_format=True,
             )
+            watch = None
+            if isinstance(getattr(calibrator, "tensors_to_calibrate", None), set):
+                # histogram calibrators (np.histogram) fail on inf/NaN: those tensors leave calibration
+                watch = calibrator.infer_session = _NonFiniteWatch(calibrator.infer_session, calibrator.tensors_to_calibrate)
             calibrator.collect_data(_Reader(feeds))
         except Exception as exc:  # ORT reports bad feeds (names, shapes, dtypes) as assorted errors
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -129,4 +133,61 @@ def calibrate(model: onnx.ModelProto, feeds: List[Dict[str, np.ndarray]], config
             raise
         ranges = calibrator.compute_data()
         del calibrator
+    if watch is not None:
+        from onnxruntime.quantization.calibrate import TensorData
+
+        for name, (low, high) in watch.found.items():  # recorded so that placement keeps them float
+            ranges.data[name] = TensorData(lowest=np.array(low, np.float32), highest=np.array(high, np.float32))
     return ranges
+
+
+class _NonFiniteWatch:
+    """A calibration session that records the tensors holding inf/NaN and drops them from ``tensors``."""
+
+    def __init__(self, session, tensors: set):
+        self._session = session
+        self._tensors = tensors
+        self.found: Dict[str, Tuple[float, float]] = {}
+
+    def __getattr__(self, name):
+        return getattr(self._session, name)
+
+    def run(self, output_names, feed, *args, **kwargs):
+        outputs = self._session.run(output_names, feed, *args, **kwargs)
+        names = output_names or [o.name for o in self._session.get_outputs()]
+        for name, value in zip(names, outputs):
+            value = np.asarray(value)
+            if name in self._tensors and value.dtype.kind == "f" and not np.isfinite(value).all():
+                self._tensors.discard(name)
+                self.found[name] = (float(np.min(value)), float(np.max(value)))
+        return outputs
+
+
+def nonfinite_ranges(ranges) -> Dict[str, Tuple[float, float]]:
+    """Tensor name -> (low, high) for every calibrated range that is infinite or NaN.
+
+    int8 cannot hold such a tensor: its scale would be inf or NaN, every value would dequantize to
+    NaN (T5's relative-position buckets hold ``Log(0) = -inf`` by design, and the NaN then casts
+    to INT64_MIN and indexes out of a Gather).  Placement keeps the nodes touching them float.
+    """
+    found: Dict[str, Tuple[float, float]] = {}
+    for name in ranges:
+        try:
+            low, high = ranges[name].range_value
+        except AttributeError:  # a calibrator that kept no range for this tensor
+            continue
+        low, high = float(np.min(low)), float(np.max(high))
+        if not (np.isfinite(low) and np.isfinite(high)):
+            found[name] = (low, high)
+    return found
+
+
+def without(ranges, names):
+    """``ranges`` (ORT's ``TensorsData``) less the tensors in ``names``: the quantizer computes a scale
+    for every range it is given, and an infinite one only yields NaN and numpy warnings."""
+    from onnxruntime.quantization.calibrate import TensorsData
+
+    names = set(names)
+    if not names:
+        return ranges
+    return TensorsData(ranges.calibration_method, {k: ranges[k] for k in ranges if k not in names})

@@ -1,17 +1,35 @@
-"""Measuring candidate placements on ONNX Runtime: latency (interleaved, fixed threads) and output error."""
+"""Measuring candidate placements on ONNX Runtime: CPU time per run (interleaved, fixed threads) and output error."""
 
 from __future__ import annotations
 
 import dataclasses
+import statistics
 import time
-from typing import Dict, List, Mapping, Optional
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import onnx
 
 from graphprune.runtime import DEFAULT_THREADS, make_session, run
 
-__all__ = ["Candidate", "output_error", "reference_outputs", "measure_latencies"]
+__all__ = [
+    "Candidate",
+    "output_error",
+    "reference_outputs",
+    "measure_latencies",
+    "cpu_clock",
+    "error_limit",
+    "drop_wrecked",
+    "ERROR_GUARD_FACTOR",
+    "ERROR_GUARD_MARGIN",
+]
+
+# Without an error budget, a candidate whose output error is above max(3 x best, best + 0.05)
+# relative L2 is dropped before the speed choice: int8 that wrecks the outputs never wins on speed
+# (GPT-2: all-eligible at 0.657 against the cost model's 0.030).  The margin keeps near-exact
+# candidates (0.001 vs 0.004) comparable: there the factor alone would judge noise.
+ERROR_GUARD_FACTOR = 3.0
+ERROR_GUARD_MARGIN = 0.05
 
 
 @dataclasses.dataclass
@@ -21,7 +39,7 @@ class Candidate:
     name: str
     model: onnx.ModelProto
     int8_nodes: frozenset
-    latency: Optional[float] = None  # seconds, best of the rounds' medians
+    latency: Optional[float] = None  # CPU seconds per run, median over interleaved runs
     error: Optional[float] = None  # worst relative L2 over outputs
 
 
@@ -37,17 +55,58 @@ def output_error(
     reference: List[Mapping[str, np.ndarray]],
     threads: int = DEFAULT_THREADS,
 ) -> float:
-    """Worst relative L2 error (||y - y_ref|| / ||y_ref|| over all feeds) among the outputs."""
+    """Worst relative L2 error (||y - y_ref|| / ||y_ref|| over all feeds) among the outputs.
+
+    Elements the reference itself holds as inf/NaN are left out (a model may output -inf by design);
+    a non-finite value where the reference is finite makes the error infinite.
+    """
     session = make_session(model, threads=threads)
     diff: Dict[str, float] = {}
     norm: Dict[str, float] = {}
     for feed, ref in zip(feeds, reference):
         for name, value in run(session, feed).items():
             r = ref[name].astype(np.float64)
-            diff[name] = diff.get(name, 0.0) + float(np.sum((value.astype(np.float64) - r) ** 2))
-            norm[name] = norm.get(name, 0.0) + float(np.sum(r**2))
+            v = np.asarray(value).astype(np.float64)
+            finite = np.isfinite(r)
+            if not np.isfinite(v[finite]).all():
+                return float("inf")
+            diff[name] = diff.get(name, 0.0) + float(np.sum((v[finite] - r[finite]) ** 2))
+            norm[name] = norm.get(name, 0.0) + float(np.sum(r[finite] ** 2))
     errors = [np.sqrt(diff[k] / norm[k]) if norm[k] > 0 else np.sqrt(diff[k]) for k in diff]
     return float(max(errors, default=0.0))
+
+
+def error_limit(best: float) -> float:
+    """The largest output error a candidate may have when the best candidate has ``best``."""
+    return max(ERROR_GUARD_FACTOR * best, best + ERROR_GUARD_MARGIN)
+
+
+def drop_wrecked(candidates: Sequence[Candidate]) -> Tuple[List[Candidate], Dict[str, str]]:
+    """(candidates kept, name -> reason for each dropped): those whose error exceeds ``error_limit``
+    of the most accurate one's."""
+    if not candidates:
+        return [], {}
+    best = min(c.error for c in candidates)
+    limit = error_limit(best)
+    kept = [c for c in candidates if c.error <= limit]
+    dropped = {
+        c.name: f"output rel L2 {c.error:.4g} is far above the best candidate's {best:.4g} "
+        f"(limit {limit:.4g} = max({ERROR_GUARD_FACTOR:g}x, +{ERROR_GUARD_MARGIN:g}); --max-error sets a budget)"
+        for c in candidates
+        if c.error > limit
+    }
+    return kept, dropped
+
+
+def cpu_clock(threads: Optional[int]) -> Callable[[], float]:
+    """The clock that times one run: CPU time, which a busy machine cannot inflate the way it
+    stretches wall time (a descheduled thread's CPU clock stops).
+
+    With one intra-op thread ORT computes in the calling thread, so that thread's CPU time is the
+    run's.  With more, the process's CPU time counts every worker (the timing sessions do not
+    spin-wait): the work of a run summed over threads, not its wall latency.
+    """
+    return time.thread_time if threads == 1 else time.process_time
 
 
 def measure_latencies(
@@ -56,29 +115,53 @@ def measure_latencies(
     threads: int = DEFAULT_THREADS,
     rounds: int = 3,
     budget_seconds: float = 2.0,
+    failures: Optional[Dict[str, str]] = None,
 ) -> Dict[str, float]:
-    """Median latency of each model, measured in interleaved rounds; the best round counts.
+    """Median CPU seconds per run of each model (``cpu_clock``), runs interleaved model by model.
 
-    Interleaving means a burst of load from other processes hits every candidate alike.  The
-    number of runs per round adapts to the model so a round takes about ``budget_seconds`` /
-    ``rounds`` over all candidates (at least 5 runs each).
+    Each round runs every model once in turn, ``runs`` times, starting from a different model each
+    round, so that whatever else the machine does hits every model alike; the median over all runs
+    counts.  ``runs`` adapts so that all rounds take about ``budget_seconds`` (at least 5 per round).
+
+    Args:
+        models: name -> model.
+        feed: one input feed.
+        threads: intra-op threads of every session.
+        rounds: rounds of interleaved runs.
+        budget_seconds: rough CPU time of the whole measurement.
+        failures: when given, a model that cannot be loaded or run is left out of the result and its
+            reason recorded here instead of raising.
     """
-    sessions = {name: make_session(model, threads=threads) for name, model in models.items()}
+    clock = cpu_clock(threads)
+    sessions = {}
     one_run = {}
-    for name, session in sessions.items():
-        session.run(None, feed)  # first run allocates
-        start = time.perf_counter()
-        session.run(None, feed)
-        one_run[name] = max(time.perf_counter() - start, 1e-6)
+    for name, model in models.items():
+        try:
+            session = make_session(model, threads=threads, spinning=False)
+            session.run(None, feed)  # first run allocates
+            start = clock()
+            session.run(None, feed)
+            one_run[name] = max(clock() - start, 1e-6)
+        except Exception as exc:
+            if failures is None:
+                raise
+            failures[name] = _first_line(exc)
+            continue
+        sessions[name] = session
     per_round = budget_seconds / max(rounds, 1)
     runs = max(5, int(per_round / max(sum(one_run.values()), 1e-6)))
-    best: Dict[str, float] = {name: float("inf") for name in sessions}
-    for _ in range(rounds):
-        for name, session in sessions.items():
-            times = []
-            for _ in range(runs):
-                start = time.perf_counter()
-                session.run(None, feed)
-                times.append(time.perf_counter() - start)
-            best[name] = min(best[name], float(np.median(times)))
-    return best
+    names = list(sessions)
+    times: Dict[str, List[float]] = {name: [] for name in names}
+    for r in range(rounds):
+        order = names[r % len(names):] + names[: r % len(names)] if names else []
+        for _ in range(runs):
+            for name in order:
+                start = clock()
+                sessions[name].run(None, feed)
+                times[name].append(clock() - start)
+    return {name: float(statistics.median(t)) for name, t in times.items()}
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
