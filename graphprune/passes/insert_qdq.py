@@ -284,8 +284,8 @@ class _Planner:
             return (candidates[0] if self.estimated_saving_us > 0 else None), {}
         models = {"float": self.model, **{c.name: c.model for c in candidates}}
         failures: Dict[str, str] = {}
-        kwargs = {"failures": failures} if hasattr(self, "discarded") else {}
-        latencies = measure_latencies(models, self._latency_feed(), threads=self.options.threads, rounds=5, **kwargs)
+        latencies = measure_latencies(models, self._latency_feed(), threads=self.options.threads, rounds=5,
+                                      failures=failures)
         if "float" in failures:
             raise UserError(f"onnxruntime cannot run the float model at batch 1: {failures['float']}")
         for name, reason in failures.items():
