@@ -65,7 +65,7 @@ def test_prune_with_nothing_prunable_exits_2_naming_blocked_kinds(unprunable, ra
     assert main(["prune", unprunable, "-o", str(out), *ratio]) == 2
     captured = capsys.readouterr()
     err = captured.err.strip()
-    assert len(err.splitlines()) == 1 and err.startswith("graphprune prune: error: nothing pruned:")
+    assert len(err.splitlines()) == 1 and err.startswith("graphprune prune: error: nothing pruned (graphprune inspect MODEL --groups lists why):")
     assert "blocked: channels x2 (first: graph output y)" in err
     assert not out.exists() and "wrote" not in captured.out
 

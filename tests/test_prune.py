@@ -187,7 +187,7 @@ def test_cli_nothing_prunable_exits_2_with_the_reasons_and_writes_nothing(tmp_pa
     onnx.save(model, str(src))
     assert main(["prune", str(src), "-o", str(out), "--ratio", "0.5"]) == 2
     err = capsys.readouterr().err
-    assert "nothing pruned: every group is blocked" in err and "channels x2 (first: graph output y)" in err
+    assert "nothing pruned (graphprune inspect MODEL --groups lists why): every group is blocked" in err and "channels x2 (first: graph output y)" in err
     assert len(err.strip().splitlines()) == 1 and not out.exists()
 
 

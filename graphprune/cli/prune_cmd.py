@@ -105,7 +105,7 @@ def run(args) -> int:
     return 0
 
 
-def nothing_pruned(stats: dict, ratios=None, reason_chars: int = 90) -> str:
+def nothing_pruned(stats: dict, ratios=None, reason_chars: int = 80) -> str:
     """One line on why a pass that was asked to prune pruned nothing: its note, the kinds asked for
     that the model lacks, and each blocked kind with its group count and first reason.
 
@@ -119,7 +119,7 @@ def nothing_pruned(stats: dict, ratios=None, reason_chars: int = 90) -> str:
     if ratios is not None and prunable and not any(ratios.for_kind(kind) > 0 for kind in prunable):
         note = "no prunable group of the kinds asked for (prunable: " + ", ".join(
             f"{kind} x{entry['groups']}" for kind, entry in prunable.items()) + ")"
-    parts = [f"nothing pruned: {note}"]
+    parts = [f"nothing pruned (graphprune inspect MODEL --groups lists why): {note}"]
     parts.extend(stats.get("notes", []))
     if stats.get("groups_excluded"):
         parts.append(f"{stats['groups_excluded']} group(s) excluded by --exclude")
@@ -134,7 +134,7 @@ def nothing_pruned(stats: dict, ratios=None, reason_chars: int = 90) -> str:
                 first = first[: reason_chars - 3] + "..."
             kinds.append(f"{kind} x{len(blocked)} (first: {first})")
         parts.append("blocked: " + ", ".join(kinds))
-    return "; ".join(parts) + " (see graphprune inspect MODEL --groups)"
+    return "; ".join(parts)  # the hint comes first: a long line is cut at its end
 
 
 def _summary(stats: dict, before, after, shapes) -> str:
