@@ -1,9 +1,13 @@
-"""Model inputs: .npz sample files checked against the model, seeded random inputs, --input-shape parsing."""
+"""Model inputs: .npz sample files checked against the model, seeded random inputs, --input-shape parsing.
+
+Scalar (rank-0) inputs, such as the sample rate ``sr`` of a voice-activity model, take one value for the
+whole run: in an ``.npz`` either a 0-d array, or a 1-d array with one (equal) value per sample, as
+exporters often save it.  Different values per sample are refused: a rank-0 input cannot be batched.
+"""
 
 from __future__ import annotations
 
 import os
-import zipfile
 from typing import Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
@@ -24,26 +28,30 @@ class InputSet:
     """
 
     def __init__(self, arrays: Dict[str, np.ndarray], fixed_batch: Optional[int] = None):
-        counts = {len(a) for a in arrays.values()}
+        counts = {len(a) for a in arrays.values() if a.ndim}
         if len(counts) > 1:
-            detail = ", ".join(f"{k}: {len(v)}" for k, v in arrays.items())
+            detail = ", ".join(f"{k}: {len(v)}" for k, v in arrays.items() if v.ndim)
             raise UserError(f"inputs disagree on the number of samples ({detail})")
-        self.arrays = arrays
+        self.arrays = arrays  # a 0-d array is a scalar input's one value, fed with every batch
         self.fixed_batch = fixed_batch
 
     def __len__(self) -> int:
-        return len(next(iter(self.arrays.values()))) if self.arrays else 0
+        batched = [a for a in self.arrays.values() if a.ndim]
+        if batched:
+            return len(batched[0])
+        return 1 if self.arrays else 0  # only scalar inputs: one sample
 
     def batches(self, batch_size: int = 32) -> Iterator[Dict[str, np.ndarray]]:
         step = self.fixed_batch or batch_size
         for start in range(0, len(self), step):
-            yield {k: v[start : start + step] for k, v in self.arrays.items()}
+            yield {k: v[start : start + step] if v.ndim else v for k, v in self.arrays.items()}
 
     def first_batch(self, batch_size: int = 1) -> Dict[str, np.ndarray]:
         return next(self.batches(batch_size))
 
     def subset(self, indices: Sequence[int]) -> "InputSet":
-        return InputSet({k: v[np.asarray(indices)] for k, v in self.arrays.items()}, self.fixed_batch)
+        index = np.asarray(indices, dtype=np.int64)
+        return InputSet({k: v[index] if v.ndim else v for k, v in self.arrays.items()}, self.fixed_batch)
 
 
 def parse_input_shape(text: str) -> Tuple[str, Tuple[int, ...]]:
@@ -115,7 +123,7 @@ def random_inputs(
     feed_batch = None
     for name, dtype, declared in input_specs(model):
         shape = _resolve_shape(name, declared, overrides)
-        full = (samples * shape[0],) + shape[1:] if shape else (samples,)
+        full = (samples * shape[0],) + shape[1:] if shape else ()  # a scalar input: one value for every sample
         if np.issubdtype(dtype, np.floating):
             arrays[name] = rng.standard_normal(full).astype(dtype)
         elif np.issubdtype(dtype, np.integer):
@@ -124,7 +132,8 @@ def random_inputs(
             arrays[name] = rng.random(full) < 0.5
         else:
             raise UserError(f"input {name!r} has element type {dtype}, which random inputs cannot make: give --data")
-        feed_batch = shape[0] if shape else 1
+        if shape:
+            feed_batch = shape[0]
     return InputSet(arrays, fixed_batch=feed_batch)
 
 
@@ -136,13 +145,7 @@ def load_inputs(path: "str | os.PathLike", model: onnx.ModelProto, extra_keys: S
     missing inputs, wrong ranks and wrong fixed dims are ``UserError``s naming the input.
     """
     path = os.fspath(path)
-    if not os.path.exists(path):
-        raise UserError(f"{path}: no such data file")
-    try:
-        with np.load(path, allow_pickle=False) as npz:
-            stored = {k: npz[k] for k in npz.files}
-    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as exc:
-        raise UserError(f"{path}: not a readable .npz file ({exc})") from None
+    stored = _read_npz(path)
     arrays: Dict[str, np.ndarray] = {}
     fixed_batch = None
     for name, dtype, declared in input_specs(model):
@@ -152,15 +155,76 @@ def load_inputs(path: "str | os.PathLike", model: onnx.ModelProto, extra_keys: S
         arrays[name] = _conform(path, name, value, dtype, declared)
         if declared and isinstance(declared[0], int) and declared[0] > 0:
             fixed_batch = declared[0]
+    inputs = InputSet(arrays, fixed_batch=fixed_batch)
+    if arrays and len(inputs) == 0:
+        raise UserError(f"{path}: zero samples (the arrays' first axis is empty)")
     extras = {}
     for key in extra_keys:
         if key not in stored:
             raise UserError(f"{path}: no array named {key!r} (arrays: {', '.join(sorted(stored))})")
-        extras[key] = stored[key]
-    return InputSet(arrays, fixed_batch=fixed_batch), extras
+        extras[key] = _check_extra(path, key, stored[key], len(inputs))
+    return inputs, extras
+
+
+_NPZ_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")
+
+
+def _read_npz(path: str) -> Dict[str, np.ndarray]:
+    """Every array of the ``.npz`` at ``path``; a clear ``UserError`` for anything else."""
+    import stat
+
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such data file") from None
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read data file ({exc.strerror})") from None
+    if not stat.S_ISREG(mode):
+        raise UserError(f"{path}: not a regular file (a .npz archive is expected)")
+    with open(path, "rb") as f:
+        head = f.read(6)
+    if head.startswith(b"\x93NUMPY"):
+        raise UserError(f"{path}: a .npy file (one array), not an .npz archive: save with numpy.savez(path, <input name>=array)")
+    if not head.startswith(_NPZ_MAGIC):
+        raise UserError(f"{path}: not an .npz archive (empty file or another format)")
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            return {k: npz[k] for k in npz.files}
+    except ValueError as exc:
+        if "pickle" in str(exc).lower():
+            raise UserError(f"{path}: holds object arrays (only numeric arrays are read, never pickles)") from None
+        raise UserError(f"{path}: not a readable .npz file ({_first_line(exc)})") from None
+    except Exception as exc:  # noqa: BLE001 - zipfile/zlib/numpy raise many types on corrupt archives
+        raise UserError(f"{path}: not a readable .npz file ({type(exc).__name__}: {_first_line(exc)})") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:200] if text else type(exc).__name__
+
+
+def _check_finite(path: str, name: str, value: np.ndarray) -> None:
+    if value.dtype.kind in "fc" and value.size and not np.isfinite(value).all():
+        bad = np.argwhere(~np.isfinite(value))[0]
+        where = f" (sample {int(bad[0])})" if value.ndim else ""
+        raise UserError(f"{path}: {name!r} holds NaN or Inf values{where}")
+
+
+def _check_extra(path: str, key: str, value: np.ndarray, samples: int) -> np.ndarray:
+    """Labels and other per-sample arrays: numeric, finite, one entry per sample."""
+    if value.dtype.kind not in "biuf":
+        raise UserError(f"{path}: {key!r} has dtype {value.dtype}; labels must be integer class ids or float targets")
+    if value.ndim == 0:
+        raise UserError(f"{path}: {key!r} is a scalar; labels need one entry per sample (first axis)")
+    if len(value) != samples:
+        raise UserError(f"{path}: {key!r} has {len(value)} entries, the inputs have {samples} samples")
+    _check_finite(path, key, value)
+    return value
 
 
 def _conform(path: str, name: str, value: np.ndarray, dtype: np.dtype, declared: Optional[tuple]) -> np.ndarray:
+    if value.dtype.kind not in "biuf":
+        raise UserError(f"{path}: input {name!r} has dtype {value.dtype}, the model expects {dtype}")
     if value.dtype != dtype:
         same_kind = (np.issubdtype(value.dtype, np.floating) and np.issubdtype(dtype, np.floating)) or (
             np.issubdtype(value.dtype, np.integer) and np.issubdtype(dtype, np.integer)
@@ -168,6 +232,12 @@ def _conform(path: str, name: str, value: np.ndarray, dtype: np.dtype, declared:
         if not same_kind:
             raise UserError(f"{path}: input {name!r} has dtype {value.dtype}, the model expects {dtype}")
         value = value.astype(dtype)
+    _check_finite(path, name, value)
+    if declared == ():
+        return _scalar(path, name, value)
+    if value.ndim == 0:
+        raise UserError(f"{path}: input {name!r} is a scalar; the model expects {list(declared or ['N', '...'])} "
+                        "with samples on the first axis")
     if declared is not None:
         if value.ndim != len(declared):
             raise UserError(
@@ -182,3 +252,15 @@ def _conform(path: str, name: str, value: np.ndarray, dtype: np.dtype, declared:
         if isinstance(declared[0], int) and declared[0] > 0 and len(value) % declared[0]:
             raise UserError(f"{path}: input {name!r} has {len(value)} samples, not a multiple of the fixed batch {declared[0]}")
     return value
+
+
+def _scalar(path: str, name: str, value: np.ndarray) -> np.ndarray:
+    """A rank-0 input's one value: a 0-d array, or a 1-d array of equal per-sample values."""
+    if value.ndim == 0:
+        return value
+    if value.ndim == 1 and len(value) and (value == value[0]).all():
+        return np.asarray(value[0])
+    raise UserError(
+        f"{path}: input {name!r} is a scalar (rank 0) in the model; give one value (a 0-d array, or one equal "
+        f"value per sample), not shape {list(value.shape)}" + (" with different values" if value.ndim == 1 else "")
+    )

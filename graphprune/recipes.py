@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import inspect
+import math
 import os
+import stat
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import yaml
@@ -16,6 +18,33 @@ __all__ = ["parse_pass_spec", "load_recipe", "build_pass", "build_pipeline", "RE
 RECIPE_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "passes")
 
 PassSpec = Tuple[str, Dict[str, Any]]
+
+# A recipe is a few lines of YAML: anything larger is a mistaken path.
+MAX_RECIPE_BYTES = 1 << 20
+
+# Ranges of pass arguments by name, whichever pass takes them: (low, high, low_open, high_open).
+_ARG_RANGES: Dict[str, Tuple[float, float, bool, bool]] = {
+    "ratio": (0.0, 1.0, False, True),
+    "ffn_ratio": (0.0, 1.0, False, True),
+    "hidden_ratio": (0.0, 1.0, False, True),
+    "heads_ratio": (0.0, 1.0, False, False),
+    "sparsity": (0.0, 1.0, False, True),
+    "max_layer_sparsity": (0.0, 1.0, False, False),
+    "max_group_ratio": (0.0, 1.0, True, False),
+    "round_to": (1, 2**31 - 1, False, False),
+    "threads": (1, (os.cpu_count() or 1) * 4, False, False),
+    "calibration_samples": (1, 10_000_000, False, False),
+    "epochs": (0, 100_000, False, False),
+    "batch_size": (1, math.inf, False, True),
+    "lr": (0.0, math.inf, True, True),
+    "val_split": (0.0, 1.0, False, True),
+    "weight_decay": (0.0, 1.0, False, False),
+    "temperature": (0.0, math.inf, True, True),
+    "distill_weight": (0.0, 1.0, False, False),
+    "seed": (0, 2**32 - 1, False, False),
+    "max_error": (0.0, math.inf, False, True),
+    "fold_limit": (0, math.inf, False, True),
+}
 
 
 def parse_pass_spec(text: str) -> PassSpec:
@@ -64,13 +93,11 @@ def load_recipe(path: str) -> List[PassSpec]:
     """
     if not os.path.exists(path) and os.path.exists(os.path.join(RECIPE_DIR, path + ".yaml")):
         path = os.path.join(RECIPE_DIR, path + ".yaml")
-    if not os.path.exists(path):
-        raise UserError(f"{path}: no such recipe file")
+    text = _read_recipe_text(path)
     try:
-        with open(path) as f:
-            doc = yaml.safe_load(f)
+        doc = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise UserError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+        raise UserError(f"{path}: not valid YAML ({' '.join(str(exc).split())[:200]})") from None
     if not isinstance(doc, dict) or not isinstance(doc.get("passes"), list) or not doc["passes"]:
         raise UserError(f"{path}: a recipe is a mapping with a non-empty 'passes:' list")
     specs: List[PassSpec] = []
@@ -87,6 +114,62 @@ def load_recipe(path: str) -> List[PassSpec]:
     return specs
 
 
+def _read_recipe_text(path: str) -> str:
+    """The recipe's text: only a regular file (a FIFO would block), at most ``MAX_RECIPE_BYTES``, UTF-8."""
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such recipe file") from None
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read recipe ({exc.strerror})") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise UserError(f"{path}: not a regular file (a recipe is a YAML file)")
+    if info.st_size > MAX_RECIPE_BYTES:
+        raise UserError(f"{path}: {info.st_size:,} bytes; a recipe is at most {MAX_RECIPE_BYTES:,} bytes")
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_RECIPE_BYTES + 1)
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read recipe ({exc.strerror})") from None
+    if len(data) > MAX_RECIPE_BYTES:
+        raise UserError(f"{path}: a recipe is at most {MAX_RECIPE_BYTES:,} bytes")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not a text file (a recipe is UTF-8 YAML)") from None
+
+
+def _check_argument(pass_name: str, key: str, value: Any, annotation: Any) -> None:
+    """Refuse a recipe/--pass value of the wrong type or outside its range (``UserError`` naming it)."""
+    if value is None:
+        return
+    kind = str(annotation).replace("typing.", "").replace(" ", "")
+    what = f"pass {pass_name!r}: {key}={value!r}"
+    if kind in ("int", "Optional[int]"):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise UserError(f"{what} must be an integer")
+    elif kind in ("float", "Optional[float]"):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise UserError(f"{what} must be a number")
+        if not math.isfinite(value):
+            raise UserError(f"{what} must be a finite number")
+    elif kind in ("bool",):
+        if not isinstance(value, bool):
+            raise UserError(f"{what} must be true or false")
+    elif kind in ("str", "Optional[str]"):
+        if not isinstance(value, str):
+            raise UserError(f"{what} must be a string")
+    limits = _ARG_RANGES.get(key)
+    if limits is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+        return
+    low, high, low_open, high_open = limits
+    if not math.isfinite(value) and high != math.inf:
+        raise UserError(f"{what} must be a finite number")
+    ok = (low < value if low_open else low <= value) and (value < high if high_open else value <= high)
+    if not ok:
+        raise UserError(f"{what} is outside {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}")
+
+
 def build_pass(name: str, kwargs: Mapping[str, Any], context: Optional[Mapping[str, Any]] = None) -> Pass:
     """Instantiate a registered pass, filling ``context`` values (data, input_shapes...) it accepts.
 
@@ -98,14 +181,16 @@ def build_pass(name: str, kwargs: Mapping[str, Any], context: Optional[Mapping[s
     for key in kwargs:
         if key not in accepted:
             raise UserError(f"pass {name!r} has no argument {key!r} (arguments: {', '.join(accepted) or 'none'})")
+    for key, value in kwargs.items():
+        _check_argument(name, key, value, params[key].annotation)
     full = dict(kwargs)
     for key, value in (context or {}).items():
         if key in accepted and key not in full and value is not None:
             full[key] = value
     try:
         return cls(**full)
-    except (TypeError, ValueError) as exc:
-        raise UserError(f"pass {name!r}: {exc}") from None
+    except (TypeError, ValueError, AttributeError) as exc:
+        raise UserError(f"pass {name!r}: {' '.join(str(exc).split())[:300]}") from None
 
 
 def build_pipeline(specs: Sequence[PassSpec], context: Optional[Mapping[str, Any]] = None, progress: bool = False) -> Pipeline:

@@ -31,6 +31,8 @@ DEFAULT_THREADS = 1
 # per-tensor DequantizeLinear.  graphprune measures the float layers it chose as float: the QDQ
 # models it writes do not trigger it (quantization/engine.py), and its own sessions never run it.
 DISABLED_OPTIMIZERS = ("WeightBiasQuantization",)
+# Severity of the runtime's own log lines (3: errors; the command line sets 4, fatal only, and reports errors itself).
+LOG_SEVERITY = 3
 
 
 def ort():
@@ -40,7 +42,7 @@ def ort():
     except ImportError:
         raise UserError("onnxruntime is not installed: pip install onnxruntime") from None
     # ORT's optimizer logs expected non-events (e.g. "cannot remove node") at warning level.
-    onnxruntime.set_default_logger_severity(3)
+    onnxruntime.set_default_logger_severity(LOG_SEVERITY)
     return onnxruntime
 
 
@@ -75,7 +77,7 @@ def make_session(
         opts.optimized_model_filepath = optimized_model_path
     if not spinning:
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    opts.log_severity_level = 3
+    opts.log_severity_level = LOG_SEVERITY
     model = for_ort(model)
     try:
         kwargs = dict(providers=["CPUExecutionProvider"], disabled_optimizers=list(DISABLED_OPTIMIZERS))

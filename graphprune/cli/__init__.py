@@ -6,10 +6,12 @@ Exit codes: 0 success, 2 bad input (one-line message naming the problem), 1 inte
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import os
 import sys
 import traceback
+import warnings
 from typing import List, Optional
 
 from graphprune.errors import UserError
@@ -49,17 +51,87 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Commands that only read a model need no runtime session at the door (see graphprune.validation).
+_NO_SESSION_COMMANDS = {"inspect"}
+# Longest error message printed (a message holding a whole array or path list is cut).
+_MESSAGE_LIMIT = 400
+
+
+def _integer_limits() -> dict:
+    """Option (attribute) -> (lowest, highest) accepted; ``--threads`` within the machine's limits."""
+    return {
+        "threads": (1, (os.cpu_count() or 1) * 4),  # a huge pool size crashes the runtime
+        "samples": (1, 100_000),
+        "runs": (1, 100_000),
+        "calibration_samples": (1, 10_000_000),
+        "seed": (0, 2**32 - 1),
+        "round_to": (1, 2**31 - 1),
+        "epochs": (0, 100_000),
+        "steps": (1, 1_000),
+    }
+
+
+def check_integer_options(args) -> None:
+    """Refuse integer options outside their range before any work (``UserError`` naming the option)."""
+    for attr, (low, high) in _integer_limits().items():
+        text = getattr(args, attr, None)
+        if text is None or isinstance(text, bool):
+            continue
+        option = "--" + attr.replace("_", "-")
+        try:
+            value = int(text)
+        except (TypeError, ValueError):
+            raise UserError(f"{option} {text!r} is not an integer") from None
+        if not low <= value <= high:
+            raise UserError(f"{option} {value} is outside [{low}, {high}]")
+
+
+@contextlib.contextmanager
+def _quiet_runtime():
+    """ONNX Runtime's own log lines (coloured, multi-line) stay out of stderr: errors reach the user as ours."""
+    from graphprune import runtime
+
+    saved, runtime.LOG_SEVERITY = runtime.LOG_SEVERITY, 4
+    try:
+        yield
+    finally:
+        runtime.LOG_SEVERITY = saved
+
+
+@contextlib.contextmanager
+def _one_line_warnings(command: str):
+    """Python warnings printed as ``graphprune CMD: warning: ...`` (one line, once each)."""
+    seen = set()
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        text = " ".join(str(message).split())[:_MESSAGE_LIMIT]
+        if text not in seen:
+            seen.add(text)
+            print(f"graphprune {command}: warning: {text}", file=sys.stderr)
+
+    with warnings.catch_warnings():
+        warnings.showwarning = show
+        yield
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    from graphprune.validation import door
+
     try:
-        with run_scope():  # temporaries removed on exit and SIGTERM; killed runs' leftovers cleaned
+        check_integer_options(args)
+        # run_scope: temporaries removed on exit and SIGTERM; killed runs' leftovers cleaned
+        need_session = args.command not in _NO_SESSION_COMMANDS
+        with run_scope(), _quiet_runtime(), _one_line_warnings(args.command), door(need_session=need_session):
             return int(args.func(args) or 0)
     except UserError as exc:
         message = " ".join(str(exc).split())
         # a pass names itself in its errors (useful under `run`); under its own command that repeats
         if message.startswith(f"{args.command}: "):
             message = message[len(args.command) + 2 :]
+        if len(message) > _MESSAGE_LIMIT:
+            message = message[: _MESSAGE_LIMIT - 3] + "..."
         print(f"graphprune {args.command}: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -70,7 +142,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     except Exception as exc:  # anything else is our bug
         if os.environ.get("GRAPHPRUNE_TRACEBACK"):
             traceback.print_exc()
-        print(f"graphprune {args.command}: internal error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        detail = " ".join(str(exc).split())[:_MESSAGE_LIMIT]
+        print(f"graphprune {args.command}: internal error: {type(exc).__name__}: {detail}", file=sys.stderr)
         return 1
 
 

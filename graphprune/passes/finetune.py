@@ -161,7 +161,7 @@ class FineTunePass(Pass):
             "masked_weights": len(masks),
         }
         if self.config.epochs == 0:
-            return PassResult(base, recalibrated > 0, stats)
+            return PassResult(_finite(base), recalibrated > 0, stats)
         graph = build_training_graph(work, trainable.names, spec, masks)
         # The step model is built (and an op without a gradient rule refused) before the teacher's
         # outputs are computed: a refusal comes in seconds, not after a pass over the data.
@@ -179,7 +179,7 @@ class FineTunePass(Pass):
         result = write_back(base, new_values) if changed else base
         stats.update(_training_stats(graph, outcome, len(changed)))
         stats["seconds"] = round(time.perf_counter() - start, 3)
-        return PassResult(result, bool(changed) or recalibrated > 0, stats)
+        return PassResult(_finite(result), bool(changed) or recalibrated > 0, stats)
 
     def _loss_spec(self, model: onnx.ModelProto):
         """(LossSpec, the trained output's shape on a probe batch, the model's output names)."""
@@ -336,3 +336,14 @@ def _check_data(model: onnx.ModelProto, data: InputSet, what: str) -> None:
                 if axis and isinstance(want, int) and want > 0 and value.shape[axis] != want:
                     raise UserError(f"{what}: input {name!r} has shape {list(value.shape)}, the model expects "
                                     f"{list(declared)}")
+
+
+def _finite(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model``, or a ``UserError`` when a trained weight or statistic is NaN or Inf (nothing non-finite is returned)."""
+    from graphprune.validation import check_finite
+
+    try:
+        check_finite(model, what="fine-tuned")
+    except UserError as exc:
+        raise UserError(f"finetune: {exc}: training diverged (lower --lr, or check the data and labels)") from None
+    return model

@@ -126,10 +126,20 @@ def _param_masks(masks: Dict[DimKey, np.ndarray]) -> Dict[str, List[Tuple[int, n
 
 
 def pruned_channels(model: onnx.ModelProto) -> Dict[str, Dict[str, List[int]]]:
-    """The masked channels recorded in ``model`` (empty when none)."""
+    """The masked channels recorded in ``model`` (empty when none; malformed entries ignored with a warning)."""
+    from graphprune.training.masks import clean_channel_record
+
     for prop in model.metadata_props:
         if prop.key == PRUNED_CHANNELS_KEY:
-            return json.loads(prop.value)
+            try:
+                record = json.loads(prop.value)
+            except (ValueError, RecursionError):
+                import warnings
+
+                warnings.warn(f"model metadata {PRUNED_CHANNELS_KEY!r} is not valid JSON: ignored")
+                return {}
+            shapes = {init.name: list(init.dims) for init in model.graph.initializer}
+            return clean_channel_record(record, shapes)
     return {}
 
 

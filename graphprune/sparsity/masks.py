@@ -125,18 +125,27 @@ def n_m_mask(weight: np.ndarray, n: int, m: int, axis: int) -> np.ndarray:
 
 
 def read_mask_record(model: onnx.ModelProto) -> Dict[str, dict]:
-    """The ``weights`` entries of the mask record (empty when the model has none)."""
+    """The ``weights`` entries of the mask record (empty when the model has none).
+
+    A malformed record (not JSON, no ``weights`` mapping, another version) is ignored with a warning.
+    """
+    import warnings
+
     for prop in model.metadata_props:
         if prop.key == MASKS_KEY:
             try:
                 record = json.loads(prop.value)
-            except json.JSONDecodeError:
-                raise UserError(f"model metadata {MASKS_KEY!r} is not valid JSON") from None
+            except (json.JSONDecodeError, RecursionError):
+                warnings.warn(f"model metadata {MASKS_KEY!r} is not valid JSON: ignored")
+                return {}
             if not isinstance(record, dict) or not isinstance(record.get("weights"), dict):
-                raise UserError(f"model metadata {MASKS_KEY!r} has no 'weights' mapping")
+                warnings.warn(f"model metadata {MASKS_KEY!r} has no 'weights' mapping: ignored")
+                return {}
             if record.get("version") != _RECORD_VERSION:
-                raise UserError(f"model metadata {MASKS_KEY!r} has version {record.get('version')!r}; expected 1")
-            return dict(record["weights"])
+                warnings.warn(f"model metadata {MASKS_KEY!r} has version {str(record.get('version'))[:20]!r} "
+                              f"(expected {_RECORD_VERSION}): ignored")
+                return {}
+            return {str(name): entry for name, entry in record["weights"].items()}
     return {}
 
 

@@ -38,7 +38,8 @@ _MODEL_COMMANDS: Dict[str, List[str]] = {
     "inspect": ["inspect", "{d}/model.onnx"],
     "prune": ["prune", "{d}/model.onnx", "-o", "{d}/out.onnx", "--ratio", "0.5"],
     "sparsify": ["sparsify", "{d}/model.onnx", "-o", "{d}/out.onnx", "--sparsity", "0.5"],
-    "quantize": ["quantize", "{d}/model.onnx", "-o", "{d}/out.onnx", "--no-measure", "--calibration-samples", "4"],
+    "quantize": ["quantize", "{d}/model.onnx", "-o", "{d}/out.onnx", "--no-measure", "--calibration-samples", "4",
+                 "--input-shape", "x=1x3x8x8"],
     "run": ["run", "{d}/model.onnx", "-o", "{d}/out.onnx", "--pass", "prune:ratio=0.25"],
     "validate": ["validate", "{d}/model.onnx", "{d}/model.onnx", "--samples", "2", "--runs", "1"],
     "finetune": ["finetune", "{d}/model.onnx", "-o", "{d}/out.onnx", "--data", "{d}/data.npz",
@@ -373,7 +374,7 @@ def _npz_cases(rng: random.Random) -> List[FuzzCase]:
     out = []
     cmds = {
         "prune": ["prune", "{d}/model.onnx", "-o", "{d}/out.onnx", "--ratio", "0.5", "--criterion", "activation", "--data", "{d}/data.npz"],
-        "quantize": _MODEL_COMMANDS["quantize"] + ["--data", "{d}/data.npz"],
+        "quantize": _MODEL_COMMANDS["quantize"][:-2] + ["--data", "{d}/data.npz"],
         "validate": ["validate", "{d}/model.onnx", "{d}/model.onnx", "--data", "{d}/data.npz", "--runs", "1"],
         "finetune": _MODEL_COMMANDS["finetune"],
         "run": ["run", "{d}/model.onnx", "-o", "{d}/out.onnx", "--pass", "prune:ratio=0.25,criterion=activation",
@@ -406,7 +407,7 @@ def _npz_cases(rng: random.Random) -> List[FuzzCase]:
     ids = np.arange(6, dtype=np.int64) % 20
     scalar_cmds = {
         "prune": ["prune", "{d}/model.onnx", "-o", "{d}/out.onnx", "--ratio", "0.5", "--criterion", "activation", "--data", "{d}/data.npz"],
-        "quantize": _MODEL_COMMANDS["quantize"] + ["--data", "{d}/data.npz"],
+        "quantize": _MODEL_COMMANDS["quantize"][:-2] + ["--data", "{d}/data.npz"],
         "validate": ["validate", "{d}/model.onnx", "{d}/model.onnx", "--data", "{d}/data.npz", "--runs", "1"],
         "sparsify": _MODEL_COMMANDS["sparsify"],
         "validate_random": ["validate", "{d}/model.onnx", "{d}/model.onnx", "--samples", "2", "--runs", "1"],
@@ -499,7 +500,7 @@ def _args_cases(rng: random.Random) -> List[FuzzCase]:
     prune = ["prune", "{d}/model.onnx", "-o", "{d}/out.onnx"]
     ft = ["finetune", "{d}/model.onnx", "-o", "{d}/out.onnx", "--data", "{d}/data.npz", "--labels", "y",
           "--epochs", "1", "--val-split", "0"]
-    quant = ["quantize", "{d}/model.onnx", "-o", "{d}/out.onnx", "--calibration-samples", "4"]
+    quant = ["quantize", "{d}/model.onnx", "-o", "{d}/out.onnx", "--calibration-samples", "4", "--input-shape", "x=1x3x8x8"]
     val = ["validate", "{d}/model.onnx", "{d}/model.onnx", "--samples", "2", "--runs", "1"]
     spars = ["sparsify", "{d}/model.onnx", "-o", "{d}/out.onnx"]
     cases = [
@@ -560,7 +561,7 @@ def _output_cases(rng: random.Random) -> List[FuzzCase]:
         (["quantize", "{d}/model.onnx", "--no-measure", "--calibration-samples", "2", "-o", "{d}/out.onnx",
           "--report", "{d}/data.npz", "--data", "{d}/data.npz"], "error", []),
         (["quantize", "{d}/model.onnx", "--no-measure", "--calibration-samples", "2", "-o", "{d}/out.onnx",
-          "--report", "{d}/nodir/r.json"], "error", []),
+          "--report", "{d}/nodir/r.json", "--input-shape", "x=1x3x8x8"], "error", []),
         (["sparsify", "{d}/model.onnx", "--sparsity", "0.5", "-o", "{d}/out.onnx", "--report", "{d}/sub"], "error", ["sub"]),
         (["sparsify", "{d}/model.onnx", "--sparsity", "0.5", "-o", "{d}/out.onnx", "--report", "{d}/out.onnx"], "error", []),
         (["validate", "{d}/model.onnx", "{d}/model.onnx", "--samples", "2", "--runs", "1", "--report", "{d}/model.onnx"], "error", []),
@@ -607,7 +608,7 @@ def fast_subset(seed: int = 0, size: int = 60) -> List[FuzzCase]:
     for c in plain:
         by_family.setdefault(c.family, []).append(c)
     picked = rng.sample(isolated, 2)
-    share = (size - len(picked)) // len(by_family)
+    share = -(-(size - len(picked)) // len(by_family))  # rounded up
     for family, members in by_family.items():
         picked += rng.sample(members, min(share, len(members)))
     return picked
@@ -702,9 +703,10 @@ def _run_in_process(argv: List[str], timeout: float):
         raise _Hang()
 
     sys.stderr.flush()
-    saved = os.dup(2)
+    saved, saved_stream = os.dup(2), sys.stderr
     with tempfile.TemporaryFile() as capture:
         os.dup2(capture.fileno(), 2)
+        sys.stderr = open(2, "w", closefd=False, errors="replace")  # Python's writes and the runtime's, in order
         old = signal.signal(signal.SIGALRM, on_alarm)
         signal.setitimer(signal.ITIMER_REAL, timeout)
         code: Optional[int]
@@ -723,6 +725,7 @@ def _run_in_process(argv: List[str], timeout: float):
             signal.setitimer(signal.ITIMER_REAL, 0)
             signal.signal(signal.SIGALRM, old)
             sys.stderr.flush()
+            sys.stderr = saved_stream
             os.dup2(saved, 2)
             os.close(saved)
         capture.seek(0)

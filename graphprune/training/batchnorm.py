@@ -17,6 +17,7 @@ from onnx import helper, numpy_helper
 
 from graphprune import ir
 from graphprune.data import InputSet
+from graphprune.errors import UserError
 
 __all__ = ["recalibrate_batchnorm"]
 
@@ -76,6 +77,9 @@ def recalibrate_batchnorm(model: onnx.ModelProto, data: InputSet, threads: Optio
         total, squares, count = sums[node.input[0]]
         mean = total / count
         var = np.maximum(squares / count - mean * mean, 0.0)
+        if not (np.isfinite(mean.astype(np.float32)).all() and np.isfinite(var.astype(np.float32)).all()):
+            raise UserError(f"BatchNorm {node.name or node.output[0]!r}: statistics re-estimated from the data are not "
+                            "finite (activations overflow float32); check the data or keep the statistics (--batchnorm keep)")
         for name, value in ((node.input[3], mean), (node.input[4], var)):
             tensor = numpy_helper.from_array(value.astype(np.float32), name)
             if name in index:
