@@ -22,14 +22,106 @@ __all__ = [
     "to_gs",
     "from_gs",
     "count_params",
+    "weight_bytes",
+    "has_external_data",
+    "is_large",
+    "weightless_copy",
+    "WEIGHTLESS_LOCATION",
 ]
 
 Dim = Union[int, str, None]
 
 
+# Above this many bytes of weights, checks and shape inference work on a weightless copy:
+# serializing the whole proto costs a second copy of every weight (and fails past 2 GiB).
+LARGE_MODEL_BYTES = 64 * 2**20
+# Where a weightless copy says its stripped tensors live (an empty file stands in for it).
+WEIGHTLESS_LOCATION = "graphprune-weightless.data"
+# Tensors smaller than this keep their data in a weightless copy; so do index tensors up to
+# _KEEP_INDEX_BYTES (shape inference's data propagation reads Reshape shapes, Slice starts...).
+_STRIP_MIN_BYTES = 1024
+_KEEP_INDEX_BYTES = 2**20
+_INDEX_TYPES = frozenset({onnx.TensorProto.INT64, onnx.TensorProto.INT32})
+_DATA_FIELDS = frozenset(
+    {"raw_data", "float_data", "int32_data", "string_data", "int64_data", "double_data", "uint64_data"}
+)
+
+
 def clone(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A deep copy of ``model``, weights included (use ``weightless_copy`` when they are not needed)."""
     copy = onnx.ModelProto()
     copy.CopyFrom(model)
+    return copy
+
+
+def _tensor_bytes(tensor: onnx.TensorProto) -> int:
+    """Bytes of a tensor's data: its external record's length, else its serialized size."""
+    if tensor.data_location == onnx.TensorProto.EXTERNAL:
+        for entry in tensor.external_data:
+            if entry.key == "length" and entry.value.isdigit():
+                return int(entry.value)
+        itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize if tensor.data_type else 1
+        return int(np.prod(tensor.dims)) * itemsize
+    return tensor.ByteSize()  # size of the tensor proto: no copy of its data (len(raw_data) would copy)
+
+
+def weight_bytes(model: onnx.ModelProto) -> int:
+    """Bytes of the main graph's initializers, in memory or in external files (no data is read)."""
+    return sum(_tensor_bytes(init) for init in model.graph.initializer)
+
+
+def has_external_data(model: onnx.ModelProto) -> bool:
+    """True when some initializer's data was left in its external file (loaded without it)."""
+    return any(init.data_location == onnx.TensorProto.EXTERNAL for init in model.graph.initializer)
+
+
+def is_large(model: onnx.ModelProto) -> bool:
+    """True when whole-proto copies or serialization should be avoided (see ``weightless_copy``)."""
+    return has_external_data(model) or weight_bytes(model) >= LARGE_MODEL_BYTES
+
+
+def _strippable(tensor: onnx.TensorProto) -> bool:
+    size = _tensor_bytes(tensor)
+    if tensor.data_location == onnx.TensorProto.EXTERNAL:
+        return True
+    return size >= (_KEEP_INDEX_BYTES if tensor.data_type in _INDEX_TYPES else _STRIP_MIN_BYTES)
+
+
+def _copy_fields(source, target, skip=()) -> None:
+    """Copy every set field of ``source`` into ``target`` except those named in ``skip``."""
+    for field, value in source.ListFields():
+        if field.name in skip:
+            continue
+        if hasattr(value, "extend"):  # repeated field
+            getattr(target, field.name).extend(value)
+        elif field.message_type is not None:
+            getattr(target, field.name).CopyFrom(value)
+        else:
+            setattr(target, field.name, value)
+
+
+def weightless_copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of ``model`` whose large main-graph initializers carry no data, built without copying any.
+
+    Each stripped tensor keeps its name, type and dims and becomes an external-data record pointing
+    at ``WEIGHTLESS_LOCATION`` (an empty stand-in file satisfies the path-based checker); small
+    tensors and integer index tensors keep their values so shape inference can propagate them.
+    Good for checking, shape inference and anything else that reads only structure.
+    """
+    copy = onnx.ModelProto()
+    _copy_fields(model, copy, skip=("graph",))
+    _copy_fields(model.graph, copy.graph, skip=("initializer",))
+    for init in model.graph.initializer:
+        target = copy.graph.initializer.add()
+        if not _strippable(init):
+            target.CopyFrom(init)
+            continue
+        size = _tensor_bytes(init)
+        _copy_fields(init, target, skip=_DATA_FIELDS | {"external_data", "data_location"})
+        target.data_location = onnx.TensorProto.EXTERNAL
+        for key, value in (("location", WEIGHTLESS_LOCATION), ("offset", "0"), ("length", str(size))):
+            entry = target.external_data.add()
+            entry.key, entry.value = key, value
     return copy
 
 

@@ -9,7 +9,7 @@ from typing import Callable, Dict, Mapping, Optional, Tuple
 import numpy as np
 import onnx
 
-from graphprune.ir import count_params, get_attr, real_inputs
+from graphprune.ir import clone, count_params, get_attr, has_external_data, is_large, real_inputs, weight_bytes
 from graphprune.shapes import concrete_shapes
 
 __all__ = ["ModelStats", "model_stats", "count_macs", "MAC_RULES"]
@@ -72,16 +72,22 @@ MAC_RULES: Dict[str, Callable] = {
 }
 
 
-def count_macs(model: onnx.ModelProto, input_shapes: Optional[Mapping[str, Tuple[int, ...]]] = None) -> Optional[int]:
+def count_macs(
+    model: onnx.ModelProto,
+    input_shapes: Optional[Mapping[str, Tuple[int, ...]]] = None,
+    external_dir: Optional[str] = None,
+) -> Optional[int]:
     """Multiply-accumulates of one run at the given input shapes (Conv, ConvTranspose, Gemm, MatMul).
 
     QDQ models count the float ops their DequantizeLinear pairs wrap, which is what they compute.
     Returns None when the input shapes cannot be resolved (dynamic dims without ``input_shapes``).
+    ``external_dir`` is where the weights of a model loaded without its external data are read
+    from, should shapes need one ORT run to resolve.
     """
     shapes = concrete_shapes(model, input_shapes)
     if shapes is None:
         return None
-    shapes = _complete_mac_shapes(model, shapes, input_shapes or {})
+    shapes = _complete_mac_shapes(model, shapes, input_shapes or {}, external_dir)
     total = 0
     for node in model.graph.node:
         rule = MAC_RULES.get(node.op_type)
@@ -93,7 +99,9 @@ def count_macs(model: onnx.ModelProto, input_shapes: Optional[Mapping[str, Tuple
     return total
 
 
-def _complete_mac_shapes(model: onnx.ModelProto, shapes: dict, input_shapes: Mapping[str, Tuple[int, ...]]) -> dict:
+def _complete_mac_shapes(
+    model: onnx.ModelProto, shapes: dict, input_shapes: Mapping[str, Tuple[int, ...]], external_dir: Optional[str]
+) -> dict:
     """Fill the shapes MAC rules need but ONNX inference lost with what one ORT run observes.
 
     Exported transformers lose the sequence length at Shape -> Slice chains, which would otherwise
@@ -113,9 +121,14 @@ def _complete_mac_shapes(model: onnx.ModelProto, shapes: dict, input_shapes: Map
     from graphprune.shapes import observed_shapes
 
     try:
+        if has_external_data(model):
+            if external_dir is None:
+                raise UserError("its weights were not loaded")
+            model = clone(model)  # cheap: the weights are still on disk; ORT needs them in memory
+            onnx.load_external_data_for_model(model, external_dir)
         feed = random_inputs(model, input_shapes, samples=1).first_batch()
         return observed_shapes(model, feed, shapes, names=wanted)
-    except (UserError, RuntimeError, ValueError) as exc:  # ORT failures surface as RuntimeError subclasses
+    except (UserError, RuntimeError, ValueError, OSError) as exc:  # ORT failures surface as RuntimeError subclasses
         import warnings
 
         warnings.warn(f"MACs counted from inferred shapes only (ORT could not run the model: {exc})")
@@ -138,15 +151,23 @@ class ModelStats:
         return dataclasses.asdict(self)
 
 
-def model_stats(model: onnx.ModelProto, input_shapes=None, size_bytes: Optional[int] = None) -> ModelStats:
+def model_stats(
+    model: onnx.ModelProto, input_shapes=None, size_bytes: Optional[int] = None, external_dir: Optional[str] = None
+) -> ModelStats:
+    """The figures ``inspect`` prints; ``model`` may be loaded without its external data (see ``count_macs``)."""
     from graphprune.ir import value_shape
 
     return ModelStats(
         nodes=len(model.graph.node),
         ops=dict(Counter(n.op_type for n in model.graph.node).most_common()),
         params=count_params(model),
-        size_bytes=model.ByteSize() if size_bytes is None else size_bytes,
-        macs=count_macs(model, input_shapes),
+        size_bytes=_proto_bytes(model) if size_bytes is None else size_bytes,
+        macs=count_macs(model, input_shapes, external_dir),
         inputs={vi.name: list(value_shape(vi) or []) for vi in real_inputs(model.graph)},
         outputs={vi.name: list(value_shape(vi) or []) for vi in model.graph.output},
     )
+
+
+def _proto_bytes(model: onnx.ModelProto) -> int:
+    """The model's serialized size; for large models its weights' bytes (``ByteSize`` walks every tensor)."""
+    return weight_bytes(model) if is_large(model) else model.ByteSize()

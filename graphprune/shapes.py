@@ -8,37 +8,50 @@ import numpy as np
 
 import onnx
 
-from graphprune.ir import clone, real_inputs, value_shape
-from graphprune.model_io import EXTERNAL_DATA_THRESHOLD
+from graphprune.ir import clone, is_large, real_inputs, value_shape, weightless_copy
 
 __all__ = ["infer_shapes", "concrete_shapes", "with_input_shapes", "observed_shapes"]
 
 
-def infer_shapes(model: onnx.ModelProto, strict: bool = False) -> onnx.ModelProto:
-    """onnx shape inference with data propagation (so Shape->Gather->Reshape chains resolve)."""
-    if model.ByteSize() >= EXTERNAL_DATA_THRESHOLD:
-        # the in-memory API cannot take > 2 GiB protos; inference without weights is the same graph
-        stripped = clone(model)
-        for init in stripped.graph.initializer:
-            init.ClearField("raw_data")
-        inferred = onnx.shape_inference.infer_shapes(stripped, strict_mode=strict, data_prop=True)
-        result = clone(model)
-        del result.graph.value_info[:]
-        result.graph.value_info.extend(inferred.graph.value_info)
-        return result
-    return onnx.shape_inference.infer_shapes(model, strict_mode=strict, data_prop=True)
+def infer_shapes(model: onnx.ModelProto, strict: bool = False, inplace: bool = False) -> onnx.ModelProto:
+    """onnx shape inference with data propagation (so Shape->Gather->Reshape chains resolve).
+
+    Large models (``ir.is_large``) are inferred as a weightless copy and the inferred value_info
+    is put back: the in-memory API serializes its argument, which would copy every weight (and
+    fails past 2 GiB).
+
+    Args:
+        strict: raise on inference errors.
+        inplace: record the value_info in ``model`` itself and return it (no copy of the weights).
+    """
+    if not is_large(model):
+        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=strict, data_prop=True)
+        if inplace:
+            del model.graph.value_info[:]
+            model.graph.value_info.extend(inferred.graph.value_info)
+            return model
+        return inferred
+    inferred = onnx.shape_inference.infer_shapes(weightless_copy(model), strict_mode=strict, data_prop=True)
+    result = model if inplace else clone(model)
+    del result.graph.value_info[:]
+    result.graph.value_info.extend(inferred.graph.value_info)
+    return result
 
 
 def with_input_shapes(model: onnx.ModelProto, input_shapes: Mapping[str, Tuple[int, ...]]) -> onnx.ModelProto:
     """A copy whose inputs have the given concrete shapes (for inference at one size)."""
     fixed = clone(model)
-    for vi in fixed.graph.input:
+    _set_input_shapes(fixed, input_shapes)
+    return fixed
+
+
+def _set_input_shapes(model: onnx.ModelProto, input_shapes: Mapping[str, Tuple[int, ...]]) -> None:
+    for vi in model.graph.input:
         if vi.name in input_shapes:
             dims = vi.type.tensor_type.shape.dim
             del dims[:]
             for d in input_shapes[vi.name]:
                 dims.add().dim_value = int(d)
-    return fixed
 
 
 def concrete_shapes(
@@ -46,19 +59,20 @@ def concrete_shapes(
 ) -> Optional[Dict[str, Tuple[int, ...]]]:
     """Name -> concrete shape of every tensor whose shape inference resolves, at ``input_shapes``.
 
-    Returns None when an input has dynamic dims not given in ``input_shapes``.
+    Works on a weightless copy (shapes need no weights). Returns None when an input has dynamic
+    dims not given in ``input_shapes``.
     """
     overrides = dict(input_shapes or {})
     for vi in real_inputs(model.graph):
         if vi.name in overrides:
             continue
         shape = value_shape(vi)
-        if shape is None or not all(isinstance(d, int) and d > 0 for d in shape):
+        if not (shape is not None and all(isinstance(d, int) and d > 0 for d in shape)):
             return None
-    light = clone(model) if model.ByteSize() < EXTERNAL_DATA_THRESHOLD else None
-    inferred = infer_shapes(with_input_shapes(light or model, overrides))
+    light = weightless_copy(model)
+    _set_input_shapes(light, overrides)
+    g = onnx.shape_inference.infer_shapes(light, strict_mode=False, data_prop=True).graph
     shapes: Dict[str, Tuple[int, ...]] = {}
-    g = inferred.graph
     for vi in list(g.input) + list(g.value_info) + list(g.output):
         s = value_shape(vi)
         if s is not None and all(isinstance(d, int) for d in s):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 from graphprune.data import parse_input_shapes
 from graphprune.metrics import model_stats
@@ -25,7 +26,8 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    model = load(args.model)
+    # the summary needs no weights: they stay on disk (sizes come from the external-data records)
+    model = load(args.model, load_external_data=args.groups)
     if args.groups:
         from graphprune.cli.prune_cmd import format_groups, groups_json
         from graphprune.dependency import AnalysisOptions
@@ -34,7 +36,8 @@ def run(args) -> int:
         groups = analyze(model, AnalysisOptions(head_dim=args.head_dim, hidden=args.hidden))
         print(json.dumps(groups_json(groups), indent=2) if args.json else format_groups(groups))
         return 0
-    stats = model_stats(model, parse_input_shapes(args.input_shape), size_bytes=model_file_size(args.model))
+    stats = model_stats(model, parse_input_shapes(args.input_shape), size_bytes=model_file_size(args.model),
+                        external_dir=os.path.dirname(os.path.abspath(args.model)))
     if args.json:
         print(json.dumps(stats.to_dict(), indent=2))
         return 0
