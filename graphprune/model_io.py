@@ -110,12 +110,22 @@ def default_opset(model: onnx.ModelProto) -> Optional[int]:
 
 
 def check_model(model: onnx.ModelProto, full: bool = False) -> None:
-    """Run ``onnx.checker`` (and with ``full``, strict shape inference), raising ``UserError``."""
+    """Run ``onnx.checker`` (and with ``full``, strict shape inference), raising ``UserError``.
+
+    Large models (``ir.is_large``: external data left on disk, or many bytes of weights) are
+    checked as a weightless copy written beside an empty stand-in for their weights: the
+    checker reads only structure, and the whole proto is never serialized (protobuf refuses
+    that past 2 GiB, and below it the bytes would be a second copy of every weight).
+    """
+    from graphprune import ir
+
     try:
-        if model.ByteSize() >= EXTERNAL_DATA_THRESHOLD:
-            with tempfile.TemporaryDirectory() as tmp:
+        if ir.is_large(model):
+            light = ir.weightless_copy(model)
+            with tempfile.TemporaryDirectory(prefix="graphprune-check-") as tmp:
+                open(os.path.join(tmp, ir.WEIGHTLESS_LOCATION), "wb").close()
                 path = os.path.join(tmp, "model.onnx")
-                _write(model, path)
+                onnx.save_model(light, path)
                 onnx.checker.check_model(path, full_check=full)
         else:
             onnx.checker.check_model(model, full_check=full)
