@@ -10,7 +10,7 @@ from onnx import helper, numpy_helper
 
 from graphprune.ir import value_shape
 
-__all__ = ["infer_value_info", "tensor_shapes", "model_shell"]
+__all__ = ["infer_value_info", "tensor_shapes", "symbolic_shapes", "model_shell"]
 
 # Initializers at most this many elements keep their values (shape vectors, axes, scalars) so
 # that data propagation resolves Reshape targets; larger ones become typed inputs.
@@ -170,14 +170,55 @@ def _small_constant(graph: onnx.GraphProto, name: str) -> Optional[np.ndarray]:
     return None
 
 
+def _unresolved(shape: Tuple) -> bool:
+    return any(d is None or (isinstance(d, str) and d.startswith("unk__")) for d in shape)
+
+
+def symbolic_shapes(model: onnx.ModelProto) -> Dict[str, Tuple]:
+    """Name -> shape from onnxruntime's symbolic shape inference (empty when it fails).
+
+    Exporters compute Reshape targets at run time: ``view(*input_shape, -1, head_dim)`` becomes
+    ``Reshape(x, Concat(Shape(x)[0], Shape(x)[1], [-1], [16]))``.  onnx's data propagation leaves the
+    ``-1`` axis unknown and names every broadcast result anew; onnxruntime's inference evaluates the
+    shape arithmetic on symbols (``batch``, ``sequence`` stay symbols, ``-1`` is resolved from the
+    known product, merged axes read ``batch*sequence``), so the Reshape rule can match axes.
+    """
+    try:
+        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+    except ImportError:  # an onnxruntime build without its tools
+        return {}
+    light = _light_model(model, keep_value_info=False)
+    try:
+        inferred = SymbolicShapeInference.infer_shapes(light, auto_merge=True, guess_output_rank=False)
+    except Exception:  # unknown ops, or shape arithmetic it cannot follow: onnx's inference alone
+        return {}
+    if inferred is None:
+        return {}
+    shapes = {}
+    for vi in list(inferred.graph.value_info) + list(inferred.graph.output):
+        shape = value_shape(vi)
+        if shape is not None:
+            shapes[vi.name] = shape
+    return shapes
+
+
 def tensor_shapes(model: onnx.ModelProto) -> Dict[str, Optional[Tuple]]:
-    """Name -> shape (ints, symbols, None for unknown dims) of every tensor the model can tell."""
+    """Name -> shape (ints, symbols, None for unknown dims) of every tensor the model can tell.
+
+    onnx's inference first; a shape it leaves partly unknown is taken from onnxruntime's symbolic
+    inference (``symbolic_shapes``) when that knows it at the same rank and in full.
+    """
     shapes: Dict[str, Optional[Tuple]] = {}
     graph = model.graph
     for vi in list(graph.input) + infer_value_info(model, keep_value_info=True) + list(graph.output):
         shape = value_shape(vi)
         if shape is not None:
             shapes[vi.name] = shape
+    if any(_unresolved(s) for s in shapes.values()):
+        for name, shape in symbolic_shapes(model).items():
+            known = shapes.get(name)
+            if not _unresolved(shape) and (known is None or (len(known) == len(shape) and _unresolved(known))):
+                shapes[name] = shape
     for init in graph.initializer:
         shapes[init.name] = tuple(int(d) for d in init.dims)
     for node in graph.node:

@@ -98,6 +98,13 @@ def _contraction(ctx: RuleContext, a: DimKey, b: DimKey) -> None:
         ctx.block(b, "contraction between two non-constant operands")
 
 
+def _flattened_tokens(ctx: RuleContext, name: str) -> bool:
+    """Whether ``name`` is a Reshape of a rank >= 3 activation to [-1, C] (tokens flattened)."""
+    node = ctx.producer(name)
+    shape = ctx.shape(node.input[0]) if node is not None and node.op_type == "Reshape" else None
+    return shape is not None and len(shape) >= 3 and ctx.shape(name) is not None and ctx.shape(name)[-1] == shape[-1]
+
+
 @register_rule("Gemm")
 def gemm(ctx: RuleContext) -> None:
     """Y [M, N] = A [M, K] (or [K, M] with transA) x B [K, N] (or [N, K] with transB) + C."""
@@ -110,6 +117,8 @@ def gemm(ctx: RuleContext) -> None:
     ctx.couple(DimKey(a, a_m), DimKey(y, 0))
     ctx.couple(DimKey(b, b_n), DimKey(y, 1))
     _contraction(ctx, DimKey(a, a_k), DimKey(b, b_k))
+    if ctx.is_constant(b) and not ctx.is_constant(a) and _flattened_tokens(ctx, a):
+        ctx.tag(DimKey(a, a_k), FFN)  # GPT-2's Conv1D: view(-1, C) -> Gemm, a token-wise projection
     if c:
         if ctx.is_param(c):
             ctx.param(c, "bias")

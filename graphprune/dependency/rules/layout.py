@@ -2,22 +2,63 @@
 
 from __future__ import annotations
 
+import math
 from typing import List, Optional, Sequence, Tuple
-
 
 from graphprune.dependency.dims import DimKey
 from graphprune.dependency.rules.common import axes_arg, block_all
 from graphprune.dependency.rules.registry import RuleContext, register_rule
-from graphprune.dependency.rules.shape_vectors import read_shape_vector
+from graphprune.dependency.rules.shape_vectors import SizeSource, read_shape_vector
 
 __all__ = ["match_reshape_axes"]
+
+
+class _Product:
+    """A size as an int times a multiset of symbols: ``batch*sequence`` (onnxruntime's symbolic
+    inference names a merged dynamic axis so) is ``1 x {batch, sequence}``."""
+
+    def __init__(self, coef: int = 1, symbols: Tuple[str, ...] = ()):
+        self.coef, self.symbols = coef, tuple(sorted(symbols))
+
+    @classmethod
+    def of(cls, dim) -> Optional["_Product"]:
+        if isinstance(dim, int):
+            return cls(dim)
+        if not isinstance(dim, str):
+            return None
+        coef, symbols = 1, []
+        for part in dim.split("*"):
+            part = part.strip()
+            if part.isdigit():
+                coef *= int(part)
+            elif part.isidentifier():
+                symbols.append(part)
+            else:  # "sequence + 1": one symbol as a whole
+                return cls(1, (dim,))
+        return cls(coef, tuple(symbols))
+
+    def __mul__(self, other: "_Product") -> "_Product":
+        return _Product(self.coef * other.coef, self.symbols + other.symbols)
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, _Product) and (self.coef, self.symbols) == (other.coef, other.symbols)
+
+    def divides(self, other: "_Product") -> bool:
+        rest = list(other.symbols)
+        for sym in self.symbols:
+            if sym not in rest:
+                return False
+            rest.remove(sym)
+        return self.coef != 0 and other.coef % self.coef == 0
 
 
 def match_reshape_axes(src: Sequence, dst: Sequence) -> Optional[List[Tuple[List[int], List[int]]]]:
     """Pair the non-1 axes of ``src`` and ``dst`` into runs of equal product (row-major reshape).
 
-    Returns [(src axes, dst axes), ...] or None when the shapes cannot be matched (unknown dims
-    inside a regrouped run).
+    Sizes are ints or symbols; a symbol ``a*b`` is the product of ``a`` and ``b``, so
+    ``[batch, sequence, 64] -> [batch*sequence, 64]`` (``view(-1, C)``) pairs as
+    ``([0, 1], [0]), ([2], [1])``.  Returns [(src axes, dst axes), ...] or None when the shapes
+    cannot be matched (unknown dims, or products that do not divide each other).
     """
     si = [a for a, d in enumerate(src) if d != 1]
     di = [a for a, d in enumerate(dst) if d != 1]
@@ -29,34 +70,32 @@ def match_reshape_axes(src: Sequence, dst: Sequence) -> Optional[List[Tuple[List
             runs.append(([si[i]], [di[j]]))
             i, j = i + 1, j + 1
             continue
-        if not isinstance(a, int) or not isinstance(b, int):
+        pa, pb = _Product.of(a), _Product.of(b)
+        if pa is None or pb is None:
             return None
-        ins, outs, pa, pb = [si[i]], [di[j]], a, b
+        ins, outs = [si[i]], [di[j]]
         i, j = i + 1, j + 1
         while pa != pb:
-            if pa < pb:
-                if i >= len(si) or not isinstance(src[si[i]], int):
-                    return None
-                pa *= src[si[i]]
+            grow_a = pa.coef < pb.coef if not (pa.symbols or pb.symbols) else pa.divides(pb)
+            if grow_a and i < len(si) and _Product.of(src[si[i]]) is not None:
+                pa = pa * _Product.of(src[si[i]])
                 ins.append(si[i])
                 i += 1
-            else:
-                if j >= len(di) or not isinstance(dst[di[j]], int):
-                    return None
-                pb *= dst[di[j]]
+            elif not grow_a and j < len(di) and _Product.of(dst[di[j]]) is not None and (
+                    pb.divides(pa) or not (pa.symbols or pb.symbols)):
+                pb = pb * _Product.of(dst[di[j]])
                 outs.append(di[j])
                 j += 1
+            else:
+                return None
         runs.append((ins, outs))
     if i < len(si) or j < len(di):
         return None
     return runs
 
 
-def _couple_runs(ctx: RuleContext, x: str, y: str, xs, ys, prefer=None) -> bool:
-    """Couple the axes of a reshape from x to y; False when they cannot be matched."""
-    runs = match_reshape_axes(xs, ys)
-    if runs is None:
-        return False
+def _couple_runs(ctx: RuleContext, x: str, y: str, xs, ys, runs, prefer=None) -> None:
+    """Couple the axes of a reshape from x to y along ``runs`` (``match_reshape_axes``)."""
     for a, d in enumerate(xs):
         if d == 1:
             ctx.leave(DimKey(x, a))
@@ -75,6 +114,28 @@ def _couple_runs(ctx: RuleContext, x: str, y: str, xs, ys, prefer=None) -> bool:
                 ctx.block(DimKey(x, i), "Reshape regroups several axes into several others")
             for o in outs:
                 ctx.block(DimKey(y, o), "Reshape regroups several axes into several others")
+
+
+def _follows_source(ctx: RuleContext, x: str, y: str, runs, source: Optional[SizeSource], j: int) -> bool:
+    """Whether output axis ``j``, sized at run time by ``source``, keeps its size when channels are
+    pruned: the entry reads an axis coupled to ``j`` (or ``factor`` times it, the other axes of
+    ``j``'s merge being constant).  Those other axes block; an axis of another tensor couples to ``j``."""
+    if source is None:
+        return False
+    if source.tensor != x:
+        if source.factor != 1:
+            return False
+        ctx.couple(DimKey(source.tensor, source.axis), DimKey(y, j))
+        return True
+    ins = next((i for i, outs in runs if outs == [j]), None)
+    if ins is None or source.axis not in ins:
+        return False
+    others = [a for a in ins if a != source.axis]
+    sizes = [ctx.shape(x)[a] for a in others]
+    if not all(isinstance(d, int) for d in sizes) or math.prod(sizes) != source.factor:
+        return False
+    for a in others:
+        ctx.block(DimKey(x, a), f"merged into axis {j} whose Reshape target entry is {source.factor} x the size of axis {source.axis}")
     return True
 
 
@@ -82,25 +143,43 @@ def _couple_runs(ctx: RuleContext, x: str, y: str, xs, ys, prefer=None) -> bool:
 def reshape(ctx: RuleContext) -> None:
     """Kept axes couple 1:1; a split or merged axis couples to one factor (``RuleContext.factor``).
 
-    The target shape is rewritten with the new sizes (its 0 and -1 entries stay).
+    The target is a constant or a Concat of constants and sizes read at run time
+    (``shape_vectors``); its positive constant entries are rewritten with the new sizes (0 and -1
+    stay).  A run-time entry that reads the size of an axis coupled to the one it sizes follows it
+    when pruned (``view(-1, C)`` after a projection); any other run-time entry blocks its axis.
+    Refused, with the node named: targets built otherwise, and shapes whose axes cannot be paired
+    (unknown dims inside a regrouped run).
     """
     x, s, y = ctx.input(0), ctx.input(1), ctx.outputs[0]
     ctx.ignore(s)
     target = read_shape_vector(ctx, s)  # a constant, or a Concat of constants and run-time sizes
     if target is None:
-        block_all(ctx, "Reshape target computed at run time")
+        what = ctx.producer(s).op_type if ctx.producer(s) is not None else "a graph input"
+        block_all(ctx, f"Reshape target {s} computed at run time by {what} (neither a constant nor a Concat of "
+                       "constants and sizes read by Shape)")
         return
-    if not _couple_runs(ctx, x, y, ctx.require_shape(x), ctx.require_shape(y)):
-        block_all(ctx, "Reshape between shapes whose axes cannot be matched")
+    xs, ys = ctx.require_shape(x), ctx.require_shape(y)
+    runs = match_reshape_axes(xs, ys)
+    if runs is None:
+        block_all(ctx, f"Reshape between shapes whose axes cannot be matched ({_show(xs)} -> {_show(ys)})")
         return
-    for j in target.runtime_entries:
-        ctx.block(DimKey(y, j), "its size in the Reshape target is computed at run time")
+    _couple_runs(ctx, x, y, xs, ys, runs)
+    lead = len(ys) - len(target.values)
+    for k in target.fixed_entries:
+        if target.values[k] is None and _follows_source(ctx, x, y, runs, target.source(k), k + lead):
+            continue
+        what = "computed at run time" if target.values[k] is None else f"a constant shared with {target.shared - 1} other nodes"
+        ctx.block(DimKey(y, k + lead), f"its size in the Reshape target {target.name} is {what}")
 
     def fixup(editor, node):
         new = [editor.new_size(DimKey(y, j)) if v is not None and v > 0 else v for j, v in enumerate(target.values)]
         target.write(editor, node, 1, new)
 
     ctx.fixup(fixup)
+
+
+def _show(shape) -> str:
+    return "[" + ", ".join("?" if d is None else str(d) for d in shape) + "]"
 
 
 @register_rule("Flatten")

@@ -129,6 +129,9 @@ class RuleContext:
         """The node that writes tensor ``name`` (None for graph inputs and initializers)."""
         return self._b.producer(name) if name else None
 
+    def is_graph_output(self, name: str) -> bool:
+        return name in self._b.graph_outputs
+
     def used(self, name: Optional[str]) -> bool:
         """Whether tensor ``name`` is read by a node or is a graph output (an unused optional
         output, like Dropout's mask, can be ignored)."""

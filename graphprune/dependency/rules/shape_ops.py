@@ -11,7 +11,7 @@ from graphprune.dependency.dims import DimKey
 from graphprune.dependency.index_mapping import Expand, Offset
 from graphprune.dependency.rules.common import block_all, ints, set_ints
 from graphprune.dependency.rules.registry import RuleContext, register_rule
-from graphprune.dependency.rules.shape_vectors import ShapeVector, read_shape_vector
+from graphprune.dependency.rules.shape_vectors import ShapeVector, read_shape_vector, size_flows_to_targets
 from graphprune.ir import get_attr
 
 __all__ = []
@@ -142,11 +142,11 @@ def expand(ctx: RuleContext) -> None:
     target = read_shape_vector(ctx, s)  # a constant, or a Concat of constants and run-time sizes
     xs, ys = ctx.require_shape(x), ctx.require_shape(y)
     lead = len(ys) - len(xs)
-    runtime = {k + len(ys) - len(target.values) for k in target.runtime_entries} if target is not None else set()
+    runtime = {k + len(ys) - len(target.values) for k in target.fixed_entries} if target is not None else set()
     for j in range(len(ys)):
         i = j - lead
         if j in runtime:
-            ctx.block(DimKey(y, j), "its size in the Expand target is computed at run time")
+            ctx.block(DimKey(y, j), "its size in the Expand target is computed at run time or shared with other nodes")
         if i >= 0 and xs[i] == ys[j] and xs[i] is not None:
             ctx.couple(DimKey(x, i), DimKey(y, j))
             continue
@@ -248,6 +248,8 @@ def shape(ctx: RuleContext) -> None:
     start = min(max(start + rank if start < 0 else start, 0), rank)
     end = min(max(end + rank if end < 0 else end, 0), rank)
     read = _shape_read_axes(ctx, rank, start, end) if end > start else set()
+    if size_flows_to_targets(ctx, ctx.outputs[0]):
+        read = set()  # only Reshape targets read these sizes: the Reshape rule couples each entry
     for a in range(rank):
         if a in read:
             ctx.block(DimKey(x, a), "its size is read by Shape")

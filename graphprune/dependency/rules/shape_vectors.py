@@ -17,7 +17,7 @@ import numpy as np
 
 from graphprune.dependency.rules.registry import RuleContext
 
-__all__ = ["ShapeVector", "read_shape_vector"]
+__all__ = ["ShapeVector", "SizeSource", "read_shape_vector", "size_flows_to_targets"]
 
 
 @dataclasses.dataclass
@@ -30,16 +30,31 @@ class ShapeVector:
         dtype: element type of the constant parts.
         parts: for a Concat-built vector, (Concat input index, first entry, length, is constant) per
             input; None for a constant vector.
+        shared: how many nodes read the Concat-built vector (torch's dynamo exporter builds one
+            ``[batch, sequence, -1, head_dim]`` for every Q/K/V view of the model); its constant
+            entries cannot be rewritten for one of them.
     """
 
     name: str
     values: List[Optional[int]]
     dtype: np.dtype
     parts: Optional[List[Tuple[int, int, int, bool]]] = None
+    shared: int = 1
+    sources: List[Optional["SizeSource"]] = dataclasses.field(default_factory=list)
+
+    def source(self, k: int) -> Optional["SizeSource"]:
+        """Where run-time entry ``k`` reads its size (None: a constant, or not understood)."""
+        return self.sources[k] if k < len(self.sources) else None
 
     @property
     def runtime_entries(self) -> List[int]:
         return [k for k, v in enumerate(self.values) if v is None]
+
+    @property
+    def fixed_entries(self) -> List[int]:
+        """Entries whose size cannot follow pruning: computed at run time, or a positive constant of
+        a vector that other nodes read too (``0`` and ``-1`` adapt by themselves)."""
+        return [k for k, v in enumerate(self.values) if v is None or (self.shared > 1 and v > 0)]
 
     def write(self, editor, node, input_index: int, new: Sequence[Optional[int]]) -> None:
         """Fixup: give the constant entries the values ``new`` (run-time entries are left alone).
@@ -52,35 +67,128 @@ class ShapeVector:
             return
         concat = next(n for n in editor.graph.node if self.name in n.output)
         for index, first, length, constant in self.parts:
+            if constant and self.shared > 1 and list(new[first:first + length]) != self.values[first:first + length]:
+                raise ValueError(f"shape vector {self.name} is read by {self.shared} nodes: its entries cannot change")
             if constant:
                 editor.set_input(concat, index, np.asarray(new[first:first + length], dtype=self.dtype))
 
 
+@dataclasses.dataclass(frozen=True)
+class SizeSource:
+    """A run-time shape entry that is ``factor`` times the size of ``tensor``'s axis ``axis``
+    (``Unsqueeze(Gather(Shape(t), k))``, ``Slice(Shape(t), k, k+1)``, times a constant): it follows
+    that axis when the axis is pruned."""
+
+    tensor: str
+    axis: int
+    factor: int = 1
+
+
+# Ops a size read by Shape passes through on its way into a Reshape target, unchanged or scaled.
+_SIZE_OPS = ("Gather", "Slice", "Unsqueeze", "Squeeze", "Cast", "Identity", "Mul", "Concat")
+
+
+def _shape_axes(ctx: RuleContext, node) -> Optional[List[int]]:
+    """The axes of its input that a Shape node reads, in order (None without the input's rank)."""
+    rank = len(ctx.shape(node.input[0]) or ()) if ctx.shape(node.input[0]) is not None else None
+    if rank is None:
+        return None
+    start = next((a.i for a in node.attribute if a.name == "start"), 0)
+    end = next((a.i for a in node.attribute if a.name == "end"), rank)
+    return list(range(rank))[slice(start, end)]
+
+
+def _size_sources(ctx: RuleContext, name: str, depth: int = 8) -> Optional[List[Optional[SizeSource]]]:
+    """Per entry of the 1-D int tensor ``name``, the axis size it is (None where not understood)."""
+    node = ctx.producer(name)
+    if node is None or depth == 0:
+        return None
+    op = node.op_type
+    if op == "Shape":
+        axes = _shape_axes(ctx, node)
+        return None if axes is None else [SizeSource(node.input[0], a) for a in axes]
+    if op in ("Unsqueeze", "Squeeze", "Cast", "Identity"):
+        return _size_sources(ctx, node.input[0], depth - 1)
+    if op == "Mul":
+        for a, b in ((0, 1), (1, 0)):
+            c = ctx.const(node.input[b])
+            if c is not None and np.asarray(c).size == 1:
+                inner = _size_sources(ctx, node.input[a], depth - 1)
+                scale = int(np.asarray(c).reshape(-1)[0])
+                return None if inner is None else [
+                    None if s is None else SizeSource(s.tensor, s.axis, s.factor * scale) for s in inner]
+        return None
+    if op in ("Gather", "Slice"):
+        inner = _size_sources(ctx, node.input[0], depth - 1)
+        if inner is None:
+            return None
+        if op == "Gather":
+            idx = ctx.const(node.input[1])
+            if idx is None or next((a.i for a in node.attribute if a.name == "axis"), 0) != 0:
+                return None
+            return [inner[int(i)] for i in np.asarray(idx).reshape(-1)]
+        bounds = [ctx.const(i) if i else None for i in node.input[1:]]
+        if len(bounds) < 2 or any(b is None for b in bounds) or any(np.asarray(b).size != 1 for b in bounds):
+            return None
+        start, end = (int(np.asarray(b).reshape(-1)[0]) for b in bounds[:2])
+        step = int(np.asarray(bounds[3]).reshape(-1)[0]) if len(bounds) > 3 else 1
+        return inner[slice(start, end, step)]
+    return None
+
+
+def size_flows_to_targets(ctx: RuleContext, name: str) -> bool:
+    """Whether the sizes in ``name`` (a Shape output) reach nothing but Reshape targets, through ops
+    ``_size_sources`` follows: then the Reshape rule couples each target entry to the axis it reads,
+    and that axis may be pruned (the entry reads the new size at run time)."""
+    frontier, seen = [name], set()
+    while frontier:
+        tensor = frontier.pop()
+        if ctx.is_graph_output(tensor):
+            return False
+        for node in ctx.consumers(tensor):
+            if node.op_type == "Reshape" and list(node.input).index(tensor) == 1:
+                continue
+            if node.op_type not in _SIZE_OPS or node.input[0] != tensor and node.op_type != "Concat":
+                return False
+            if node.op_type == "Mul" and not any(ctx.const(i) is not None for i in node.input):
+                return False
+            for out in node.output:
+                if out not in seen:
+                    seen.add(out)
+                    frontier.append(out)
+    return True
+
+
 def read_shape_vector(ctx: RuleContext, name: Optional[str]) -> Optional[ShapeVector]:
-    """The shape vector ``name``: a constant, or a Concat (axis 0, read by this node only) of
-    constants and 1-D sizes computed at run time; None when it is neither."""
+    """The shape vector ``name``: a constant, or a Concat (axis 0) of constants and 1-D sizes computed
+    at run time; None when it is neither."""
     if not name:
         return None
     value = ctx.const(name)
     if value is not None:
         return ShapeVector(name, [int(v) for v in np.asarray(value).reshape(-1)], np.asarray(value).dtype)
     concat = ctx.producer(name)
-    if concat is None or concat.op_type != "Concat" or len(ctx.consumers(name)) != 1:
-        return None  # a vector shared by several nodes cannot be rewritten for one of them
+    if concat is None or concat.op_type != "Concat":
+        return None
     if next((a.i for a in concat.attribute if a.name == "axis"), 0) != 0:
         return None
     values: List[Optional[int]] = []
+    sources: List[Optional[SizeSource]] = []
     parts = []
     dtype = np.dtype(np.int64)
     for index, part in enumerate(concat.input):
         shape = ctx.shape(part)
-        if not part or shape is None or len(shape) != 1 or not isinstance(shape[0], int):
+        if not part or shape is None or len(shape) not in (0, 1) or (shape and not isinstance(shape[0], int)):
             return None
+        length = shape[0] if shape else 1
         constant = ctx.const(part)
-        parts.append((index, len(values), shape[0], constant is not None))
+        parts.append((index, len(values), length, constant is not None))
         if constant is not None:
             dtype = np.asarray(constant).dtype
             values.extend(int(v) for v in np.asarray(constant).reshape(-1))
+            sources.extend([None] * length)
         else:
-            values.extend([None] * shape[0])
-    return ShapeVector(name, values, dtype, parts)
+            values.extend([None] * length)
+            found = _size_sources(ctx, part)
+            sources.extend(found if found is not None and len(found) == length else [None] * length)
+    return ShapeVector(name, values, dtype, parts, shared=len(ctx.consumers(name)), sources=sources)
