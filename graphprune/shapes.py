@@ -112,12 +112,18 @@ def observed_shapes(
     missing = list(dict.fromkeys(n for n in wanted if n not in known))
     if not missing:
         return dict(known)
-    probe = clone(model)
-    listed = {o.name for o in probe.graph.output}
-    for name in missing:
-        if name not in listed:
-            probe.graph.output.append(onnx.ValueInfoProto(name=name))  # ORT needs no type for outputs
-    values = make_session(probe, threads=threads).run(missing, dict(feed))
+    # the tensors are exposed as outputs of ``model`` itself for the session, then removed again:
+    # a copy would duplicate every weight
+    listed = {o.name for o in model.graph.output}
+    n_outputs = len(model.graph.output)
+    try:
+        for name in missing:
+            if name not in listed:
+                model.graph.output.append(onnx.ValueInfoProto(name=name))  # ORT needs no type for outputs
+        session = make_session(model, threads=threads)
+    finally:
+        del model.graph.output[n_outputs:]
+    values = session.run(missing, dict(feed))
     shapes = dict(known)
     shapes.update({name: tuple(np.shape(v)) for name, v in zip(missing, values)})
     return shapes

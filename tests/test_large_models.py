@@ -180,3 +180,28 @@ def test_a_model_past_two_gib_loads_checks_and_inspects(tmp_path, capsys):
     check_model(model, full=True)
     assert ir.weight_bytes(model) > 2**31
     assert infer_shapes(model, inplace=True).graph.value_info[0].name == "m0"
+
+
+def test_canonicalize_of_a_large_model_keys_and_infers_without_the_weights(no_whole_proto):
+    import graphprune
+
+    no_whole_proto.record = True
+    model = _mlp()
+    shape = model.graph.initializer.pop()  # the Reshape's shape as a Constant node, for canonicalize to convert
+    model.graph.node.insert(0, helper.make_node("Constant", [], ["shape"], value=shape))
+    result = graphprune.canonicalize(model)
+    # folding hands graphsurgeon's ORT session the foldable part only (no weights here)
+    assert no_whole_proto == []
+    assert {vi.name for vi in result.graph.value_info} >= {"m0", "r0", "a2"}
+    np_w = numpy_helper.to_array(result.graph.initializer[0])
+    np.testing.assert_array_equal(np_w, numpy_helper.to_array(model.graph.initializer[0]))
+
+
+def test_observed_shapes_leaves_the_model_as_it_was():
+    from graphprune.shapes import observed_shapes
+
+    model = _mlp()
+    before = model.SerializeToString()
+    shapes = observed_shapes(model, {"x": np.ones((1, _WIDTH), np.float32)}, {}, names=["m1", "r0"])
+    assert shapes["m1"] == (1, _WIDTH) and shapes["r0"] == (1, _WIDTH)
+    assert model.SerializeToString() == before

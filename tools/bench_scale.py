@@ -9,7 +9,7 @@ Models are generated straight to disk with their weights in an external-data fil
 layer at a time, so generating a 6 GB model needs no 6 GB of memory):
   * ``mlp``: MatMul -> Add -> Relu layers of width 2048 (0.5 GB) or 4096 (larger sizes);
   * ``conv``: 3x3 Conv -> Relu layers of 1024 or 2048 channels on an 8x8 feature map;
-  * ``nodes``: a 20,000-node residual MLP of width 32 (MatMul, Add, Relu, Add per block).
+  * ``nodes``: a 20,000-node residual MLP of width 32, hidden 64 (MatMul, Relu, MatMul, Add per block).
 Commands: ``inspect``, ``prune --ratio 0.5``, ``sparsify --sparsity 0.5``, ``quantize`` (random
 calibration, 16 samples, ``--no-measure``) and ``canonicalize`` (the pass through the Python API:
 load, ``graphprune.canonicalize``, save; it has no sub-command). Each runs in its own process;
@@ -51,11 +51,11 @@ class _Weights:
         self.inits: List[onnx.TensorProto] = []
 
     def add(self, name: str, array: np.ndarray) -> None:
+        array = np.ascontiguousarray(array, dtype=np.float32)
         offset = self.file.tell()
-        pad = (-offset) % 4096  # aligned like onnx's own writer, so ORT can map it
+        pad = (-offset) % (4096 if array.nbytes >= 2**20 else 64)  # large tensors page-aligned: ORT maps them
         self.file.write(b"\0" * pad)
         offset += pad
-        array = np.ascontiguousarray(array, dtype=np.float32)
         self.file.write(array.tobytes())
         tensor = onnx.TensorProto(name=name, data_type=TensorProto.FLOAT, dims=list(array.shape))
         tensor.data_location = TensorProto.EXTERNAL
@@ -118,18 +118,22 @@ def make_conv(path: str, size_bytes: int, rng: np.random.Generator) -> str:
 
 
 def make_many_nodes(path: str, n_nodes: int, rng: np.random.Generator) -> str:
-    """A residual MLP of width 32 with about ``n_nodes`` nodes (MatMul, Add, Relu, Add per block)."""
-    width = 32
+    """A residual MLP of width 32 and hidden width 64 with about ``n_nodes`` nodes.
+
+    Each block is MatMul -> Relu -> MatMul -> Add (residual): its 64 hidden channels are one
+    prunable group; the residual stream is blocked (it reaches the graph input).
+    """
+    width, hidden = 32, 64
     weights = _Weights(path + ".data")
     nodes, x = [], "x"
     for i in range(n_nodes // 4):
-        weights.add(f"w{i}", rng.standard_normal((width, width), dtype=np.float32) / np.sqrt(width) * 0.1)
-        weights.add(f"b{i}", rng.standard_normal(width, dtype=np.float32) * 0.01)
+        weights.add(f"u{i}", rng.standard_normal((width, hidden), dtype=np.float32) / np.sqrt(width))
+        weights.add(f"d{i}", rng.standard_normal((hidden, width), dtype=np.float32) / np.sqrt(hidden) * 0.1)
         nodes += [
-            helper.make_node("MatMul", [x, f"w{i}"], [f"m{i}"]),
-            helper.make_node("Add", [f"m{i}", f"b{i}"], [f"a{i}"]),
-            helper.make_node("Relu", [f"a{i}"], [f"r{i}"]),
-            helper.make_node("Add", [x, f"r{i}"], [f"s{i}"]),
+            helper.make_node("MatMul", [x, f"u{i}"], [f"h{i}"]),
+            helper.make_node("Relu", [f"h{i}"], [f"r{i}"]),
+            helper.make_node("MatMul", [f"r{i}", f"d{i}"], [f"m{i}"]),
+            helper.make_node("Add", [x, f"m{i}"], [f"s{i}"]),
         ]
         x = f"s{i}"
     nodes.append(helper.make_node("Identity", [x], ["y"]))

@@ -70,7 +70,7 @@ class CanonicalizePass(Pass):
         if fold_failure:
             warnings.warn(f"constant folding {fold_failure}", stacklevel=2)
         graph.cleanup(remove_unused_graph_inputs=False).toposort()
-        result = infer_shapes(ir.from_gs(graph, like=work))
+        result = infer_shapes(ir.from_gs(graph, like=work), inplace=True)  # a fresh model: no copy needed
         modified = _structure_key(result) != before
         stats = {
             "constants_to_initializers": constants,
@@ -137,9 +137,13 @@ def _drop_initializer_inputs(model: onnx.ModelProto) -> int:
 
 
 def _structure_key(model: onnx.ModelProto) -> bytes:
-    """The graph without value_info: what 'modified' means for this pass."""
+    """The graph without value_info: what 'modified' means for this pass.
+
+    Large models are keyed by their weightless copy (names, types and dims of the big tensors):
+    the whole graph would be a second copy of the weights, and protobuf refuses past 2 GiB.
+    """
     g = onnx.GraphProto()
-    g.CopyFrom(model.graph)
+    g.CopyFrom(ir.weightless_copy(model).graph if ir.is_large(model) else model.graph)
     del g.value_info[:]
     for vi in list(g.input) + list(g.output):
         vi.ClearField("type")  # inference may refine declared shapes; that is not a change
