@@ -60,6 +60,26 @@ class Editor:
         self._names = {i.name for i in graph.initializer} | {o for n in graph.node for o in n.output}
         self._names |= {vi.name for vi in graph.input}
         self.replaced: set = set()  # constants a fixup swapped out (dropped when no longer read)
+        self.inserted: List[Tuple[str, onnx.NodeProto]] = []  # (output of the node it precedes, new node)
+
+    def unique_name(self, base: str) -> str:
+        """A tensor name not yet in the graph, from ``base``."""
+        name, k = base, 1
+        while name in self._names:
+            name, k = f"{base}_{k}", k + 1
+        self._names.add(name)
+        return name
+
+    def copy_producer(self, node: onnx.NodeProto, index: int, producer: onnx.NodeProto) -> onnx.NodeProto:
+        """Give ``node`` its own copy of ``producer`` (which writes its input ``index`` and is read by
+        other nodes too), inserted just before ``node``; returns the copy, free to be rewritten."""
+        copy = onnx.NodeProto()
+        copy.CopyFrom(producer)
+        copy.output[0] = self.unique_name(f"{producer.output[0]}_pruned")
+        copy.name = self.unique_name(f"{producer.name or producer.output[0]}_pruned")
+        node.input[index] = copy.output[0]
+        self.inserted.append((node.output[0], copy))
+        return copy
 
     def new_size(self, dim: DimKey) -> int:
         size = self.dep.info(dim).size
@@ -76,11 +96,7 @@ class Editor:
         current = self.dep.const(old) if old else None
         if current is not None and current.shape == value.shape and np.array_equal(current, value):
             return
-        base = f"{old or node.name or node.output[0]}_pruned"
-        name, k = base, 1
-        while name in self._names:
-            name, k = f"{base}_{k}", k + 1
-        self._names.add(name)
+        name = self.unique_name(f"{old or node.name or node.output[0]}_pruned")
         self.graph.initializer.append(numpy_helper.from_array(np.asarray(value), name))
         if old:
             self.replaced.add(old)
@@ -102,6 +118,22 @@ class Editor:
             if attr.name == name:
                 del node.attribute[i]
                 return
+
+
+def _insert_nodes(graph: onnx.GraphProto, inserted: List[Tuple[str, onnx.NodeProto]]) -> None:
+    """Place each new node just before the node writing the given output (after all fixups ran:
+    fixups find their nodes by index)."""
+    if not inserted:
+        return
+    before: Dict[str, List[onnx.NodeProto]] = {}
+    for output, node in inserted:
+        before.setdefault(output, []).append(node)
+    nodes = []
+    for node in graph.node:
+        nodes.extend(before.get(node.output[0] if node.output else "", []))
+        nodes.append(node)
+    del graph.node[:]
+    graph.node.extend(nodes)
 
 
 def _drop_unused(graph: onnx.GraphProto, names: set) -> None:
@@ -202,6 +234,7 @@ def apply_selection(dep: DependencyGraph, masks: Dict[DimKey, np.ndarray], mode:
         editor = Editor(dep, masks, new.graph)
         for index, fixup in dep.fixups:
             fixup(editor, new.graph.node[index])
+        _insert_nodes(new.graph, editor.inserted)
         _drop_unused(new.graph, editor.replaced)
         new.graph.value_info.extend(infer_value_info(new))
         _set_record(new, _remap_record(record, per_param))

@@ -168,8 +168,8 @@ def reshape(ctx: RuleContext) -> None:
     for k in target.fixed_entries:
         if target.values[k] is None and _follows_source(ctx, x, y, runs, target.source(k), k + lead):
             continue
-        what = "computed at run time" if target.values[k] is None else f"a constant shared with {target.shared - 1} other nodes"
-        ctx.block(DimKey(y, k + lead), f"its size in the Reshape target {target.name} is {what}")
+        ctx.block(DimKey(y, k + lead), f"its size in the Reshape target {target.name} is computed at run time "
+                                       "from something other than the size of an axis coupled to it")
 
     def fixup(editor, node):
         new = [editor.new_size(DimKey(y, j)) if v is not None and v > 0 else v for j, v in enumerate(target.values)]

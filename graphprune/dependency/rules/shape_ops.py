@@ -146,7 +146,7 @@ def expand(ctx: RuleContext) -> None:
     for j in range(len(ys)):
         i = j - lead
         if j in runtime:
-            ctx.block(DimKey(y, j), "its size in the Expand target is computed at run time or shared with other nodes")
+            ctx.block(DimKey(y, j), "its size in the Expand target is computed at run time")
         if i >= 0 and xs[i] == ys[j] and xs[i] is not None:
             ctx.couple(DimKey(x, i), DimKey(y, j))
             continue

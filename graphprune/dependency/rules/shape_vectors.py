@@ -31,8 +31,8 @@ class ShapeVector:
         parts: for a Concat-built vector, (Concat input index, first entry, length, is constant) per
             input; None for a constant vector.
         shared: how many nodes read the Concat-built vector (torch's dynamo exporter builds one
-            ``[batch, sequence, -1, head_dim]`` for every Q/K/V view of the model); its constant
-            entries cannot be rewritten for one of them.
+            ``[batch, sequence, -1, head_dim]`` for every Q/K/V view of the model); a node whose
+            entries change gets its own copy of the Concat.
     """
 
     name: str
@@ -52,9 +52,9 @@ class ShapeVector:
 
     @property
     def fixed_entries(self) -> List[int]:
-        """Entries whose size cannot follow pruning: computed at run time, or a positive constant of
-        a vector that other nodes read too (``0`` and ``-1`` adapt by themselves)."""
-        return [k for k, v in enumerate(self.values) if v is None or (self.shared > 1 and v > 0)]
+        """Entries whose size cannot follow pruning by a rewrite of the constant: those computed at
+        run time (a vector other nodes read too is copied for the node whose entries change)."""
+        return self.runtime_entries
 
     def write(self, editor, node, input_index: int, new: Sequence[Optional[int]]) -> None:
         """Fixup: give the constant entries the values ``new`` (run-time entries are left alone).
@@ -65,10 +65,14 @@ class ShapeVector:
         if self.parts is None:
             editor.set_input(node, input_index, np.asarray(new, dtype=self.dtype))
             return
+        changed = [constant and list(new[first:first + length]) != self.values[first:first + length]
+                   for _, first, length, constant in self.parts]
+        if not any(changed):
+            return
         concat = next(n for n in editor.graph.node if self.name in n.output)
+        if self.shared > 1:  # other nodes read the vector too: this node gets its own copy
+            concat = editor.copy_producer(node, input_index, concat)
         for index, first, length, constant in self.parts:
-            if constant and self.shared > 1 and list(new[first:first + length]) != self.values[first:first + length]:
-                raise ValueError(f"shape vector {self.name} is read by {self.shared} nodes: its entries cannot change")
             if constant:
                 editor.set_input(concat, index, np.asarray(new[first:first + length], dtype=self.dtype))
 
