@@ -162,7 +162,7 @@ def load_inputs(path: "str | os.PathLike", model: onnx.ModelProto, extra_keys: S
     for key in extra_keys:
         if key not in stored:
             raise UserError(f"{path}: no array named {key!r} (arrays: {', '.join(sorted(stored))})")
-        extras[key] = _check_extra(path, key, stored[key], len(inputs))
+        extras[key] = _check_extra(path, key, stored[key])
     return inputs, extras
 
 
@@ -210,14 +210,12 @@ def _check_finite(path: str, name: str, value: np.ndarray) -> None:
         raise UserError(f"{path}: {name!r} holds NaN or Inf values{where}")
 
 
-def _check_extra(path: str, key: str, value: np.ndarray, samples: int) -> np.ndarray:
-    """Labels and other per-sample arrays: numeric, finite, one entry per sample."""
+def _check_extra(path: str, key: str, value: np.ndarray) -> np.ndarray:
+    """Labels and other per-sample arrays: numeric, finite, at least rank 1 (their users check the count)."""
     if value.dtype.kind not in "biuf":
         raise UserError(f"{path}: {key!r} has dtype {value.dtype}; labels must be integer class ids or float targets")
     if value.ndim == 0:
         raise UserError(f"{path}: {key!r} is a scalar; labels need one entry per sample (first axis)")
-    if len(value) != samples:
-        raise UserError(f"{path}: {key!r} has {len(value)} entries, the inputs have {samples} samples")
     _check_finite(path, key, value)
     return value
 

@@ -129,7 +129,8 @@ def check_model(model: onnx.ModelProto, full: bool = False) -> None:
                 onnx.checker.check_model(path, full_check=full)
         else:
             onnx.checker.check_model(model, full_check=full)
-    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError, ValueError) as exc:
+        # ValueError: the checker's verdict on values it cannot map (e.g. "Invalid tensor data type 33")
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(f"invalid ONNX graph: {first}") from None
 

@@ -3,7 +3,8 @@
 ``validate_model`` raises ``UserError`` naming the first problem found, checked in this order (cheap and
 crash-preventing checks first: some defects crash ONNX's shape inference or ONNX Runtime's kernels):
 
-1. declared dims: no negative dim anywhere, no zero dim on a graph input;
+1. the ai.onnx opset is one the installed onnx knows; declared dims: no negative dim anywhere, no zero
+   dim on a graph input;
 2. initializers: no negative dims, stored data matching ``dims`` and the element type;
 3. attributes that crash kernels: Conv, ConvTranspose and the pools need strides, dilations and
    kernel sizes >= 1, pads >= 0 (two per spatial axis), group >= 1 dividing the weight's output
@@ -67,6 +68,7 @@ def validate_model(model: onnx.ModelProto, need_session: bool) -> None:
     """Raise ``UserError`` naming the first problem of ``model`` (see the module docstring for the order)."""
     from graphprune.model_io import check_model
 
+    _check_opset(model)
     _check_declared_dims(model.graph)
     _check_initializers(model.graph)
     _check_attributes(model.graph)
@@ -84,6 +86,14 @@ def check_result(model: onnx.ModelProto) -> None:
     """
     check_finite(model, what="result")
     check_session(model)
+
+
+def _check_opset(model: onnx.ModelProto) -> None:
+    """An ai.onnx opset newer than the installed onnx knows has no operator schemas to check against."""
+    newest = onnx.defs.onnx_opset_version()
+    for imp in model.opset_import:
+        if imp.domain in ("", "ai.onnx") and imp.version > newest:
+            raise UserError(f"model imports ai.onnx opset {imp.version}; the installed onnx knows opsets <= {newest}")
 
 
 def _check_declared_dims(graph: onnx.GraphProto) -> None:

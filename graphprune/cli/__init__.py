@@ -58,16 +58,19 @@ _MESSAGE_LIMIT = 400
 
 
 def _integer_limits() -> dict:
-    """Option (attribute) -> (lowest, highest) accepted; ``--threads`` within the machine's limits."""
+    """Option (attribute) -> (lowest, highest) accepted; ``--threads`` within the machine's limits.
+
+    A lowest of None: the command checks it with its own message.
+    """
     return {
         "threads": (1, (os.cpu_count() or 1) * 4),  # a huge pool size crashes the runtime
         "samples": (1, 100_000),
         "runs": (1, 100_000),
-        "calibration_samples": (1, 10_000_000),
+        "calibration_samples": (None, 10_000_000),
         "seed": (0, 2**32 - 1),
-        "round_to": (1, 2**31 - 1),
-        "epochs": (0, 100_000),
-        "steps": (1, 1_000),
+        "round_to": (None, 2**31 - 1),
+        "epochs": (None, 100_000),
+        "steps": (None, 1_000),
     }
 
 
@@ -82,7 +85,9 @@ def check_integer_options(args) -> None:
             value = int(text)
         except (TypeError, ValueError):
             raise UserError(f"{option} {text!r} is not an integer") from None
-        if not low <= value <= high:
+        if low is None and value > high:
+            raise UserError(f"{option} {value} is above the limit {high}")
+        if low is not None and not low <= value <= high:
             raise UserError(f"{option} {value} is outside [{low}, {high}]")
 
 
