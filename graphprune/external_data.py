@@ -35,6 +35,7 @@ __all__ = [
     "write_with_external_data",
     "free_data_name",
     "old_data_names",
+    "tensor_bytes",
     "INLINE_BELOW",
 ]
 
@@ -176,7 +177,7 @@ def _regular_file_size(real: str) -> int:
 
 def _check_span(tensor: onnx.TensorProto, offset: int, length: Optional[int], size: int) -> None:
     """The bytes [offset, offset + length) lie inside the file and hold exactly the tensor."""
-    needed = _byte_size(tensor)
+    needed = tensor_bytes(tensor)
     if offset > size:
         raise _Refused(f"has offset {offset} past the end of the file ({size} bytes)")
     if length is not None and needed is not None and length != needed:
@@ -186,7 +187,7 @@ def _check_span(tensor: onnx.TensorProto, offset: int, length: Optional[int], si
         raise _Refused(f"needs bytes {offset}..{offset + span} but the file holds {size} (truncated?)")
 
 
-def _byte_size(tensor: onnx.TensorProto) -> Optional[int]:
+def tensor_bytes(tensor: onnx.TensorProto) -> Optional[int]:
     """Bytes the tensor's data occupies, or None for variable-width (string) or unknown types."""
     bits = _ELEM_BITS.get(tensor.data_type)
     if bits is None:
@@ -303,7 +304,9 @@ def write_with_external_data(
             target = light.graph.initializer.add()
             source = _source_span(tensor, source_dir)
             if source is None:
-                if not tensor.HasField("raw_data") or tensor.ByteSize() < INLINE_BELOW:
+                # by dims first: measuring a tensor (ByteSize, len(raw_data)) copies its bytes
+                known = tensor_bytes(tensor)
+                if not tensor.HasField("raw_data") or (known is not None and known < INLINE_BELOW):
                     target.CopyFrom(tensor)
                     continue
                 raw = tensor.raw_data  # one tensor's bytes at a time
@@ -337,9 +340,28 @@ _DATA_FIELDS = frozenset(
 
 
 def _copy_metadata(tensor: onnx.TensorProto, target: onnx.TensorProto) -> None:
-    """Everything of ``tensor`` but its data and data-location fields, then marked external."""
-    _copy_fields(tensor, target, skip=_DATA_FIELDS | {"external_data", "data_location"})
+    """Everything of ``tensor`` but its data and data-location fields, then marked external.
+
+    Field by field from the descriptor: ``ListFields`` would copy the data it lists.
+    """
+    for field in tensor.DESCRIPTOR.fields:
+        if field.name in _DATA_FIELDS or field.name in ("external_data", "data_location"):
+            continue
+        value = getattr(tensor, field.name)
+        if _is_repeated(field):
+            getattr(target, field.name).extend(value)
+        elif not tensor.HasField(field.name):
+            continue
+        elif field.message_type is not None:
+            getattr(target, field.name).CopyFrom(value)
+        else:
+            setattr(target, field.name, value)
     target.data_location = onnx.TensorProto.EXTERNAL
+
+
+def _is_repeated(field) -> bool:
+    is_repeated = getattr(field, "is_repeated", None)  # protobuf >= 5.28; ``label`` is deprecated there
+    return bool(is_repeated) if is_repeated is not None else field.label == field.LABEL_REPEATED
 
 
 def _copy_fields(source, target, skip) -> None:

@@ -195,27 +195,28 @@ def save(
     tempfiles.clean_beside(directory)
     name = os.path.basename(path)
     location = external_data_io.free_data_name(directory, name) if external_data else None
-    tmp_dir = tempfiles.track(tempfile.mkdtemp(prefix=tempfiles.HIDDEN_PREFIX, dir=directory))
-    placed = None  # the new data file once beside the model, until the model's rename commits it
-    try:
-        tmp_model = os.path.join(tmp_dir, name)
-        _write(model, tmp_model, external_data=external_data, location=location, ir_version=ir_version,
-               source_dir=None if source_dir is None else os.fspath(source_dir))
-        if location and os.path.exists(os.path.join(tmp_dir, location)):  # absent if all tensors are tiny
-            placed = tempfiles.track(os.path.join(directory, location))
-            os.replace(os.path.join(tmp_dir, location), placed)
-        os.replace(tmp_model, path)  # the switch
-        if placed:
-            tempfiles.untrack(placed)
-            placed = None
-        _fsync_dir(directory)
-    except BaseException:
-        if placed:
-            tempfiles.remove(placed)
-        raise
-    finally:
-        tempfiles.remove(tmp_dir)
-    _remove_old_data(directory, name, keep=location, input_path=None if overwrite_input else input_path)
+    with tempfiles.unwinding_signals():  # SIGTERM unwinds through the clean-up below
+        tmp_dir = tempfiles.track(tempfile.mkdtemp(prefix=tempfiles.HIDDEN_PREFIX, dir=directory))
+        placed = None  # the new data file once beside the model, until the model's rename commits it
+        try:
+            tmp_model = os.path.join(tmp_dir, name)
+            _write(model, tmp_model, external_data=external_data, location=location, ir_version=ir_version,
+                   source_dir=None if source_dir is None else os.fspath(source_dir))
+            if location and os.path.exists(os.path.join(tmp_dir, location)):  # absent if all tensors are tiny
+                placed = tempfiles.track(os.path.join(directory, location))
+                os.replace(os.path.join(tmp_dir, location), placed)
+            os.replace(tmp_model, path)  # the switch
+            if placed:
+                tempfiles.untrack(placed)
+                placed = None
+            _fsync_dir(directory)
+        except BaseException:
+            if placed:
+                tempfiles.remove(placed)
+            raise
+        finally:
+            tempfiles.remove(tmp_dir)
+        _remove_old_data(directory, name, keep=location, input_path=None if overwrite_input else input_path)
     return path
 
 
@@ -250,9 +251,14 @@ def _all_inline(model: onnx.ModelProto) -> bool:
 
 
 def _inline_bytes(model: onnx.ModelProto) -> int:
-    """Serialized size of the initializers, tensor by tensor (``ByteSize`` of a whole proto past
-    2 GiB fails), plus the rest of the graph's nodes (small next to the weights)."""
-    return sum(init.ByteSize() for init in model.graph.initializer) + sum(n.ByteSize() for n in model.graph.node)
+    """Size of the model with its weights inline, counted tensor by tensor (``ByteSize`` of a whole
+    proto past 2 GiB fails): fixed-width tensors by their dims (measuring copies their bytes), the
+    others and the nodes by their serialized size."""
+    total = sum(n.ByteSize() for n in model.graph.node)
+    for init in model.graph.initializer:
+        known = external_data_io.tensor_bytes(init)
+        total += known if known is not None else init.ByteSize()
+    return total
 
 
 def _write(
@@ -429,21 +435,22 @@ def atomic_write_text(path: "str | os.PathLike", text: str) -> str:
     if os.path.isdir(path):
         raise UserError(f"{path}: is a directory (give a file name)")
     tempfiles.clean_beside(directory)
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=tempfiles.HIDDEN_PREFIX, dir=directory)
-    except OSError as exc:
-        raise UserError(f"{path}: cannot write in {directory} ({exc.strerror})") from None
-    tempfiles.track(tmp)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tempfiles.remove(tmp)
-        raise
-    tempfiles.untrack(tmp)
+    with tempfiles.unwinding_signals():
+        try:
+            fd, tmp = tempfile.mkstemp(prefix=tempfiles.HIDDEN_PREFIX, dir=directory)
+        except OSError as exc:
+            raise UserError(f"{path}: cannot write in {directory} ({exc.strerror})") from None
+        tempfiles.track(tmp)
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(text)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            tempfiles.remove(tmp)
+            raise
+        tempfiles.untrack(tmp)
     return path
 
 

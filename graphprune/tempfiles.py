@@ -8,12 +8,14 @@ Three kinds of temporaries exist:
   write touches its files far more often than that).
 - a private folder per CLI run in the system temp dir, ``graphprune-run-<pid>-*``: ``run_scope``
   points ``tempfile`` at it, so everything a run puts in "the temp dir" (ours:
-  ``graphprune-prep-*``, ``graphprune-calib-*``; onnxruntime's ``pre.quant.*``) lands inside and
-  goes with it.  A folder whose process is gone is removed by the next run.
+  ``graphprune-prep-*``, ``graphprune-calib-*``, ``graphprune-check-*``; onnxruntime's
+  ``pre.quant.*``) lands inside and goes with it.  A folder whose process is gone is removed by
+  the next run.
 - temporaries made outside a CLI run (the library called from Python) or by older releases,
   directly in the system temp dir: removed by the next run once older than ``STALE_SECONDS``.
 
-SIGINT raises ``KeyboardInterrupt`` and SIGTERM (under ``run_scope``) raises ``SystemExit``: both
+SIGINT raises ``KeyboardInterrupt`` and SIGTERM (under ``run_scope``, and during any write:
+``unwinding_signals``) raises ``SystemExit``: both
 unwind through the ``finally`` blocks that remove temporaries; an ``atexit`` hook removes what is
 still tracked.  SIGKILL cannot be caught: what it leaves is cleaned at the next run.
 """
@@ -30,13 +32,25 @@ import threading
 import time
 from typing import Iterator, Set
 
-__all__ = ["HIDDEN_PREFIX", "STALE_SECONDS", "track", "untrack", "remove", "clean_beside", "clean_temp_dir", "run_scope"]
+__all__ = [
+    "HIDDEN_PREFIX",
+    "STALE_SECONDS",
+    "track",
+    "untrack",
+    "remove",
+    "clean_beside",
+    "clean_temp_dir",
+    "run_scope",
+    "unwinding_signals",
+]
 
 HIDDEN_PREFIX = ".graphprune-"
 STALE_SECONDS = 3600
 _RUN_PREFIX = "graphprune-run-"
-# What graphprune (and onnxruntime's quantization pre-processing, which it calls) create in the temp dir.
-_TEMP_PREFIXES = ("graphprune-prep-", "graphprune-calib-", "pre.quant.")
+# What graphprune (graphprune-prep-*, -calib-*, -check-*...) and onnxruntime's quantization
+# pre-processing, which it calls (pre.quant.*), create in the temp dir.
+# Named one by one: other tools (benchmarks) keep their own graphprune-* folders there.
+_TEMP_PREFIXES = ("graphprune-prep-", "graphprune-calib-", "graphprune-check-", "pre.quant.")
 
 _tracked: Set[str] = set()
 _lock = threading.Lock()
@@ -111,19 +125,35 @@ def run_scope() -> Iterator[str]:
     track(private)
     previous_tempdir = tempfile.tempdir
     tempfile.tempdir = private
-    handlers = {}
-    if threading.current_thread() is threading.main_thread():
-        for sig in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):
-            if sig is not None:
-                handlers[sig] = signal.signal(sig, _exit_on_signal)
     try:
-        yield private
+        with unwinding_signals():
+            yield private
     finally:
-        for sig, handler in handlers.items():
-            signal.signal(sig, handler)
         tempfile.tempdir = previous_tempdir
         remove(private)
         _remove_tracked()
+
+
+@contextlib.contextmanager
+def unwinding_signals() -> Iterator[None]:
+    """SIGTERM and SIGHUP raise ``SystemExit(128 + signal)`` inside the block, so ``finally`` blocks
+    remove temporaries, where they would kill the process outright.
+
+    Only signals left at their default action are taken (a handler the caller installed is kept),
+    and only in the main thread (Python delivers signals there); the previous handlers come back
+    on exit.
+    """
+    handlers = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):
+            if sig is not None and signal.getsignal(sig) == signal.SIG_DFL:
+                handlers[sig] = signal.signal(sig, _exit_on_signal)
+    try:
+        yield
+    finally:
+        for sig, handler in handlers.items():
+            if signal.getsignal(sig) in (_exit_on_signal, signal.SIG_DFL):  # ours, or reset by a first signal
+                signal.signal(sig, handler)
 
 
 def _exit_on_signal(signum, frame) -> None:
