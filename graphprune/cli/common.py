@@ -98,7 +98,7 @@ def _check_writable(flag: str, path: str) -> None:
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise UserError(f"{flag} {path}: output directory does not exist")
-    if os.path.isdir(path):
+    if os.path.isdir(path) or path.endswith(("/", os.sep)):
         raise UserError(f"{flag} {path}: is a directory (give a file name)")
     if os.path.exists(path) and not os.path.isfile(path):
         raise UserError(f"{flag} {path}: exists and is not a regular file")
