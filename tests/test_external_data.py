@@ -257,6 +257,36 @@ def test_a_killed_write_leaves_a_consistent_pair_and_the_next_write_cleans_up(tm
     np.testing.assert_array_equal(_outputs(load(out)), _outputs(new))
 
 
+_SIGTERMED_WRITE = textwrap.dedent(
+    """
+    import os, signal, sys
+    from graphprune.model_io import save
+    from tests.helpers import conv_model
+
+    real_replace = os.replace
+
+    def replace(src, dst):  # SIGTERM arrives between the data file's rename and the model's
+        real_replace(src, dst)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    os.replace = replace
+    save(conv_model(width=32, seed=1), sys.argv[1], external_data=True)
+    """
+)
+
+
+def test_sigterm_during_a_library_write_removes_its_temporaries(tmp_path):
+    out = str(tmp_path / "out.onnx")
+    old = conv_model(width=32, seed=0)
+    save(old, out, external_data=True)
+    before = _snapshot(tmp_path)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run([sys.executable, "-c", _SIGTERMED_WRITE, out], cwd=root, timeout=120)
+    assert done.returncode == 128 + signal.SIGTERM
+    assert _snapshot(tmp_path) == before  # no hidden folder, no new data file
+    np.testing.assert_array_equal(_outputs(load(out)), _outputs(old))
+
+
 def test_a_write_killed_after_the_switch_leaves_the_new_pair(tmp_path, monkeypatch):
     out = str(tmp_path / "out.onnx")
     save(conv_model(width=32, seed=0), out, external_data=True)
