@@ -1,6 +1,7 @@
 """External data read safely, a model and its data replaced together, temporaries cleaned, output paths checked."""
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -409,13 +410,16 @@ def run_files(tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text("passes:\n  - canonicalize: {}\n")
     (tmp_path / "folder").mkdir()
-    return {"model": model, "teacher": teacher, "data": data, "recipe": str(recipe), "dir": str(tmp_path / "folder"),
+    model_copy = str(tmp_path / "copy.onnx")  # refers to m.onnx.data, as m.onnx does
+    shutil.copyfile(model, model_copy)
+    return {"model_copy": model_copy, "model": model, "teacher": teacher, "data": data, "recipe": str(recipe), "dir": str(tmp_path / "folder"),
             "model_data": model + ".data", "out": str(tmp_path / "out.onnx")}
 
 
 CLASHES = [
     ("prune {model} -o {model} --ratio 0.5", "refusing to overwrite the input model"),
-    ("prune {model} -o {model_data} --ratio 0.5", "-o {model_data}: -o is the input model's external data"),
+    ("prune {model} -o {model_data} --ratio 0.5", "-o {model_data}: is the input model's external data"),
+    ("prune {model_copy} -o {model} --ratio 0.5", "-o {model}: its data file m.onnx.data is the input model's external"),
     ("prune {model} -o {dir} --ratio 0.5", "is a directory"),
     ("run {model} -o {data} --pass canonicalize --data {data}", "is the --data file of this run"),
     ("run {model} -o {recipe} --recipe {recipe}", "is the --recipe file of this run"),
@@ -465,3 +469,9 @@ def test_reports_and_models_written_atomically_leave_no_temporaries(run_files, t
     assert main(["sparsify", run_files["model"], "-o", out, "--sparsity", "0.5", "--report", report]) == 0
     assert not [n for n in os.listdir(tmp_path) if n.startswith(tempfiles.HIDDEN_PREFIX)]
     assert os.path.getsize(report) > 0 and load(out).graph.initializer
+
+
+def test_a_missing_input_with_an_existing_output_is_named(run_files, tmp_path, capsys):
+    missing = str(tmp_path / "missing.onnx")
+    assert main(["prune", missing, "-o", run_files["model"], "--ratio", "0.5"]) == 2
+    assert "no such file" in _error_line(capsys)

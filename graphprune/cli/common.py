@@ -77,17 +77,16 @@ def check_output_path(args) -> None:
     out = args.output
     _check_writable("-o", out)
     overwrite = getattr(args, "overwrite_input", False)
-    if os.path.exists(out) and os.path.samefile(out, args.model) and not overwrite:
+    replaces_input = _same(out, args.model)
+    if replaces_input and not overwrite:
         raise UserError(f"{out}: refusing to overwrite the input model (choose another output path)")
     folder, name = os.path.split(os.path.abspath(out))
-    targets = [("-o", out)] + [
-        (f"the data file {n} of -o", os.path.join(folder, n)) for n in old_data_names(folder, name, None)
-    ]
+    targets = [("is", out)] + [(f"its data file {n} is", os.path.join(folder, n)) for n in old_data_names(folder, name, None)]
     for what, target in targets:
-        for label, path in _run_files(args, target):
-            if overwrite and label in ("input model", "input model's external data") and _replaces_input(out, args.model):
-                continue
-            raise UserError(f"-o {out}: {what} is the {label} of this run (choose another output path)")
+        for label, _ in _run_files(args, target):
+            if overwrite and replaces_input and label in ("input model", "input model's external data"):
+                continue  # --overwrite-input: the input model and its data are replaced on purpose
+            raise UserError(f"-o {out}: {what} the {label} of this run (choose another output path)")
     check_report_path(args)
 
 
@@ -130,10 +129,6 @@ def _run_files(args, target: str):
 def _inside(path: str, folder: str) -> bool:
     real, root = os.path.realpath(path), os.path.realpath(folder)
     return os.path.commonpath([real, root]) == root
-
-
-def _replaces_input(out: str, model: str) -> bool:
-    return os.path.exists(out) and os.path.samefile(out, model)
 
 
 def add_report_option(parser: argparse.ArgumentParser, what: str = "the report") -> None:
