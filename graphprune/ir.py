@@ -42,9 +42,6 @@ WEIGHTLESS_LOCATION = "graphprune-weightless.data"
 _STRIP_MIN_BYTES = 1024
 _KEEP_INDEX_BYTES = 2**20
 _INDEX_TYPES = frozenset({onnx.TensorProto.INT64, onnx.TensorProto.INT32})
-_DATA_FIELDS = frozenset(
-    {"raw_data", "float_data", "int32_data", "string_data", "int64_data", "double_data", "uint64_data"}
-)
 
 
 def clone(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -55,14 +52,26 @@ def clone(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def _tensor_bytes(tensor: onnx.TensorProto) -> int:
-    """Bytes of a tensor's data: its external record's length, else its serialized size."""
+    """Bytes of a tensor's data, from its dims and type (or its external record's length): never
+    read from the data itself (upb's ``ByteSize`` encodes the message, i.e. copies the weights)."""
     if tensor.data_location == onnx.TensorProto.EXTERNAL:
         for entry in tensor.external_data:
             if entry.key == "length" and entry.value.isdigit():
                 return int(entry.value)
-        itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize if tensor.data_type else 1
-        return int(np.prod(tensor.dims)) * itemsize
-    return tensor.ByteSize()  # size of the tensor proto: no copy of its data (len(raw_data) would copy)
+    if tensor.data_type in (onnx.TensorProto.STRING, onnx.TensorProto.UNDEFINED):
+        return tensor.ByteSize()
+    bits = _BITS.get(tensor.data_type)
+    if bits is None:
+        bits = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize * 8
+        _BITS[tensor.data_type] = bits
+    return (int(np.prod(tensor.dims, dtype=np.int64)) * bits + 7) // 8
+
+
+_BITS: Dict[int, int] = {
+    getattr(onnx.TensorProto, name): bits
+    for name, bits in (("INT4", 4), ("UINT4", 4), ("FLOAT4E2M1", 4), ("INT2", 2), ("UINT2", 2))
+    if hasattr(onnx.TensorProto, name)
+}
 
 
 def weight_bytes(model: onnx.ModelProto) -> int:
@@ -117,7 +126,12 @@ def weightless_copy(model: onnx.ModelProto) -> onnx.ModelProto:
             target.CopyFrom(init)
             continue
         size = _tensor_bytes(init)
-        _copy_fields(init, target, skip=_DATA_FIELDS | {"external_data", "data_location"})
+        # field by field: ListFields() would hand over (copy) the data fields too
+        target.name, target.data_type, target.doc_string = init.name, init.data_type, init.doc_string
+        target.dims.extend(init.dims)
+        if init.HasField("segment"):
+            target.segment.CopyFrom(init.segment)
+        target.metadata_props.extend(init.metadata_props)
         target.data_location = onnx.TensorProto.EXTERNAL
         for key, value in (("location", WEIGHTLESS_LOCATION), ("offset", "0"), ("length", str(size))):
             entry = target.external_data.add()
