@@ -15,21 +15,17 @@ from graphprune.runtime import make_session, run
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "hf")
 
 # Prunable groups per kind that each export must keep showing (2 layers: one heads and one FFN group
-# per layer).  Fewer is a regression; the gaps are listed in test_known_gaps_are_still_gaps.
+# per layer); fewer is a regression.
 EXPECTED = {
     "bert_torchscript": {"heads": 2, "ffn": 2},
     "bert_dynamo": {"heads": 2, "ffn": 2},
     "gpt2_torchscript": {"heads": 2, "ffn": 2},
     "gpt2_dynamo": {"heads": 2, "ffn": 2},
-    "llama_torchscript": {"ffn": 2},
+    "llama_torchscript": {"heads": 2, "ffn": 2},
     "llama_dynamo": {"heads": 2, "ffn": 2},
 }
 # Channels of a heads group: 4 heads, or Llama's 2 KV heads (each pruned with its 2 query heads).
 HEADS = {"llama_torchscript": 2, "llama_dynamo": 2}
-# What is not understood yet (the test fails once it is, so that EXPECTED is raised with it).
-GAPS = {
-    "llama_torchscript": "heads",  # RoPE's rotate_half slices at Shape-computed bounds; repeat_kv's Expand target
-}
 PRUNABLE = sorted(name for name, kinds in EXPECTED.items() if kinds)
 _CACHE = {}
 
@@ -72,11 +68,6 @@ def test_each_export_shows_its_heads_and_ffn_groups(name):
     if "heads" in EXPECTED[name]:
         heads = [g for g in _groups(name) if g.kind == "heads"]
         assert all(g.channels == HEADS.get(name, 4) for g in heads)
-
-
-@pytest.mark.parametrize("name", sorted(GAPS))
-def test_known_gaps_are_still_gaps(name):
-    assert _prunable_by_kind(name).get(GAPS[name], 0) == 0, "understood now: raise EXPECTED"
 
 
 @pytest.mark.parametrize("name", PRUNABLE)

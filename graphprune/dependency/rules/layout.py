@@ -118,24 +118,30 @@ def _couple_runs(ctx: RuleContext, x: str, y: str, xs, ys, runs, prefer=None) ->
 
 def _follows_source(ctx: RuleContext, x: str, y: str, runs, source: Optional[SizeSource], j: int) -> bool:
     """Whether output axis ``j``, sized at run time by ``source``, keeps its size when channels are
-    pruned: the entry reads an axis coupled to ``j`` (or ``factor`` times it, the other axes of
-    ``j``'s merge being constant).  Those other axes block; an axis of another tensor couples to ``j``."""
+    pruned: the entry reads the size of an axis of X that maps to ``j`` (or of another tensor's axis,
+    then coupled to it), times ``factor``, the product of the other X axes merged into ``j``; those
+    other axes block (repeat_kv's ``reshape(b, kv * n_rep, s, hd)``)."""
     if source is None:
         return False
-    if source.tensor != x:
-        if source.factor != 1:
+    ins = next((i for i, outs in runs if outs == [j]), None)
+    if ins is None:
+        if source.factor != 1 or source.tensor == x:
             return False
         ctx.couple(DimKey(source.tensor, source.axis), DimKey(y, j))
         return True
-    ins = next((i for i, outs in runs if outs == [j]), None)
-    if ins is None or source.axis not in ins:
+    xs = ctx.shape(x)
+    for a in ins if source.tensor != x else [source.axis]:
+        others = [b for b in ins if b != a]
+        sizes = [xs[b] for b in others]
+        if a in ins and all(isinstance(d, int) for d in sizes) and math.prod(sizes) == source.factor:
+            break
+    else:
         return False
-    others = [a for a in ins if a != source.axis]
-    sizes = [ctx.shape(x)[a] for a in others]
-    if not all(isinstance(d, int) for d in sizes) or math.prod(sizes) != source.factor:
-        return False
-    for a in others:
-        ctx.block(DimKey(x, a), f"merged into axis {j} whose Reshape target entry is {source.factor} x the size of axis {source.axis}")
+    if source.tensor != x:
+        ctx.couple(DimKey(source.tensor, source.axis), DimKey(x, a))
+    for b in others:
+        ctx.block(DimKey(x, b), f"merged into axis {j} whose Reshape target entry is {source.factor} x the size of "
+                                f"{source.tensor}[{source.axis}]")
     return True
 
 

@@ -82,7 +82,18 @@ def slice_(ctx: RuleContext) -> None:
         axes = ctx.attr("axes", list(range(len(starts or []))))
         steps = [1] * len(starts or [])
     if any(v is None for v in (starts, ends, axes, steps)):
-        block_all(ctx, "Slice bounds computed at run time")
+        if axes is None:
+            block_all(ctx, "Slice bounds computed at run time")
+            return
+        # bounds computed at run time (rotate_half's x[..., : x.shape[-1] // 2]) on known axes:
+        # only those axes block
+        sliced = {int(a) % rank for a in np.asarray(axes).reshape(-1)}
+        for a in range(rank):
+            if a in sliced:
+                ctx.block(DimKey(x, a), "Slice bounds computed at run time")
+                ctx.block(DimKey(y, a), "Slice bounds computed at run time")
+            else:
+                ctx.couple(DimKey(x, a), DimKey(y, a))
         return
     sliced = {int(a) % rank: (k, int(s), int(e), int(st)) for k, (s, e, a, st) in enumerate(zip(starts, ends, axes, steps))}
     moved = {}
@@ -133,6 +144,17 @@ def _rewrite_target(ctx: RuleContext, y: str, target: ShapeVector, skip_ones: bo
     ctx.fixup(fixup)
 
 
+def _entry_follows(ctx: RuleContext, x: str, y: str, source, i: int, j: int) -> bool:
+    """Whether output axis ``j``, sized at run time by ``source``, follows pruning: the entry reads
+    the size of X's own axis ``i`` (no broadcast there), or of another tensor's axis (coupled to ``j``)."""
+    if source is None or source.factor != 1:
+        return False
+    if source.tensor == x:
+        return source.axis == i
+    ctx.couple(DimKey(source.tensor, source.axis), DimKey(y, j))
+    return True
+
+
 @register_rule("Expand")
 def expand(ctx: RuleContext) -> None:
     """Broadcast to a constant shape: axes X already has couple; axes it broadcasts take the
@@ -145,7 +167,7 @@ def expand(ctx: RuleContext) -> None:
     runtime = {k + len(ys) - len(target.values) for k in target.fixed_entries} if target is not None else set()
     for j in range(len(ys)):
         i = j - lead
-        if j in runtime:
+        if j in runtime and not _entry_follows(ctx, x, y, target.source(j - len(ys) + len(target.values)), i, j):
             ctx.block(DimKey(y, j), "its size in the Expand target is computed at run time")
         if i >= 0 and xs[i] == ys[j] and xs[i] is not None:
             ctx.couple(DimKey(x, i), DimKey(y, j))

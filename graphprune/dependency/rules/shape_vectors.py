@@ -14,6 +14,7 @@ import dataclasses
 from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
+from onnx import numpy_helper
 
 from graphprune.dependency.rules.registry import RuleContext
 
@@ -113,6 +114,19 @@ def _size_sources(ctx: RuleContext, name: str, depth: int = 8) -> Optional[List[
         return None if axes is None else [SizeSource(node.input[0], a) for a in axes]
     if op in ("Unsqueeze", "Squeeze", "Cast", "Identity"):
         return _size_sources(ctx, node.input[0], depth - 1)
+    if op == "Reshape" and len(ctx.shape(name) or ()) == 1 and len(ctx.shape(node.input[0]) or ()) == 1:
+        return _size_sources(ctx, node.input[0], depth - 1)
+    if op == "Concat":
+        found: List[Optional[SizeSource]] = []
+        for part in node.input:
+            shape = ctx.shape(part)
+            if shape is None or len(shape) > 1 or (shape and not isinstance(shape[0], int)):
+                return None
+            inner = None if ctx.const(part) is not None else _size_sources(ctx, part, depth - 1)
+            found.extend(inner if inner is not None else [None] * (shape[0] if shape else 1))
+        return found
+    if op == "Where" and _never_equal_to_a_size(ctx, node):
+        return _size_sources(ctx, node.input[2], depth - 1)
     if op == "Mul":
         for a, b in ((0, 1), (1, 0)):
             c = ctx.const(node.input[b])
@@ -140,6 +154,44 @@ def _size_sources(ctx: RuleContext, name: str, depth: int = 8) -> Optional[List[
     return None
 
 
+def _negative(ctx: RuleContext, name: str) -> bool:
+    """Whether every value of ``name`` is negative: a constant, or ``ConstantOfShape(v) * c``."""
+    value = ctx.const(name)
+    if value is not None:
+        return bool(np.all(np.asarray(value) < 0))
+    node = ctx.producer(name)
+    if node is None or node.op_type != "Mul":
+        return False
+    for a, b in ((0, 1), (1, 0)):
+        fill, c = ctx.producer(node.input[a]), ctx.const(node.input[b])
+        if fill is not None and fill.op_type == "ConstantOfShape" and c is not None and np.asarray(c).size == 1:
+            attr = next((x.t for x in fill.attribute if x.name == "value"), None)
+            v = numpy_helper.to_array(attr).reshape(-1)[0] if attr is not None else 0
+            return bool(v * np.asarray(c).reshape(-1)[0] < 0)
+    return False
+
+
+def _never_equal_to_a_size(ctx: RuleContext, node) -> bool:
+    """``Where(Equal(v, negative), other, v)``: torch's ``expand`` keeps a ``-1`` size; sizes are never
+    negative, so the Where yields ``v``."""
+    cond = ctx.producer(node.input[0])
+    return (cond is not None and cond.op_type == "Equal" and node.input[2] in cond.input
+            and _negative(ctx, cond.input[1 - list(cond.input).index(node.input[2])]))
+
+
+def _follows_expand_pattern(ctx: RuleContext, node, tensor: str) -> bool:
+    """``node`` is a step of torch's ``expand()`` target that ``_size_sources`` sees through: the
+    1-D Reshape, the Equal with -1 and the Where that keeps the sizes."""
+    if node.op_type == "Reshape":
+        return node.input[0] == tensor and len(ctx.shape(tensor) or ()) == 1
+    if node.op_type == "Where":
+        return _never_equal_to_a_size(ctx, node)
+    if node.op_type == "Equal":
+        users = ctx.consumers(node.output[0])
+        return bool(users) and all(u.op_type == "Where" and _never_equal_to_a_size(ctx, u) for u in users)
+    return False
+
+
 def size_flows_to_targets(ctx: RuleContext, name: str) -> bool:
     """Whether the sizes in ``name`` (a Shape output) reach nothing but Reshape targets, through ops
     ``_size_sources`` follows: then the Reshape rule couples each target entry to the axis it reads,
@@ -150,9 +202,12 @@ def size_flows_to_targets(ctx: RuleContext, name: str) -> bool:
         if ctx.is_graph_output(tensor):
             return False
         for node in ctx.consumers(tensor):
-            if node.op_type == "Reshape" and list(node.input).index(tensor) == 1:
+            if node.op_type in ("Reshape", "Expand") and list(node.input).index(tensor) == 1:
                 continue
-            if node.op_type not in _SIZE_OPS or node.input[0] != tensor and node.op_type != "Concat":
+            if node.op_type == "Shape":
+                continue  # reads the vector's length, not its sizes
+            if not _follows_expand_pattern(ctx, node, tensor) and (
+                    node.op_type not in _SIZE_OPS or (node.input[0] != tensor and node.op_type != "Concat")):
                 return False
             if node.op_type == "Mul" and not any(ctx.const(i) is not None for i in node.input):
                 return False
@@ -172,8 +227,13 @@ def read_shape_vector(ctx: RuleContext, name: Optional[str]) -> Optional[ShapeVe
     if value is not None:
         return ShapeVector(name, [int(v) for v in np.asarray(value).reshape(-1)], np.asarray(value).dtype)
     concat = ctx.producer(name)
-    if concat is None or concat.op_type != "Concat":
+    if concat is None:
         return None
+    if concat.op_type != "Concat":  # sizes only, e.g. torch's expand(): Where(Equal(v, -1), 1, v)
+        found = _size_sources(ctx, name)
+        if found is None or not any(found):
+            return None
+        return ShapeVector(name, [None] * len(found), np.dtype(np.int64), [], sources=found)
     if next((a.i for a in concat.attribute if a.name == "axis"), 0) != 0:
         return None
     values: List[Optional[int]] = []
