@@ -61,11 +61,26 @@ def pattern_label(pattern: Pattern) -> str:
 
 def unstructured_mask(weight: np.ndarray, prune_count: int) -> np.ndarray:
     """Keep all but the ``prune_count`` smallest-magnitude weights (ties broken by position)."""
-    keep = np.ones(weight.size, dtype=bool)
-    if prune_count > 0:
-        order = np.argsort(np.abs(weight).ravel(), kind="stable")
-        keep[order[:prune_count]] = False
-    return keep.reshape(weight.shape)
+    return ~_smallest(np.abs(weight).ravel(), prune_count).reshape(weight.shape)
+
+
+def _smallest(values: np.ndarray, count: int) -> np.ndarray:
+    """Mask of the ``count`` smallest ``values``, ties to the earlier position: a stable argsort's
+    first ``count``, found by one O(n) partition (a full sort of 10^8 weights takes minutes)."""
+    chosen = np.zeros(values.size, dtype=bool)
+    if count <= 0:
+        return chosen
+    if count >= values.size:
+        chosen[:] = True
+        return chosen
+    threshold = np.partition(values, count - 1)[count - 1]
+    if np.isnan(threshold):  # NaN sorts last: the stable sort's order is the reference
+        chosen[np.argsort(values, kind="stable")[:count]] = True
+        return chosen
+    np.less(values, threshold, out=chosen)
+    ties = np.flatnonzero(values == threshold)[: count - np.count_nonzero(chosen)]
+    chosen[ties] = True
+    return chosen
 
 
 def global_prune_counts(weights: Sequence[np.ndarray], sparsity: float, max_layer_sparsity: float) -> List[int]:
@@ -90,7 +105,7 @@ def global_prune_counts(weights: Sequence[np.ndarray], sparsity: float, max_laye
         magnitudes = np.concatenate([np.abs(weights[i]).ravel() for i in free])
         owners = np.repeat(np.arange(len(free)), [sizes[i] for i in free])
         budget = min(budget, magnitudes.size)
-        chosen = owners[np.argsort(magnitudes, kind="stable")[:budget]]
+        chosen = owners[_smallest(magnitudes, budget)]
         per_layer = np.bincount(chosen, minlength=len(free))
         newly_capped = [free[j] for j in range(len(free)) if per_layer[j] > caps[free[j]]]
         if not newly_capped:
