@@ -480,3 +480,16 @@ def test_a_missing_input_with_an_existing_output_is_named(run_files, tmp_path, c
     missing = str(tmp_path / "missing.onnx")
     assert main(["prune", missing, "-o", run_files["model"], "--ratio", "0.5"]) == 2
     assert "no such file" in _error_line(capsys)
+
+
+def test_a_run_cleans_killed_runs_leftovers_beside_its_output_even_when_it_fails(run_files, tmp_path, capsys):
+    stale = tmp_path / ".graphprune-killed"
+    stale.mkdir()
+    (stale / "out.onnx.data").write_bytes(b"x" * 100)
+    _age(str(stale))
+    garbage = tmp_path / "garbage.onnx"
+    garbage.write_bytes(b"not a model")
+    assert main(["prune", str(garbage), "-o", run_files["out"], "--ratio", "0.5"]) == 2  # fails after the path checks
+    assert "not an ONNX model" in _error_line(capsys)
+    assert not stale.exists() and not os.path.exists(run_files["out"])
+

@@ -14,7 +14,7 @@ from graphprune.data import InputSet, load_inputs, parse_input_shapes
 from graphprune.errors import UserError
 from graphprune.external_data import data_files, free_data_name, old_data_names
 from graphprune.model_io import atomic_write_text, save
-from graphprune.tempfiles import HIDDEN_PREFIX
+from graphprune.tempfiles import HIDDEN_PREFIX, clean_beside
 
 __all__ = [
     "add_data_options",
@@ -101,6 +101,7 @@ def _check_writable(flag: str, path: str) -> None:
         raise UserError(f"{flag} {path}: is a directory (give a file name)")
     if os.path.exists(path) and not os.path.isfile(path):
         raise UserError(f"{flag} {path}: exists and is not a regular file")
+    clean_beside(folder)  # hidden leftovers of killed runs, older than an hour
     try:  # the only sure test of writability (permissions, read-only mounts, quotas): make a file
         fd, probe = tempfile.mkstemp(prefix=HIDDEN_PREFIX, dir=folder)
     except OSError as exc:
