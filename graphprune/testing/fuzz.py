@@ -333,8 +333,8 @@ def _structure_cases(rng: random.Random) -> List[FuzzCase]:
     for i, (name, model, expect, isolate) in enumerate(_structure_defects()):
         picks = commands if isolate else [commands[(i + k) % len(commands)] for k in range(3)]
         for command in picks:
-            if command == "finetune" and name == "fixed_batch":
-                continue  # 8 samples in a fixed batch of 2: valid, but slow; covered by prune/run
+            if command in ("finetune", "validate", "quantize") and name == "fixed_batch":
+                continue  # their --input-shape x=1x3x8x8 does not fit a fixed batch of 2; prune/run cover it
             expect_here = expect
             if name.startswith(("pc_", "wm_")) and command == "finetune":
                 expect_here = "any"
