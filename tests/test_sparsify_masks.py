@@ -122,8 +122,8 @@ def test_mask_record_merges_and_uses_the_shared_format():
     }
 
 
-def test_a_corrupt_mask_record_is_a_user_error():
+def test_a_corrupt_mask_record_is_ignored_with_a_warning():
     model = _empty_model()
     model.metadata_props.add(key=MASKS_KEY, value="{not json")
-    with pytest.raises(UserError, match="not valid JSON"):
-        read_mask_record(model)
+    with pytest.warns(UserWarning, match="not valid JSON"):
+        assert read_mask_record(model) == {}
