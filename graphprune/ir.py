@@ -23,6 +23,7 @@ __all__ = [
     "from_gs",
     "count_params",
     "weight_bytes",
+    "approx_bytes",
     "has_external_data",
     "is_large",
     "weightless_copy",
@@ -77,6 +78,17 @@ _BITS: Dict[int, int] = {
 def weight_bytes(model: onnx.ModelProto) -> int:
     """Bytes of the main graph's initializers, in memory or in external files (no data is read)."""
     return sum(_tensor_bytes(init) for init in model.graph.initializer)
+
+
+def approx_bytes(model: onnx.ModelProto) -> int:
+    """The model's serialized size as far as weights go (initializers and Constant-node tensors),
+    without serializing it: ``ModelProto.ByteSize`` encodes the whole message under upb (a copy of
+    every weight) and raises past protobuf's 2 GiB limit."""
+    total = weight_bytes(model)
+    for node in model.graph.node:
+        if node.op_type == "Constant":
+            total += sum(_tensor_bytes(attr.t) for attr in node.attribute if attr.type == onnx.AttributeProto.TENSOR)
+    return total
 
 
 def has_external_data(model: onnx.ModelProto) -> bool:

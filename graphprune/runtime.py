@@ -12,6 +12,7 @@ import numpy as np
 import onnx
 
 from graphprune.errors import UserError
+from graphprune.ir import approx_bytes
 from graphprune.model_io import EXTERNAL_DATA_THRESHOLD, for_ort
 
 __all__ = [
@@ -81,7 +82,7 @@ def make_session(
     model = for_ort(model)
     try:
         kwargs = dict(providers=["CPUExecutionProvider"], disabled_optimizers=list(DISABLED_OPTIMIZERS))
-        if model.ByteSize() < EXTERNAL_DATA_THRESHOLD:
+        if approx_bytes(model) < EXTERNAL_DATA_THRESHOLD:  # ByteSize() would encode (and fail past 2 GiB)
             return rt.InferenceSession(model.SerializeToString(), opts, **kwargs)
         from graphprune.model_io import save
 

@@ -242,10 +242,9 @@ def check_session(model: onnx.ModelProto) -> None:
         return  # custom ops: see _RUNTIME_DOMAINS
     rt = ort()
     model = for_ort(model)
-    try:
-        size = model.ByteSize()
-    except Exception:  # noqa: BLE001 - protobuf refuses to size messages past 2 GiB
-        size = EXTERNAL_DATA_THRESHOLD
+    from graphprune.ir import approx_bytes
+
+    size = approx_bytes(model)  # ByteSize() encodes the whole message under upb (and fails past 2 GiB)
     options = rt.SessionOptions()
     options.graph_optimization_level = rt.GraphOptimizationLevel.ORT_DISABLE_ALL
     options.log_severity_level = 4  # the runtime's own (coloured, multi-line) log lines stay out of stderr

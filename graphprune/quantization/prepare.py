@@ -8,7 +8,7 @@ import tempfile
 
 import onnx
 
-from graphprune.ir import clone
+from graphprune.ir import approx_bytes, clone
 from graphprune.model_io import EXTERNAL_DATA_THRESHOLD, default_opset, for_ort
 from graphprune.shapes import infer_shapes
 
@@ -116,7 +116,7 @@ def save_for_tool(model: onnx.ModelProto, path: str) -> None:
     ``onnx.save_model`` rewrites the proto it saves as external data, so a copy is saved.
     """
     model = for_ort(model)
-    if model.ByteSize() < EXTERNAL_DATA_THRESHOLD:
+    if approx_bytes(model) < EXTERNAL_DATA_THRESHOLD:  # ByteSize() would encode (and fail past 2 GiB)
         onnx.save_model(model, path)
         return
     onnx.save_model(clone(model), path, save_as_external_data=True, location=os.path.basename(path) + ".data")
