@@ -103,10 +103,11 @@ def global_prune_counts(weights: Sequence[np.ndarray], sparsity: float, max_laye
         if not free or budget <= 0:
             break
         magnitudes = np.concatenate([np.abs(weights[i]).ravel() for i in free])
-        owners = np.repeat(np.arange(len(free)), [sizes[i] for i in free])
         budget = min(budget, magnitudes.size)
-        chosen = owners[_smallest(magnitudes, budget)]
-        per_layer = np.bincount(chosen, minlength=len(free))
+        chosen = _smallest(magnitudes, budget)
+        del magnitudes  # as large as all the weights: freed before the per-layer counts
+        ends = np.cumsum([sizes[i] for i in free])
+        per_layer = [np.count_nonzero(chosen[end - sizes[i]:end]) for i, end in zip(free, ends)]
         newly_capped = [free[j] for j in range(len(free)) if per_layer[j] > caps[free[j]]]
         if not newly_capped:
             for j, i in enumerate(free):
