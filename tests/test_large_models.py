@@ -205,3 +205,14 @@ def test_observed_shapes_leaves_the_model_as_it_was():
     shapes = observed_shapes(model, {"x": np.ones((1, _WIDTH), np.float32)}, {}, names=["m1", "r0"])
     assert shapes["m1"] == (1, _WIDTH) and shapes["r0"] == (1, _WIDTH)
     assert model.SerializeToString() == before
+
+
+def test_a_session_past_the_protobuf_limit_is_built_without_sizing_the_model(no_whole_proto, monkeypatch):
+    import graphprune.runtime as runtime
+
+    monkeypatch.setattr(runtime, "EXTERNAL_DATA_THRESHOLD", 1000)  # this model counts as past 2 GiB
+    model = _mlp()
+    assert ir.approx_bytes(model) == 3 * (_WIDTH * _WIDTH + _WIDTH) * 4 + 2 * 8
+    session = runtime.make_session(model)
+    (y,) = session.run(None, {"x": np.ones((1, _WIDTH), np.float32)})
+    assert y.shape == (1, _WIDTH)
