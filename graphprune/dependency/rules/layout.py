@@ -174,8 +174,12 @@ def reshape(ctx: RuleContext) -> None:
     for k in target.fixed_entries:
         if target.values[k] is None and _follows_source(ctx, x, y, runs, target.source(k), k + lead):
             continue
-        ctx.block(DimKey(y, k + lead), f"its size in the Reshape target {target.name} is computed at run time "
-                                       "from something other than the size of an axis coupled to it")
+        reason = (f"its size in the Reshape target {target.name} is computed at run time from something other "
+                  "than the size of an axis coupled to it")
+        ctx.block(DimKey(y, k + lead), reason)
+        source = target.source(k)
+        if source is not None:  # the size it reads must not change either
+            ctx.block(DimKey(source.tensor, source.axis), reason)
 
     def fixup(editor, node):
         new = [editor.new_size(DimKey(y, j)) if v is not None and v > 0 else v for j, v in enumerate(target.values)]

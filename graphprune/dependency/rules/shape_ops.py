@@ -167,8 +167,11 @@ def expand(ctx: RuleContext) -> None:
     runtime = {k + len(ys) - len(target.values) for k in target.fixed_entries} if target is not None else set()
     for j in range(len(ys)):
         i = j - lead
-        if j in runtime and not _entry_follows(ctx, x, y, target.source(j - len(ys) + len(target.values)), i, j):
+        source = target.source(j - len(ys) + len(target.values)) if j in runtime else None
+        if j in runtime and not _entry_follows(ctx, x, y, source, i, j):
             ctx.block(DimKey(y, j), "its size in the Expand target is computed at run time")
+            if source is not None:  # the size it reads must not change either
+                ctx.block(DimKey(source.tensor, source.axis), "its size is read into an Expand target at run time")
         if i >= 0 and xs[i] == ys[j] and xs[i] is not None:
             ctx.couple(DimKey(x, i), DimKey(y, j))
             continue

@@ -11,7 +11,7 @@ entry sizes is blocked by the rule using the vector.
 from __future__ import annotations
 
 import dataclasses
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 from onnx import numpy_helper
@@ -54,8 +54,10 @@ class ShapeVector:
     @property
     def fixed_entries(self) -> List[int]:
         """Entries whose size cannot follow pruning by a rewrite of the constant: those computed at
-        run time (a vector other nodes read too is copied for the node whose entries change)."""
-        return self.runtime_entries
+        run time, and constants inside a vector computed otherwise than by Concat (a vector other
+        nodes read too is copied for the node whose entries change)."""
+        frozen = self.parts is not None and not self.parts
+        return [k for k, v in enumerate(self.values) if v is None or (frozen and v > 1)]
 
     def write(self, editor, node, input_index: int, new: Sequence[Optional[int]]) -> None:
         """Fixup: give the constant entries the values ``new`` (run-time entries are left alone).
@@ -103,8 +105,13 @@ def _shape_axes(ctx: RuleContext, node) -> Optional[List[int]]:
     return list(range(rank))[slice(start, end)]
 
 
-def _size_sources(ctx: RuleContext, name: str, depth: int = 8) -> Optional[List[Optional[SizeSource]]]:
-    """Per entry of the 1-D int tensor ``name``, the axis size it is (None where not understood)."""
+def _only_sources(found) -> List[Optional[SizeSource]]:
+    return [f if isinstance(f, SizeSource) else None for f in found]
+
+
+def _size_sources(ctx: RuleContext, name: str, depth: int = 8) -> Optional[List[Union[SizeSource, int, None]]]:
+    """Per entry of the 1-D int tensor ``name``: the axis size it is, or its value where it is a
+    constant (None where not understood)."""
     node = ctx.producer(name)
     if node is None or depth == 0:
         return None
@@ -117,12 +124,13 @@ def _size_sources(ctx: RuleContext, name: str, depth: int = 8) -> Optional[List[
     if op == "Reshape" and len(ctx.shape(name) or ()) == 1 and len(ctx.shape(node.input[0]) or ()) == 1:
         return _size_sources(ctx, node.input[0], depth - 1)
     if op == "Concat":
-        found: List[Optional[SizeSource]] = []
+        found: List[Union[SizeSource, int, None]] = []
         for part in node.input:
             shape = ctx.shape(part)
             if shape is None or len(shape) > 1 or (shape and not isinstance(shape[0], int)):
                 return None
-            inner = None if ctx.const(part) is not None else _size_sources(ctx, part, depth - 1)
+            value = ctx.const(part)
+            inner = [int(v) for v in np.asarray(value).reshape(-1)] if value is not None else _size_sources(ctx, part, depth - 1)
             found.extend(inner if inner is not None else [None] * (shape[0] if shape else 1))
         return found
     if op == "Where" and _never_equal_to_a_size(ctx, node):
@@ -134,7 +142,8 @@ def _size_sources(ctx: RuleContext, name: str, depth: int = 8) -> Optional[List[
                 inner = _size_sources(ctx, node.input[a], depth - 1)
                 scale = int(np.asarray(c).reshape(-1)[0])
                 return None if inner is None else [
-                    None if s is None else SizeSource(s.tensor, s.axis, s.factor * scale) for s in inner]
+                    s * scale if isinstance(s, int) else None if s is None else SizeSource(s.tensor, s.axis, s.factor * scale)
+                    for s in inner]
         return None
     if op in ("Gather", "Slice"):
         inner = _size_sources(ctx, node.input[0], depth - 1)
@@ -192,6 +201,13 @@ def _follows_expand_pattern(ctx: RuleContext, node, tensor: str) -> bool:
     return False
 
 
+def _fully_traced(ctx: RuleContext, name: str) -> bool:
+    """Whether every run-time entry of target ``name`` is traced to the axis it reads (so that the
+    rule reading the target can couple or block each of them)."""
+    target = read_shape_vector(ctx, name)
+    return target is not None and all(target.source(k) is not None for k in target.runtime_entries)
+
+
 def size_flows_to_targets(ctx: RuleContext, name: str) -> bool:
     """Whether the sizes in ``name`` (a Shape output) reach nothing but Reshape targets, through ops
     ``_size_sources`` follows: then the Reshape rule couples each target entry to the axis it reads,
@@ -203,6 +219,8 @@ def size_flows_to_targets(ctx: RuleContext, name: str) -> bool:
             return False
         for node in ctx.consumers(tensor):
             if node.op_type in ("Reshape", "Expand") and list(node.input).index(tensor) == 1:
+                if not _fully_traced(ctx, tensor):
+                    return False
                 continue
             if node.op_type == "Shape":
                 continue  # reads the vector's length, not its sizes
@@ -231,9 +249,10 @@ def read_shape_vector(ctx: RuleContext, name: Optional[str]) -> Optional[ShapeVe
         return None
     if concat.op_type != "Concat":  # sizes only, e.g. torch's expand(): Where(Equal(v, -1), 1, v)
         found = _size_sources(ctx, name)
-        if found is None or not any(found):
+        if found is None or not any(isinstance(f, SizeSource) for f in found):
             return None
-        return ShapeVector(name, [None] * len(found), np.dtype(np.int64), [], sources=found)
+        values = [f if isinstance(f, int) else None for f in found]
+        return ShapeVector(name, values, np.dtype(np.int64), [], sources=_only_sources(found))
     if next((a.i for a in concat.attribute if a.name == "axis"), 0) != 0:
         return None
     values: List[Optional[int]] = []
@@ -254,5 +273,5 @@ def read_shape_vector(ctx: RuleContext, name: Optional[str]) -> Optional[ShapeVe
         else:
             values.extend([None] * length)
             found = _size_sources(ctx, part)
-            sources.extend(found if found is not None and len(found) == length else [None] * length)
+            sources.extend(_only_sources(found) if found is not None and len(found) == length else [None] * length)
     return ShapeVector(name, values, dtype, parts, shared=len(ctx.consumers(name)), sources=sources)
