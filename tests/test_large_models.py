@@ -178,7 +178,7 @@ def test_a_model_past_two_gib_loads_checks_and_inspects(tmp_path, capsys):
     assert f"params: {layers * width * width:,}" in capsys.readouterr().out
     model = load(path)
     check_model(model, full=True)
-    assert ir.weight_bytes(model) > 2**31
+    assert ir.weight_bytes(model) >= 2**31  # past protobuf's 2**31 - 1
     assert infer_shapes(model, inplace=True).graph.value_info[0].name == "m0"
 
 
