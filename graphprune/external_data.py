@@ -26,6 +26,7 @@ from typing import Dict, Iterator, List, Optional, Tuple
 import onnx
 
 from graphprune.errors import UserError
+from graphprune.ir import copy_fields
 
 __all__ = [
     "check_external_data",
@@ -286,8 +287,8 @@ def write_with_external_data(
     """
     folder = os.path.dirname(os.path.abspath(path))
     light = onnx.ModelProto()  # the model without its initializers, which are added one by one
-    _copy_fields(model, light, skip={"graph"})
-    _copy_fields(model.graph, light.graph, skip={"initializer"})
+    copy_fields(model, light, skip={"graph"})
+    copy_fields(model.graph, light.graph, skip={"initializer"})
     if ir_version is not None:
         light.ir_version = ir_version
     on_disk = [t for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
@@ -362,19 +363,6 @@ def _copy_metadata(tensor: onnx.TensorProto, target: onnx.TensorProto) -> None:
 def _is_repeated(field) -> bool:
     is_repeated = getattr(field, "is_repeated", None)  # protobuf >= 5.28; ``label`` is deprecated there
     return bool(is_repeated) if is_repeated is not None else field.label == field.LABEL_REPEATED
-
-
-def _copy_fields(source, target, skip) -> None:
-    """Copy every set field of the message ``source`` into ``target`` except those in ``skip``."""
-    for field, value in source.ListFields():
-        if field.name in skip:
-            continue
-        if hasattr(value, "extend"):  # repeated field
-            getattr(target, field.name).extend(value)
-        elif field.message_type is not None:
-            getattr(target, field.name).CopyFrom(value)
-        else:
-            setattr(target, field.name, value)
 
 
 def _source_span(tensor: onnx.TensorProto, source_dir: Optional[str]) -> Optional[Tuple[str, int, int]]:

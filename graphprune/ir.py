@@ -23,6 +23,7 @@ __all__ = [
     "from_gs",
     "count_params",
     "weight_bytes",
+    "copy_fields",
     "approx_bytes",
     "has_external_data",
     "is_large",
@@ -108,7 +109,7 @@ def _strippable(tensor: onnx.TensorProto) -> bool:
     return size >= (_KEEP_INDEX_BYTES if tensor.data_type in _INDEX_TYPES else _STRIP_MIN_BYTES)
 
 
-def _copy_fields(source, target, skip=()) -> None:
+def copy_fields(source, target, skip=()) -> None:
     """Copy every set field of ``source`` into ``target`` except those named in ``skip``."""
     for field, value in source.ListFields():
         if field.name in skip:
@@ -130,8 +131,8 @@ def weightless_copy(model: onnx.ModelProto) -> onnx.ModelProto:
     Good for checking, shape inference and anything else that reads only structure.
     """
     copy = onnx.ModelProto()
-    _copy_fields(model, copy, skip=("graph",))
-    _copy_fields(model.graph, copy.graph, skip=("initializer",))
+    copy_fields(model, copy, skip=("graph",))
+    copy_fields(model.graph, copy.graph, skip=("initializer",))
     for init in model.graph.initializer:
         target = copy.graph.initializer.add()
         if not _strippable(init):

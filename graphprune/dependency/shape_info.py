@@ -8,7 +8,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from graphprune.ir import value_shape
+from graphprune.ir import copy_fields, value_shape
 
 __all__ = ["infer_value_info", "tensor_shapes", "symbolic_shapes", "model_shell"]
 
@@ -17,27 +17,13 @@ __all__ = ["infer_value_info", "tensor_shapes", "symbolic_shapes", "model_shell"
 _SMALL = 64
 
 
-def _copy_fields(src, dst, skip=()) -> None:
-    """Copy every set field of a protobuf message except ``skip`` (no deep copy of the graph)."""
-    for field, value in src.ListFields():
-        if field.name in skip:
-            continue
-        target = getattr(dst, field.name)
-        if field.is_repeated:
-            target.extend(value)
-        elif field.message_type is not None:
-            target.CopyFrom(value)
-        else:
-            setattr(dst, field.name, value)
-
-
 def model_shell(model: onnx.ModelProto, keep_value_info: bool) -> onnx.ModelProto:
     """The model without its initializers (and without its value_info unless ``keep_value_info``),
     built field by field: no copy of the (large) weights."""
     shell = onnx.ModelProto()
-    _copy_fields(model, shell, skip=("graph",))
+    copy_fields(model, shell, skip=("graph",))
     skip = ("initializer",) if keep_value_info else ("initializer", "value_info")
-    _copy_fields(model.graph, shell.graph, skip=skip)
+    copy_fields(model.graph, shell.graph, skip=skip)
     return shell
 
 
