@@ -223,12 +223,6 @@ def _dangling(parts):
     parts["nodes"][3].input[1] = "missing.w"
 
 
-def _opset(v):
-    def edit(parts):
-        parts["opset"] = v
-    return edit
-
-
 def _unknown_op(parts):
     parts["nodes"][2] = helper.make_node("NoSuchOp", ["h2"], ["h3"], name="relu")
 
