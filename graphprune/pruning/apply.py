@@ -20,10 +20,14 @@ from onnx import helper, numpy_helper
 from graphprune.dependency import DependencyGraph, DimKey, Group
 from graphprune.dependency.shape_info import infer_value_info, model_shell
 
-__all__ = ["MODES", "PRUNED_CHANNELS_KEY", "Editor", "removal_masks", "apply_selection", "pruned_channels"]
+__all__ = ["MODES", "PRUNED_CHANNELS_KEY", "REMOVED_CHANNELS_KEY", "Editor", "removal_masks", "apply_selection",
+           "pruned_channels", "removed_channels"]
 
 MODES = ("remove", "mask")
 PRUNED_CHANNELS_KEY = "graphprune.pruned_channels"
+# What the last ``remove`` deleted, in the numbering of the model it was applied to: reconstruction
+# (graphprune.pruning.reconstruct) pairs each shrunk constant with the original's.
+REMOVED_CHANNELS_KEY = "graphprune.removed_channels"
 # Roles whose values `mask` never zeroes (see graphprune.dependency.rules.ROLES).
 _NOT_ZEROED = ("stat", "divisor")
 
@@ -198,13 +202,26 @@ def _remap_record(old: Dict, removed: Dict[str, List[Tuple[int, np.ndarray]]]) -
     return out
 
 
-def _set_record(model: onnx.ModelProto, record: Dict) -> None:
+def _set_record(model: onnx.ModelProto, record: Dict, key: str = PRUNED_CHANNELS_KEY) -> None:
     for i, prop in enumerate(model.metadata_props):
-        if prop.key == PRUNED_CHANNELS_KEY:
+        if prop.key == key:
             del model.metadata_props[i]
             break
     if record:
-        model.metadata_props.add(key=PRUNED_CHANNELS_KEY, value=json.dumps(record, sort_keys=True))
+        model.metadata_props.add(key=key, value=json.dumps(record, sort_keys=True))
+
+
+def removed_channels(model: onnx.ModelProto) -> Dict[str, Dict[int, np.ndarray]]:
+    """Constant -> {axis: indices} that the last ``remove`` deleted from it (empty when none or unreadable)."""
+    for prop in model.metadata_props:
+        if prop.key == REMOVED_CHANNELS_KEY:
+            try:
+                record = json.loads(prop.value)
+                return {str(t): {int(a): np.asarray(i, dtype=np.int64) for a, i in axes.items()}
+                        for t, axes in record.items()}
+            except (ValueError, TypeError, AttributeError, RecursionError):
+                return {}
+    return {}
 
 
 def apply_selection(dep: DependencyGraph, masks: Dict[DimKey, np.ndarray], mode: str) -> Tuple[onnx.ModelProto, int]:
@@ -238,7 +255,11 @@ def apply_selection(dep: DependencyGraph, masks: Dict[DimKey, np.ndarray], mode:
         _drop_unused(new.graph, editor.replaced)
         new.graph.value_info.extend(infer_value_info(new))
         _set_record(new, _remap_record(record, per_param))
+        removed = {name: {str(axis): [int(i) for i in np.flatnonzero(mask)] for axis, mask in axes}
+                   for name, axes in per_param.items()}
+        _set_record(new, removed, REMOVED_CHANNELS_KEY)
     else:
+        _set_record(new, {}, REMOVED_CHANNELS_KEY)  # a record of an earlier removal no longer describes this step
         now = {
             name: {str(axis): [int(i) for i in np.flatnonzero(mask)] for axis, mask in axes}
             for name, axes in per_param.items()
