@@ -6,6 +6,7 @@ import collections
 import sys
 import warnings
 
+from graphprune.cli import quantize_weight_only as weight_only
 from graphprune.cli.common import (
     add_data_options,
     add_output_options,
@@ -19,6 +20,7 @@ from graphprune.cli.common import (
 from graphprune.errors import UserError
 from graphprune.model_io import load
 from graphprune.quantization.config import ACTIVATION_TYPES, METHODS, QuantConfig, check_max_error
+from graphprune.quantization.weight_only import ALGORITHMS
 
 # Reasons listing more layers than this print the first few and a count.
 _NAMES_SHOWN = 6
@@ -30,8 +32,9 @@ def register(sub) -> None:
         help="int8 QDQ quantization, placed only where it makes ONNX Runtime faster",
         description="Calibrate on --data (or random inputs), insert QuantizeLinear/DequantizeLinear where "
         "int8 kernels pay for their borders, time the placements against float on ONNX Runtime (CPU time "
-        "per run), write the fastest whose output error is not far above the best one's (the float model "
-        "when int8 does not pay).",
+        "per run), write the fastest whose output error is not far above the best one's (int8 weight-only "
+        "storage when int8 kernels do not pay).  With --weights-only, only the weights are stored in int8 or "
+        "int4 (MatMulNBits) and activations stay float.",
     )
     p.add_argument("model", help="the float ONNX model")
     add_output_options(p)
@@ -47,6 +50,14 @@ def register(sub) -> None:
                    help="trust the cost model instead of timing candidates on ONNX Runtime")
     p.add_argument("--threads", type=int, default=1, help="intra-op threads for the timing (default 1)")
     p.add_argument("--calibration-samples", type=int, default=64, help="samples used to calibrate (default 64)")
+    p.add_argument("--weights-only", choices=("int8", "int4"),
+                   help="store only the weights quantized (activations stay float): int8 per output channel, "
+                   "int4 in blocks along K as MatMulNBits; embedding tables too")
+    p.add_argument("--block-size", type=int, metavar="B",
+                   help="int4 block length along K: 16, 32, 64, 128 or 256 (default 32)")
+    p.add_argument("--algorithm", choices=ALGORITHMS,
+                   help="how int4 weights are chosen: rtn (round to nearest, default), awq (activation-aware "
+                   "scales) or gptq (error compensation); awq and gptq need --data")
     add_report_option(p, "the placement report")
     p.set_defaults(func=run)
 
@@ -54,6 +65,9 @@ def register(sub) -> None:
 def run(args) -> int:
     from graphprune.passes.insert_qdq import InsertQDQPass
 
+    if args.weights_only:
+        return weight_only.run(args)
+    weight_only.refuse_weight_options(args)
     max_error = check_max_error(args.max_error)
     if max_error is not None and not args.data:
         raise UserError("--max-error needs --data (the budget is measured on real samples)")
@@ -83,8 +97,12 @@ def run(args) -> int:
         result = quantize(model)
     for message in dict.fromkeys(str(w.message) for w in caught):  # once, however many candidates raise it
         print(f"graphprune quantize: warning: {message}", file=sys.stderr)
+    if not result.modified:  # int8 kernels pay nowhere: a smaller file is still what was asked for
+        result = weight_only.fallback(args, model, result)
     write_model(args, result.model)
     print(format_summary(result.stats, result.modified))
+    if result.stats.get("fallback"):
+        print(weight_only.format_fallback(result.stats["fallback"]))
     write_report(args, result.stats)
     print(f"wrote {args.output}")
     return 0
@@ -105,7 +123,9 @@ def format_summary(stats: dict, modified: bool) -> str:
             )
     for name, reason in stats.get("discarded", {}).items():
         lines.append(f"  {name:<13} discarded: {reason}")
-    if modified:
+    if modified and stats.get("fallback"):
+        lines.append("int8 does not make this model faster on ONNX Runtime: no int8 kernels placed")
+    elif modified:
         ops = ", ".join(f"{op} {n}" for op, n in stats["quantized_ops"].items())
         lines.append(f"chosen: {stats['chosen']}: {stats['nodes_quantized']} nodes in int8 ({ops}); "
                      f"output rel L2 error {stats['error']:.4g}")

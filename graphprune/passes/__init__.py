@@ -5,6 +5,7 @@ from graphprune.passes.canonicalize import CanonicalizePass, canonicalize
 from graphprune.passes.finetune import FineTunePass, finetune
 from graphprune.passes.insert_qdq import InsertQDQPass, insert_qdq
 from graphprune.passes.prune_channels import PruneChannelsPass, prune_channels
+from graphprune.passes.quantize_weights import QuantizeWeightsPass, quantize_weights
 from graphprune.passes.sparsify_weights import SparsifyWeightsPass, sparsify_weights
 
 __all__ = [
@@ -21,6 +22,8 @@ __all__ = [
     "insert_qdq",
     "PruneChannelsPass",
     "prune_channels",
+    "QuantizeWeightsPass",
+    "quantize_weights",
     "SparsifyWeightsPass",
     "sparsify_weights",
 ]

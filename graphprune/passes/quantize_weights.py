@@ -1,0 +1,136 @@
+"""Weight-only quantization pass: int8 per-channel DequantizeLinear, int4 MatMulNBits / QDQ, quantized embeddings."""
+
+from __future__ import annotations
+
+import os
+from typing import Dict, List, Optional
+
+import numpy as np
+import onnx
+
+from graphprune.errors import UserError
+from graphprune.passes.base import Pass, PassResult, register_pass
+from graphprune.quantization import weight_only as wo
+from graphprune.quantization.prepare import is_quantized
+from graphprune.quantization.weight_nodes import Rewriter, Target, find_targets
+
+__all__ = ["QuantizeWeightsPass", "quantize_weights"]
+
+
+@register_pass
+class QuantizeWeightsPass(Pass):
+    """Store weights in int8 or int4; activations stay float (the file shrinks, the math stays float).
+
+    Handles, in the main graph, constant weights of:
+    - MatMul (input B, 2-D) and Gemm (input B; int4 only when ``transA`` is 0, ``alpha`` 1 and C, if
+      any, is added with ``beta`` 1): int8 symmetric per output channel through DequantizeLinear;
+      int4 symmetric in blocks of ``block_size`` along K as com.microsoft ``MatMulNBits`` when the
+      runtime runs it (probed), else as opset-21 blocked DequantizeLinear -> MatMul;
+    - Conv (input W): int8 per output channel in both modes (no int4 convolution kernel exists);
+    - embedding tables (Gather axis 0 on a 2-D initializer): int8 per row (Gather of the int8 rows
+      and of their scales, then a multiply: the table is never dequantized whole), or with int4
+      com.microsoft ``GatherBlockQuantized`` when the runtime runs it and the width divides into
+      blocks.
+    A weight is quantized once even when several nodes read it; one read by nodes of different
+    kinds, or as anything but their weight, stays float (``stats["skipped"]`` says why), and so do
+    weights under ``MIN_ELEMENTS``.
+
+    int4 weights are chosen by ``algorithm``: "rtn" (round to nearest, onnxruntime's own kernel),
+    "awq" (activation-aware scales: the rows multiplying large inputs are scaled up before rounding,
+    the input divided by the same scale through one inserted Mul per shared input) or "gptq" (each
+    row's rounding error compensated on the remaining rows through the input's Hessian).  Both need
+    ``data``.
+
+    Weights left on disk (external data, loaded without it) are read one tensor at a time from
+    ``source_dir``, so peak memory is about the output plus the largest weight; tensors that stay
+    float are read into the result too (it holds all its weights in memory).
+
+    Refuses: a model already quantized; int4 when no MatMul/Gemm weight can take it; AWQ/GPTQ
+    without data or with int8; block sizes the kernels do not take.
+
+    Args:
+        bits: 8 or 4.
+        block_size: int4 block length along K (16, 32, 64, 128 or 256).
+        algorithm: "rtn", "awq" or "gptq".
+        data: calibration samples for AWQ/GPTQ (an ``InputSet`` or iterable of feeds).
+        source_dir: the folder the model was loaded from (for weights left on disk).
+        embeddings: also quantize embedding tables.
+        accuracy_level: ``MatMulNBits``' accuracy_level (4: int8 activations inside the kernel, the
+            fast path on x86; 0: float activations).
+    """
+
+    name = "quantize_weights"
+
+    def __init__(self, bits: int = 8, block_size: int = 32, algorithm: str = "rtn", data=None,
+                 source_dir: Optional[str] = None, embeddings: bool = True, accuracy_level: int = 4):
+        if bits not in (4, 8):
+            raise UserError(f"weight-only quantization takes int8 or int4, not {bits} bits")
+        if algorithm not in wo.ALGORITHMS:
+            raise UserError(f"--algorithm {algorithm!r}: choose one of {', '.join(wo.ALGORITHMS)}")
+        if algorithm != "rtn" and bits != 4:
+            raise UserError(f"--algorithm {algorithm} chooses int4 weights; int8 per channel is rounded to nearest")
+        if algorithm != "rtn" and data is None:
+            raise UserError(f"--algorithm {algorithm} needs calibration data (--data FILE.npz)")
+        self.bits = bits
+        self.block_size = wo.check_block_size(int(block_size))
+        self.algorithm = algorithm
+        self.data = data
+        self.source_dir = None if source_dir is None else os.fspath(source_dir)
+        self.embeddings = embeddings
+        self.accuracy_level = int(accuracy_level)
+
+    def requires(self, model: onnx.ModelProto) -> None:
+        found = is_quantized(model)
+        if found:
+            raise UserError(f"the model is already quantized (it contains {found}); quantize the float model instead")
+
+    def call(self, model: onnx.ModelProto) -> PassResult:
+        targets, skipped = find_targets(model, self.bits, self.block_size, self.embeddings)
+        if self.bits == 4 and not any(t.kind in ("matmul", "gemm") and t.bits == 4 for t in targets.values()):
+            raise UserError("--weights-only int4: the model has no MatMul/Gemm weight to store in int4 "
+                            "(int4 kernels exist for MatMul and embeddings only; use int8)")
+        if not targets:
+            return PassResult(model, False, {"weights_quantized": 0, "skipped": skipped})
+        scales = self._data_aware(model, targets) if self.algorithm != "rtn" else {}
+        rewriter = Rewriter(model, self.source_dir, self.block_size, self.accuracy_level)
+        for target in targets.values():
+            rewriter.quantize(target, self.algorithm, scales.get(target.name))
+        result = rewriter.build()
+        stats = rewriter.stats()
+        stats.update({"bits": self.bits, "block_size": self.block_size if self.bits == 4 else None,
+                      "algorithm": self.algorithm, "skipped": skipped})
+        return PassResult(result, True, stats)
+
+    def _data_aware(self, model: onnx.ModelProto, targets: Dict[str, Target]) -> Dict[str, dict]:
+        """Per int4 weight: {"awq_scale": s} or {"hessian": H}, from one run over the data."""
+        from graphprune.quantization.weight_stats import collect_input_stats
+
+        int4 = [t for t in targets.values() if t.bits == 4 and t.kind in ("matmul", "gemm") and t.input is not None]
+        inputs = {t.input: t.k for t in int4}
+        stats = collect_input_stats(model, inputs, self.data, hessian=self.algorithm == "gptq",
+                                    source_dir=self.source_dir)
+        reader = Rewriter(model, self.source_dir, self.block_size, self.accuracy_level)
+        out: Dict[str, dict] = {}
+        if self.algorithm == "gptq":
+            for t in int4:
+                if stats[t.input].rows:
+                    out[t.name] = {"hessian": stats[t.input].xtx}
+            return out
+        by_input: Dict[str, List[Target]] = {}
+        for t in int4:
+            by_input.setdefault(t.input, []).append(t)
+        for name, group in by_input.items():
+            if not stats[name].rows:
+                continue
+            weights = [reader.weight_kn(t) for t in group]  # one group's weights at a time
+            s = wo.awq_scale(weights, stats[name].sample, stats[name].absmean, self.block_size)
+            if not np.allclose(s, 1.0):
+                for t in group:
+                    out[t.name] = {"awq_scale": s}
+        return out
+
+
+def quantize_weights(model: onnx.ModelProto, bits: int = 8, **kwargs) -> onnx.ModelProto:
+    """Functional form of ``QuantizeWeightsPass``: the model with int8 or int4 weights."""
+    return QuantizeWeightsPass(bits=bits, **kwargs)(model).model
+

@@ -1,0 +1,351 @@
+"""The graph side of weight-only quantization: which weights to store quantized, and the nodes that read them."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Dict, List, Optional, Tuple
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from graphprune.errors import UserError
+from graphprune.ir import copy_fields, get_attr
+from graphprune.quantization import weight_only as wo
+
+__all__ = ["Target", "find_targets", "Rewriter", "MIN_ELEMENTS"]
+
+# Weights smaller than this stay float: a DequantizeLinear per tiny tensor costs more than it saves.
+MIN_ELEMENTS = 256
+_FLOAT_TYPES = {TensorProto.FLOAT: np.float32, TensorProto.FLOAT16: np.float16}
+
+
+@dataclasses.dataclass
+class Target:
+    """One weight to quantize: its initializer, how its readers use it, and the format it gets."""
+
+    name: str
+    kind: str  # "matmul", "gemm", "conv" or "embedding"
+    bits: int
+    uses: List[Tuple[int, int]]  # (node index, input index) of every reader
+    k: int  # the reduction length (MatMul/Gemm), the row width (embedding)
+    transposed: bool = False  # Gemm transB: stored [N, K]
+    input: Optional[str] = None  # the activation all readers multiply (None: they differ)
+
+
+def _role(node: onnx.NodeProto, index: int, dims) -> Optional[str]:
+    """How ``node`` reads a weight at input ``index``, or None when not as a quantizable weight."""
+    if node.domain not in ("", "ai.onnx"):
+        return None
+    if node.op_type == "MatMul" and index == 1 and len(dims) == 2:
+        return "matmul"
+    if node.op_type == "Gemm" and index == 1 and len(dims) == 2:
+        return "gemm"
+    if node.op_type == "Conv" and index == 1:
+        return "conv"
+    if node.op_type == "Gather" and index == 0 and len(dims) == 2 and get_attr(node, "axis", 0) == 0:
+        return "embedding"
+    return None
+
+
+def _gemm_int4_ok(node: onnx.NodeProto) -> bool:
+    """MatMulNBits computes A @ B (+ C added after): only Gemm without transA, alpha 1 and beta 1 fits."""
+    return (get_attr(node, "transA", 0) == 0 and get_attr(node, "alpha", 1.0) == 1.0
+            and (len(node.input) < 3 or not node.input[2] or get_attr(node, "beta", 1.0) == 1.0))
+
+
+def find_targets(model: onnx.ModelProto, bits: int, block_size: int, embeddings: bool):
+    """(name -> ``Target`` in graph order, name -> reason a weight stays float)."""
+    graph = model.graph
+    graph_inputs = {i.name for i in graph.input}  # overridable at run time: not constants
+    inits = {t.name: t for t in graph.initializer if t.name not in graph_inputs}
+    uses: Dict[str, List[Tuple[int, int]]] = {}
+    for i, node in enumerate(graph.node):
+        for j, name in enumerate(node.input):
+            if name in inits:
+                uses.setdefault(name, []).append((i, j))
+    targets: Dict[str, Target] = {}
+    skipped: Dict[str, str] = {}
+    for name, readers in uses.items():
+        tensor = inits[name]
+        if tensor.data_type not in _FLOAT_TYPES or int(np.prod(tensor.dims)) < MIN_ELEMENTS:
+            continue
+        roles = {_role(graph.node[i], j, tensor.dims) for i, j in readers}
+        if roles == {None}:
+            continue
+        if len(roles) > 1:
+            ops = sorted({graph.node[i].op_type for i, _ in readers})
+            skipped[name] = f"read by {', '.join(ops)} in different roles (one format cannot serve them all)"
+            continue
+        kind = roles.pop()
+        nodes = [graph.node[i] for i, _ in readers]
+        if kind == "embedding" and not embeddings:
+            continue
+        transposed = kind == "gemm" and get_attr(nodes[0], "transB", 0) == 1
+        if kind == "gemm" and any(get_attr(n, "transB", 0) != int(transposed) for n in nodes):
+            skipped[name] = "read by Gemms with different transB"
+            continue
+        k = int(tensor.dims[1] if transposed or kind == "embedding" else tensor.dims[0])
+        width = bits
+        if bits == 4 and kind == "conv":
+            width = 8  # no int4 convolution kernel: int8 per channel still shrinks the file 4x
+        elif bits == 4 and kind == "gemm" and not all(_gemm_int4_ok(n) for n in nodes):
+            width = 8
+            skipped[name] = "int8, not int4: Gemm with transA, alpha or beta (MatMulNBits computes A @ B only)"
+        elif bits == 4 and kind == "embedding" and (k % block_size or not wo.runtime_has("GatherBlockQuantized")):
+            width = 8
+            skipped[name] = (f"int8 per row, not int4: width {k} is not a multiple of block {block_size}" if k % block_size
+                             else "int8 per row, not int4: the runtime has no GatherBlockQuantized")
+        activations = {n.input[0] for n in nodes}
+        shared = activations.pop() if len(activations) == 1 and kind in ("matmul", "gemm") else None
+        if kind == "gemm" and get_attr(nodes[0], "transA", 0):
+            shared = None
+        targets[name] = Target(name, kind, width, readers, k, transposed, shared)
+    return targets, skipped
+
+
+class Rewriter:
+    """Collects the quantized initializers and replacement nodes, then builds the new model once.
+
+    The input model is never modified; weights are read one at a time (from ``source_dir`` when
+    left on disk) and only their quantized form is kept.
+    """
+
+    def __init__(self, model: onnx.ModelProto, source_dir: Optional[str], block_size: int, accuracy_level: int):
+        self.model = model
+        self.source_dir = source_dir
+        self.block_size = block_size
+        self.accuracy_level = accuracy_level
+        self.inits = {t.name: t for t in model.graph.initializer}
+        self.opset = next((i.version for i in model.opset_import if i.domain in ("", "ai.onnx")), 1)
+        self.new_inits: List[TensorProto] = []
+        self.replaced: Dict[str, int] = {}  # weight -> its float bytes
+        self.before: Dict[int, List[onnx.NodeProto]] = {}  # node index -> nodes inserted before it
+        self.instead: Dict[int, List[onnx.NodeProto]] = {}  # node index -> its replacement
+        self.rewired: Dict[Tuple[int, int], str] = {}  # (node index, input index) -> new input name
+        self.counts: Dict[str, int] = {}
+        self.needs = set()  # "com.microsoft", "int4", "opset21"
+        self._scaled_inputs: Dict[str, str] = {}
+
+    # -- reading ------------------------------------------------------------------------------
+    def read(self, name: str) -> np.ndarray:
+        """The weight's values, from memory or from its external data file (one tensor's bytes)."""
+        tensor = self.inits[name]
+        if tensor.data_location != TensorProto.EXTERNAL:
+            return numpy_helper.to_array(tensor)
+        if self.source_dir is None:
+            raise ValueError(f"tensor {name!r} has its data on disk; the pass needs source_dir")
+        entries = {e.key: e.value for e in tensor.external_data}
+        dtype = helper.tensor_dtype_to_np_dtype(tensor.data_type)
+        count = int(np.prod(tensor.dims))
+        path = os.path.join(self.source_dir, entries["location"])
+        array = np.fromfile(path, dtype=dtype, count=count, offset=int(entries.get("offset") or 0))
+        if array.size != count:
+            raise UserError(f"{path}: external data of {name!r} ends early (truncated?)")
+        return array.reshape(tuple(tensor.dims))
+
+    def weight_kn(self, target: Target) -> np.ndarray:
+        """A MatMul/Gemm weight as [K, N] float32."""
+        w = self.read(target.name).astype(np.float32, copy=False)
+        return np.ascontiguousarray(w.T) if target.transposed else w
+
+    # -- rewriting ----------------------------------------------------------------------------
+    def quantize(self, target: Target, algorithm: str = "rtn", extra: Optional[dict] = None) -> None:
+        tensor = self.inits[target.name]
+        self.replaced[target.name] = int(np.prod(tensor.dims)) * np.dtype(_FLOAT_TYPES[tensor.data_type]).itemsize
+        if target.kind == "embedding":
+            self._embedding(target, tensor)
+        elif target.bits == 8:
+            self._int8(target, tensor)
+        else:
+            self._int4(target, tensor, algorithm, extra or {})
+        key = f"{target.kind} int{target.bits}"
+        self.counts[key] = self.counts.get(key, 0) + 1
+
+    def _add(self, name: str, array: np.ndarray) -> str:
+        self.new_inits.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+        return name
+
+    def _add_int4(self, name: str, q: np.ndarray) -> str:
+        self.new_inits.append(helper.make_tensor(name, TensorProto.INT4, list(q.shape), wo.pack_int4(q), raw=True))
+        self.needs.add("int4")
+        return name
+
+    def _int8(self, target: Target, tensor: TensorProto) -> None:
+        w = self.read(target.name)
+        axis = 0 if target.kind == "conv" or target.transposed else 1
+        q, scale = wo.int8_per_channel(w, axis)
+        del w
+        qname = self._add(f"{target.name}_q8", q)
+        out = f"{target.name}_dequantized"
+        first = min(i for i, _ in target.uses)
+        if self.opset >= 13 and (tensor.data_type == TensorProto.FLOAT or self.opset >= 19):
+            nodes = [helper.make_node("DequantizeLinear", [qname, self._add(f"{target.name}_scale", scale)], [out],
+                                      name=f"{target.name}_DequantizeLinear", axis=axis)]
+        else:  # per-axis DequantizeLinear needs opset 13 (fp16 output 19): the same math as Cast and Mul
+            shape = [1] * q.ndim
+            shape[axis] = -1
+            cast = f"{target.name}_q8_float"
+            nodes = [helper.make_node("Cast", [qname], [cast], name=f"{target.name}_Cast", to=tensor.data_type),
+                     helper.make_node("Mul", [cast, self._add(f"{target.name}_scale", scale.reshape(shape))], [out],
+                                      name=f"{target.name}_Dequantize")]
+        self.before.setdefault(first, []).extend(nodes)
+        for use in target.uses:
+            self.rewired[use] = out
+
+    def _embedding(self, target: Target, tensor: TensorProto) -> None:
+        table = self.read(target.name)
+        dtype = table.dtype
+        if target.bits == 4:
+            q, scale = wo.int4_blocks_rtn(table.T, self.block_size)  # blocks along the row
+            del table
+            qname = self._add_int4(f"{target.name}_q4", np.ascontiguousarray(q.T))
+            sname = self._add(f"{target.name}_scales", scale.T.astype(dtype))
+            self.needs.add("com.microsoft")
+            for i, _ in target.uses:
+                node = self.model.graph.node[i]
+                self.instead[i] = [helper.make_node(
+                    "GatherBlockQuantized", [qname, node.input[1], sname], list(node.output), name=node.name + "_Q4",
+                    domain="com.microsoft", gather_axis=0, quantize_axis=1, block_size=self.block_size)]
+            return
+        q, scale = wo.int8_per_channel(table, 0)
+        del table
+        qname = self._add(f"{target.name}_q8", q)
+        sname = self._add(f"{target.name}_row_scale", scale.reshape(-1, 1))  # [V, 1]: broadcasts over the row
+        for i, _ in target.uses:  # gather int8 rows and their scales: the table is never dequantized whole
+            node = self.model.graph.node[i]
+            base = node.name or target.name
+            rows, scales, floats = f"{base}_q8_rows", f"{base}_q8_scales", f"{base}_q8_float"
+            self.instead[i] = [
+                helper.make_node("Gather", [qname, node.input[1]], [rows], name=f"{base}_q8", axis=0),
+                helper.make_node("Gather", [sname, node.input[1]], [scales], name=f"{base}_q8_scale", axis=0),
+                helper.make_node("Cast", [rows], [floats], name=f"{base}_q8_cast", to=tensor.data_type),
+                helper.make_node("Mul", [floats, scales], list(node.output), name=f"{base}_q8_dequantize"),
+            ]
+
+    def _int4(self, target: Target, tensor: TensorProto, algorithm: str, extra: dict) -> None:
+        w = self.weight_kn(target)
+        dtype = _FLOAT_TYPES[tensor.data_type]
+        s = extra.get("awq_scale")
+        if s is not None:
+            w = w * s[:, None]
+        if "hessian" in extra:
+            q, scale = wo.int4_blocks_gptq(w, extra["hessian"], self.block_size)
+            packed, scales_nk = None, scale.T
+        else:
+            fast = wo.ort_rtn_nbits(w, self.block_size) if wo.runtime_has("MatMulNBits") else None
+            if fast is not None:
+                packed, scales_nk = fast
+            else:
+                q, scale = wo.int4_blocks_rtn(w, self.block_size)
+                packed, scales_nk = None, scale.T
+        k, n = w.shape
+        del w
+        activation = self._awq_input(target, s) if s is not None else None
+        nbits = wo.runtime_has("MatMulNBits")
+        if nbits:
+            bname = self._add(f"{target.name}_Q4", packed if packed is not None else wo.pack_nbits(q, self.block_size))
+            self.needs.add("com.microsoft")
+        else:
+            bname = self._add_int4(f"{target.name}_q4", q)
+            self.needs.add("opset21")
+        sname = self._add(f"{target.name}_scales", np.ascontiguousarray(scales_nk if nbits else scales_nk.T).astype(dtype))
+        for i, _ in target.uses:
+            node = self.model.graph.node[i]
+            a = activation or node.input[0]
+            if not nbits:  # QDQ int4: blocked DequantizeLinear -> the original MatMul / Gemm on [K, N]
+                out = f"{target.name}_dequantized"
+                if not any(o == out for nodes in self.before.values() for n_ in nodes for o in n_.output):
+                    self.before.setdefault(min(u for u, _ in target.uses), []).append(helper.make_node(
+                        "DequantizeLinear", [bname, sname], [out], name=f"{target.name}_DequantizeLinear",
+                        axis=0, block_size=self.block_size))
+                copy = onnx.NodeProto()
+                copy.CopyFrom(node)
+                copy.input[0], copy.input[1] = a, out
+                if node.op_type == "Gemm":
+                    for attr in copy.attribute:
+                        if attr.name == "transB":
+                            attr.i = 0
+                self.instead[i] = [copy]
+                continue
+            attrs = dict(K=k, N=n, bits=4, block_size=self.block_size)
+            if self.accuracy_level:
+                attrs["accuracy_level"] = self.accuracy_level
+            has_bias = node.op_type == "Gemm" and len(node.input) > 2 and node.input[2]
+            out = f"{node.output[0]}_nobias" if has_bias else node.output[0]
+            nodes = [helper.make_node("MatMulNBits", [a, bname, sname], [out], name=(node.name or target.name) + "_Q4",
+                                      domain="com.microsoft", **attrs)]
+            if has_bias:
+                nodes.append(helper.make_node("Add", [out, node.input[2]], [node.output[0]], name=(node.name or target.name) + "_bias"))
+            self.instead[i] = nodes
+
+    def _awq_input(self, target: Target, s: np.ndarray) -> str:
+        """The activation divided by AWQ's scale, one Mul per shared input (the weights took the product)."""
+        if target.input in self._scaled_inputs:
+            return self._scaled_inputs[target.input]
+        out = f"{target.input}_awq_scaled"
+        inv = self._add(f"{target.input}_awq_inverse_scale", (1.0 / s).astype(np.float32))
+        first = min(i for i, _ in target.uses)
+        self.before.setdefault(first, []).append(helper.make_node("Mul", [target.input, inv], [out], name=f"{out}_Mul"))
+        self._scaled_inputs[target.input] = out
+        return out
+
+    # -- result -------------------------------------------------------------------------------
+    def build(self) -> onnx.ModelProto:
+        """The new model: nodes rewritten in place of the old ones, every weight in memory."""
+        model, graph = self.model, self.model.graph
+        out = onnx.ModelProto()
+        copy_fields(model, out, skip={"graph"})
+        copy_fields(graph, out.graph, skip={"initializer", "node", "input"})
+        out.graph.input.extend(i for i in graph.input if i.name not in self.replaced)
+        for i, node in enumerate(graph.node):
+            out.graph.node.extend(self.before.get(i, ()))
+            if i in self.instead:
+                out.graph.node.extend(self.instead[i])
+                continue
+            new = out.graph.node.add()
+            new.CopyFrom(node)
+            for j in range(len(new.input)):
+                if (i, j) in self.rewired:
+                    new.input[j] = self.rewired[(i, j)]
+        for tensor in graph.initializer:
+            if tensor.name in self.replaced:
+                continue
+            target = out.graph.initializer.add()
+            if tensor.data_location == TensorProto.EXTERNAL:  # stays float: read it in (small next to the rest)
+                target.CopyFrom(numpy_helper.from_array(self.read(tensor.name), tensor.name))
+            else:
+                target.CopyFrom(tensor)
+        out.graph.initializer.extend(self.new_inits)
+        if "com.microsoft" in self.needs and not any(i.domain == "com.microsoft" for i in out.opset_import):
+            out.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+        if "int4" in self.needs or "opset21" in self.needs:
+            out.ir_version = max(out.ir_version, 10)  # INT4 tensors exist from IR 10
+        if "opset21" in self.needs and self.opset < 21:
+            out = _upgrade_opset(out, 21)
+        return out
+
+    def stats(self) -> dict:
+        before = sum(self.replaced.values())
+        after = sum(_stored_bytes(t) for t in self.new_inits)
+        return {"weights_quantized": len(self.replaced), "formats": dict(sorted(self.counts.items())),
+                "float_bytes": before, "quantized_bytes": after}
+
+
+def _stored_bytes(tensor: TensorProto) -> int:
+    from graphprune.external_data import tensor_bytes
+
+    known = tensor_bytes(tensor)
+    return known if known is not None else len(tensor.raw_data)
+
+
+def _upgrade_opset(model: onnx.ModelProto, version: int) -> onnx.ModelProto:
+    """Blocked DequantizeLinear exists from opset 21: the rest of the graph is converted to it."""
+    from onnx import version_converter
+
+    try:
+        return version_converter.convert_version(model, version)
+    except Exception as exc:  # noqa: BLE001 - the converter's refusal, whatever its class
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"int4 without MatMulNBits needs opset 21 and the model cannot be converted to it: {first}") from None
