@@ -34,6 +34,7 @@ __all__ = [
     "external_tensors",
     "data_files",
     "write_with_external_data",
+    "write_inline",
     "free_data_name",
     "old_data_names",
     "tensor_bytes",
@@ -333,6 +334,51 @@ def write_with_external_data(
         f.write(light.SerializeToString())
         f.flush()
         os.fsync(f.fileno())
+
+
+def write_inline(model: onnx.ModelProto, path: str, *, ir_version: Optional[int] = None) -> None:
+    """Write ``model`` with its weights inside ``path`` (a new file), one initializer at a time.
+
+    ``SerializeToString`` of the whole model is a second copy of every weight; here the model
+    without its initializers is written first, then each initializer as its own ``graph`` field
+    holding one ``initializer`` entry.  Protobuf merges repeated occurrences of a message field
+    (``graph`` fragments append to its repeated ``initializer``), so every reader parses the
+    file as the same model; only one tensor's bytes are held at a time.  The file is fsynced.
+    """
+    light = onnx.ModelProto()
+    copy_fields(model, light, skip={"graph"})
+    copy_fields(model.graph, light.graph, skip={"initializer"})
+    if ir_version is not None:
+        light.ir_version = ir_version
+    with open(path, "xb") as f:
+        f.write(light.SerializeToString())
+        for tensor in model.graph.initializer:
+            body = tensor.SerializeToString()  # one tensor's bytes
+            entry = _GRAPH_INITIALIZER_TAG + _varint(len(body))
+            f.write(_MODEL_GRAPH_TAG + _varint(len(entry) + len(body)))
+            f.write(entry)
+            f.write(body)
+            body = None
+        f.flush()
+        os.fsync(f.fileno())
+
+
+# Wire tags (field number << 3 | 2, length-delimited): ModelProto.graph is field 7,
+# GraphProto.initializer field 5.
+_MODEL_GRAPH_TAG = bytes([7 << 3 | 2])
+_GRAPH_INITIALIZER_TAG = bytes([5 << 3 | 2])
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        low = value & 0x7F
+        value >>= 7
+        if value:
+            out.append(low | 0x80)
+        else:
+            out.append(low)
+            return bytes(out)
 
 
 _DATA_FIELDS = frozenset(

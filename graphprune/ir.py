@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections import defaultdict
 from typing import Dict, List, Optional, Tuple, Union
 
@@ -28,6 +29,7 @@ __all__ = [
     "has_external_data",
     "is_large",
     "weightless_copy",
+    "write_weightless",
     "WEIGHTLESS_LOCATION",
 ]
 
@@ -150,6 +152,39 @@ def weightless_copy(model: onnx.ModelProto) -> onnx.ModelProto:
             entry = target.external_data.add()
             entry.key, entry.value = key, value
     return copy
+
+
+def write_weightless(model: onnx.ModelProto, folder: str, name: str = "model.onnx", sized: bool = False) -> str:
+    """Write ``weightless_copy(model)`` into ``folder`` beside its stand-in data file; returns its path.
+
+    The stand-in is empty, or with ``sized`` a sparse file as long as the largest stripped tensor
+    (every record points at offset 0): ONNX Runtime then maps the stand-in without reading it, so a
+    session is created for the cost of the structure (its values are zeros: good for checking
+    that the runtime loads the model, not for running it).
+    """
+    light = model if _is_weightless(model) else weightless_copy(model)
+    longest = 0
+    for init in light.graph.initializer:
+        if init.data_location == onnx.TensorProto.EXTERNAL:
+            longest = max(longest, _tensor_bytes(init))
+    with open(os.path.join(folder, WEIGHTLESS_LOCATION), "wb") as f:
+        if sized:
+            f.truncate(longest)  # a hole: no disk blocks, no memory
+    path = os.path.join(folder, name)
+    with open(path, "wb") as f:
+        f.write(light.SerializeToString())
+    return path
+
+
+def _is_weightless(model: onnx.ModelProto) -> bool:
+    """True when ``model`` already is a weightless copy (every external record points at the stand-in)."""
+    for init in model.graph.initializer:
+        if init.data_location == onnx.TensorProto.EXTERNAL:
+            if not any(e.key == "location" and e.value == WEIGHTLESS_LOCATION for e in init.external_data):
+                return False
+        elif _strippable(init):
+            return False
+    return True
 
 
 def initializer_map(graph: onnx.GraphProto) -> Dict[str, onnx.TensorProto]:

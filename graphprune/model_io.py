@@ -121,12 +121,8 @@ def check_model(model: onnx.ModelProto, full: bool = False) -> None:
 
     try:
         if ir.is_large(model):
-            light = ir.weightless_copy(model)
             with tempfile.TemporaryDirectory(prefix="graphprune-check-") as tmp:
-                open(os.path.join(tmp, ir.WEIGHTLESS_LOCATION), "wb").close()
-                path = os.path.join(tmp, "model.onnx")
-                onnx.save_model(light, path)
-                onnx.checker.check_model(path, full_check=full)
+                onnx.checker.check_model(ir.write_weightless(model, tmp), full_check=full)
         else:
             onnx.checker.check_model(model, full_check=full)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError, ValueError) as exc:
@@ -272,24 +268,15 @@ def _write(
     """Write ``model`` to ``path`` (a new file), with the IR label ``ir_version`` (default: its own).
 
     With ``external_data``, initializers of 1 KiB or more go to ``location`` beside ``path``
-    (default ``<name>.data``), streamed tensor by tensor (``external_data.write_with_external_data``).
+    (default ``<name>.data``), streamed tensor by tensor (``external_data.write_with_external_data``);
+    without, the initializers are streamed into ``path`` itself (``external_data.write_inline``).
     """
     if external_data:
         external_data_io.write_with_external_data(
             model, path, location or os.path.basename(path) + ".data", ir_version=ir_version, source_dir=source_dir
         )
         return
-    original = model.ir_version
-    relabel = ir_version is not None and ir_version != original
-    if relabel:
-        model.ir_version = ir_version  # relabelled in place for the write, not copied (restored below)
-    try:
-        onnx.save_model(model, path)
-    finally:
-        if relabel:
-            model.ir_version = original
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
+    external_data_io.write_inline(model, path, ir_version=ir_version)
 
 
 class OrtLimits(NamedTuple):

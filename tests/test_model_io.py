@@ -6,7 +6,7 @@ import numpy as np
 import onnx
 import pytest
 
-from graphprune import model_io
+from graphprune import external_data, model_io
 from graphprune.errors import UserError
 from graphprune.model_io import OrtLimits, for_ort, load, ort_limits, save
 from graphprune.runtime import make_session, run
@@ -69,7 +69,7 @@ def test_failed_save_leaves_nothing(tmp_path, monkeypatch):
     def boom(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(onnx, "save_model", boom)
+    monkeypatch.setattr(external_data, "_varint", boom)  # fails after the first bytes were written
     with pytest.raises(OSError):
         save(conv_model(), tmp_path / "out.onnx")
     assert os.listdir(tmp_path) == []
@@ -306,3 +306,14 @@ def test_group_norm_upgrade_leaves_other_models_alone():
     without = conv_model()
     without.opset_import[0].version = 18
     assert upgrade_group_norm(without) is without
+
+
+def test_inline_write_streams_tensors_and_reads_back_the_same_model(tmp_path):
+    # initializers are written one per graph fragment; every reader merges them back in order
+    model = conv_model(width=32)
+    path = save(model, tmp_path / "inline.onnx", external_data=False)
+    assert not os.path.exists(str(path) + ".data")
+    onnx.checker.check_model(str(path), full_check=True)
+    assert onnx.load(path).SerializeToString(deterministic=True) == model.SerializeToString(deterministic=True)
+    feeds = {"x": np.ones((2, 3, 8, 8), np.float32)}
+    np.testing.assert_array_equal(run(make_session(load(path)), feeds)["y"], run(make_session(model), feeds)["y"])

@@ -35,9 +35,13 @@ _RAW_DTYPES = {
 }
 
 
+# Constants up to this size are cached by ``DependencyGraph.const``; larger ones (weights) are not.
+_CACHE_BYTES = 2**20
+
+
 def _tensor_array(tensor: onnx.TensorProto) -> np.ndarray:
-    """The tensor's values; a read-only view of the raw bytes when possible (no copy: ResNet-50's
-    100 MB of weights would otherwise be copied once more)."""
+    """The tensor's values; a read-only view of the bytes ``raw_data`` returns when possible (upb
+    hands out a fresh copy of them at each access: no second conversion on top)."""
     dtype = _RAW_DTYPES.get(tensor.data_type)
     if dtype is not None and tensor.HasField("raw_data") and tensor.data_location != onnx.TensorProto.EXTERNAL:
         return np.frombuffer(tensor.raw_data, dtype=dtype).reshape(tuple(tensor.dims))
@@ -101,14 +105,24 @@ class DependencyGraph:
         return result
 
     def const(self, name: str) -> Optional[np.ndarray]:
-        if name not in self._values:
-            if name in self._inits:
-                self._values[name] = _tensor_array(self._inits[name])
-            elif name in self._const_nodes:
-                self._values[name] = ir.constant_node_value(self._const_nodes[name])
-            else:
-                return None
-        return self._values[name]
+        """The value of constant ``name`` (read-only), or None when it is not a constant.
+
+        Values below ``_CACHE_BYTES`` are kept (rules read shape vectors again and again); larger
+        ones are read afresh at each call and dropped by the caller: reading a tensor's bytes
+        copies them (upb), so a cache of every weight was a second copy of the model.
+        """
+        cached = self._values.get(name)
+        if cached is not None:
+            return cached
+        if name in self._inits:
+            value = _tensor_array(self._inits[name])
+        elif name in self._const_nodes:
+            value = ir.constant_node_value(self._const_nodes[name])
+        else:
+            return None
+        if value.nbytes < _CACHE_BYTES:
+            self._values[name] = value
+        return value
 
     def consumers(self, name: str) -> List[onnx.NodeProto]:
         if self._consumers is None:
