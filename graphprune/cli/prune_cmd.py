@@ -8,6 +8,7 @@ import sys
 from typing import List
 
 from graphprune.cli.common import add_data_options, add_output_options, check_output_path, parse_number, read_inputs, write_model
+from graphprune.cli.prune_blocks import add_block_options, run_blocks, wants_blocks
 from graphprune.dependency import Group
 from graphprune.errors import UserError
 from graphprune.metrics import count_macs
@@ -51,16 +52,20 @@ def register(sub) -> None:
                    help="nodes whose inputs and outputs keep every channel (repeatable)")
     p.add_argument("--mode", default="remove", metavar="|".join(MODES),
                    help="remove the channels (default) or mask them (zero weights, shapes kept)")
-    add_data_options(p, "calibration samples (.npz) for --criterion activation")
+    add_block_options(p)
+    add_data_options(p, "calibration samples (.npz) for --criterion activation or --blocks")
     p.add_argument("--stats", action="store_true", help="print the pass statistics as JSON")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
+    if wants_blocks(args):  # depth pruning: graphprune/cli/prune_blocks.py
+        return run_blocks(args)
     # every argument is checked before the model is read or anything is written
     per_kind = {"--heads-ratio": args.heads_ratio, "--ffn-ratio": args.ffn_ratio, "--hidden-ratio": args.hidden_ratio}
     if args.ratio is None and all(v is None for v in per_kind.values()):
-        raise UserError("give --ratio R (or a per-kind ratio: --heads-ratio, --ffn-ratio, --hidden-ratio)")
+        raise UserError("give --ratio R (or a per-kind ratio: --heads-ratio, --ffn-ratio, --hidden-ratio), "
+                        "or --blocks K / --blocks-ratio R for depth pruning")
     ratio = parse_number(args.ratio, "--ratio", 0.0, 1.0) if args.ratio is not None else 0.0
     kind_ratios = {flag: None if text is None else parse_number(text, flag, 0.0, 1.0, high_inclusive=flag == "--heads-ratio")
                    for flag, text in per_kind.items()}

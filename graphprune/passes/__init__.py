@@ -4,6 +4,7 @@ from graphprune.passes.base import Pass, PassResult, Pipeline, register_pass, re
 from graphprune.passes.canonicalize import CanonicalizePass, canonicalize
 from graphprune.passes.finetune import FineTunePass, finetune
 from graphprune.passes.insert_qdq import InsertQDQPass, insert_qdq
+from graphprune.passes.prune_blocks import PruneBlocksPass, prune_blocks
 from graphprune.passes.prune_channels import PruneChannelsPass, prune_channels
 from graphprune.passes.quantize_weights import QuantizeWeightsPass, quantize_weights
 from graphprune.passes.sparsify_weights import SparsifyWeightsPass, sparsify_weights
@@ -20,6 +21,8 @@ __all__ = [
     "finetune",
     "InsertQDQPass",
     "insert_qdq",
+    "PruneBlocksPass",
+    "prune_blocks",
     "PruneChannelsPass",
     "prune_channels",
     "QuantizeWeightsPass",
