@@ -1,0 +1,133 @@
+"""``graphprune quantize --weights-only``: external data, the int8 fallback of static quantization, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import onnx
+import pytest
+
+from graphprune.cli import main
+from graphprune.model_io import check_model
+from graphprune.runtime import make_session
+from graphprune.testing.fixtures_transformer import bert_encoder
+from tests.helpers import conv_model
+
+
+def _code(argv) -> int:
+    try:
+        return main(argv)
+    except SystemExit as exc:  # argparse's usage errors
+        return int(exc.code)
+
+
+def _bert():
+    return bert_encoder(layers=1, hidden=64, heads=4, ffn=128, vocab=100)
+
+
+def _ids(n=2, seq=10, seed=0):
+    return np.random.default_rng(seed).integers(0, 100, (n, seq)).astype(np.int64)
+
+
+def _outputs(path, feed):
+    return make_session(onnx.load(path)).run(None, feed)
+
+
+def test_int4_from_external_data_matches_the_inline_run(tmp_path, capsys):
+    model = _bert()
+    inline = str(tmp_path / "inline.onnx")
+    onnx.save(model, inline)
+    external = str(tmp_path / "ext" / "model.onnx")
+    os.makedirs(os.path.dirname(external))
+    onnx.save_model(model, external, save_as_external_data=True, all_tensors_to_one_file=True,
+                    location="model.onnx.data", size_threshold=256)
+    data_before = open(external + ".data", "rb").read()
+    out_a, out_b, report = (str(tmp_path / n) for n in ("a.onnx", "b.onnx", "r.json"))
+    assert main(["quantize", inline, "-o", out_a, "--weights-only", "int4"]) == 0
+    assert main(["quantize", external, "-o", out_b, "--weights-only", "int4", "--block-size", "32",
+                 "--report", report]) == 0
+    printed = capsys.readouterr().out
+    assert "weight-only int4 (block 32, rtn)" in printed and "wrote" in printed
+    feed = {"input_ids": _ids()}
+    for a, b in zip(_outputs(out_a, feed), _outputs(out_b, feed)):
+        np.testing.assert_array_equal(a, b)
+    check_model(onnx.load(out_b), full=True)
+    assert open(external + ".data", "rb").read() == data_before  # the input is never touched
+    assert os.path.getsize(out_b) < 0.25 * os.path.getsize(inline)
+    stats = json.load(open(report))
+    assert stats["bits"] == 4 and stats["formats"]["matmul int4"] == 6
+
+
+def test_int8_weights_only_cli(tmp_path):
+    src = str(tmp_path / "m.onnx")
+    onnx.save(_bert(), src)
+    out = str(tmp_path / "q.onnx")
+    assert main(["quantize", src, "-o", out, "--weights-only", "int8"]) == 0
+    assert os.path.getsize(out) < 0.4 * os.path.getsize(src)  # biases and norms stay float
+    feed = {"input_ids": _ids()}
+    for got, want in zip(_outputs(out, feed), _outputs(src, feed)):
+        assert np.linalg.norm(got - want) / np.linalg.norm(want) < 0.05  # ORT runs it with int8 activations (fused)
+
+
+def test_awq_with_data_cli(tmp_path):
+    src, data, out = str(tmp_path / "m.onnx"), str(tmp_path / "d.npz"), str(tmp_path / "q.onnx")
+    onnx.save(_bert(), src)
+    np.savez(data, input_ids=_ids(8, 10, seed=3))
+    assert main(["quantize", src, "-o", out, "--weights-only", "int4", "--algorithm", "awq", "--data", data]) == 0
+    check_model(onnx.load(out), full=True)
+
+
+def test_static_quantize_falls_back_to_int8_weight_storage(tmp_path, capsys, monkeypatch):
+    """Forces 'int8 pays nowhere' (the planner chooses no placement): the file still shrinks ~4x."""
+    import importlib
+
+    insert_qdq = importlib.import_module("graphprune.passes.insert_qdq")  # the module, not the function
+    monkeypatch.setattr(insert_qdq._Planner, "choose", lambda self, candidates: (None, {}))
+    model = conv_model(dynamic_batch=False, width=64)
+    src, out, report = str(tmp_path / "m.onnx"), str(tmp_path / "q.onnx"), str(tmp_path / "r.json")
+    onnx.save(model, src)
+    assert main(["quantize", src, "-o", out, "--no-measure", "--report", report]) == 0
+    printed = capsys.readouterr().out
+    assert "int8 does not make this model faster" in printed
+    assert "falling back to int8 weight-only storage" in printed and "float model's speed" in printed
+    written = onnx.load(out)
+    check_model(written, full=True)
+    assert any(n.op_type == "DequantizeLinear" for n in written.graph.node)
+    assert not any(n.op_type == "QuantizeLinear" for n in written.graph.node)  # activations stay float
+    assert os.path.getsize(out) < 0.4 * os.path.getsize(src)
+    x = {"x": np.random.default_rng(0).standard_normal((1, 3, 8, 8)).astype(np.float32)}
+    got, want = _outputs(out, x)[0], _outputs(src, x)[0]
+    assert np.linalg.norm(got - want) / np.linalg.norm(want) < 0.02
+    assert json.load(open(report))["fallback"]["formats"] == {"conv int8": 1, "gemm int8": 1}
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--weights-only", "int4"], "no MatMul/Gemm weight"),
+    (["--weights-only", "int4", "--block-size", "48"], "--block-size 48"),
+    (["--weights-only", "int4", "--block-size", "512"], "--block-size 512"),
+    (["--weights-only", "int8", "--block-size", "64"], "applies to --weights-only int4"),
+    (["--weights-only", "int4", "--algorithm", "gptq"], "needs calibration data"),
+    (["--weights-only", "int8", "--max-error", "0.1"], "applies to static int8"),
+    (["--algorithm", "awq"], "applies to --weights-only int4"),
+])
+def test_bad_input_exits_2_and_writes_nothing(tmp_path, capsys, args, message):
+    src, out = str(tmp_path / "m.onnx"), str(tmp_path / "q.onnx")
+    onnx.save(conv_model(width=32), src)
+    assert _code(["quantize", src, "-o", out, *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0]
+    assert sorted(os.listdir(tmp_path)) == ["m.onnx"]
+
+
+def test_calibration_data_not_matching_the_inputs(tmp_path, capsys):
+    src, data, out = str(tmp_path / "m.onnx"), str(tmp_path / "d.npz"), str(tmp_path / "q.onnx")
+    onnx.save(_bert(), src)
+    np.savez(data, tokens=_ids())  # wrong name
+    assert _code(["quantize", src, "-o", out, "--weights-only", "int4", "--algorithm", "gptq", "--data", data]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "input_ids" in err[0]
+    np.savez(data, input_ids=np.zeros((4, 3, 2), np.int64))  # wrong rank
+    assert _code(["quantize", src, "-o", out, "--weights-only", "int4", "--algorithm", "awq", "--data", data]) == 2
+    assert not os.path.exists(out)
