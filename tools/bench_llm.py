@@ -1,0 +1,205 @@
+"""Benchmark weight-only int4/int8 (and Wanda, depth pruning when available) on a BERT-base encoder and a 0.5B decoder LLM.
+
+Usage:
+    .venv/bin/python tools/bench_llm.py [--llm ~/.cache/graphprune-bench/llm/llama.onnx]
+        [--dir ~/.cache/graphprune-bench/llm/out] [--rounds 7] [--threads 1,2]
+        [--variants int4,int8,wanda50,wanda24,depth25] [--skip-bert] [--json out.json]
+
+The LLM is made by ``tools/make_llm_fixture.py`` (Llama-style, GQA, 0.5B parameters, 2.0 GB of
+fp32 weights in one external data file).  Every graphprune command runs in its own process; its
+peak RSS is that process's ``ru_maxrss`` (``os.wait4``) and "x size" is peak RSS over the input
+model's bytes on disk.  Sizes are the files on disk (model + data files).
+
+Latency: batch 1, ``input_ids`` of 1 token (the weight-bound regime of decoding) and of 128 tokens,
+on ``--threads`` intra-op threads (no spinning); fp32 and the variant are timed alternately
+(``--rounds`` rounds, several runs each), CPU time (``time.process_time``) and wall time per run,
+medians; the speedup is fp32 / variant.  Agreement on 2 sequences of 128 seeded random tokens:
+relative L2 of the logits and top-1 agreement of the next-token prediction at every position.
+BERT: ``graphprune.testing.bert_base_like()`` (110M parameters), int4 (block 32) and int8
+weight-only, file size and output rel L2 on 4 sequences of 128 tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from typing import Dict, List, Optional
+
+import numpy as np
+
+GB = 10**9
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CLI = [os.path.join(os.path.dirname(sys.executable), "graphprune")]
+VARIANTS = {
+    "int4": ["quantize", "--weights-only", "int4", "--block-size", "32"],
+    "int8": ["quantize", "--weights-only", "int8"],
+    "wanda50": ["sparsify", "--criterion", "wanda", "--sparsity", "0.5", "--data", "{data}"],
+    "wanda24": ["sparsify", "--criterion", "wanda", "--pattern", "2:4", "--data", "{data}"],
+    "depth25": ["prune", "--blocks", "0.25", "--data", "{data}"],
+}
+
+
+def files_size(path: str) -> int:
+    """Bytes of a model and the data files it refers to."""
+    from graphprune.external_data import data_files
+
+    return os.path.getsize(path) + sum(os.path.getsize(p) for p in data_files(path))
+
+
+def measured_command(argv: List[str]) -> Dict[str, object]:
+    """One graphprune command in its own process: exit code, wall time, peak RSS (``wait4``'s
+    ru_maxrss of that child), first stdout lines, last stderr line."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(CLI + argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
+    sinks: Dict[str, bytes] = {}
+    readers = [threading.Thread(target=lambda k=k, s=s: sinks.__setitem__(k, s.read()))
+               for k, s in (("out", proc.stdout), ("err", proc.stderr))]
+    for t in readers:
+        t.start()
+    _, status, usage = os.wait4(proc.pid, 0)  # not proc.wait(): its rusage is this child's alone
+    for t in readers:
+        t.join()
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    out, err = sinks.get("out", b"").decode(), sinks.get("err", b"").decode()
+    return {"exit": proc.returncode, "wall_s": round(time.perf_counter() - start, 1), "peak_rss": usage.ru_maxrss * 1024,
+            "stdout": out.strip().splitlines()[:3], "error": (err.strip().splitlines() or [""])[-1]}
+
+
+def session(path: str, threads: int):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # CPU time = work done
+    options.log_severity_level = 3
+    return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+
+
+def interleaved(sessions: Dict[str, object], feed, rounds: int, runs: int) -> Dict[str, Dict[str, float]]:
+    """Median CPU and wall ms per run of each session, timed alternately."""
+    for s in sessions.values():
+        s.run(None, feed)  # warm-up (first-run allocations, prepacking)
+    cpu = {k: [] for k in sessions}
+    wall = {k: [] for k in sessions}
+    for _ in range(rounds):
+        for name, s in sessions.items():
+            c, w = time.process_time(), time.perf_counter()
+            for _ in range(runs):
+                s.run(None, feed)
+            cpu[name].append((time.process_time() - c) / runs * 1e3)
+            wall[name].append((time.perf_counter() - w) / runs * 1e3)
+    return {k: {"cpu_ms": float(np.median(cpu[k])), "wall_ms": float(np.median(wall[k]))} for k in sessions}
+
+
+def agreement(reference: List[np.ndarray], path: str) -> Dict[str, float]:
+    s = session(path, 2)
+    got = [s.run(None, {"input_ids": ids})[0] for ids in _agreement_ids()]
+    del s
+    num = sum(float(np.square(g - r).sum()) for g, r in zip(got, reference))
+    den = sum(float(np.square(r).sum()) for r in reference)
+    top1 = np.mean(np.concatenate([(g.argmax(-1) == r.argmax(-1)).ravel() for g, r in zip(got, reference)]))
+    return {"rel_l2": float(np.sqrt(num / den)), "top1_agreement": float(top1)}
+
+
+def _agreement_ids() -> List[np.ndarray]:
+    rng = np.random.default_rng(1)
+    return [rng.integers(0, 32000, (1, 128)).astype(np.int64) for _ in range(2)]
+
+
+def bench_bert(folder: str) -> Dict[str, object]:
+    import onnx
+
+    from graphprune.testing.fixtures_transformer import bert_base_like
+
+    src = os.path.join(folder, "bert_base.onnx")
+    if not os.path.exists(src):
+        onnx.save(bert_base_like(), src)
+    feed = {"input_ids": np.random.default_rng(0).integers(0, 30522, (4, 128)).astype(np.int64)}
+    ref = session(src, 2).run(None, feed)
+    rows = {"fp32": {"bytes": files_size(src)}}
+    for name in ("int4", "int8"):
+        out = os.path.join(folder, f"bert_base_{name}.onnx")
+        row = measured_command(VARIANTS[name][:1] + [src, "-o", out] + VARIANTS[name][1:])
+        if row["exit"] == 0:
+            got = session(out, 2).run(None, feed)
+            row.update(bytes=files_size(out), ratio=files_size(out) / files_size(src),
+                       rel_l2={o.name: float(np.linalg.norm(g - r) / np.linalg.norm(r))
+                               for o, g, r in zip(onnx.load(src, load_external_data=False).graph.output, got, ref)})
+        rows[name] = row
+        print(f"bert {name}: {json.dumps(row)}", flush=True)
+    return rows
+
+
+def bench_llm(llm: str, folder: str, variants: List[str], threads: List[int], rounds: int) -> Dict[str, object]:
+    data = os.path.join(folder, "calib.npz")
+    np.savez(data, input_ids=np.random.default_rng(2).integers(0, 32000, (8, 128)).astype(np.int64))
+    size = files_size(llm)
+    rows: Dict[str, Dict[str, object]] = {"fp32": {"bytes": size}}
+    reference = None
+    for name in variants:
+        out = os.path.join(folder, f"llama_{name}.onnx")
+        argv = [a.replace("{data}", data) for a in VARIANTS[name]]
+        row = measured_command(argv[:1] + [llm, "-o", out] + argv[1:])
+        row["rss_x_size"] = row["peak_rss"] / size if row["peak_rss"] else None
+        rows[name] = row
+        print(f"llm {name}: command {json.dumps(row)}", flush=True)
+        if row["exit"] != 0:
+            continue
+        row.update(bytes=files_size(out), ratio=files_size(out) / size)
+        if reference is None:
+            ref = session(llm, 2)
+            reference = [ref.run(None, {"input_ids": ids})[0] for ids in _agreement_ids()]
+            del ref
+        row["agreement"] = agreement(reference, out)
+        row["latency"] = {}
+        for t in threads:
+            pair = {"fp32": session(llm, t), name: session(out, t)}
+            for seq, runs in ((1, 5), (128, 1)):
+                feed = {"input_ids": (np.arange(seq, dtype=np.int64)[None] * 7 + 3) % 32000}
+                timed = interleaved(pair, feed, rounds, runs)
+                timed["speedup_cpu"] = timed["fp32"]["cpu_ms"] / timed[name]["cpu_ms"]
+                timed["speedup_wall"] = timed["fp32"]["wall_ms"] / timed[name]["wall_ms"]
+                row["latency"][f"{t}t_{seq}tok"] = timed
+                print(f"llm {name} {t} thread(s) {seq} token(s): {json.dumps(timed)}", flush=True)
+            del pair
+        print(f"llm {name}: {json.dumps({k: v for k, v in row.items() if k != 'latency'})}", flush=True)
+    return rows
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    cache = os.path.expanduser("~/.cache/graphprune-bench/llm")
+    parser.add_argument("--llm", default=os.path.join(cache, "llama.onnx"))
+    parser.add_argument("--dir", default=os.path.join(cache, "out"))
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--threads", default="1,2")
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--skip-bert", action="store_true")
+    parser.add_argument("--json")
+    args = parser.parse_args(argv)
+    os.makedirs(args.dir, exist_ok=True)
+    if not os.path.exists(args.llm):
+        print(f"{args.llm}: missing; build it with /tmp/hfenv/bin/python tools/make_llm_fixture.py", file=sys.stderr)
+        return 2
+    print(f"load average at start: {os.getloadavg()}", flush=True)
+    result = {"loadavg_start": os.getloadavg()}
+    if not args.skip_bert:
+        result["bert"] = bench_bert(args.dir)
+    result["llm"] = bench_llm(args.llm, args.dir, args.variants.split(","), [int(t) for t in args.threads.split(",")],
+                              args.rounds)
+    result["loadavg_end"] = os.getloadavg()
+    print(f"load average at end: {result['loadavg_end']}", flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2, default=str)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
