@@ -7,6 +7,7 @@ import json
 import sys
 from typing import List
 
+from graphprune.cli.budget_opts import add_budget_options, budget_plan, run_budget
 from graphprune.cli.common import add_data_options, add_output_options, check_output_path, parse_number, read_inputs, write_model
 from graphprune.cli.prune_blocks import add_block_options, run_blocks, wants_blocks
 from graphprune.dependency import Group
@@ -55,6 +56,7 @@ def register(sub) -> None:
     add_block_options(p)
     add_data_options(p, "calibration samples (.npz) for --criterion activation or --blocks")
     p.add_argument("--stats", action="store_true", help="print the pass statistics as JSON")
+    add_budget_options(p)
     p.set_defaults(func=run)
 
 
@@ -63,7 +65,8 @@ def run(args) -> int:
         return run_blocks(args)
     # every argument is checked before the model is read or anything is written
     per_kind = {"--heads-ratio": args.heads_ratio, "--ffn-ratio": args.ffn_ratio, "--hidden-ratio": args.hidden_ratio}
-    if args.ratio is None and all(v is None for v in per_kind.values()):
+    plan = budget_plan(args)  # --target-*, --group-ratios: per-group ratios instead of --ratio
+    if args.ratio is None and all(v is None for v in per_kind.values()) and plan is None:
         raise UserError("give --ratio R (or a per-kind ratio: --heads-ratio, --ffn-ratio, --hidden-ratio), "
                         "or --blocks K / --blocks-ratio R for depth pruning")
     ratio = parse_number(args.ratio, "--ratio", 0.0, 1.0) if args.ratio is not None else 0.0
@@ -81,6 +84,8 @@ def run(args) -> int:
     check_output_path(args)
     model = load(args.model)
     data, shapes, _ = read_inputs(args, model)
+    if plan is not None and plan.target:
+        return run_budget(args, plan, model, data, shapes, args.criterion, args.mode)
     prune = PruneChannelsPass(
         ratio=ratio,
         criterion=args.criterion,
@@ -95,10 +100,12 @@ def run(args) -> int:
         ffn_ratio=kind_ratios["--ffn-ratio"],
         hidden_ratio=kind_ratios["--hidden-ratio"],
         head_dim=args.head_dim,
+        group_ratios=plan.group_ratios if plan else None,
     )
     prune.requires(model)  # --exclude names are checked before the (possibly long) analysis
     result = prune(model)
-    if not result.modified and not prune.ratios.nothing:
+    asked = not prune.ratios.nothing or bool(plan and any(plan.group_ratios.values()))
+    if not result.modified and asked:
         # a ratio was asked for and nothing at all could be pruned: say why instead of copying the model
         raise UserError(nothing_pruned(result.stats, prune.ratios))
     write_model(args, result.model)

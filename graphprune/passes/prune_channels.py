@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import time
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Mapping, Optional, Sequence
 
+import numpy as np
 import onnx
 
 from graphprune import ir
@@ -21,6 +22,7 @@ from graphprune.pruning import (
     group_scores,
     removal_masks,
 )
+from graphprune.pruning.group_ratios import group_keys, select_by_group
 from graphprune.pruning.kind_ratios import KindRatios, select_by_kind
 
 __all__ = ["PruneChannelsPass", "prune_channels", "analyze"]
@@ -70,13 +72,17 @@ class PruneChannelsPass(Pass):
         ffn_ratio: fraction of FFN neurons to prune; None: ``ratio``.
         hidden_ratio: fraction of the hidden size to prune (lossy); None or 0: none.
         head_dim: prune the same dims inside every head (head count kept) instead of whole heads.
+        group_ratios: group name (``graphprune.pruning.group_ratios.group_keys``, e.g.
+            ``conv2.weight:0``) -> its own ratio, as a budget allocation chose it; the groups it
+            does not name take their kind's ratio (``ratio`` defaults to 0 then, else 0.5).  Not
+            with ``global_ranking``; a name that is no prunable group is refused.
     """
 
     name = "prune"
 
     def __init__(
         self,
-        ratio: float = 0.5,
+        ratio: Optional[float] = None,
         criterion: str = "l2",
         global_ranking: bool = False,
         round_to: int = 1,
@@ -89,7 +95,10 @@ class PruneChannelsPass(Pass):
         ffn_ratio: Optional[float] = None,
         hidden_ratio: Optional[float] = None,
         head_dim: bool = False,
+        group_ratios: Optional[Mapping[str, float]] = None,
     ):
+        if ratio is None:  # default 0.5, but per-group ratios alone prune only the groups they name
+            ratio = 0.0 if group_ratios else 0.5
         self.ratios = KindRatios.from_options(ratio, heads_ratio, ffn_ratio, hidden_ratio)  # checks each ratio
         if criterion not in CRITERIA:
             raise UserError(f"prune: unknown criterion {criterion!r} (choose from {', '.join(CRITERIA)})")
@@ -111,6 +120,9 @@ class PruneChannelsPass(Pass):
         self.max_group_ratio = float(max_group_ratio)
         self.progress = progress
         self.head_dim = bool(head_dim)
+        self.group_ratios = dict(group_ratios or {})
+        if self.group_ratios and self.global_ranking:
+            raise UserError("prune: per-group ratios and global ranking exclude each other")
 
     def requires(self, model: onnx.ModelProto) -> None:
         names = {n.name for n in model.graph.node if n.name}
@@ -133,8 +145,11 @@ class PruneChannelsPass(Pass):
         stats = _base_stats(channel_groups, excluded, prunable, model)
         stats["kinds"] = _kind_stats(prunable, {})
         bar.update(1)
-        if self.ratios.nothing or not prunable:
-            stats["note"] = "ratio 0: nothing to prune" if self.ratios.nothing else "nothing prunable: every group is blocked"
+        nothing = self.ratios.nothing and not any(float(r) > 0 for r in self.group_ratios.values())
+        if nothing or not prunable:
+            if self.group_ratios:  # names are checked even when nothing is to be pruned
+                select_by_group(prunable, {g.id: np.zeros(g.channels) for g in prunable}, self.group_ratios)
+            stats["note"] = "ratio 0: nothing to prune" if nothing else "nothing prunable: every group is blocked"
             return PassResult(model, False, stats)
         bar.set_postfix_str("importance")
         stats_by_dim = None
@@ -142,8 +157,16 @@ class PruneChannelsPass(Pass):
             dims = [m.dim for g in prunable for m in g.members]
             stats_by_dim = activation_stats(model, dims, self.data, progress=self.progress)
         scores = group_scores(dep, prunable, self.criterion, stats_by_dim)
-        selected, notes = select_by_kind(prunable, scores, self.ratios, self.global_ranking, self.round_to,
+        named, rest = {}, prunable
+        if self.group_ratios:
+            named = select_by_group(prunable, scores, self.group_ratios, self.round_to)
+            keys = group_keys(prunable)
+            rest = [g for g in prunable if keys[g.id] not in self.group_ratios]
+            stats["group_ratios"] = {keys[g.id]: float(self.group_ratios.get(keys[g.id], self.ratios.for_kind(g.kind)))
+                                     for g in prunable}
+        selected, notes = select_by_kind(rest, scores, self.ratios, self.global_ranking, self.round_to,
                                          self.max_group_ratio)
+        selected.update(named)
         masks = removal_masks(prunable, selected)
         stats["kinds"] = _kind_stats(prunable, selected)
         if notes:

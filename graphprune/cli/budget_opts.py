@@ -1,0 +1,134 @@
+"""``prune --target-macs/--target-params/--target-latency F``, ``--save-ratios`` and ``--group-ratios``:
+per-group ratios chosen from measured sensitivity and cost instead of one uniform ratio."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+from typing import Dict, Optional
+
+from graphprune.cli.common import parse_number, write_model
+from graphprune.errors import UserError
+from graphprune.model_io import atomic_write_text
+from graphprune.pruning.group_ratios import ratios_document, read_ratios_file
+
+__all__ = ["add_budget_options", "BudgetPlan", "budget_plan", "run_budget", "RANDOM_SAMPLES"]
+
+# Seeded random inputs a budget run measures damage on when no --data is given.
+RANDOM_SAMPLES = 32
+_TARGET_FLAGS = (("target_macs", "macs"), ("target_params", "params"), ("target_latency", "latency"))
+
+
+def add_budget_options(p) -> None:
+    g = p.add_argument_group("budgets", "per-group ratios chosen from measured sensitivity and cost "
+                             "(instead of --ratio; see graphprune sensitivity)")
+    g.add_argument("--target-macs", metavar="F", help="keep at most this fraction of the original MACs (0 < F <= 1)")
+    g.add_argument("--target-params", metavar="F", help="keep at most this fraction of the original parameters")
+    g.add_argument("--target-latency", metavar="F",
+                   help="keep at most this fraction of the original latency (measured, 1 thread, batch 1)")
+    g.add_argument("--metric", default="rel-l2", metavar="rel-l2|top1|python:FILE.py:FUNCTION",
+                   help="damage measured per group for a budget (default rel-l2 of the outputs)")
+    g.add_argument("--jobs", type=int, metavar="N", help="worker processes for the measurements (default min(2, CPUs))")
+    g.add_argument("--save-ratios", metavar="FILE.json", help="write the chosen per-group ratios (re-apply with --group-ratios)")
+    g.add_argument("--group-ratios", metavar="FILE.json", help="prune each group at the ratio a --save-ratios file gives")
+
+
+@dataclasses.dataclass
+class BudgetPlan:
+    """What the budget options ask: a target (and fraction), or ratios read from a file."""
+
+    target: Optional[str] = None
+    fraction: float = 1.0
+    group_ratios: Optional[Dict[str, float]] = None
+
+
+def budget_plan(args) -> Optional[BudgetPlan]:
+    """Check the budget options (before any work); None when none is given."""
+    targets = [(flag, kind) for flag, kind in _TARGET_FLAGS if getattr(args, flag, None) is not None]
+    if len(targets) > 1:
+        raise UserError("give one budget: " + " or ".join("--" + f.replace("_", "-") for f, _ in targets))
+    if args.jobs is not None and args.jobs < 1:
+        raise UserError(f"--jobs {args.jobs} must be at least 1")
+    if not targets and args.group_ratios is None:
+        if args.save_ratios:
+            raise UserError("--save-ratios needs a budget (--target-macs, --target-params or --target-latency)")
+        return None
+    others = [flag for flag, value in (("--ratio", args.ratio), ("--heads-ratio", args.heads_ratio),
+                                       ("--ffn-ratio", args.ffn_ratio), ("--hidden-ratio", args.hidden_ratio))
+              if value is not None]
+    others += ["--global"] * bool(args.global_ranking) + ["--exclude"] * bool(args.exclude)
+    chooser = "--" + targets[0][0].replace("_", "-") if targets else "--group-ratios"
+    if targets and args.group_ratios is not None:
+        raise UserError(f"{chooser} chooses the ratios itself: drop --group-ratios")
+    if others:
+        raise UserError(f"{chooser} sets each group's ratio: drop {', '.join(others)}")
+    if args.save_ratios:
+        _check_ratios_path(args)
+    if not targets:
+        return BudgetPlan(group_ratios=read_ratios_file(args.group_ratios))
+    flag, kind = targets[0]
+    fraction = parse_number(getattr(args, flag), "--" + flag.replace("_", "-"), 0.0, 1.0, high_inclusive=True)
+    if fraction <= 0:
+        raise UserError(f"--{flag.replace('_', '-')} {fraction:g} must be above 0")
+    return BudgetPlan(target=kind, fraction=fraction)
+
+
+def _check_ratios_path(args) -> None:
+    path = args.save_ratios
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise UserError(f"--save-ratios {path}: output directory does not exist")
+    if os.path.isdir(path):
+        raise UserError(f"--save-ratios {path}: is a directory (give a file name)")
+    for other in (args.model, args.output, args.data):
+        if other and os.path.abspath(other) == os.path.abspath(path):
+            raise UserError(f"--save-ratios {path}: is another file of this run")
+
+
+def run_budget(args, plan: BudgetPlan, model, data, shapes, criterion: str, mode: str) -> int:
+    """Measure, allocate, prune, write the model (and the ratios); print what was chosen."""
+    from graphprune.data import random_inputs
+    from graphprune.progress import progress_bar
+    from graphprune.sensitivity.budget_prune import prune_to_budget
+
+    if data is None:
+        data = random_inputs(model, _batch_one(model, shapes), samples=RANDOM_SAMPLES, seed=0)
+        print(f"note: no --data: damage measured on {RANDOM_SAMPLES} seeded random inputs "
+              "(give --data FILE.npz for real ones)")
+    with progress_bar(total=None, desc="sensitivity", enabled=sys.stderr.isatty(), unit="task") as bar:
+        result = prune_to_budget(model, data, plan.target, plan.fraction, criterion=criterion, metric=args.metric,
+                                 round_to=args.round_to, mode=mode, jobs=args.jobs, progress=bar.update)
+    write_model(args, result.model)
+    allocation = result.allocation
+    if args.save_ratios:
+        doc = ratios_document(allocation.ratios, target=allocation.target, fraction=allocation.fraction,
+                              measured=allocation.measured, metric=args.metric, criterion=criterion,
+                              model=os.path.basename(args.model))
+        atomic_write_text(args.save_ratios, json.dumps(doc, indent=2) + "\n")
+    print(allocation.summary())
+    stats = result.stats
+    print(f"params: {stats['params_before']:,} -> {stats['params_after']:,}")
+    if stats["macs_before"]:
+        print(f"MACs: {stats['macs_before']:,} -> {stats['macs_after']:,} ({stats['macs_after'] / stats['macs_before']:.1%})")
+    if args.stats:
+        print(json.dumps({"allocation": allocation.to_dict(), **stats}, indent=2, default=str))
+    if args.save_ratios:
+        print(f"wrote {args.save_ratios}")
+    print(f"wrote {args.output}")
+    return 0
+
+
+def _batch_one(model, shapes):
+    """--input-shape overrides, plus batch 1 for inputs whose only dynamic dim is the first."""
+    from graphprune.data import input_specs
+
+    out = dict(shapes or {})
+    for name, _, declared in input_specs(model):
+        if name in out or not declared:
+            continue
+        rest = declared[1:]
+        if not (isinstance(declared[0], int) and declared[0] > 0) and all(isinstance(d, int) and d > 0 for d in rest):
+            out[name] = (1, *rest)
+    return out

@@ -1,0 +1,209 @@
+"""Budgets instead of a uniform ratio: per-group ratios that keep a fraction of MACs, params or latency.
+
+The allocation is a multiple-choice knapsack on measured numbers.  A sensitivity run
+(``graphprune.sensitivity``, by group) gives, for every group and ratio, the damage of pruning that
+group alone and what it saves (MACs, params, or measured latency).  Each group takes one of its
+measured ratios (or 0) so that the summed savings meet the budget with the least summed damage,
+solved exactly by dynamic programming over savings in steps of 1/2000 of the original cost (each
+saving rounded down).  Damages are summed as they are, except relative L2 errors, which add in
+energy (their squares) when independent groups change the outputs.  The least damage per unit of
+cost saved goes first, but a group whose damage saturates is not pruned to the bone just because
+its last steps are free.
+
+Costs measured one group at a time do not add up exactly: a conv between two pruned groups loses
+``a + b - ab`` of its MACs, not ``a + b``.  So the result is then built and **measured**; when it
+misses the budget, the savings asked of the estimate are raised by the miss and the knapsack
+solved again, until the measured cost meets the budget (at most 12 rounds).  MACs and params must
+end at or below the budget; latency, a noisy measurement, within ``LATENCY_TOLERANCE`` of it.
+Rounding: a group at ratio r loses ``floor(r * channels)`` channels (at least one stays), the same
+rounding the sensitivity measurements used, and the final check counts the model as built
+(``round_to`` included).
+
+Never pruned: groups the dependency analysis blocks, and groups whose damage *dominates*: at the
+lowest ratio measured, more than ``DOMINANCE`` times the median damage of all groups (a stem conv,
+a classifier's last hidden layer).  When the budget cannot be met without them, ``UserError``:
+"budget cannot be met without pruning blocked groups (...)".
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import statistics
+from typing import Callable, Dict, List, Optional
+
+import numpy as np
+
+from graphprune.errors import UserError
+
+__all__ = ["TARGETS", "Allocation", "allocate", "saved_fraction", "dominating_groups", "DOMINANCE",
+           "LATENCY_TOLERANCE", "DEFAULT_BUDGET_RATIOS"]
+
+TARGETS = ("macs", "params", "latency")
+# A group whose damage at the lowest ratio is above this multiple of the median is never pruned.
+DOMINANCE = 4.0
+# Latency is measured: the budget counts as met within this fraction of the original.
+LATENCY_TOLERANCE = 0.03
+# Ratios a budget run measures each group at: fine enough to spend a budget, 0.8 at most.
+DEFAULT_BUDGET_RATIOS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
+_MAX_ROUNDS = 12
+# Resolution of the knapsack over savings: 1/2000 of the original cost.
+_BINS = 2000
+
+
+@dataclasses.dataclass
+class Allocation:
+    """Per-group ratios for a budget, and how they were found.
+
+    Attributes:
+        target: ``macs``, ``params`` or ``latency``; ``fraction``: of the original to keep.
+        ratios: group name -> ratio (0 for groups left whole).
+        estimated: cost fraction estimated from the one-group measurements.
+        measured: cost fraction measured on the pruned model.
+        damage: the summed one-group damages of the chosen ratios (an estimate, for ranking).
+        blocked: group name -> why it was never pruned (dominating damage).
+        rounds: build-and-measure rounds it took.
+    """
+
+    target: str
+    fraction: float
+    ratios: Dict[str, float]
+    estimated: float
+    measured: float
+    damage: float
+    blocked: Dict[str, str]
+    rounds: int
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def summary(self) -> str:
+        pruned = {k: r for k, r in self.ratios.items() if r > 0}
+        lines = [f"budget: {self.target} <= {self.fraction:g} of the original: measured {self.measured:.4f} "
+                 f"(estimated {self.estimated:.4f}, {self.rounds} round(s)); {len(pruned)} of {len(self.ratios)} "
+                 f"groups pruned"]
+        for key, ratio in sorted(self.ratios.items(), key=lambda kv: -kv[1]):
+            why = f"  (never pruned: {self.blocked[key]})" if key in self.blocked else ""
+            lines.append(f"  {ratio:4.2f}  {key}{why}")
+        return "\n".join(lines)
+
+
+def saved_fraction(entry: dict, original: dict, target: str) -> float:
+    """Fraction of the original cost an entry of a sensitivity report saves."""
+    if target == "latency":
+        lf = entry.get("latency_fraction")
+        return 0.0 if lf is None else 1.0 - float(lf)
+    base = original[target]
+    return (base - entry[target]) / base if base else 0.0
+
+
+def dominating_groups(report: dict, dominance: float = DOMINANCE) -> Dict[str, str]:
+    """Group name -> reason, for groups whose damage at the lowest ratio dominates the others'."""
+    first = [u["entries"][1] for u in report["units"] if len(u["entries"]) > 1]
+    if len(first) < 2:
+        return {}
+    median = statistics.median(e["damage"] for e in first)
+    out = {}
+    for unit, e in zip(report["units"], first):
+        if e["damage"] > dominance * median and e["damage"] > 1e-6:
+            ratio = f"{median and e['damage'] / median:.1f}x the median" if median > 0 else "the median is 0"
+            out[unit["name"]] = f"damage {e['damage']:.3g} at ratio {e['ratio']:g}, {ratio}"
+    return out
+
+
+def allocate(report: dict, target: str, fraction: float, measure: Callable[[Dict[str, float]], float],
+             tolerance: Optional[float] = None, analysis_blocked: int = 0, first_reason: str = "") -> Allocation:
+    """Per-group ratios meeting ``target <= fraction`` of the original, checked by ``measure``.
+
+    Args:
+        report: a sensitivity report by group (``graphprune.sensitivity.sensitivity``).
+        target: ``macs``, ``params`` or ``latency``.
+        fraction: of the original cost to keep, in (0, 1].
+        measure: group name -> ratio  =>  the cost fraction of the model pruned so.
+        tolerance: how far above ``fraction`` the measured cost may end (default 0, or
+            ``LATENCY_TOLERANCE`` for latency).
+        analysis_blocked, first_reason: groups the dependency analysis blocked, for the message.
+    """
+    if target not in TARGETS:
+        raise UserError(f"budget: unknown target {target!r} (choose from {', '.join(TARGETS)})")
+    if report.get("by") != "group":
+        raise UserError("budget: the sensitivity report must be measured by group")
+    tolerance = (LATENCY_TOLERANCE if target == "latency" else 0.0) if tolerance is None else tolerance
+    names = [u["name"] for u in report["units"]]
+    entries = {u["name"]: u["entries"] for u in report["units"]}
+    blocked = dominating_groups(report)
+    original = report["original"]
+    saved = {n: [saved_fraction(e, original, target) for e in entries[n]] for n in names}
+    # relative L2 errors of independent changes add in energy (squares), other damages add as they are
+    power = 2 if report.get("metric") == "rel-l2" else 1
+    damage = {n: [float(e["damage"]) ** power for e in entries[n]] for n in names}
+    allowed = {n: (1 if n in blocked else len(entries[n])) for n in names}  # blocked: ratio 0 only
+    need = 1.0 - fraction  # fraction of the original cost to save (estimated), tightened by misses
+    measured, rounds = 1.0, 0
+    while rounds < _MAX_ROUNDS:
+        rounds += 1
+        level = _knapsack(names, saved, damage, allowed, need)
+        if level is None:
+            break
+        ratios = {n: float(entries[n][level[n]]["ratio"]) for n in names}
+        measured = measure(ratios) if any(ratios.values()) else 1.0
+        if measured <= fraction + tolerance + 1e-12:
+            estimated = 1.0 - sum(saved[n][level[n]] for n in names)
+            total = sum(damage[n][level[n]] - damage[n][0] for n in names)
+            return Allocation(target, fraction, ratios, estimated, measured, total, blocked, rounds)
+        need += max(measured - fraction, 0.005)  # tighten by the miss (at least half a point)
+    raise UserError(_unreachable(target, fraction, measured, blocked, analysis_blocked, first_reason))
+
+
+def _knapsack(names: List[str], saved: Dict[str, List[float]], damage: Dict[str, List[float]],
+              allowed: Dict[str, int], need: float) -> Optional[Dict[str, int]]:
+    """Group -> level (index into its entries) saving at least ``need`` with the least summed damage.
+
+    A multiple-choice knapsack solved exactly by dynamic programming over savings in steps of
+    1/``_BINS`` of the original cost, each saving rounded *down* (the estimate never flatters).
+    None when even the highest allowed levels cannot save ``need``.
+    """
+    cap = int(math.ceil(max(need, 0.0) * _BINS - 1e-9))
+    if cap == 0:
+        return {n: 0 for n in names}
+    inf = float("inf")
+    best = np.full(cap + 1, inf)  # best[b]: least damage saving b bins (cap: at least cap)
+    best[0] = 0.0
+    bins = np.arange(cap + 1)
+    trail = []  # per group: (level picked, bin it came from) for every bin
+    for n in names:
+        new, pick, source = np.full(cap + 1, inf), np.zeros(cap + 1, np.int64), np.zeros(cap + 1, np.int64)
+        for level in range(allowed[n]):
+            step = max(int(math.floor(saved[n][level] * _BINS + 1e-9)), 0)
+            cost = max(damage[n][level] - damage[n][0], 0.0)  # noise below the original counts as none
+            shifted, src = np.full(cap + 1, inf), bins - step
+            if step < cap:
+                shifted[step:cap] = best[: cap - step]
+            low = max(cap - step, 0)  # every bin from here reaches the cap
+            src[cap] = low + int(np.argmin(best[low:]))
+            shifted[cap] = best[src[cap]]
+            shifted += cost
+            better = shifted < new
+            new[better], pick[better], source[better] = shifted[better], level, src[better]
+        trail.append((pick, source))
+        best = new
+    if not np.isfinite(best[cap]):
+        return None
+    level, at = {}, cap
+    for n, (pick, source) in zip(reversed(names), reversed(trail)):
+        level[n] = int(pick[at])
+        at = int(source[at])
+    return level
+
+
+def _unreachable(target: str, fraction: float, measured: float, blocked: Dict[str, str], analysis_blocked: int,
+                 first_reason: str) -> str:
+    parts = []
+    if blocked:
+        shown = "; ".join(f"{k}: {v}" for k, v in list(blocked.items())[:3])
+        parts.append(f"{len(blocked)} by their damage: {shown}" + (" ..." if len(blocked) > 3 else ""))
+    if analysis_blocked:
+        parts.append(f"{analysis_blocked} by the analysis" + (f", first: {first_reason}" if first_reason else ""))
+    what = "; ".join(parts) or "none; every prunable group is at its highest ratio"
+    return (f"budget cannot be met without pruning blocked groups ({what}): {target} reach {measured:.3f} of "
+            f"the original at best, the budget is {fraction:g}")

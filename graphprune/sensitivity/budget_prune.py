@@ -1,0 +1,102 @@
+"""``prune_to_budget``: measure sensitivity by group, allocate per-group ratios, prune (``prune --target-*``)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Dict, Optional, Sequence
+
+import onnx
+
+from graphprune import ir
+from graphprune.data import InputSet
+from graphprune.metrics import count_macs
+from graphprune.passes.prune_channels import PruneChannelsPass
+from graphprune.pruning.budget import DEFAULT_BUDGET_RATIOS, Allocation, allocate
+from graphprune.runtime import make_session
+from graphprune.sensitivity.measure import cpu_latency
+from graphprune.sensitivity.run import feed_shapes, sensitivity
+
+__all__ = ["BudgetResult", "prune_to_budget"]
+
+# Interleaved timing rounds (blocks of runs) when latency is the budget.
+_LATENCY_ROUNDS = 7
+
+
+@dataclasses.dataclass
+class BudgetResult:
+    """The pruned model, the allocation that made it, and the sensitivity report it was chosen from."""
+
+    model: onnx.ModelProto
+    allocation: Allocation
+    report: dict
+    stats: dict
+
+
+def prune_to_budget(
+    model: onnx.ModelProto,
+    data: InputSet,
+    target: str,
+    fraction: float,
+    criterion: str = "l2",
+    metric: str = "rel-l2",
+    ratios: Sequence[float] = DEFAULT_BUDGET_RATIOS,
+    round_to: int = 1,
+    mode: str = "remove",
+    jobs: Optional[int] = None,
+    use_ray: bool = False,
+    progress: Optional[Callable[[int], None]] = None,
+) -> BudgetResult:
+    """Prune ``model`` to ``fraction`` of its MACs / params / latency with per-group ratios.
+
+    Args:
+        model: the model (not modified).
+        data: calibration samples (the damage of each group is measured on them).
+        target: ``macs``, ``params`` or ``latency``; ``fraction`` of the original to keep, in (0, 1].
+        criterion: which channels of a group go first.
+        metric: the damage metric (``rel-l2``, ``top1``, ``python:FILE.py:FUNCTION``).
+        ratios: the ratios each group is measured at, hence the ratios it can get.
+        round_to: kept channel counts are multiples of this (checked by the final measurement).
+        mode: ``remove`` or ``mask`` for the model returned (costs are measured removed).
+        jobs, use_ray, progress: as for ``graphprune.sensitivity.sensitivity``.
+
+    Raises ``UserError`` when the budget cannot be met without pruning blocked groups.
+    """
+    report = sensitivity(model, data, ratios=ratios, by="group", metric=metric, criterion=criterion, jobs=jobs,
+                         use_ray=use_ray, latency_rounds=5 if target == "latency" else 0, progress=progress)
+    shapes = feed_shapes(data)
+    original = {"macs": report["original"]["macs"], "params": report["original"]["params"]}
+
+    def build(group_ratios: Dict[str, float], how: str) -> onnx.ModelProto:
+        return PruneChannelsPass(ratio=0.0, criterion=criterion, round_to=round_to, mode=how, data=data,
+                                 group_ratios=group_ratios)(model).model
+
+    latency = {}
+
+    def measure(group_ratios: Dict[str, float]) -> float:
+        pruned = build(group_ratios, "remove")
+        if target == "macs":
+            return count_macs(pruned, shapes) / original["macs"]
+        if target == "params":
+            return ir.count_params(pruned) / original["params"]
+        if "base" not in latency:
+            latency["base"] = make_session(model, threads=1, spinning=False)
+        feed = data.first_batch(1)
+        t_base, t_pruned = cpu_latency([latency["base"], make_session(pruned, threads=1, spinning=False)], feed,
+                                       _LATENCY_ROUNDS, _inner_runs(latency["base"], feed))
+        return t_pruned / t_base
+
+    blocked = report["blocked"]
+    first = blocked[0]["reasons"][0] if blocked and blocked[0]["reasons"] else ""
+    allocation = allocate(report, target, fraction, measure, analysis_blocked=len(blocked), first_reason=first)
+    result = build(allocation.ratios, mode)
+    stats = {
+        "macs_before": original["macs"], "macs_after": count_macs(build(allocation.ratios, "remove"), shapes),
+        "params_before": original["params"], "params_after": ir.count_params(result),
+    }
+    return BudgetResult(result, allocation, report, stats)
+
+
+def _inner_runs(session, feed) -> int:
+    """Runs per timing block so that a block lasts about 2 ms (tiny models run in microseconds)."""
+    one = cpu_latency([session], feed, 3, 1)[0]
+    return max(1, min(200, int(0.002 / max(one, 1e-7))))
