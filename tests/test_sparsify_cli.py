@@ -1,6 +1,7 @@
 """``graphprune sparsify``: the report, sparse storage on disk, and one-line errors with nothing written."""
 
 import json
+import re
 
 import numpy as np
 import onnx
@@ -27,7 +28,7 @@ def _error_line(capsys) -> str:
 
 def test_sparsify_prints_layers_sizes_and_writes_a_report(model_path, tmp_path, capsys):
     out, report = tmp_path / "out.onnx", tmp_path / "r.json"
-    assert main(["sparsify", model_path, "-o", str(out), "--sparsity", "0.8", "--report", str(report)]) == 0
+    assert main(["sparsify", model_path, "-o", str(out), "--sparsity", "0.8", "--report", str(report), "--gzip-size"]) == 0
     text = capsys.readouterr().out
     assert "overall sparsity of sparsified weights: 79.99% over 2,264 weights" in text  # round(0.8 * 2264) zeros
     assert "gzip" in text and "size reduction" in text and f"wrote {out}" in text
@@ -36,6 +37,15 @@ def test_sparsify_prints_layers_sizes_and_writes_a_report(model_path, tmp_path, 
     sizes = data["sizes"]
     assert sizes["output"]["gzip_bytes"] < sizes["input"]["gzip_bytes"] < sizes["input"]["bytes"]
     onnx.checker.check_model(str(out), full_check=True)
+
+
+def test_gzip_sizes_only_when_asked(model_path, tmp_path, capsys):
+    out, report = tmp_path / "out.onnx", tmp_path / "r.json"
+    assert main(["sparsify", model_path, "-o", str(out), "--sparsity", "0.5", "--report", str(report)]) == 0
+    text = capsys.readouterr().out
+    assert "gzip " not in text and re.search(r"size reduction: \d+\.\d\dx raw\n", text)
+    sizes = json.loads(report.read_text())["sizes"]
+    assert sizes["input"] == {"bytes": len(open(model_path, "rb").read())} and "gzip_bytes" not in sizes["output"]
 
 
 def test_sparse_storage_file_is_smaller_and_gives_the_dense_outputs(model_path, tmp_path, capsys):

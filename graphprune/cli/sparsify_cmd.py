@@ -1,4 +1,4 @@
-"""``graphprune sparsify MODEL -o OUT --sparsity S [--pattern N:M] ...``: prune individual weights."""
+"""``graphprune sparsify MODEL -o OUT --sparsity S [--pattern N:M] [--criterion wanda --data F.npz] ...``: prune individual weights."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import sys
 
 from graphprune.cli.common import (
     add_output_options,
+    read_inputs,
     add_report_option,
     check_output_path,
     check_report_path,
@@ -24,7 +25,8 @@ def register(sub) -> None:
     p = sub.add_parser(
         "sparsify",
         help="zero small weights (unstructured or N:M), optionally stored compactly",
-        description="Magnitude pruning of individual weights. Unstructured sparsity does not make ONNX "
+        description="Pruning of individual weights by magnitude, Wanda (|w| x input norm) or SparseGPT "
+        "(OBS reconstruction), the last two from calibration data. Unstructured sparsity does not make ONNX "
         "Runtime faster on CPU: it shrinks the compressed file (with --storage sparse, or zip/gzip). "
         "N:M (e.g. 2:4) is the pattern sparse tensor cores run.",
     )
@@ -34,8 +36,15 @@ def register(sub) -> None:
                    "(required for unstructured; implied by N:M)")
     p.add_argument("--pattern", default="unstructured", metavar="unstructured|N:M",
                    help="unstructured (default) or N:M, e.g. 2:4 along the reduction axis")
-    p.add_argument("--scope", choices=("global", "layer"), default="global",
-                   help="one magnitude threshold over all layers (default; capped per layer) or per layer")
+    p.add_argument("--criterion", choices=("magnitude", "wanda", "sparsegpt"), default="magnitude",
+                   help="magnitude (default), wanda (|w| x ||x||) or sparsegpt (prune + update the kept weights); "
+                   "wanda and sparsegpt need --data")
+    p.add_argument("--data", metavar="FILE.npz", help="calibration samples, one array per model input (wanda, sparsegpt)")
+    p.add_argument("--batch-size", type=int, default=8, metavar="B",
+                   help="calibration samples per ONNX Runtime run (default 8; memory is one batch of layer inputs)")
+    p.add_argument("--scope", choices=("global", "layer"), default=None,
+                   help="one threshold over all layers (capped per layer; default for magnitude) or per layer "
+                   "(default for wanda/sparsegpt)")
     p.add_argument("--max-layer-sparsity", metavar="C",
                    help="global scope: no layer above this sparsity (default max(0.99, S))")
     p.add_argument("--op-types", default=",".join(DEFAULT_OP_TYPES), metavar="Conv,Gemm,MatMul",
@@ -44,6 +53,8 @@ def register(sub) -> None:
                    help="node or weight names to leave untouched (repeatable, or comma-separated)")
     p.add_argument("--storage", choices=("dense", "sparse"), default="dense",
                    help="dense: zeros in place; sparse: non-zeros + 1-byte steps, rebuilt when ORT loads it")
+    p.add_argument("--gzip-size", action="store_true",
+                   help="also report the input and output files' gzip sizes (deflates both files: seconds per 100 MB)")
     add_report_option(p, "the per-layer report")
     p.set_defaults(func=run)
 
@@ -55,6 +66,13 @@ def run(args) -> int:
            if args.max_layer_sparsity is not None else None)
     check_report_path(args)
     exclude = [name.strip() for item in args.exclude for name in item.split(",") if name.strip()]
+    if args.criterion != "magnitude" and not args.data:
+        raise UserError(f"--criterion {args.criterion} needs calibration data: give --data FILE.npz")
+    if args.criterion == "magnitude" and args.data:
+        raise UserError("--data is only used by --criterion wanda or sparsegpt")
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size {args.batch_size} must be at least 1")
+    placeholder = object()  # the samples are read after the model; every other check first
     sparsify = SparsifyWeightsPass(
         sparsity=sparsity,
         pattern=args.pattern,
@@ -63,10 +81,14 @@ def run(args) -> int:
         exclude=exclude,
         storage=args.storage,
         max_layer_sparsity=cap,
+        criterion=args.criterion,
+        data=placeholder if args.data else None,
+        batch_size=args.batch_size,
         progress=sys.stderr.isatty(),
     )
     check_output_path(args)
     model = load(args.model)
+    sparsify.data, _, _ = read_inputs(args, model)
     result = sparsify(model)
     stats = result.stats
     if sparsify.sparsity > 0 and not stats["layers"]:
@@ -76,7 +98,8 @@ def run(args) -> int:
             + (f" ({reasons})" if reasons else " (the model has no such layers with stored weights)")
         )
     write_model(args, result.model)
-    sizes = {"input": file_sizes(args.model, sparsify.progress), "output": file_sizes(args.output, sparsify.progress)}
+    sizes = {"input": file_sizes(args.model, sparsify.progress, gzip=args.gzip_size),
+             "output": file_sizes(args.output, sparsify.progress, gzip=args.gzip_size)}
     print(format_sparsity_report(stats, sizes))
     write_report(args, {**stats, "sizes": sizes})
     print(f"wrote {args.output}")

@@ -1,4 +1,4 @@
-"""Sparsify weights: magnitude pruning of individual weights, unstructured or N:M, with compact storage."""
+"""Sparsify weights: pruning of individual weights (magnitude, Wanda, SparseGPT), unstructured or N:M, with compact storage."""
 
 from __future__ import annotations
 
@@ -9,11 +9,13 @@ import onnx
 from onnx import numpy_helper
 
 from graphprune import ir
+from graphprune.data import InputSet
 from graphprune.errors import UserError
 from graphprune.model_io import default_opset
 from graphprune.passes.base import Pass, PassResult, register_pass
 from graphprune.progress import progress_bar
 from graphprune.sparsity import masks as masks_mod
+from graphprune.sparsity.calibrated import CALIBRATED, COMPARISON_GROUPS, CRITERIA, calibrated_prune
 from graphprune.sparsity.report import overall_sparsity, sparsity_row
 from graphprune.sparsity.storage import MIN_OPSET, compact_initializers
 from graphprune.sparsity.targets import SkippedWeight, WeightTarget, find_weights, parse_op_types
@@ -26,7 +28,13 @@ _STORAGES = ("dense", "sparse")
 
 @register_pass
 class SparsifyWeightsPass(Pass):
-    """Zero the smallest-magnitude weights of Conv/Gemm/MatMul (and ConvTranspose) layers.
+    """Zero the least important weights of Conv/Gemm/MatMul (and ConvTranspose) layers.
+
+    Criteria: ``magnitude`` (the smallest ``|w|``), ``wanda`` (the smallest ``|w| * ||x||``, input
+    norms from calibration data) and ``sparsegpt`` (one-shot OBS: prunes by ``w^2 / [H^-1]_cc^2`` and
+    updates the kept weights of the layer to reconstruct its output; see ``graphprune.sparsity``).
+    The calibrated criteria handle Conv (any groups, strides, dilations, pads), Gemm and MatMul with
+    1-D/2-D weights; other layers are skipped with the reason.
 
     Handles:
       - unstructured sparsity, ``scope="global"`` (one magnitude threshold over all selected weights,
@@ -44,6 +52,8 @@ class SparsifyWeightsPass(Pass):
     Refuses (``UserError``): sparsity outside [0, 1), N >= M, unknown op types, ``--exclude`` names
     that match nothing, and sparse storage on opsets below 11.
 
+    Refuses too: ``wanda``/``sparsegpt`` without ``data``, an unknown criterion or comparison group.
+
     Sparsity 0 prunes nothing: with dense storage the pass is a no-op; with sparse storage it only
     compacts weights that already hold enough zeros (e.g. a sparsified model after quantization).
 
@@ -51,11 +61,17 @@ class SparsifyWeightsPass(Pass):
         sparsity: fraction of weights to zero, in [0, 1); with an N:M pattern it may be omitted
             (it is 1 - N/M) but must agree if given.
         pattern: "unstructured" or "N:M".
-        scope: "global" or "layer" (unstructured only).
+        scope: "global" or "layer" (unstructured only); default global for magnitude, layer for
+            wanda/sparsegpt (their papers' uniform per-layer sparsity).
         op_types: op types whose weights are sparsified, a list or "Conv,Gemm" (default Conv,Gemm,MatMul).
         exclude: node names or weight names to leave untouched.
         storage: "dense" (zeros in place) or "sparse" (compact, rebuilt in-graph).
         max_layer_sparsity: global scope's per-layer cap (default max(0.99, sparsity)).
+        criterion: "magnitude", "wanda" or "sparsegpt".
+        data: calibration samples (wanda, sparsegpt); handed over by recipes from ``run --data``.
+        group: Wanda's comparison group: "row" (each output row loses the same fraction, the default)
+            or "layer".
+        batch_size: calibration samples per ONNX Runtime run (memory is one batch of layer inputs).
         progress: show a progress bar over the layers.
     """
 
@@ -65,13 +81,28 @@ class SparsifyWeightsPass(Pass):
         self,
         sparsity: Optional[float] = None,
         pattern: "str | int" = "unstructured",
-        scope: str = "global",
+        scope: Optional[str] = None,
         op_types: "str | Sequence[str] | None" = None,
         exclude: "str | Sequence[str] | None" = None,
         storage: str = "dense",
         max_layer_sparsity: Optional[float] = None,
+        criterion: str = "magnitude",
+        data: Optional[InputSet] = None,
+        group: str = "row",
+        batch_size: int = 8,
         progress: bool = False,
     ):
+        if criterion not in CRITERIA:
+            raise UserError(f"criterion {criterion!r} is not one of {', '.join(CRITERIA)}")
+        if criterion in CALIBRATED and data is None:
+            raise UserError(f"criterion {criterion!r} needs calibration data (--data FILE.npz)")
+        if group not in COMPARISON_GROUPS:
+            raise UserError(f"group {group!r} is not one of {', '.join(COMPARISON_GROUPS)}")
+        if int(batch_size) < 1:
+            raise UserError(f"batch_size {batch_size} must be at least 1")
+        self.criterion, self.data, self.group, self.batch_size = criterion, data, group, int(batch_size)
+        if scope is None:
+            scope = "layer" if criterion in CALIBRATED else "global"
         if isinstance(pattern, int) and not isinstance(pattern, bool):
             # YAML 1.1 (recipes, --pass values) reads an unquoted 2:4 as the base-60 number 124.
             pattern = "{}:{}".format(*divmod(pattern, 60))
@@ -118,7 +149,16 @@ class SparsifyWeightsPass(Pass):
         if self.pattern is not None:
             prunable = self._drop_unfitting(prunable, skipped)
         weights = {t.name: numpy_helper.to_array(inits[t.name]) for t in prunable}
-        pruned = self._prune(prunable, weights)
+        calibration = {}
+        if self.criterion in CALIBRATED and self.sparsity > 0 and prunable:
+            pruned, refused, calibration = calibrated_prune(
+                model, prunable, weights, self.criterion, self.data, self.sparsity, self.pattern, self.scope,
+                self.group, self.max_layer_sparsity, self.batch_size, self.progress)
+            for target, reason in refused:  # left dense: not in the mask record either
+                skipped.extend(SkippedWeight(n, target.op_type, reason) for n in target.nodes)
+            prunable = [t for t in prunable if t.name in pruned]
+        else:
+            pruned = self._prune(prunable, weights)
 
         changed = [name for name, value in pruned.items() if not np.array_equal(value, weights[name])]
         for name in changed:
@@ -133,6 +173,7 @@ class SparsifyWeightsPass(Pass):
             compacted, kept_dense = compact_initializers(work, [t.name for t in targets])
         rows = [sparsity_row(t.name, t.op_type, label, pruned[t.name]) for t in prunable]
         stats = {
+            "criterion": self.criterion,
             "pattern": label,
             "scope": self.scope if self.pattern is None else "group",
             "requested_sparsity": self.sparsity,
@@ -143,6 +184,8 @@ class SparsifyWeightsPass(Pass):
             "compacted": compacted,
             "kept_dense": kept_dense,
         }
+        if calibration:
+            stats["calibration"] = calibration
         modified = bool(changed or compacted)
         return PassResult(work if modified else model, modified, stats)
 
@@ -182,7 +225,7 @@ class SparsifyWeightsPass(Pass):
         return pruned
 
     def __repr__(self) -> str:
-        return (f"SparsifyWeightsPass(sparsity={self.sparsity}, pattern={masks_mod.pattern_label(self.pattern)!r}, "
+        return (f"SparsifyWeightsPass(criterion={self.criterion!r}, sparsity={self.sparsity}, pattern={masks_mod.pattern_label(self.pattern)!r}, "
                 f"scope={self.scope!r}, storage={self.storage!r})")
 
 
@@ -190,16 +233,19 @@ def sparsify_weights(
     model: onnx.ModelProto,
     sparsity: Optional[float] = None,
     pattern: str = "unstructured",
-    scope: str = "global",
+    scope: Optional[str] = None,
     op_types: "str | Sequence[str] | None" = None,
     exclude: "str | Sequence[str] | None" = None,
     storage: str = "dense",
     max_layer_sparsity: Optional[float] = None,
+    criterion: str = "magnitude",
+    data: Optional[InputSet] = None,
+    **kwargs,
 ) -> onnx.ModelProto:
     """Functional form of ``SparsifyWeightsPass``: the sparsified model."""
     return SparsifyWeightsPass(
         sparsity=sparsity, pattern=pattern, scope=scope, op_types=op_types, exclude=exclude,
-        storage=storage, max_layer_sparsity=max_layer_sparsity,
+        storage=storage, max_layer_sparsity=max_layer_sparsity, criterion=criterion, data=data, **kwargs,
     )(model).model
 
 
