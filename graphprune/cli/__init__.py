@@ -29,6 +29,7 @@ COMMAND_MODULES = [
     "graphprune.cli.quantize_cmd",
     "graphprune.cli.sparsify_cmd",
     "graphprune.cli.prune_cmd",
+    "graphprune.cli.sensitivity_cmd",
 ]
 
 

@@ -14,7 +14,7 @@ from graphprune.errors import UserError
 from graphprune.model_io import atomic_write_text
 from graphprune.pruning.group_ratios import ratios_document, read_ratios_file
 
-__all__ = ["add_budget_options", "BudgetPlan", "budget_plan", "run_budget", "RANDOM_SAMPLES"]
+__all__ = ["add_budget_options", "BudgetPlan", "budget_plan", "run_budget", "batch_one_shapes", "RANDOM_SAMPLES"]
 
 # Seeded random inputs a budget run measures damage on when no --data is given.
 RANDOM_SAMPLES = 32
@@ -94,7 +94,7 @@ def run_budget(args, plan: BudgetPlan, model, data, shapes, criterion: str, mode
     from graphprune.sensitivity.budget_prune import prune_to_budget
 
     if data is None:
-        data = random_inputs(model, _batch_one(model, shapes), samples=RANDOM_SAMPLES, seed=0)
+        data = random_inputs(model, batch_one_shapes(model, shapes), samples=RANDOM_SAMPLES, seed=0)
         print(f"note: no --data: damage measured on {RANDOM_SAMPLES} seeded random inputs "
               "(give --data FILE.npz for real ones)")
     with progress_bar(total=None, desc="sensitivity", enabled=sys.stderr.isatty(), unit="task") as bar:
@@ -120,7 +120,7 @@ def run_budget(args, plan: BudgetPlan, model, data, shapes, criterion: str, mode
     return 0
 
 
-def _batch_one(model, shapes):
+def batch_one_shapes(model, shapes):
     """--input-shape overrides, plus batch 1 for inputs whose only dynamic dim is the first."""
     from graphprune.data import input_specs
 
