@@ -124,20 +124,23 @@ def copy_fields(source, target, skip=()) -> None:
             setattr(target, field.name, value)
 
 
-def weightless_copy(model: onnx.ModelProto) -> onnx.ModelProto:
+def weightless_copy(model: onnx.ModelProto, keep: "frozenset[str] | set[str]" = frozenset()) -> onnx.ModelProto:
     """A copy of ``model`` whose large main-graph initializers carry no data, built without copying any.
 
     Each stripped tensor keeps its name, type and dims and becomes an external-data record pointing
     at ``WEIGHTLESS_LOCATION`` (an empty stand-in file satisfies the path-based checker); small
     tensors and integer index tensors keep their values so shape inference can propagate them.
     Good for checking, shape inference and anything else that reads only structure.
+
+    Args:
+        keep: initializers that keep their data whatever their size (those a caller must read).
     """
     copy = onnx.ModelProto()
     copy_fields(model, copy, skip=("graph",))
     copy_fields(model.graph, copy.graph, skip=("initializer",))
     for init in model.graph.initializer:
         target = copy.graph.initializer.add()
-        if not _strippable(init):
+        if init.name in keep or not _strippable(init):
             target.CopyFrom(init)
             continue
         size = _tensor_bytes(init)

@@ -201,6 +201,33 @@ def test_canonicalize_of_a_large_model_keys_and_infers_without_the_weights(no_wh
     np.testing.assert_array_equal(np_w, numpy_helper.to_array(model.graph.initializer[0]))
 
 
+def test_canonicalize_returns_an_unchanged_model_itself_and_copies_nothing():
+    import graphprune
+
+    model = _mlp()
+    result = graphprune.CanonicalizePass()(model)
+    assert not result.modified and result.model is model  # no copy of the weights was made
+
+
+def test_canonicalize_folds_with_the_weights_it_reads_and_restores_the_others():
+    import graphprune
+    from graphprune.runtime import make_session
+
+    model = _mlp()
+    # w0 reaches its MatMul through a Transpose (folded: its data is read); a dead Neg goes
+    model.graph.node[0].input[1] = "w0t"
+    model.graph.node.insert(0, helper.make_node("Transpose", ["w0"], ["w0t"]))
+    model.graph.node.append(helper.make_node("Neg", ["a0"], ["unused"]))
+    result = graphprune.CanonicalizePass()(model)
+    assert result.modified and {n.op_type for n in result.model.graph.node} == {"MatMul", "Add", "Relu", "Reshape"}
+    inits = {i.name: i for i in result.model.graph.initializer}
+    assert all(i.data_location != TensorProto.EXTERNAL for i in inits.values())
+    np.testing.assert_array_equal(numpy_helper.to_array(inits["w1"]), numpy_helper.to_array(model.graph.initializer[2]))
+    x = {"x": np.random.default_rng(1).standard_normal((1, _WIDTH)).astype(np.float32)}
+    expected, got = make_session(model).run(["y"], x)[0], make_session(result.model).run(["y"], x)[0]
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+
+
 def test_observed_shapes_leaves_the_model_as_it_was():
     from graphprune.shapes import observed_shapes
 

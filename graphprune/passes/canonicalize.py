@@ -53,8 +53,12 @@ class CanonicalizePass(Pass):
         self.fold = bool(fold)
 
     def call(self, model: onnx.ModelProto) -> PassResult:
+        # The work is done on a weightless copy (``ir.weightless_copy``): weights only folding can
+        # read keep their data, the others are records put back at the end (from ``model``, and only
+        # when something changed).  Cloning the model and graphsurgeon's import and export of it
+        # held up to four copies of every weight.
         before = _structure_key(model)
-        work = ir.clone(model)
+        work = ir.weightless_copy(model, keep=_fold_inputs(model.graph) if self.fold else frozenset())
         constants = _constants_to_initializers(work.graph)
         dropped_inputs = _drop_initializer_inputs(work)
         fold_failure = None
@@ -78,7 +82,10 @@ class CanonicalizePass(Pass):
             "nodes_removed": nodes_before - len(result.graph.node),
             "fold_failure": fold_failure,
         }
-        return PassResult(result if modified else model, modified, stats)
+        if not modified:
+            return PassResult(model, False, stats)
+        _restore_weights(result, model)
+        return PassResult(result, True, stats)
 
 
 def canonicalize(model: onnx.ModelProto, fold_limit: int = _DEFAULT_FOLD_LIMIT, fold: bool = True) -> onnx.ModelProto:
@@ -136,14 +143,62 @@ def _drop_initializer_inputs(model: onnx.ModelProto) -> int:
     return dropped
 
 
-def _structure_key(model: onnx.ModelProto) -> bytes:
-    """The graph without value_info: what 'modified' means for this pass.
+def _fold_inputs(graph: onnx.GraphProto) -> frozenset:
+    """Initializers that constant folding may read: inputs of nodes whose inputs are all constant
+    (transitively; ``Shape``/``Size`` outputs count as constant, graphsurgeon folds static shapes),
+    and any referenced from a subgraph.  A superset of what folding reads is only a memory cost."""
+    inits = {init.name for init in graph.initializer}
+    constant = set(inits) | {n.output[0] for n in graph.node if n.op_type == "Constant" and n.output}
+    needed = set()
+    folded = set()
+    changed = True
+    while changed:  # in order, the first round settles a sorted graph; the next ones catch the rest
+        changed = False
+        for i, node in enumerate(graph.node):
+            if i in folded:
+                continue
+            inputs = [name for name in node.input if name]
+            if node.op_type in ("Shape", "Size") or all(name in constant for name in inputs):
+                folded.add(i)
+                changed = True
+                constant.update(o for o in node.output if o)
+                needed.update(name for name in inputs if name in inits)
+    for node in graph.node:
+        for attr in node.attribute:
+            for sub in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)):
+                needed.update(_names_read(sub) & inits)
+    return frozenset(needed)
 
-    Large models are keyed by their weightless copy (names, types and dims of the big tensors):
-    the whole graph would be a second copy of the weights, and protobuf refuses past 2 GiB.
+
+def _names_read(graph: onnx.GraphProto) -> set:
+    names = set()
+    for node in graph.node:
+        names.update(node.input)
+        for attr in node.attribute:
+            for sub in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)):
+                names |= _names_read(sub)
+    return names
+
+
+def _restore_weights(result: onnx.ModelProto, model: onnx.ModelProto) -> None:
+    """Put ``model``'s tensors back where ``result`` holds their weightless stand-in records."""
+    originals = {init.name: init for init in model.graph.initializer}
+    for init in result.graph.initializer:
+        if init.data_location == onnx.TensorProto.EXTERNAL and any(
+            e.key == "location" and e.value == ir.WEIGHTLESS_LOCATION for e in init.external_data
+        ):
+            init.CopyFrom(originals[init.name])
+
+
+def _structure_key(model: onnx.ModelProto) -> bytes:
+    """The graph without value_info and weights: what 'modified' means for this pass.
+
+    Keyed by the weightless copy (names, types and dims of the big tensors): the whole graph would
+    be a second copy of the weights, and protobuf refuses past 2 GiB.  Folding and dead-code
+    removal change nodes or tensor names, never a kept weight's values.
     """
     g = onnx.GraphProto()
-    g.CopyFrom(ir.weightless_copy(model).graph if ir.is_large(model) else model.graph)
+    g.CopyFrom(ir.weightless_copy(model).graph)
     del g.value_info[:]
     for vi in list(g.input) + list(g.output):
         vi.ClearField("type")  # inference may refine declared shapes; that is not a change
