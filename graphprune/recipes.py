@@ -44,6 +44,7 @@ _ARG_RANGES: Dict[str, Tuple[float, float, bool, bool]] = {
     "seed": (0, 2**32 - 1, False, False),
     "max_error": (0.0, math.inf, False, True),
     "fold_limit": (0, math.inf, False, True),
+    "damp": (0.0, math.inf, False, True),
 }
 
 
@@ -194,4 +195,6 @@ def build_pass(name: str, kwargs: Mapping[str, Any], context: Optional[Mapping[s
 
 
 def build_pipeline(specs: Sequence[PassSpec], context: Optional[Mapping[str, Any]] = None, progress: bool = False) -> Pipeline:
-    return Pipeline([build_pass(name, kwargs, context) for name, kwargs in specs], progress=progress)
+    from graphprune.passes.reconstruct import link_originals  # a reconstruct refits to what the prune before it got
+
+    return Pipeline(link_originals([build_pass(name, kwargs, context) for name, kwargs in specs]), progress=progress)

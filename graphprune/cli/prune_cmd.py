@@ -54,7 +54,10 @@ def register(sub) -> None:
     p.add_argument("--mode", default="remove", metavar="|".join(MODES),
                    help="remove the channels (default) or mask them (zero weights, shapes kept)")
     add_block_options(p)
-    add_data_options(p, "calibration samples (.npz) for --criterion activation or --blocks")
+    p.add_argument("--reconstruct", action="store_true",
+                   help="after removal, refit each layer that lost input channels to the original's outputs on "
+                   "--data (closed-form ridge regression, no training)")
+    add_data_options(p, "calibration samples (.npz) for --criterion activation, --blocks or --reconstruct")
     p.add_argument("--stats", action="store_true", help="print the pass statistics as JSON")
     add_budget_options(p)
     p.set_defaults(func=run)
@@ -81,6 +84,10 @@ def run(args) -> int:
         raise UserError("--criterion activation needs calibration data: give --data FILE.npz")
     if args.round_to < 1:
         raise UserError(f"--round-to {args.round_to} must be at least 1")
+    if args.reconstruct and not args.data:
+        raise UserError("--reconstruct needs calibration data: give --data FILE.npz")
+    if args.reconstruct and args.mode != "remove":
+        raise UserError("--reconstruct refits layers whose channels were removed: not with --mode mask")
     check_output_path(args)
     model = load(args.model)
     data, shapes, _ = read_inputs(args, model)
@@ -108,9 +115,17 @@ def run(args) -> int:
     if not result.modified and asked:
         # a ratio was asked for and nothing at all could be pruned: say why instead of copying the model
         raise UserError(nothing_pruned(result.stats, prune.ratios))
+    if args.reconstruct:
+        from graphprune.passes.reconstruct import ReconstructPass, describe
+
+        refit = ReconstructPass(original=model, data=data, progress=sys.stderr.isatty())(result.model)
+        result.stats["reconstruct"] = refit.stats
+        result = type(result)(refit.model, result.modified or refit.modified, result.stats)
     write_model(args, result.model)
     stats = result.stats
     print(_summary(stats, model, result.model, shapes))
+    if args.reconstruct:
+        print(describe(stats["reconstruct"]))
     if args.stats:
         print(json.dumps(stats, indent=2, default=str))
     print(f"wrote {args.output}" + ("" if result.modified else " (unchanged)"))

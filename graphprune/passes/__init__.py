@@ -6,6 +6,7 @@ from graphprune.passes.finetune import FineTunePass, finetune
 from graphprune.passes.insert_qdq import InsertQDQPass, insert_qdq
 from graphprune.passes.prune_blocks import PruneBlocksPass, prune_blocks
 from graphprune.passes.prune_channels import PruneChannelsPass, prune_channels
+from graphprune.passes.reconstruct import ReconstructPass, reconstruct_pruned
 from graphprune.passes.quantize_weights import QuantizeWeightsPass, quantize_weights
 from graphprune.passes.sparsify_weights import SparsifyWeightsPass, sparsify_weights
 
@@ -25,6 +26,8 @@ __all__ = [
     "prune_blocks",
     "PruneChannelsPass",
     "prune_channels",
+    "ReconstructPass",
+    "reconstruct_pruned",
     "QuantizeWeightsPass",
     "quantize_weights",
     "SparsifyWeightsPass",

@@ -1,0 +1,204 @@
+"""Reconstruction after channel removal: refit each layer that lost input channels by ridge regression.
+
+A layer ``y = W x + b`` (Conv via im2col, Gemm, MatMul with a constant weight) whose input lost
+channels is refit so that, on calibration data, its output on the *pruned* model's activations
+matches the *original* layer's output on the original activations (kept output channels only)::
+
+    W' = argmin ||W' X_p - Y||^2 + lam ||W' - W_p||^2 = (Y X_p^T + lam W_p) (X_p X_p^T + lam I)^-1
+
+with a ones row in ``X_p`` for the bias.  The ridge term pulls toward the pruned weights ``W_p``
+(the original's kept entries), not toward zero: with few samples the fit stays near the trained
+weights instead of shrinking them.  ``lam`` is ``damp`` times the mean diagonal of ``X_p X_p^T``
+(scale-free, as in SparseGPT/OBC's dampening).  Only ``X X^T`` and ``Y X^T`` are kept, summed over
+batches: memory is O(D^2) per layer, whatever the number of samples.  The objective never rises
+on the calibration data (``W_p`` itself is a candidate), so a refit cannot make a layer worse there.
+
+The matrix side lives here; ``graphprune.pruning.reconstruct_layers`` finds the layers and the
+order, ``graphprune.passes.reconstruct`` runs them sequentially on ONNX Runtime.
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Tuple
+
+import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
+
+__all__ = ["DAMPS", "conv_columns", "conv_chunks", "conv_pads", "RidgeStats", "choose_damp"]
+
+# Inputs of a batch with more elements than this are multiplied in float32.
+_FLOAT32_ABOVE = 1 << 18
+# Candidate ridge strengths (relative to the mean diagonal) tried on the held-out samples.
+DAMPS = (1e-6, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)
+# Buffered rows (inputs + targets elements) multiplied at once (float64: 32 MB).
+_BUFFER_ELEMENTS = 4 << 20
+# Elements of one im2col chunk (float64): bounds the temporary memory of a Conv's columns (~64 MB).
+_CHUNK_ELEMENTS = 8 << 20
+
+
+def conv_pads(spatial: Sequence[int], kernel: Sequence[int], strides: Sequence[int], dilations: Sequence[int],
+              pads: Sequence[int], auto_pad: str) -> List[int]:
+    """Explicit ``[begin..., end...]`` pads of a Conv, ``auto_pad`` resolved for the input's spatial size."""
+    nd = len(kernel)
+    if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+        begin, end = [], []
+        for size, k, s, d in zip(spatial, kernel, strides, dilations):
+            extent = (k - 1) * d + 1
+            out = -(-size // s)
+            total = max((out - 1) * s + extent - size, 0)
+            small = total // 2
+            begin.append(small if auto_pad == "SAME_UPPER" else total - small)
+            end.append(total - begin[-1])
+        return begin + end
+    if auto_pad == "VALID":
+        return [0] * (2 * nd)
+    return list(pads) if pads else [0] * (2 * nd)
+
+
+def conv_columns(x: np.ndarray, kernel: Sequence[int], strides: Sequence[int], dilations: Sequence[int],
+                 pads: Sequence[int], groups: int) -> np.ndarray:
+    """im2col of a Conv input: ``(groups, N * out_positions, C/groups * prod(kernel))``, float64.
+
+    Column order matches a weight ``(O, C/groups, *kernel)`` flattened per output row, so
+    ``cols @ W.reshape(O, -1).T`` is the convolution.  A 1x1 stride-1 unpadded conv is a reshape.
+    """
+    nd = len(kernel)
+    n, c = x.shape[:2]
+    x = x.astype(np.float64, copy=False)
+    if all(k == 1 for k in kernel) and all(s == 1 for s in strides) and not any(pads):
+        cols = np.moveaxis(x.reshape(n, groups, c // groups, -1), 3, 2)  # (N, G, P, Cg)
+        return np.ascontiguousarray(np.moveaxis(cols, 1, 0)).reshape(groups, -1, c // groups)
+    if any(pads):
+        x = np.pad(x, [(0, 0), (0, 0)] + [(pads[i], pads[i + nd]) for i in range(nd)])
+    extent = [(k - 1) * d + 1 for k, d in zip(kernel, dilations)]
+    windows = sliding_window_view(x, extent, axis=tuple(range(2, 2 + nd)))  # (N, C, *positions, *extent)
+    index = (slice(None), slice(None)) + tuple(slice(None, None, s) for s in strides)
+    index += tuple(slice(None, None, d) for d in dilations)
+    windows = windows[index]  # (N, C, *out, *kernel)
+    out = windows.shape[2:2 + nd]
+    windows = windows.reshape((n, groups, c // groups) + out + tuple(kernel))
+    # -> (G, N, *out, Cg, *kernel): one row per output position, the weight's column order
+    order = (1, 0) + tuple(range(3, 3 + nd)) + (2,) + tuple(range(3 + nd, 3 + 2 * nd))
+    return np.ascontiguousarray(windows.transpose(order)).reshape(groups, -1, (c // groups) * int(np.prod(kernel)))
+
+
+def conv_chunks(n: int, per_sample: int) -> List[Tuple[int, int]]:
+    """Sample ranges whose im2col stays under ``_CHUNK_ELEMENTS`` (at least one sample each)."""
+    step = max(1, _CHUNK_ELEMENTS // max(per_sample, 1))
+    return [(start, min(start + step, n)) for start in range(0, n, step)]
+
+
+class RidgeStats:
+    """Streamed sums for one layer (per conv group): ``X X^T``, ``Y X^T``, ``Y Y^T``'s trace, rows.
+
+    Args:
+        groups: independent regressions (a grouped Conv's groups; 1 otherwise).
+        inputs: columns per group (input features, without the bias column).
+        outputs: output rows per group.
+        bias: append a ones column (fit a bias).
+    """
+
+    def __init__(self, groups: int, inputs: int, outputs: int, bias: bool):
+        self.bias = bias
+        dim = inputs + int(bias)
+        self.xx = np.zeros((groups, dim, dim))
+        self.yx = np.zeros((groups, outputs, dim))
+        self.yy = np.zeros(groups)
+        self.rows = 0
+        self._pending: List[Tuple[np.ndarray, np.ndarray]] = []
+        self._pending_size = 0
+
+    def add(self, cols: np.ndarray, targets: np.ndarray) -> None:
+        """``cols``: (G, R, D) inputs, ``targets``: (G, R, O) the original outputs of the same rows.
+
+        Rows are buffered up to ``_BUFFER_ELEMENTS`` and multiplied together: many small BLAS calls
+        cost far more wall time than one large one (thread hand-offs, worst on a loaded machine)."""
+        self._pending.append((cols, targets))
+        self._pending_size += cols.size + targets.size
+        self.rows += cols.shape[1]
+        if self._pending_size >= _BUFFER_ELEMENTS:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self._pending:
+            return
+        cols = np.concatenate([c for c, _ in self._pending], axis=1)
+        targets = np.concatenate([t for _, t in self._pending], axis=1)
+        self._pending, self._pending_size = [], 0
+        # Large products run in float32 (BLAS sgemm, twice as fast) and are summed in float64;
+        # small ones (the exactness tests, depthwise groups) stay float64 throughout.
+        dtype = np.float32 if cols.size > _FLOAT32_ABOVE else np.float64
+        cols = cols.astype(dtype, copy=False)
+        targets = targets.astype(dtype, copy=False)
+        if self.bias:
+            cols = np.concatenate([cols, np.ones(cols.shape[:2] + (1,), dtype=dtype)], axis=2)
+        # one 2-D product per group: numpy's stacked matmul of a transposed view takes a slow
+        # non-BLAS path (30x slower measured), while ``c.T @ c`` is a BLAS syrk
+        for g in range(cols.shape[0]):
+            self.xx[g] += cols[g].T @ cols[g]
+            self.yx[g] += targets[g].T @ cols[g]
+        self.yy += np.einsum("gro,gro->g", targets, targets, dtype=np.float64)
+
+    def merged(self, other: "RidgeStats") -> "RidgeStats":
+        """The sums of both sample sets."""
+        self.flush()
+        other.flush()
+        out = RidgeStats(self.xx.shape[0], self.xx.shape[1] - int(self.bias), self.yx.shape[1], self.bias)
+        out.xx, out.yx, out.yy = self.xx + other.xx, self.yx + other.yx, self.yy + other.yy
+        out.rows = self.rows + other.rows
+        return out
+
+    def error(self, weights: np.ndarray) -> float:
+        """Relative squared error ``||W X - Y||^2 / ||Y||^2`` of ``weights`` (G, O, D) on the samples seen."""
+        self.flush()
+        fit = np.einsum("god,gde,goe->", weights, self.xx, weights) - 2.0 * np.einsum("god,god->", weights, self.yx)
+        total = float(self.yy.sum())
+        return float(max(fit + total, 0.0) / total) if total > 0 else 0.0
+
+    def _normalized(self):
+        self.flush()
+        xx = self.xx / max(self.rows, 1)
+        yx = self.yx / max(self.rows, 1)
+        diag = np.einsum("gii->gi", xx).mean(axis=1)
+        # an input that never fires (all-zero column) still gets a positive diagonal
+        return xx, yx, np.where(diag > 0, diag, 1.0)
+
+    def candidates(self, prior: np.ndarray, damps: Sequence[float]) -> List[np.ndarray]:
+        """The solutions for each of ``damps``, from one eigendecomposition of ``X X^T``:
+        ``W(lam) = (Y X^T + lam P) V (S + lam)^-1 V^T``."""
+        xx, yx, scale = self._normalized()
+        values, vectors = np.linalg.eigh(xx)
+        values = np.maximum(values, 0.0)
+        yxv, pv = np.matmul(yx, vectors), np.matmul(prior, vectors)
+        vt = vectors.transpose(0, 2, 1)
+        out = []
+        for damp in damps:
+            lam = (damp * scale)[:, None, None]
+            out.append(np.matmul((yxv + lam * pv) / (values[:, None, :] + lam), vt))
+        return out
+
+    def solve(self, prior: np.ndarray, damp: float) -> np.ndarray:
+        """The ridge solution (G, O, D) pulled toward ``prior`` with ``lam = damp * mean(diag(X X^T))``."""
+        dim = self.xx.shape[1]
+        xx, yx, diag = self._normalized()
+        lam = damp * diag
+        a = xx + lam[:, None, None] * np.eye(dim)
+        b = yx + lam[:, None, None] * prior
+        try:
+            return np.linalg.solve(a, b.transpose(0, 2, 1)).transpose(0, 2, 1)
+        except np.linalg.LinAlgError:  # singular despite the damping (damp 0): least squares instead
+            return np.stack([np.linalg.lstsq(a[g], b[g].T, rcond=None)[0].T for g in range(len(a))])
+
+
+def choose_damp(fit: RidgeStats, held: RidgeStats, prior: np.ndarray,
+                damps: Sequence[float] = DAMPS) -> Tuple[Optional[float], float, float]:
+    """(the damp whose fit on ``fit`` has the lowest error on ``held``, or None when no refit beats
+    ``prior`` there; the held-out error of ``prior``; of the chosen solution)."""
+    before = held.error(prior)
+    best, best_error = None, before
+    for damp, candidate in zip(damps, fit.candidates(prior, damps)):
+        if np.isfinite(candidate).all():
+            error = held.error(candidate)
+            if error < best_error:
+                best, best_error = damp, error
+    return best, before, best_error
