@@ -42,7 +42,8 @@ def register(sub) -> None:
                    help="prune the same dims inside every attention head (keeps the head count) instead of whole heads")
     p.add_argument("--criterion", default="l2", metavar="|".join(CRITERIA),
                    help="importance: l1/l2 weight magnitude (default l2), bn (BatchNorm scale), "
-                   "activation (mean |activation| on --data)")
+                   "activation (mean |activation| on --data), output (error its removal causes in the next "
+                   "layers' outputs on --data: |W[:,c]|^2 E[x_c^2])")
     p.add_argument("--global", dest="global_ranking", action="store_true",
                    help="rank channels across groups instead of pruning R of every group")
     p.add_argument("--max-group-ratio", default="0.9", metavar="C",
@@ -80,8 +81,8 @@ def run(args) -> int:
         raise UserError(f"unknown --criterion {args.criterion!r} (choose from {', '.join(CRITERIA)})")
     if args.mode not in MODES:
         raise UserError(f"unknown --mode {args.mode!r} (choose from {', '.join(MODES)})")
-    if args.criterion == "activation" and not args.data:
-        raise UserError("--criterion activation needs calibration data: give --data FILE.npz")
+    if args.criterion in ("activation", "output") and not args.data:
+        raise UserError(f"--criterion {args.criterion} needs calibration data: give --data FILE.npz")
     if args.round_to < 1:
         raise UserError(f"--round-to {args.round_to} must be at least 1")
     if args.reconstruct and not args.data:

@@ -52,14 +52,15 @@ class PruneChannelsPass(Pass):
     it; at least one head stays per layer (a heads ratio of 1 keeps exactly one, and says so).
 
     Refuses (``UserError``): ratio outside [0, 1) (heads ratio outside [0, 1]), unknown criterion
-    or mode, ``activation`` without data, ``exclude`` naming no node.  Never prunes: blocked groups (graph inputs/outputs,
+    or mode, ``activation``/``output`` without data, ``exclude`` naming no node.  Never prunes: blocked groups (graph inputs/outputs,
     ops without a rule, Softmax/LayerNormalization/reductions over the channel axis, sizes read by
     Shape...); ``stats["blocked"]`` lists them with reasons.  Outputs keep their shapes.
 
     Args:
         ratio: fraction of each group's channels to prune (of all channels with ``global_ranking``).
-        criterion: ``l1``, ``l2`` (weight magnitudes), ``bn`` (BatchNorm scales) or ``activation``
-            (mean |activation| on ``data``).
+        criterion: ``l1``, ``l2`` (weight magnitudes), ``bn`` (BatchNorm scales), ``activation``
+            (mean |activation| on ``data``) or ``output`` (the error a channel's removal causes in
+            its consumers' outputs on ``data``, ``graphprune.pruning.output_error``).
         global_ranking: rank channels across groups (normalized scores), each group losing at most
             ``max_group_ratio`` of its channels.
         round_to: kept channel counts are multiples of this; at least one channel stays.
@@ -104,8 +105,8 @@ class PruneChannelsPass(Pass):
             raise UserError(f"prune: unknown criterion {criterion!r} (choose from {', '.join(CRITERIA)})")
         if mode not in MODES:
             raise UserError(f"prune: unknown mode {mode!r} (choose from {', '.join(MODES)})")
-        if criterion == "activation" and data is None:
-            raise UserError("prune: criterion 'activation' needs calibration data (--data FILE.npz)")
+        if criterion in ("activation", "output") and data is None:
+            raise UserError(f"prune: criterion {criterion!r} needs calibration data (--data FILE.npz)")
         if int(round_to) < 1:
             raise UserError(f"prune: round_to {round_to} must be at least 1")
         if not 0.0 < float(max_group_ratio) <= 1.0:
@@ -156,6 +157,10 @@ class PruneChannelsPass(Pass):
         if self.criterion == "activation":
             dims = [m.dim for g in prunable for m in g.members]
             stats_by_dim = activation_stats(model, dims, self.data, progress=self.progress)
+        elif self.criterion == "output":
+            from graphprune.pruning.output_error import output_error_stats
+
+            stats_by_dim = output_error_stats(model, prunable, self.data, progress=self.progress)
         scores = group_scores(dep, prunable, self.criterion, stats_by_dim)
         named, rest = {}, prunable
         if self.group_ratios:

@@ -10,7 +10,7 @@ from graphprune.dependency import DependencyGraph, DimKey, Group
 
 __all__ = ["CRITERIA", "group_scores"]
 
-CRITERIA = ("l1", "l2", "bn", "activation")
+CRITERIA = ("l1", "l2", "bn", "activation", "output")
 # Constants whose magnitude says how much a channel matters (not biases, statistics, divisors).
 _MAGNITUDE_ROLES = ("weight", "norm_scale")
 
@@ -72,8 +72,11 @@ def group_scores(
         criterion: ``l1``/``l2`` (weight and normalization-scale magnitudes, producers and consumers
             alike), ``bn`` (|scale| of the normalizations in the group; groups without one fall back
             to ``l2``), ``activation`` (mean |activation| of the group's tensors on calibration
-            data, from ``activation_stats``; groups without any fall back to ``l2``).
-        activation_stats: (tensor, axis) -> mean |value| per index, for ``activation``.
+            data, from ``activation_stats``; groups without any fall back to ``l2``), ``output``
+            (the first-order error a channel's removal causes in its consumers' outputs,
+            ``graphprune.pruning.output_error``, also passed as ``activation_stats``).
+        activation_stats: (tensor, axis) -> mean |value| per index, for ``activation``; weight
+            (tensor, input axis) -> output error per index, for ``output``.
     """
     l1, l2 = _AxisNorms(dep, 1), _AxisNorms(dep, 2)
     scores: Dict[int, np.ndarray] = {}
@@ -83,7 +86,7 @@ def group_scores(
         if criterion == "bn":
             norm_scales = [m for m in group.params if m.info.role == "norm_scale"]
             result = _aggregate(group, norm_scales, l1)
-        elif criterion == "activation" and activation_stats:
+        elif criterion in ("activation", "output") and activation_stats:
             tensors = [m for m in group.members if m.dim in activation_stats]
             result = _aggregate(group, tensors, lambda d: activation_stats[d])
         elif criterion == "l1":
