@@ -15,7 +15,8 @@ Models (seeded random weights, no hub download):
 
 For each: ``PruneBlocksPass(ratio=--ratio)`` on 16 random calibration samples (importance = 1 - cosine
 between each block's input and output), and the same number of blocks removed from the end instead
-(``indices=`` the last ones); MACs and params ratios, latency at batch 1 (the original and the two
+(``indices=`` the last ones) and the highest-scored ones; each block removed alone (output rel L2 on 2
+held-out samples, its Spearman rank correlation with the scores); MACs and params ratios, latency at batch 1 (the original and the two
 pruned models timed in turns, ``--runs`` runs after 3 warm-ups, one thread; wall and process CPU
 time), output agreement with the original on held-out inputs (relative L2 and cosine), pass time.
 All numbers come from one run of this script.
@@ -179,14 +180,17 @@ def bench(name: str, args) -> dict:
     pass_seconds = time.perf_counter() - start
     count = chosen.stats["blocks_removed"]
     removable = [e["index"] for e in chosen.stats["blocks"] if e["removable"]]
+    scores = {e["index"]: e["score"] for e in chosen.stats["blocks"] if "score" in e}
+    highest = sorted(scores, key=lambda i: -scores[i])[:count]
     last = PruneBlocksPass(indices=removable[-count:])(model)
-    candidates = {"importance": chosen.model, "last": last.model}
+    candidates = {"importance": chosen.model, "last": last.model,
+                  "highest": PruneBlocksPass(indices=highest)(model).model}
     feed = {k: v[:1] for k, v in _inputs(vocab, 1, args.seq, seed=1).items()}
     shapes = {k: v.shape for k, v in feed.items()}
     macs = count_macs(model, shapes)
     result = {
         "model": name, "blocks_found": chosen.stats["blocks_found"], "blocks_removed": count,
-        "removed": chosen.stats["removed"], "last_indices": removable[-count:],
+        "removed": chosen.stats["removed"], "last_indices": removable[-count:], "highest_indices": sorted(highest),
         "scores": {e["index"]: e.get("score") for e in chosen.stats["blocks"]},
         "pass_seconds": round(pass_seconds, 2), "params": count_params(model), "macs": macs,
     }
@@ -197,10 +201,26 @@ def bench(name: str, args) -> dict:
         result[key] = {"params_ratio": count_params(pruned) / result["params"],
                        "macs_ratio": count_macs(pruned, shapes) / macs,
                        **_agreement(reference, outputs, vocab is None)}
+    # each block removed alone: does its score rank the output error it causes?
+    sweep = {k: v[:2] for k, v in held_out.items()}
+    reference = run(make_session(model, threads=None), sweep)[output]
+    errors = {}
+    for index in sorted(scores):
+        alone = PruneBlocksPass(indices=[index])(model).model
+        errors[index] = _agreement(reference, run(make_session(alone, threads=None), sweep)[output], False)["rel_l2"]
+    result["single_block_rel_l2"] = errors
+    result["spearman"] = _spearman([scores[i] for i in sorted(scores)], [errors[i] for i in sorted(scores)])
     wall, cpu = _latencies([model, chosen.model, last.model], feed, args.runs)
     result["latency_ms"] = {"original": [wall[0], cpu[0]], "importance": [wall[1], cpu[1]], "last": [wall[2], cpu[2]]}
     _print(result)
     return result
+
+
+def _spearman(a, b) -> float:
+    import numpy as np
+
+    ranks = [np.argsort(np.argsort(v)) for v in (a, b)]
+    return float(np.corrcoef(ranks[0], ranks[1])[0, 1])
 
 
 def _print(r: dict) -> None:
@@ -210,10 +230,14 @@ def _print(r: dict) -> None:
     print("  scores: " + ", ".join(f"{i}:{s:.4f}" for i, s in r["scores"].items() if s is not None))
     print(f"  {'':12}{'params':>8}{'MACs':>8}{'wall ms':>10}{'cpu ms':>10}{'rel L2':>9}{'cosine':>9}{'row cos':>9}{'top-1':>8}")
     print(f"  {'original':12}{1:>8.3f}{1:>8.3f}{lat['original'][0]:>10.1f}{lat['original'][1]:>10.1f}")
-    for key in ("importance", "last"):
+    for key in ("importance", "last", "highest"):
         row = r[key]
-        print(f"  {key:12}{row['params_ratio']:>8.3f}{row['macs_ratio']:>8.3f}{lat[key][0]:>10.1f}{lat[key][1]:>10.1f}"
+        wall, cpu = lat[key] if key in lat else (float("nan"), float("nan"))
+        print(f"  {key:12}{row['params_ratio']:>8.3f}{row['macs_ratio']:>8.3f}{wall:>10.1f}{cpu:>10.1f}"
               f"{row['rel_l2']:>9.3f}{row['cosine']:>9.3f}{row['row_cosine']:>9.3f}{row['top1']:>8.1%}", flush=True)
+    print(f"  highest-scored {r['highest_indices']}; one block removed at a time, output rel L2: "
+          + ", ".join(f"{i}:{e:.3f}" for i, e in r["single_block_rel_l2"].items())
+          + f"; Spearman(score, rel L2) = {r['spearman']:.3f}", flush=True)
 
 
 if __name__ == "__main__":
