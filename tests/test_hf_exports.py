@@ -8,8 +8,10 @@ import numpy as np
 import onnx
 import pytest
 
-from graphprune.dependency import build_dependency_graph, reported_groups
+from graphprune.dependency import build_dependency_graph, reported_groups, shape_info
+from graphprune.errors import UserError
 from graphprune.passes import PruneChannelsPass
+from graphprune.pruning.apply import Editor
 from graphprune.runtime import make_session, run
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "hf")
@@ -92,3 +94,27 @@ def test_heads_and_ffn_pruned_model_is_valid_and_masked_equals_removed(name):
 def test_nothing_asked_nothing_changed(name):
     result = PruneChannelsPass(ratio=0.0)(_load(name))
     assert not result.modified
+
+
+@pytest.mark.parametrize("name", ["bert_torchscript", "llama_torchscript"])
+def test_without_symbolic_inference_ffn_still_prunes(name, monkeypatch):
+    """An onnxruntime without its tools (or sympy): the -1 head axis stays unknown, heads are not found,
+    but FFN groups prune and the Expand targets sized at run time are left alone (no crash)."""
+    monkeypatch.setattr(shape_info, "symbolic_shapes", lambda model: {})
+    model = _load(name)
+    kwargs = dict(ratio=0.0, heads_ratio=0.5, ffn_ratio=0.5)
+    removed, masked = PruneChannelsPass(**kwargs)(model), PruneChannelsPass(mode="mask", **kwargs)(model)
+    assert removed.stats["kinds"]["ffn"]["removed"] == 128
+    onnx.checker.check_model(removed.model, full_check=True)
+    feeds = _tokens(2, 7)
+    out, ref = _outputs(removed.model, feeds), _outputs(masked.model, feeds)
+    for key in out:
+        np.testing.assert_allclose(out[key], ref[key], rtol=1e-4, atol=1e-4, err_msg=key)
+
+
+def test_a_size_no_rule_could_resolve_is_refused_cleanly():
+    dep = build_dependency_graph(_load("bert_dynamo"))
+    editor = Editor(dep, {}, onnx.GraphProto())
+    dim = next(d for d in dep.graph.nodes if not dep.info(d).concrete)
+    with pytest.raises(UserError, match="unknown"):
+        editor.new_size(dim)

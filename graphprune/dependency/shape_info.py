@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+import os
 from typing import Dict, List, Optional, Tuple
 
 import numpy as np
@@ -160,6 +162,29 @@ def _unresolved(shape: Tuple) -> bool:
     return any(d is None or (isinstance(d, str) and d.startswith("unk__")) for d in shape)
 
 
+_SYMBOLIC: List = []  # the SymbolicShapeInference class, loaded once (None: unavailable)
+
+
+def _symbolic_shape_inference():
+    """onnxruntime's ``SymbolicShapeInference``, loaded from its file: importing it as
+    ``onnxruntime.tools.symbolic_shape_infer`` runs ``onnxruntime/tools/__init__.py``, which imports
+    torch when torch is installed (seconds, for nothing the inference uses)."""
+    if not _SYMBOLIC:
+        found = None
+        try:
+            spec = importlib.util.find_spec("onnxruntime")
+            path = os.path.join(os.path.dirname(spec.origin), "tools", "symbolic_shape_infer.py") if spec else ""
+            if os.path.exists(path):
+                loader = importlib.util.spec_from_file_location("_graphprune_symbolic_shape_infer", path)
+                module = importlib.util.module_from_spec(loader)
+                loader.loader.exec_module(module)
+                found = module.SymbolicShapeInference
+        except Exception:  # an onnxruntime build without its tools, or without sympy
+            found = None
+        _SYMBOLIC.append(found)
+    return _SYMBOLIC[0]
+
+
 def symbolic_shapes(model: onnx.ModelProto) -> Dict[str, Tuple]:
     """Name -> shape from onnxruntime's symbolic shape inference (empty when it fails).
 
@@ -169,13 +194,12 @@ def symbolic_shapes(model: onnx.ModelProto) -> Dict[str, Tuple]:
     shape arithmetic on symbols (``batch``, ``sequence`` stay symbols, ``-1`` is resolved from the
     known product, merged axes read ``batch*sequence``), so the Reshape rule can match axes.
     """
-    try:
-        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
-    except ImportError:  # an onnxruntime build without its tools
+    inference = _symbolic_shape_inference()
+    if inference is None:
         return {}
     light = _light_model(model, keep_value_info=False)
     try:
-        inferred = SymbolicShapeInference.infer_shapes(light, auto_merge=True, guess_output_rank=False)
+        inferred = inference.infer_shapes(light, auto_merge=True, guess_output_rank=False)
     except Exception:  # unknown ops, or shape arithmetic it cannot follow: onnx's inference alone
         return {}
     if inferred is None:

@@ -19,6 +19,7 @@ from onnx import helper, numpy_helper
 
 from graphprune.dependency import DependencyGraph, DimKey, Group
 from graphprune.dependency.shape_info import infer_value_info, model_shell
+from graphprune.errors import UserError
 
 __all__ = ["MODES", "PRUNED_CHANNELS_KEY", "REMOVED_CHANNELS_KEY", "Editor", "removal_masks", "apply_selection",
            "pruned_channels", "removed_channels"]
@@ -87,6 +88,9 @@ class Editor:
 
     def new_size(self, dim: DimKey) -> int:
         size = self.dep.info(dim).size
+        if not isinstance(size, int):  # a rule asked for an axis it could not size: refuse, never guess
+            raise UserError(f"cannot rewrite the graph after pruning: the size of {dim} is unknown ({size!r}); "
+                            "shape inference could not resolve it")
         mask = self.masks.get(dim)
         return int(size - mask.sum()) if mask is not None else int(size)
 

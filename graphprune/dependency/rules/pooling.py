@@ -8,6 +8,7 @@ from graphprune.dependency.dims import DimKey
 from graphprune.dependency.rules.common import axes_arg, block_all
 from graphprune.dependency.rules.layernorm import normalization_statistic
 from graphprune.dependency.rules.registry import RuleContext, register_rule
+from graphprune.dependency.rules.shape_vectors import read_shape_vector
 
 __all__ = ["REDUCE_OPS"]
 
@@ -58,6 +59,8 @@ def resize(ctx: RuleContext) -> None:
             ctx.fix(DimKey(x, a), "resized axis")
             ctx.fix(DimKey(y, a), "resized axis")
     if sizes is None:
+        if sizes_index is not None and ctx.input(sizes_index):
+            _runtime_sizes(ctx, x, y, ctx.input(sizes_index), axes, coupled)
         return
 
     def fixup(editor, node):
@@ -68,6 +71,26 @@ def resize(ctx: RuleContext) -> None:
         editor.set_input(node, sizes_index, new)
 
     ctx.fixup(fixup)
+
+
+def _runtime_sizes(ctx: RuleContext, x: str, y: str, name: str, axes, coupled) -> None:
+    """``sizes`` built at run time (``F.interpolate(x, size=...)``: ``Concat(Shape(x)[:2], [H, W])``).
+    An entry that reads X's own size on the same axis follows pruning by itself; any other entry
+    fixes the size it reads, and a kept-size axis it sizes blocks (it could not follow)."""
+    target = read_shape_vector(ctx, name)
+    if target is None or len(target.values) != len(axes):
+        for a in coupled:
+            ctx.block(DimKey(y, a), "Resize sizes computed at run time")
+        return
+    for k, a in enumerate(axes):
+        source = target.source(k)
+        if target.values[k] is None and source is not None and source.tensor == x and source.axis == a \
+                and source.factor == 1:
+            continue
+        if source is not None:
+            ctx.block(DimKey(source.tensor, source.axis), "its size is read into a Resize target at run time")
+        if a in coupled and target.values[k] != 1:
+            ctx.block(DimKey(y, a), "its size in the Resize target is not its input's own size")
 
 
 def _reduced_axes(ctx: RuleContext, rank: int):

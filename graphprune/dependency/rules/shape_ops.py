@@ -137,8 +137,9 @@ def _rewrite_target(ctx: RuleContext, y: str, target: ShapeVector, skip_ones: bo
 
     def fixup(editor, node):
         lead = rank_y - len(target.values)
-        new = [v if v is None or (skip_ones and v == 1) else editor.new_size(DimKey(y, k + lead))
-               for k, v in enumerate(target.values)]
+        # an axis of unknown size (no symbolic inference) is in no prunable group: its entry stays
+        new = [v if v is None or (skip_ones and v == 1) or not editor.dep.info(DimKey(y, k + lead)).concrete
+               else editor.new_size(DimKey(y, k + lead)) for k, v in enumerate(target.values)]
         target.write(editor, node, 1, new)
 
     ctx.fixup(fixup)

@@ -209,9 +209,10 @@ def _fully_traced(ctx: RuleContext, name: str) -> bool:
 
 
 def size_flows_to_targets(ctx: RuleContext, name: str) -> bool:
-    """Whether the sizes in ``name`` (a Shape output) reach nothing but Reshape targets, through ops
-    ``_size_sources`` follows: then the Reshape rule couples each target entry to the axis it reads,
-    and that axis may be pruned (the entry reads the new size at run time)."""
+    """Whether the sizes in ``name`` (a Shape output) reach nothing but Reshape/Expand targets and
+    Resize sizes, through ops ``_size_sources`` follows: then the rule reading the target couples each
+    entry to the axis it reads, or blocks it, and that axis may be pruned (the entry reads the new
+    size at run time)."""
     frontier, seen = [name], set()
     while frontier:
         tensor = frontier.pop()
@@ -220,6 +221,10 @@ def size_flows_to_targets(ctx: RuleContext, name: str) -> bool:
         for node in ctx.consumers(tensor):
             if node.op_type in ("Reshape", "Expand") and list(node.input).index(tensor) == 1:
                 if not _fully_traced(ctx, tensor):
+                    return False
+                continue
+            if node.op_type == "Resize" and list(node.input).index(tensor) == 3:
+                if not _fully_traced(ctx, tensor):  # the Resize rule blocks the entries it cannot follow
                     return False
                 continue
             if node.op_type == "Shape":
