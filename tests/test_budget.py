@@ -1,0 +1,157 @@
+"""prune --target-macs/--target-params/--target-latency: per-group ratios meeting a budget; saved and re-applied."""
+
+import json
+import os
+
+import numpy as np
+import onnx
+import pytest
+
+from graphprune.cli import main
+from graphprune.data import load_inputs, random_inputs
+from graphprune.errors import UserError
+from graphprune.metrics import count_macs
+from graphprune.model_io import load
+from graphprune.passes.prune_channels import PruneChannelsPass
+from graphprune.pruning.budget import allocate, dominating_groups
+from graphprune.runtime import make_session, run_samples
+from graphprune.sensitivity import prune_to_budget
+from graphprune.testing import resnet
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DIGITS = os.path.join(ROOT, "models", "digits_cnn.onnx")
+DIGITS_DATA = os.path.join(ROOT, "models", "digits_test.npz")
+SHAPE = {"images": (1, 1, 8, 8)}
+
+
+def _outputs(model, data):
+    return run_samples(make_session(model), data)
+
+
+def _report(damages, macs, original_macs=100):
+    """A sensitivity report by group: name -> damage per ratio (0.25, 0.5), name -> MACs left per ratio."""
+    units = []
+    for name in damages:
+        entries = [{"ratio": 0.0, "damage": 0.0, "macs": original_macs}]
+        entries += [{"ratio": r, "damage": d, "macs": m} for r, d, m in zip((0.25, 0.5), damages[name], macs[name])]
+        units.append({"name": name, "entries": entries})
+    return {"by": "group", "metric": "top1", "original": {"macs": original_macs, "params": 1}, "units": units}
+
+
+def test_knapsack_spends_the_budget_on_the_least_damage():
+    report = _report({"a": (0.01, 0.02), "b": (0.05, 0.3), "c": (0.02, 0.04)},
+                     {"a": (90, 80), "b": (80, 60), "c": (90, 80)})
+
+    def additive(ratios):  # the cost model is exact here: savings add up
+        saved = {"a": {0.25: 10, 0.5: 20}, "b": {0.25: 20, 0.5: 40}, "c": {0.25: 10, 0.5: 20}}
+        return (100 - sum(saved[n].get(r, 0) for n, r in ratios.items())) / 100
+
+    allocation = allocate(report, "macs", 0.6, additive)
+    # 40 points to save: a and c at 0.5 (20 + 20 for damage 0.06) beat b at 0.5 (40 for 0.3)
+    assert allocation.ratios == {"a": 0.5, "b": 0.0, "c": 0.5}
+    assert allocation.measured == pytest.approx(0.6) and allocation.rounds == 1
+    assert allocation.damage == pytest.approx(0.06)
+
+
+def test_measured_miss_tightens_the_estimate_until_met():
+    report = _report({"a": (0.005, 0.03), "b": (0.005, 0.03)}, {"a": (85, 70), "b": (85, 70)})
+    calls = []
+
+    def overlapping(ratios):  # savings overlap: two pruned groups save less than the sum
+        calls.append(dict(ratios))
+        cut = [{0.0: 0.0, 0.25: 0.15, 0.5: 0.3}[r] for r in ratios.values()]
+        return (1 - cut[0]) * (1 - cut[1])
+
+    allocation = allocate(report, "macs", 0.7, overlapping)
+    assert allocation.measured <= 0.7 and allocation.rounds == len(calls) >= 2
+    assert allocation.estimated < allocation.measured  # the estimate had to ask for more than 0.3
+
+
+def test_dominating_group_is_never_pruned_and_unreachable_budget_says_so():
+    report = _report({"stem": (0.9, 0.95), "a": (0.01, 0.02), "b": (0.02, 0.03)},
+                     {"stem": (70, 40), "a": (90, 80), "b": (90, 80)})
+    assert list(dominating_groups(report)) == ["stem"]
+    with pytest.raises(UserError, match=r"^budget cannot be met without pruning blocked groups \(1 by their "
+                                        r"damage: stem: damage 0.9 at ratio 0.25"):
+        allocate(report, "macs", 0.5, lambda r: 1 - 0.1 * sum(v > 0 for v in r.values()) - 0.05)
+
+
+def test_digits_target_macs_meets_the_budget_and_saved_ratios_reapply(tmp_path, capsys):
+    out, ratios = tmp_path / "b.onnx", tmp_path / "ratios.json"
+    assert main(["prune", DIGITS, "-o", str(out), "--target-macs", "0.6", "--data", DIGITS_DATA,
+                 "--save-ratios", str(ratios)]) == 0
+    printed = capsys.readouterr().out
+    assert "budget: macs <= 0.6" in printed and "wrote" in printed
+    original, pruned = load(DIGITS), load(str(out))
+    macs = count_macs(pruned, SHAPE) / count_macs(original, SHAPE)
+    assert 0.3 < macs <= 0.6  # met exactly (no tolerance for MACs), and not by pruning everything
+    doc = json.loads(ratios.read_text())
+    assert doc["version"] == 1 and doc["target"] == "macs" and doc["measured"] == pytest.approx(macs)
+    assert set(doc["groups"]) == {"conv1.weight:0", "conv2.weight:0", "conv3.weight:0"}
+    assert any(r > 0 for r in doc["groups"].values())
+
+    again, masked = tmp_path / "again.onnx", tmp_path / "masked.onnx"
+    assert main(["prune", DIGITS, "-o", str(again), "--group-ratios", str(ratios)]) == 0
+    assert main(["prune", DIGITS, "-o", str(masked), "--group-ratios", str(ratios), "--mode", "mask"]) == 0
+    reapplied = load(str(again))
+    assert [(i.name, onnx.numpy_helper.to_array(i).tobytes()) for i in reapplied.graph.initializer] == \
+           [(i.name, onnx.numpy_helper.to_array(i).tobytes()) for i in pruned.graph.initializer]
+    data, _ = load_inputs(DIGITS_DATA, original)
+    removed_out, masked_out = _outputs(pruned, data)["logits"], _outputs(load(str(masked)), data)["logits"]
+    assert np.array_equal(_outputs(reapplied, data)["logits"], removed_out)
+    assert np.linalg.norm(masked_out - removed_out) / np.linalg.norm(removed_out) < 1e-4  # its masked twin
+
+
+def test_small_cnn_budgets_in_macs_and_params():
+    model = resnet(depth=18, width=0.25, image=32, num_classes=10, dynamic_batch=True)
+    data = random_inputs(model, {"input": (1, 3, 32, 32)}, samples=8)
+    shapes = {"input": (1, 3, 32, 32)}
+    result = prune_to_budget(model, data, "macs", 0.6, ratios=(0.25, 0.5, 0.75), jobs=1)
+    assert count_macs(result.model, shapes) <= 0.6 * count_macs(model, shapes)
+    assert result.allocation.measured == pytest.approx(count_macs(result.model, shapes) / count_macs(model, shapes))
+    assert result.report["by"] == "group" and len(result.allocation.ratios) == len(result.report["units"])
+    masked = PruneChannelsPass(group_ratios=result.allocation.ratios, mode="mask")(model).model
+    a, b = _outputs(result.model, data)["output"], _outputs(masked, data)["output"]
+    assert np.linalg.norm(a - b) / np.linalg.norm(b) < 1e-4
+
+
+def test_group_ratios_prune_only_the_groups_named():
+    model = load(DIGITS)
+    result = PruneChannelsPass(group_ratios={"conv2.weight:0": 0.5})(model)
+    assert result.stats["group_ratios"] == {"conv1.weight:0": 0.0, "conv2.weight:0": 0.5, "conv3.weight:0": 0.0}
+    assert result.stats["channels_removed"] == 16
+    with pytest.raises(UserError, match="name no prunable group of this model: conv9.weight:0"):
+        PruneChannelsPass(group_ratios={"conv9.weight:0": 0.5})(model)
+    with pytest.raises(UserError, match="outside"):
+        PruneChannelsPass(group_ratios={"conv2.weight:0": 1.5})(model)
+
+
+def test_unreachable_budget_exits_2_and_writes_nothing(tmp_path, capsys):
+    out, ratios = tmp_path / "b.onnx", tmp_path / "r.json"
+    code = main(["prune", DIGITS, "-o", str(out), "--target-macs", "0.02", "--data", DIGITS_DATA,
+                 "--save-ratios", str(ratios)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1
+    assert "budget cannot be met without pruning blocked groups (1 by the analysis, first: graph output" in err
+    assert not out.exists() and not ratios.exists()
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--target-macs", "0.6", "--metric", "python:HOOK:f"], "the metric hook failed: ZeroDivisionError"),
+    (["--target-macs", "0.6", "--ratio", "0.5"], "sets each group's ratio: drop --ratio"),
+    (["--target-macs", "0.6", "--target-params", "0.5"], "give one budget"),
+    (["--target-macs", "0"], "must be above 0"),
+    (["--ratio", "0.5", "--save-ratios", "R"], "--save-ratios needs a budget"),
+    (["--group-ratios", "BAD"], "not JSON"),
+])
+def test_bad_budget_input_exits_2_and_writes_nothing(tmp_path, capsys, args, expected):
+    hook = tmp_path / "hook.py"
+    hook.write_text("def f(a, b):\n    return 1 / 0\n")
+    bad = tmp_path / "bad.json"
+    bad.write_text("{")
+    subst = {"python:HOOK:f": f"python:{hook}:f", "R": str(tmp_path / "r.json"), "BAD": str(bad)}
+    out = tmp_path / "b.onnx"
+    code = main(["prune", DIGITS, "-o", str(out), *[subst.get(a, a) for a in args]])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and expected in err and len(err.splitlines()) == 1
+    assert not out.exists() and not (tmp_path / "r.json").exists()
