@@ -14,7 +14,7 @@ from graphprune.data import InputSet
 from graphprune.errors import UserError
 from graphprune.passes.base import Pass, PassResult, register_pass
 from graphprune.progress import progress_bar
-from graphprune.pruning.reconstruct import RidgeStats, choose_damp
+from graphprune.pruning.reconstruct import RidgeStats, blas_threads, choose_damp
 from graphprune.pruning.reconstruct_layers import Constants, Layer, find_layers, levels
 
 __all__ = ["ReconstructPass", "reconstruct", "reconstruct_pruned", "link_originals", "describe"]
@@ -116,7 +116,7 @@ def reconstruct(original: onnx.ModelProto, pruned: onnx.ModelProto, data: InputS
     consts = Constants(model)
     rounds = levels(model, layers)
     errors: List[Dict] = []
-    with progress_bar(total=len(rounds), desc="reconstruct", enabled=progress, unit="round") as bar:
+    with progress_bar(total=len(rounds), desc="reconstruct", enabled=progress, unit="round") as bar, blas_threads(1):
         for members in rounds:
             errors.extend(_refit_round(original, model, consts, members, data, damp, batch_size, threads))
             bar.update(1)
