@@ -13,7 +13,9 @@ its last steps are free.
 Costs measured one group at a time do not add up exactly: a conv between two pruned groups loses
 ``a + b - ab`` of its MACs, not ``a + b``.  So the result is then built and **measured**; when it
 misses the budget, the savings asked of the estimate are raised by the miss and the knapsack
-solved again, until the measured cost meets the budget (at most 12 rounds).  MACs and params must
+solved again, until the measured cost meets the budget (at most 12 rounds).  Then groups are stepped
+back down one ratio at a time, largest damage saved first, while the measured cost still meets the
+budget (at most 8 builds): the knapsack's last jump often saves more than the budget needs.  MACs and params must
 end at or below the budget; latency, a noisy measurement, within ``LATENCY_TOLERANCE`` of it.
 Rounding: a group at ratio r loses ``floor(r * channels)`` channels (at least one stays), the same
 rounding the sensitivity measurements used, and the final check counts the model as built
@@ -49,6 +51,8 @@ DEFAULT_BUDGET_RATIOS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
 _MAX_ROUNDS = 12
 # Resolution of the knapsack over savings: 1/2000 of the original cost.
 _BINS = 2000
+# Builds spent stepping groups back down once the budget is met (each one a prune + count).
+_TRIM_TRIES = 8
 
 
 @dataclasses.dataclass
@@ -62,7 +66,7 @@ class Allocation:
         measured: cost fraction measured on the pruned model.
         damage: the summed one-group damages of the chosen ratios (an estimate, for ranking).
         blocked: group name -> why it was never pruned (dominating damage).
-        rounds: build-and-measure rounds it took.
+        rounds: models built and measured (knapsack rounds, then steps back down).
     """
 
     target: str
@@ -148,11 +152,39 @@ def allocate(report: dict, target: str, fraction: float, measure: Callable[[Dict
         ratios = {n: float(entries[n][level[n]]["ratio"]) for n in names}
         measured = measure(ratios) if any(ratios.values()) else 1.0
         if measured <= fraction + tolerance + 1e-12:
+            measured, extra = _trim(names, entries, damage, level, measured, fraction + tolerance, measure)
+            ratios = {n: float(entries[n][level[n]]["ratio"]) for n in names}
             estimated = 1.0 - sum(saved[n][level[n]] for n in names)
             total = sum(damage[n][level[n]] - damage[n][0] for n in names)
-            return Allocation(target, fraction, ratios, estimated, measured, total, blocked, rounds)
-        need += max(measured - fraction, 0.005)  # tighten by the miss (at least half a point)
+            return Allocation(target, fraction, ratios, estimated, measured, total, blocked, rounds + extra)
+        # Tighten by the miss, and past this plan's own estimate: the next round must change the plan.
+        planned = sum(saved[n][level[n]] for n in names)
+        need = max(need + (measured - fraction), planned + 1.0 / _BINS)
     raise UserError(_unreachable(target, fraction, measured, blocked, analysis_blocked, first_reason))
+
+
+def _trim(names, entries, damage, level, measured: float, limit: float, measure, tries: int = _TRIM_TRIES):
+    """Step groups back down while the *measured* cost stays within ``limit``: the plan's last jump
+    often saves more than the budget needs.  The largest damage reductions are tried first, at
+    most ``tries`` builds.  Returns (measured cost, builds made)."""
+    made = 0
+    while made < tries:
+        moves = sorted(((damage[n][level[n]] - damage[n][level[n] - 1], n) for n in names if level[n] > 0),
+                       reverse=True)
+        accepted = False
+        for gain, n in moves:
+            if made >= tries or gain <= 0:
+                break
+            level[n] -= 1
+            made += 1
+            cost = measure({m: float(entries[m][level[m]]["ratio"]) for m in names})
+            if cost <= limit + 1e-12:
+                measured, accepted = cost, True
+                break
+            level[n] += 1
+        if not accepted:
+            break
+    return measured, made
 
 
 def _knapsack(names: List[str], saved: Dict[str, List[float]], damage: Dict[str, List[float]],
