@@ -21,6 +21,7 @@ import os
 
 import numpy as np
 import onnx
+from onnx import numpy_helper
 import tensorflow as tf
 import tf2onnx
 from keras.src.applications import efficientnet, mobilenet_v2
@@ -56,6 +57,17 @@ def _rename(graph: onnx.GraphProto, old: str, new: str) -> None:
             vi.name = new
 
 
+def _freeze_normalization(graph: onnx.GraphProto, model) -> None:
+    """tf2onnx leaves the mean and variance of Keras 3's (never adapted) Normalization layer as graph
+    inputs (``.../normalization_1/Sub/y:0``, ``.../Sqrt/x:0``): they become initializers of its values."""
+    layers = [layer for layer in model.layers if isinstance(layer, tf.keras.layers.Normalization)]
+    for vi in list(graph.input)[1:]:
+        value = {"Sub/y:0": layers[0].mean, "Sqrt/x:0": layers[0].variance}[vi.name.split("/", 2)[-1]]
+        dims = [d.dim_value for d in vi.type.tensor_type.shape.dim]
+        graph.initializer.append(numpy_helper.from_array(np.asarray(value, np.float32).reshape(dims), vi.name))
+        graph.input.remove(vi)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "..", "tests", "fixtures", "keras"))
@@ -75,6 +87,7 @@ def main() -> None:
 
         path = os.path.join(args.out, f"{name}_tf2onnx.onnx")
         proto, _ = tf2onnx.convert.from_function(forward, input_signature=forward.input_signature, opset=17)
+        _freeze_normalization(proto.graph, model)
         _rename(proto.graph, proto.graph.output[0].name, "output")  # tf2onnx names it "Identity:0"
         for vi in (proto.graph.input[0], proto.graph.output[0]):
             vi.type.tensor_type.shape.dim[0].dim_param = "batch"  # tf2onnx's "unk__671"
