@@ -127,8 +127,6 @@ def run(args) -> int:
         print(f"note: no --data: damage measured on {count} seeded random inputs (give --data FILE.npz for real ones)")
     elif args.samples:
         data = data.subset(range(min(args.samples, len(data))))
-    if args.criterion == "activation" and data is None:
-        raise UserError("--criterion activation needs --data")
     from graphprune.progress import progress_bar
     from graphprune.sensitivity import sensitivity
     from graphprune.sensitivity.plot import plot_png
