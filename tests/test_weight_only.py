@@ -181,3 +181,18 @@ def test_no_weights_is_a_no_op_and_shared_roles_stay_float():
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     result = QuantizeWeightsPass(bits=8)(model)
     assert result.modified is False and "t" in result.stats["skipped"]
+
+
+def test_weights_held_by_constant_nodes():
+    """Paddle exports (PP-OCR) hold every weight in a Constant node, at opset 11 (no per-axis DQ yet)."""
+    model = conv_model(constant_weights=True, width=32)
+    model.opset_import[0].version = 11
+    feed = {"x": np.random.default_rng(0).standard_normal((2, 3, 8, 8)).astype(np.float32)}
+    result = QuantizeWeightsPass(bits=8)(model)
+    assert result.stats["formats"] == {"conv int8": 1}
+    check_model(result.model, full=True)
+    constants = [n for n in result.model.graph.node if n.op_type == "Constant"]
+    assert [c.output[0] for c in constants] == ["b", "fc"]  # the small ones stay float
+    ops = [n.op_type for n in result.model.graph.node]
+    assert "DequantizeLinear" not in ops and {"Cast", "Mul"} <= set(ops)  # opset 11: Cast and Mul
+    np.testing.assert_allclose(_run(result.model, feed, "basic")[0], _run(model, feed, "basic")[0], rtol=0.02, atol=0.02)

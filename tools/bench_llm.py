@@ -6,17 +6,18 @@ Usage:
         [--variants int4,int8,wanda50,wanda24,depth25] [--skip-bert] [--json out.json]
 
 The LLM is made by ``tools/make_llm_fixture.py`` (Llama-style, GQA, 0.5B parameters, 2.0 GB of
-fp32 weights in one external data file).  Every graphprune command runs in its own process; its
-peak RSS is that process's ``ru_maxrss`` (``os.wait4``) and "x size" is peak RSS over the input
-model's bytes on disk.  Sizes are the files on disk (model + data files).
+fp32 weights in one external data file).  Every graphprune command runs in its own process under
+GNU time; its peak RSS is time's ``%M`` and "x size" is peak RSS over the input model's bytes on
+disk.  Sizes are the files on disk (model + data files).
 
 Latency: batch 1, ``input_ids`` of 1 token (the weight-bound regime of decoding) and of 128 tokens,
 on ``--threads`` intra-op threads (no spinning); fp32 and the variant are timed alternately
 (``--rounds`` rounds, several runs each), CPU time (``time.process_time``) and wall time per run,
 medians; the speedup is fp32 / variant.  Agreement on 2 sequences of 128 seeded random tokens:
 relative L2 of the logits and top-1 agreement of the next-token prediction at every position.
-BERT: ``graphprune.testing.bert_base_like()`` (110M parameters), int4 (block 32) and int8
-weight-only, file size and output rel L2 on 4 sequences of 128 tokens.
+BERT: ``graphprune.testing.bert_base_like()`` (110M parameters), int4 (block 32; RTN, AWQ and GPTQ
+on 16 seeded random sequences) and int8 weight-only, file size and output rel L2 on 4 other
+sequences of 128 tokens.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import json
 import os
 import subprocess
 import sys
-import threading
+import tempfile
 import time
 from typing import Dict, List, Optional
 
@@ -35,6 +36,7 @@ import numpy as np
 GB = 10**9
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLI = [os.path.join(os.path.dirname(sys.executable), "graphprune")]
+TIME = "/usr/bin/time"  # GNU time, for the commands' peak RSS
 VARIANTS = {
     "int4": ["quantize", "--weights-only", "int4", "--block-size", "32"],
     "int8": ["quantize", "--weights-only", "int8"],
@@ -52,22 +54,20 @@ def files_size(path: str) -> int:
 
 
 def measured_command(argv: List[str]) -> Dict[str, object]:
-    """One graphprune command in its own process: exit code, wall time, peak RSS (``wait4``'s
-    ru_maxrss of that child), first stdout lines, last stderr line."""
+    """One graphprune command in its own process: exit code, wall time, peak RSS, first stdout
+    lines, last stderr line.
+
+    Peak RSS comes from GNU time (``%M``), which forks the command from its own small process: a
+    child forked from this (large) process would report this process's RSS at the fork as its
+    ``ru_maxrss`` (Linux keeps the high-water mark across exec).
+    """
     start = time.perf_counter()
-    proc = subprocess.Popen(CLI + argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
-    sinks: Dict[str, bytes] = {}
-    readers = [threading.Thread(target=lambda k=k, s=s: sinks.__setitem__(k, s.read()))
-               for k, s in (("out", proc.stdout), ("err", proc.stderr))]
-    for t in readers:
-        t.start()
-    _, status, usage = os.wait4(proc.pid, 0)  # not proc.wait(): its rusage is this child's alone
-    for t in readers:
-        t.join()
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    out, err = sinks.get("out", b"").decode(), sinks.get("err", b"").decode()
-    return {"exit": proc.returncode, "wall_s": round(time.perf_counter() - start, 1), "peak_rss": usage.ru_maxrss * 1024,
-            "stdout": out.strip().splitlines()[:3], "error": (err.strip().splitlines() or [""])[-1]}
+    with tempfile.NamedTemporaryFile("r", suffix=".rss") as rss:
+        proc = subprocess.run([TIME, "-f", "%M", "-o", rss.name] + CLI + argv, capture_output=True, text=True, cwd=ROOT)
+        kib = rss.read().strip().splitlines()
+    peak = int(kib[-1]) * 1024 if kib and kib[-1].isdigit() else None
+    return {"exit": proc.returncode, "wall_s": round(time.perf_counter() - start, 1), "peak_rss": peak,
+            "stdout": proc.stdout.strip().splitlines()[:3], "error": (proc.stderr.strip().splitlines() or [""])[-1]}
 
 
 def session(path: str, threads: int):
@@ -121,11 +121,15 @@ def bench_bert(folder: str) -> Dict[str, object]:
     if not os.path.exists(src):
         onnx.save(bert_base_like(), src)
     feed = {"input_ids": np.random.default_rng(0).integers(0, 30522, (4, 128)).astype(np.int64)}
+    data = os.path.join(folder, "bert_calib.npz")  # other seeded tokens than the evaluation's
+    np.savez(data, input_ids=np.random.default_rng(3).integers(0, 30522, (16, 128)).astype(np.int64))
     ref = session(src, 2).run(None, feed)
     rows = {"fp32": {"bytes": files_size(src)}}
-    for name in ("int4", "int8"):
+    for name in ("int4", "int8", "int4-awq", "int4-gptq"):
         out = os.path.join(folder, f"bert_base_{name}.onnx")
-        row = measured_command(VARIANTS[name][:1] + [src, "-o", out] + VARIANTS[name][1:])
+        argv = VARIANTS[name.split("-")[0]] + (["--algorithm", name.split("-")[1], "--data", data] if "-" in name else [])
+        row = measured_command(argv[:1] + [src, "-o", out] + argv[1:])
+        row["rss_x_size"] = row["peak_rss"] / files_size(src) if row["peak_rss"] else None
         if row["exit"] == 0:
             got = session(out, 2).run(None, feed)
             row.update(bytes=files_size(out), ratio=files_size(out) / files_size(src),

@@ -14,7 +14,7 @@ from graphprune.errors import UserError
 from graphprune.ir import copy_fields, get_attr
 from graphprune.quantization import weight_only as wo
 
-__all__ = ["Target", "find_targets", "Rewriter", "MIN_ELEMENTS"]
+__all__ = ["Target", "find_targets", "constant_tensors", "Rewriter", "MIN_ELEMENTS"]
 
 # Weights smaller than this stay float: a DequantizeLinear per tiny tensor costs more than it saves.
 MIN_ELEMENTS = 256
@@ -49,6 +49,21 @@ def _role(node: onnx.NodeProto, index: int, dims) -> Optional[str]:
     return None
 
 
+def constant_tensors(model: onnx.ModelProto) -> Dict[str, TensorProto]:
+    """Name -> tensor of every constant a weight can be: initializers that are not graph inputs
+    (those are overridable at run time) and ``Constant`` nodes' tensors (exporters such as
+    Paddle's write every weight as one), neither being a graph output."""
+    graph = model.graph
+    excluded = {i.name for i in graph.input} | {o.name for o in graph.output}
+    found = {t.name: t for t in graph.initializer if t.name not in excluded}
+    for node in graph.node:
+        if node.op_type == "Constant" and node.domain in ("", "ai.onnx") and node.output[0] not in excluded:
+            for attr in node.attribute:
+                if attr.name == "value" and attr.HasField("t"):
+                    found[node.output[0]] = attr.t
+    return found
+
+
 def _gemm_int4_ok(node: onnx.NodeProto) -> bool:
     """MatMulNBits computes A @ B (+ C added after): only Gemm without transA, alpha 1 and beta 1 fits."""
     return (get_attr(node, "transA", 0) == 0 and get_attr(node, "alpha", 1.0) == 1.0
@@ -58,8 +73,7 @@ def _gemm_int4_ok(node: onnx.NodeProto) -> bool:
 def find_targets(model: onnx.ModelProto, bits: int, block_size: int, embeddings: bool):
     """(name -> ``Target`` in graph order, name -> reason a weight stays float)."""
     graph = model.graph
-    graph_inputs = {i.name for i in graph.input}  # overridable at run time: not constants
-    inits = {t.name: t for t in graph.initializer if t.name not in graph_inputs}
+    inits = constant_tensors(model)
     uses: Dict[str, List[Tuple[int, int]]] = {}
     for i, node in enumerate(graph.node):
         for j, name in enumerate(node.input):
@@ -117,7 +131,7 @@ class Rewriter:
         self.source_dir = source_dir
         self.block_size = block_size
         self.accuracy_level = accuracy_level
-        self.inits = {t.name: t for t in model.graph.initializer}
+        self.inits = constant_tensors(model)
         self.opset = next((i.version for i in model.opset_import if i.domain in ("", "ai.onnx")), 1)
         self.new_inits: List[TensorProto] = []
         self.replaced: Dict[str, int] = {}  # weight -> its float bytes
@@ -131,7 +145,10 @@ class Rewriter:
     # -- reading ------------------------------------------------------------------------------
     def read(self, name: str) -> np.ndarray:
         """The weight's values, from memory or from its external data file (one tensor's bytes)."""
-        tensor = self.inits[name]
+        return self._read_tensor(self.inits[name])
+
+    def _read_tensor(self, tensor: TensorProto) -> np.ndarray:
+        name = tensor.name
         if tensor.data_location != TensorProto.EXTERNAL:
             return numpy_helper.to_array(tensor)
         if self.source_dir is None:
@@ -301,6 +318,8 @@ class Rewriter:
         out.graph.input.extend(i for i in graph.input if i.name not in self.replaced)
         for i, node in enumerate(graph.node):
             out.graph.node.extend(self.before.get(i, ()))
+            if node.op_type == "Constant" and node.output and node.output[0] in self.replaced:
+                continue  # a weight held by a Constant node: its quantized form replaces it
             if i in self.instead:
                 out.graph.node.extend(self.instead[i])
                 continue
@@ -314,7 +333,7 @@ class Rewriter:
                 continue
             target = out.graph.initializer.add()
             if tensor.data_location == TensorProto.EXTERNAL:  # stays float: read it in (small next to the rest)
-                target.CopyFrom(numpy_helper.from_array(self.read(tensor.name), tensor.name))
+                target.CopyFrom(numpy_helper.from_array(self._read_tensor(tensor), tensor.name))
             else:
                 target.CopyFrom(tensor)
         out.graph.initializer.extend(self.new_inits)
