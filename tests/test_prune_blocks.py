@@ -258,3 +258,12 @@ def test_gqa_swiglu_decoder_layer_removal_equals_zeroing_its_branches():
     onnx.checker.check_model(pruned, full_check=True)
     twin = _twin(model, blocks[0], blocks[1])
     _close(_outputs(pruned, _tokens()), _outputs(twin, _tokens()))
+
+
+def test_the_pass_runs_from_the_run_command(tmp_path, capsys):
+    path, out = tmp_path / "m.onnx", tmp_path / "p.onnx"
+    onnx.save(_hf("llama_torchscript"), str(path))
+    assert main(["run", str(path), "-o", str(out), "--pass", "prune-blocks:blocks=1"]) == 0
+    written = onnx.load(str(out))
+    onnx.checker.check_model(written, full_check=True)
+    assert len(analyze_blocks(written)) == 1
