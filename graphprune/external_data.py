@@ -85,11 +85,14 @@ def check_external_data(model: onnx.ModelProto, model_path: "str | os.PathLike")
     model_path = os.fspath(model_path)
     folder = os.path.realpath(os.path.dirname(os.path.abspath(model_path)))
     sizes: Dict[str, int] = {}  # real path -> size, so each file is resolved once
+    resolved: Dict[str, str] = {}  # location -> real path (10k tensors share one file: one realpath)
     for tensor in external_tensors(model):
         location = _entries(tensor).get("location", "")
         try:
             location, offset, length = _record(tensor)
-            real = _resolve(folder, location)
+            real = resolved.get(location)
+            if real is None:
+                real = resolved[location] = _resolve(folder, location)
             if real not in sizes:
                 sizes[real] = _regular_file_size(real)
             _check_span(tensor, offset, length, sizes[real])

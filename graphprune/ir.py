@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from collections import defaultdict
 from typing import Dict, List, Optional, Tuple, Union
@@ -68,7 +69,7 @@ def _tensor_bytes(tensor: onnx.TensorProto) -> int:
     if bits is None:
         bits = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize * 8
         _BITS[tensor.data_type] = bits
-    return (int(np.prod(tensor.dims, dtype=np.int64)) * bits + 7) // 8
+    return (math.prod(tensor.dims) * bits + 7) // 8  # math.prod: np.prod costs ~40 us a call (10k tensors: 0.4 s)
 
 
 _BITS: Dict[int, int] = {
@@ -258,10 +259,10 @@ def count_params(model: onnx.ModelProto) -> int:
     """Number of stored weight values: initializers (not fed inputs) and Constant-node tensors."""
     graph = model.graph
     fed = {vi.name for vi in real_inputs(graph)}
-    total = sum(int(np.prod(init.dims)) for init in graph.initializer if init.name not in fed)
+    total = sum(math.prod(init.dims) for init in graph.initializer if init.name not in fed)
     for node in graph.node:
         if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
-            total += int(np.prod(node.attribute[0].t.dims))
+            total += math.prod(node.attribute[0].t.dims)
     return total
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections import Counter
 from typing import Callable, Dict, Mapping, Optional, Tuple
 
@@ -16,7 +17,7 @@ __all__ = ["ModelStats", "model_stats", "count_macs", "MAC_RULES"]
 
 
 def _prod(shape) -> int:
-    return int(np.prod(shape)) if shape is not None else 0
+    return math.prod(shape) if shape is not None else 0
 
 
 def _conv_macs(node, shapes) -> Optional[int]:

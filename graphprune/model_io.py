@@ -85,20 +85,23 @@ def load(path: "str | os.PathLike", load_external_data: bool = True) -> onnx.Mod
 
     try:
         model = upgrade_group_norm(model)
-        check_model(model, full=False)
-        _door_checks(model)
+        if not _door_checks(model):  # the door's full check covers this one
+            check_model(model, full=False)
     except UserError as exc:
         raise UserError(f"{path}: {exc}") from None
     return model
 
 
-def _door_checks(model: onnx.ModelProto) -> None:
-    """Under the command line (``validation.door``), the full validation of every model read."""
+def _door_checks(model: onnx.ModelProto) -> bool:
+    """Under the command line (``validation.door``), the full validation of every model read;
+    returns whether it ran."""
     from graphprune.validation import door_policy, validate_model
 
     policy = door_policy()
-    if policy is not None:
-        validate_model(model, **policy)
+    if policy is None:
+        return False
+    validate_model(model, **policy)
+    return True
 
 
 def default_opset(model: onnx.ModelProto) -> Optional[int]:

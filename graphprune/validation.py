@@ -21,6 +21,7 @@ The command line turns this on for every model it reads (``door``, set by ``grap
 from __future__ import annotations
 
 import contextlib
+import math
 import contextvars
 from typing import Iterator, Optional
 
@@ -131,7 +132,7 @@ def _check_initializers(graph: onnx.GraphProto) -> None:
             raise UserError(f"initializer {init.name!r} has negative dims {list(init.dims)}")
         if init.data_location == onnx.TensorProto.EXTERNAL:
             continue  # not loaded here: model_io checks external sizes when it reads them
-        count = int(np.prod(init.dims, dtype=np.int64)) if init.dims else 1
+        count = math.prod(init.dims)
         if init.HasField("raw_data"):
             want = _expected_bytes(init, count)
             if want is not None and len(init.raw_data) != want:
