@@ -42,7 +42,7 @@ VARIANTS = {
     "int8": ["quantize", "--weights-only", "int8"],
     "wanda50": ["sparsify", "--criterion", "wanda", "--sparsity", "0.5", "--data", "{data}"],
     "wanda24": ["sparsify", "--criterion", "wanda", "--pattern", "2:4", "--data", "{data}"],
-    "depth25": ["prune", "--blocks", "0.25", "--data", "{data}"],
+    "depth25": ["prune", "--blocks-ratio", "0.25", "--data", "{data}"],
 }
 
 
