@@ -3,6 +3,7 @@
 Usage:
     .venv/bin/python tools/bench_transformer.py [--threads 1 2] [--runs 20] [--seq 128]
         [--finetune-layers 12] [--finetune-samples 256] [--skip-finetune] [--json out.json]
+        [--exports DIR [--exports-only] [--export-runs 10]]
 
 Sections:
   1. A BERT-base-sized encoder (``graphprune.testing.bert_base_like``: 12 layers, hidden 768, 12 heads,
@@ -17,6 +18,14 @@ Sections:
      error and top-1 agreement of the classifier ``logits``.  ``--finetune-layers`` sets the depth of
      the model used here (12 = the same BERT-base-sized model; fewer layers run faster).
 
+  4. With ``--exports DIR``: every ``*.onnx`` there, as transformers and torch export them at realistic
+     sizes (``/tmp/hfenv/bin/python tools/make_hf_fixtures.py --bench --exporters torchscript --out DIR``:
+     BERT-base, Llama and Qwen2 with GQA at hidden 1024, the others at base widths): prunable groups
+     by kind, params and MACs before/after 50% heads + 50% FFN, the pass time (in memory, best of 2), and the
+     latency ratio at each ``--threads`` count (batch 1 x ``--seq`` tokens; images and audio at the
+     export's fixed size).  One thread: the ratio of median CPU times of the session's thread
+     (``time.thread_time``: a busy machine cannot inflate it) beside the wall-clock one.
+
 Latency is the median of ``--runs`` runs after 3 warm-up runs at a fixed thread count, the two models
 timed in turns (one run each, repeated) so that load from other processes hits them alike.  All
 numbers come from one run of this script.
@@ -25,6 +34,7 @@ numbers come from one run of this script.
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import os
 import time
@@ -32,10 +42,11 @@ import time
 os.environ.pop("GRAPHPRUNE_DEBUG", None)  # the full checker is not part of the timed work
 
 import numpy as np  # noqa: E402
+import onnx  # noqa: E402
 
 from graphprune.data import InputSet  # noqa: E402
 from graphprune.dependency import AnalysisOptions, build_dependency_graph, reported_groups  # noqa: E402
-from graphprune.ir import count_params  # noqa: E402
+from graphprune.ir import count_params, real_inputs  # noqa: E402
 from graphprune.metrics import count_macs  # noqa: E402
 from graphprune.passes.prune_channels import PruneChannelsPass  # noqa: E402
 from graphprune.pruning import apply_selection, group_scores, removal_masks  # noqa: E402
@@ -131,6 +142,76 @@ def section_finetune(args) -> dict:
     return {"rows": rows, "seconds": seconds}
 
 
+def _export_feed(model, seq: int) -> dict:
+    """Batch 1; a dynamic non-batch axis gets ``seq``; token ids in [0, 100)."""
+    feed = {}
+    for vi in real_inputs(model.graph):
+        dims = [d.dim_value if d.HasField("dim_value") else (1 if i == 0 else seq)
+                for i, d in enumerate(vi.type.tensor_type.shape.dim)]
+        rng = np.random.default_rng(1)
+        if vi.type.tensor_type.elem_type == onnx.TensorProto.INT64:
+            feed[vi.name] = rng.integers(0, 100, size=dims).astype(np.int64)
+        else:
+            feed[vi.name] = rng.standard_normal(dims).astype(np.float32)
+    return feed
+
+
+def _timed_turns(models, feed, threads: int, runs: int):
+    """Per model: (median wall seconds, median CPU seconds of this thread) over ``runs`` runs taken in
+    turns after 3 warm-up runs.  With one intra-op thread ORT computes on the calling thread, so its
+    thread time is the run's CPU time, which other processes cannot inflate."""
+    sessions = [make_session(m, threads=threads) for m in models]
+    for session in sessions:
+        for _ in range(3):
+            session.run(None, feed)
+    wall, cpu = [[] for _ in sessions], [[] for _ in sessions]
+    for _ in range(runs):
+        for i, session in enumerate(sessions):
+            w, c = time.perf_counter(), time.thread_time()
+            session.run(None, feed)
+            wall[i].append(time.perf_counter() - w)
+            cpu[i].append(time.thread_time() - c)
+    return [(float(np.median(w)), float(np.median(c))) for w, c in zip(wall, cpu)]
+
+
+def section_exports(args) -> dict:
+    print(f"\n4. Exports in {args.exports}: 50% heads + 50% FFN, batch 1 x {args.seq} tokens (fixed-size inputs as "
+          f"exported), median of {args.export_runs} runs in turns")
+    report = {}
+    for path in sorted(glob.glob(os.path.join(args.exports, "*.onnx"))):
+        name = os.path.splitext(os.path.basename(path))[0]
+        model = onnx.load(path)
+        feed = _export_feed(model, args.seq)
+        pass_s = 1e9
+        for _ in range(2):  # best of 2: the first analysis of the process also loads sympy
+            start = time.perf_counter()
+            result = prune(model)
+            pass_s = min(pass_s, time.perf_counter() - start)
+        pruned = result.model
+        groups = reported_groups(build_dependency_graph(model).groups())
+        found = {}
+        for g in groups:
+            if g.prunable:
+                found[g.kind] = found.get(g.kind, 0) + 1
+        shapes = {k: v.shape for k, v in feed.items()}
+        row = {"groups": found, "kinds": result.stats["kinds"], "pass_s": pass_s,
+               "params": [count_params(model), count_params(pruned)],
+               "macs": [count_macs(model, shapes), count_macs(pruned, shapes)]}
+        for threads in args.threads:
+            (w0, c0), (w1, c1) = _timed_turns([model, pruned], feed, threads, args.export_runs)
+            row[f"wall_ms_{threads}t"] = [w0 * 1e3, w1 * 1e3]
+            if threads == 1:
+                row["cpu_ms_1t"] = [c0 * 1e3, c1 * 1e3]
+        report[name] = row
+        lat = "  ".join(f"{t}t {row[f'wall_ms_{t}t'][0] / row[f'wall_ms_{t}t'][1]:.2f}x" for t in args.threads)
+        cpu = row.get("cpu_ms_1t")
+        cpu_text = f"  cpu 1t {cpu[0] / cpu[1]:.2f}x ({cpu[0]:.1f} -> {cpu[1]:.1f} ms)" if cpu else ""
+        print(f"{name:30} groups {found}  params {row['params'][1] / row['params'][0]:.3f}  "
+              f"MACs {row['macs'][1] / row['macs'][0]:.3f}  pass {pass_s:.2f} s  wall {lat}{cpu_text}", flush=True)
+        del model, pruned, result
+    return report
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
@@ -142,14 +223,21 @@ def main() -> None:
     parser.add_argument("--finetune-seq", type=int, default=32)
     parser.add_argument("--finetune-epochs", type=int, default=4)
     parser.add_argument("--json", help="write the numbers here")
+    parser.add_argument("--exports", help="a folder of exported transformers (section 4)")
+    parser.add_argument("--exports-only", action="store_true", help="run section 4 alone")
+    parser.add_argument("--export-runs", type=int, default=10)
     args = parser.parse_args()
 
-    model = bert_base_like()
-    result = prune(model)
-    print(f"heads/FFN groups: {result.stats['kinds']}")
-    report = {"speed": section_speed(model, result.model, args), "timing": section_timing(model)}
-    if not args.skip_finetune:
-        report["finetune"] = section_finetune(args)
+    report = {}
+    if not args.exports_only:
+        model = bert_base_like()
+        result = prune(model)
+        print(f"heads/FFN groups: {result.stats['kinds']}")
+        report = {"speed": section_speed(model, result.model, args), "timing": section_timing(model)}
+        if not args.skip_finetune:
+            report["finetune"] = section_finetune(args)
+    if args.exports:
+        report["exports"] = section_exports(args)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=2, default=float)

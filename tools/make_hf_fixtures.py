@@ -78,6 +78,34 @@ def _specs():
     }
 
 
+def _bench_specs():
+    """The same architectures at realistic sizes, for tools/bench_transformer.py (not committed):
+    BERT-base (12 layers, 768, 12 heads, FFN 3072, vocab 30522); Llama and Qwen2 with GQA at hidden
+    1024 (16 heads, 4 KV heads, FFN 2816, vocab 32000); the others at their base configs' widths; all
+    but BERT with 6 layers (export and timing time; the pruned fraction per layer is the same)."""
+    t = transformers
+    hidden = "last_hidden_state"
+    gqa = dict(hidden_size=1024, num_attention_heads=16, num_key_value_heads=4, intermediate_size=2816,
+               num_hidden_layers=6, vocab_size=32000, max_position_embeddings=512)
+    whisper = t.WhisperConfig(d_model=512, encoder_layers=6, encoder_attention_heads=8, encoder_ffn_dim=2048,
+                              decoder_layers=1, num_mel_bins=80, max_source_positions=1500)
+    return {
+        "bert": Spec(lambda: t.BertModel(t.BertConfig()), output=hidden),
+        "gpt2": Spec(lambda: t.GPT2LMHeadModel(t.GPT2Config(n_layer=6))),
+        "llama": Spec(lambda: t.LlamaForCausalLM(t.LlamaConfig(**gqa))),
+        "distilbert": Spec(lambda: t.DistilBertModel(t.DistilBertConfig()), output=hidden),
+        "roberta": Spec(lambda: t.RobertaModel(t.RobertaConfig(num_hidden_layers=6, vocab_size=50265,
+                                                               max_position_embeddings=514)), output=hidden),
+        "qwen2": Spec(lambda: t.Qwen2ForCausalLM(t.Qwen2Config(**gqa))),
+        "vit": Spec(lambda: t.ViTModel(t.ViTConfig(num_hidden_layers=6), add_pooling_layer=False),
+                    feature_shape=(3, 224, 224), output=hidden, mask=False),
+        "t5_encoder": Spec(lambda: t.T5EncoderModel(t.T5Config(d_model=768, d_kv=64, d_ff=3072, num_layers=6,
+                                                               num_heads=12)), output=hidden),
+        "whisper_encoder": Spec(lambda: t.WhisperModel(whisper).get_encoder(), feature_shape=(80, 3000), output=hidden,
+                                mask=False),
+    }
+
+
 class _Wrapper(torch.nn.Module):
     """The one input -> the first output, without cache (the exported graph has one input, one output)."""
 
@@ -118,9 +146,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "..", "tests", "fixtures", "hf"))
     parser.add_argument("--only", nargs="*", help="names to make (default: all)")
+    parser.add_argument("--bench", action="store_true",
+                        help="realistic sizes for tools/bench_transformer.py (no reference outputs)")
+    parser.add_argument("--exporters", nargs="+", default=["torchscript", "dynamo"])
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
-    for name, spec in _specs().items():
+    for name, spec in (_bench_specs() if args.bench else _specs()).items():
         if args.only and name not in args.only:
             continue
         torch.manual_seed(0)
@@ -131,8 +162,9 @@ def main() -> None:
             for param in model.parameters():  # share one initializer between them, coupling layers
                 param.add_(0.02 * torch.randn_like(param))
             x = spec.example()
-            np.savez(os.path.join(args.out, f"{name}.npz"), **{spec.input: x.numpy(), spec.output: model(x).numpy()})
-        for exporter in ("torchscript", "dynamo"):
+            if not args.bench:
+                np.savez(os.path.join(args.out, f"{name}.npz"), **{spec.input: x.numpy(), spec.output: model(x).numpy()})
+        for exporter in args.exporters:
             path = os.path.join(args.out, f"{name}_{exporter}.onnx")
             try:
                 with torch.no_grad():
