@@ -71,11 +71,16 @@ def test_int8_weights_only_cli(tmp_path):
         assert np.linalg.norm(got - want) / np.linalg.norm(want) < 0.05  # ORT runs it with int8 activations (fused)
 
 
-def test_awq_with_data_cli(tmp_path):
+@pytest.mark.parametrize("algorithm, external", [("awq", False), ("gptq", True)])
+def test_data_aware_cli(tmp_path, monkeypatch, algorithm, external):
     src, data, out = str(tmp_path / "m.onnx"), str(tmp_path / "d.npz"), str(tmp_path / "q.onnx")
-    onnx.save(_bert(), src)
+    if external:  # the runtime reads the weights left on disk from the model's folder, not the cwd
+        onnx.save_model(_bert(), src, save_as_external_data=True, location="m.onnx.data", size_threshold=256)
+        monkeypatch.chdir(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    else:
+        onnx.save(_bert(), src)
     np.savez(data, input_ids=_ids(8, 10, seed=3))
-    assert main(["quantize", src, "-o", out, "--weights-only", "int4", "--algorithm", "awq", "--data", data]) == 0
+    assert main(["quantize", src, "-o", out, "--weights-only", "int4", "--algorithm", algorithm, "--data", data]) == 0
     check_model(onnx.load(out), full=True)
 
 

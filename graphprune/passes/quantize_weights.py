@@ -1,4 +1,14 @@
-"""Weight-only quantization pass: int8 per-channel DequantizeLinear, int4 MatMulNBits / QDQ, quantized embeddings."""
+"""Weight-only quantization pass: int8 per-channel DequantizeLinear, int4 MatMulNBits / QDQ, quantized embeddings.
+
+onnxruntime's ``quantization.matmul_nbits_quantizer.MatMulNBitsQuantizer`` is reused for what
+serves (its C++ block quantizer ``quantize_matmul_4bits`` does our RTN, and its output format is
+what we write), not as a whole: it imports ``onnx_ir`` (not a dependency here), holds the whole
+model with every weight in memory and saves it through ``onnx.save`` (a 2 GB model needs several
+times its size, against our 1.5x goal), rewrites MatMul only (not Gemm with transB, nor Conv), and
+its GPTQ needs Intel's neural-compressor.  So the graph walk, the streaming of weights from external
+data, Gemm, int8 per channel, AWQ and GPTQ are ours (``quantization/weight_nodes.py``,
+``quantization/weight_only.py``).
+"""
 
 from __future__ import annotations
 

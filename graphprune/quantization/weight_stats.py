@@ -60,29 +60,37 @@ def collect_input_stats(
     """Run ``model`` once over ``data`` with ``tensors`` (name -> channel count) as extra outputs.
 
     One ORT session and one pass over the data for all layers, in batches of ``_BATCH`` samples,
-    so memory holds one batch's activations plus the statistics.  ``source_dir`` is where weights
+    so memory holds one batch's activations plus the statistics (and the runtime's copy of the
+    weights; with ``hessian``, one K x K float32 matrix per distinct input).  ``source_dir`` is where weights
     left on disk are read from (the model's folder).
     """
     from graphprune.model_io import for_ort
     from graphprune.runtime import ort
 
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)  # the model is loaded without most weights when they are on disk
-    known = {o.name for o in probe.graph.output}
-    for name in tensors:
-        if name not in known:
-            probe.graph.output.add().name = name  # untyped: the runtime infers it
-    probe = for_ort(probe)
+    # The extra outputs are added to the model itself for the serialization and removed right after
+    # (no copy of the proto: for a model with inline weights that would be a second copy of them).
+    outputs = model.graph.output
+    count = len(outputs)
+    known = {o.name for o in outputs}
+    try:
+        for name in tensors:
+            if name not in known:
+                outputs.add().name = name  # untyped: the runtime infers it
+        serialized = for_ort(model).SerializeToString()
+    finally:
+        while len(outputs) > count:
+            del outputs[-1]
     rt = ort()
     options = rt.SessionOptions()
     options.log_severity_level = 4
-    if source_dir is not None:
+    if source_dir is not None:  # weights left on disk are read by the runtime from the model's folder
         options.add_session_config_entry("session.model_external_initializers_file_folder_path", os.fspath(source_dir))
     try:
-        session = rt.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        session = rt.InferenceSession(serialized, options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # noqa: BLE001 - the runtime's refusal
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(f"onnxruntime cannot run the model to collect calibration statistics: {first}") from None
+    del serialized
     names = list(tensors)
     stats = {name: InputStats(channels, hessian) for name, channels in tensors.items()}
     for feed in _batches(data):
