@@ -6,13 +6,17 @@ import logging
 import os
 import tempfile
 
+import numpy as np
 import onnx
+from onnx import numpy_helper
 
-from graphprune.ir import approx_bytes, clone
+from graphprune.external_data import write_inline, write_with_external_data
+from graphprune.ir import approx_bytes, consumer_map, copy_fields, get_attr, is_large, producer_map
+from graphprune.ir import clone as ir_clone
 from graphprune.model_io import EXTERNAL_DATA_THRESHOLD, default_opset, for_ort
 from graphprune.shapes import infer_shapes
 
-__all__ = ["prepare", "QUANTIZED_OP_TYPES", "is_quantized", "save_for_tool"]
+__all__ = ["prepare", "fold_batchnorms", "QUANTIZED_OP_TYPES", "is_quantized", "save_for_tool"]
 
 _MIN_QDQ_OPSET = 13
 
@@ -51,14 +55,117 @@ def prepare(model: onnx.ModelProto) -> onnx.ModelProto:
     folded into Conv, constant folding, redundant-node removal: a BN left between a Conv and its
     QDQ pair would keep the Conv out of the int8 kernel) and shape inference.  When symbolic shape
     inference fails on an unusual graph it is skipped.  Nodes without a name get one, because
-    placement addresses nodes by name.
+    placement addresses nodes by name.  Large models (``ir.is_large``) take ``_prepare_large``.
     """
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
     source = for_ort(model)
     if default_opset(source) is not None and default_opset(source) < _MIN_QDQ_OPSET:
         # per-channel DequantizeLinear (axis) needs opset 13; convert the whole graph, not just the label
         source = onnx.version_converter.convert_version(source, _MIN_QDQ_OPSET)
+    prepared = _prepare_large(source, owned=source is not model) if is_large(source) else _prepare_with_ort(source)
+    _name_nodes(prepared.graph)
+    _drop_unused_opsets(prepared)
+    prepared.ir_version = min(max(prepared.ir_version, 4), source.ir_version) if source.ir_version >= 4 else 4
+    return infer_shapes(prepared, inplace=True)  # ``prepared`` is this function's own copy
+
+
+def _prepare_large(source: onnx.ModelProto, owned: bool) -> onnx.ModelProto:
+    """``_prepare_with_ort``'s work on a large model, holding one copy of the weights, not five.
+
+    ORT's pre-processing loads, infers, saves and reloads whole copies (6.8x the model's size at
+    peak on a 0.5 GB MLP) and loses its external data past 2 GiB.  Here: canonicalize (constant
+    folding, dead nodes: it reads only the weights folding needs), then BatchNormalization folded
+    into the Conv before it (the fold the int8 Conv kernel needs), then one copy of the model
+    (the caller's is not modified; each folded weight is written once).  Not done here, unlike
+    ORT's basic level: the other fusions (Conv+Add, Conv+Mul) and Identity/Dropout removal,
+    which leave the model correct and only keep those nodes out of int8.
+
+    Args:
+        owned: ``source`` is a copy made for this call (it may be returned and modified).
+    """
+    from graphprune.passes.canonicalize import CanonicalizePass
+
+    result = CanonicalizePass()(source)
+    owned = owned or result.modified  # a model of our own: the caller's is never modified below
+    return fold_batchnorms(result.model, copy=not owned)
+
+
+def fold_batchnorms(model: onnx.ModelProto, copy: bool = True) -> onnx.ModelProto:
+    """A copy of ``model`` with every inference BatchNormalization that follows a Conv folded into it
+    (``model`` itself when nothing folds and ``copy`` is False).
+
+    Folded: a Conv (ai.onnx) whose weight (and bias, if any) are initializers, read by nothing
+    but the BatchNormalization (one output) whose four parameters are initializers, neither
+    output a graph output.  W' = W * s (per output channel), b' = (b - mean) * s + beta with
+    s = scale / sqrt(var + epsilon).  Everything else is copied as it is.
+    """
+    graph = model.graph
+    inits = {init.name: init for init in graph.initializer}
+    consumers = consumer_map(graph)
+    producers = producer_map(graph)
+    outputs = {vi.name for vi in graph.output}
+    plans = {}  # BN index -> (conv, bn)
+    for index, bn in enumerate(graph.node):
+        if bn.op_type != "BatchNormalization" or bn.domain not in ("", "ai.onnx") or len(bn.input) != 5:
+            continue
+        conv = producers.get(bn.input[0])
+        if conv is None or conv.op_type != "Conv" or conv.domain not in ("", "ai.onnx"):
+            continue
+        weights = [name for name in conv.input[1:] if name]
+        if any(o for o in bn.output[1:]) or get_attr(bn, "training_mode", 0):
+            continue
+        if not all(name in inits for name in weights + list(bn.input[1:])):
+            continue
+        if len(consumers.get(conv.output[0], [])) != 1 or conv.output[0] in outputs:
+            continue
+        if any(len(consumers.get(name, [])) != 1 for name in weights):
+            continue  # a weight shared with another node keeps its values
+        plans[index] = (conv, bn)
+    if not plans:
+        return ir_clone(model) if copy else model
+    new = {}  # initializer name -> folded value
+    for conv, bn in plans.values():
+        scale, beta, mean, var = (numpy_helper.to_array(inits[n]).astype(np.float64) for n in bn.input[1:])
+        s = scale / np.sqrt(var + float(get_attr(bn, "epsilon", 1e-5)))
+        w = numpy_helper.to_array(inits[conv.input[1]])
+        new[conv.input[1]] = (w * s.reshape((-1,) + (1,) * (w.ndim - 1))).astype(w.dtype)
+        b = numpy_helper.to_array(inits[conv.input[2]]).astype(np.float64) if len(conv.input) > 2 and conv.input[2] else 0.0
+        new[f"{bn.output[0]}_folded_bias"] = ((b - mean) * s + beta).astype(w.dtype)
+    result = onnx.ModelProto()
+    copy_fields(model, result, skip={"graph"})
+    copy_fields(graph, result.graph, skip={"initializer", "node"})
+    by_conv = {id(conv): bn for conv, bn in plans.values()}
+    for index, node in enumerate(graph.node):
+        if index in plans:
+            continue  # the BN: its Conv now writes its output
+        target = result.graph.node.add()
+        target.CopyFrom(node)
+        bn = by_conv.get(id(node))
+        if bn is not None:
+            del target.input[2:]
+            target.input.append(f"{bn.output[0]}_folded_bias")
+            target.output[0] = bn.output[0]
+    for init in graph.initializer:
+        if init.name in new:
+            result.graph.initializer.append(numpy_helper.from_array(new.pop(init.name), init.name))
+        else:
+            result.graph.initializer.add().CopyFrom(init)
+    for name, value in new.items():  # the folded biases
+        result.graph.initializer.append(numpy_helper.from_array(value, name))
+    used = {name for node in result.graph.node for name in node.input}
+    kept = [init for init in result.graph.initializer if init.name in used or init.name in outputs]
+    if len(kept) != len(result.graph.initializer):  # the BNs' parameters and the replaced biases
+        names = {init.name for init in kept}
+        for i in reversed(range(len(result.graph.initializer))):
+            if result.graph.initializer[i].name not in names:
+                del result.graph.initializer[i]
+    return result
+
+
+def _prepare_with_ort(source: onnx.ModelProto) -> onnx.ModelProto:
+    """ONNX Runtime's ``quant_pre_process`` (basic graph optimizations, symbolic and ONNX shape
+    inference) through files in a temporary folder."""
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
     with tempfile.TemporaryDirectory(prefix="graphprune-prep-") as tmp:
         src = os.path.join(tmp, "in.onnx")
         out = os.path.join(tmp, "out.onnx")
@@ -78,11 +185,7 @@ def prepare(model: onnx.ModelProto) -> onnx.ModelProto:
         finally:
             os.chdir(previous_cwd)
             logger.setLevel(level)
-        prepared = onnx.load(out)
-    _name_nodes(prepared.graph)
-    _drop_unused_opsets(prepared)
-    prepared.ir_version = min(max(prepared.ir_version, 4), source.ir_version) if source.ir_version >= 4 else 4
-    return infer_shapes(prepared)
+        return onnx.load(out)
 
 
 def _name_nodes(graph: onnx.GraphProto) -> None:
@@ -113,10 +216,10 @@ def save_for_tool(model: onnx.ModelProto, path: str) -> None:
 
     Weights go to a side file only past protobuf's 2 GiB limit: ORT's pre-processing reloads
     intermediate copies from its own temporary folder, where a side file would not be found.
-    ``onnx.save_model`` rewrites the proto it saves as external data, so a copy is saved.
+    Both forms are written one tensor at a time (``graphprune.external_data``).
     """
     model = for_ort(model)
     if approx_bytes(model) < EXTERNAL_DATA_THRESHOLD:  # ByteSize() would encode (and fail past 2 GiB)
-        onnx.save_model(model, path)
+        write_inline(model, path)
         return
-    onnx.save_model(clone(model), path, save_as_external_data=True, location=os.path.basename(path) + ".data")
+    write_with_external_data(model, path, os.path.basename(path) + ".data")  # streamed, the model not copied
