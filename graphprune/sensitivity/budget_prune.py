@@ -9,6 +9,7 @@ import onnx
 
 from graphprune import ir
 from graphprune.data import InputSet
+from graphprune.errors import UserError
 from graphprune.metrics import count_macs
 from graphprune.passes.prune_channels import PruneChannelsPass
 from graphprune.pruning.budget import DEFAULT_BUDGET_RATIOS, Allocation, allocate
@@ -61,6 +62,9 @@ def prune_to_budget(
 
     Raises ``UserError`` when the budget cannot be met without pruning blocked groups.
     """
+    if target == "macs" and not count_macs(model, feed_shapes(data)):
+        raise UserError("--target-macs: the model's MACs cannot be counted at the shapes of the data "
+                        "(no Conv/Gemm/MatMul with known shapes); use --target-params or --target-latency")
     report = sensitivity(model, data, ratios=ratios, by="group", metric=metric, criterion=criterion, jobs=jobs,
                          use_ray=use_ray, latency_rounds=5 if target == "latency" else 0, progress=progress)
     shapes = feed_shapes(data)
@@ -75,7 +79,10 @@ def prune_to_budget(
     def measure(group_ratios: Dict[str, float]) -> float:
         pruned = build(group_ratios, "remove")
         if target == "macs":
-            return count_macs(pruned, shapes) / original["macs"]
+            macs = count_macs(pruned, shapes)
+            if macs is None:  # a pruned model whose shapes no longer resolve: our bug, not the user's
+                raise RuntimeError("MACs of the pruned model could not be counted")
+            return macs / original["macs"]
         if target == "params":
             return ir.count_params(pruned) / original["params"]
         if "base" not in latency:
