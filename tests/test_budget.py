@@ -112,6 +112,9 @@ def test_small_cnn_budgets_in_macs_and_params():
     assert count_macs(result.model, shapes) <= 0.6 * count_macs(model, shapes)
     assert result.allocation.measured == pytest.approx(count_macs(result.model, shapes) / count_macs(model, shapes))
     assert result.report["by"] == "group" and len(result.allocation.ratios) == len(result.report["units"])
+    checked = result.allocation.checked  # the per-group plan was checked against one uniform ratio
+    assert checked["uniform_cost"] <= 0.6 and 0 < checked["uniform_ratio"] < 0.95
+    assert result.allocation.plan == ("uniform" if checked["uniform"] < checked["knapsack"] else "knapsack")
     masked = PruneChannelsPass(group_ratios=result.allocation.ratios, mode="mask")(model).model
     a, b = _outputs(result.model, data)["output"], _outputs(masked, data)["output"]
     assert np.linalg.norm(a - b) / np.linalg.norm(b) < 1e-4

@@ -21,6 +21,10 @@ Rounding: a group at ratio r loses ``floor(r * channels)`` channels (at least on
 rounding the sensitivity measurements used, and the final check counts the model as built
 (``round_to`` included).
 
+One-group damages add up only roughly (errors compound through a residual stream), so
+``graphprune.sensitivity.budget_prune`` then checks the plan against one uniform ratio meeting the
+same budget and keeps whichever damages the calibration outputs less (``Allocation.plan``).
+
 Never pruned: groups the dependency analysis blocks, and groups whose damage *dominates*: at the
 lowest ratio measured, more than ``DOMINANCE`` times the median damage of all groups (a stem conv,
 a classifier's last hidden layer).  When the budget cannot be met without them, ``UserError``:
@@ -67,6 +71,10 @@ class Allocation:
         damage: the summed one-group damages of the chosen ratios (an estimate, for ranking).
         blocked: group name -> why it was never pruned (dominating damage).
         rounds: models built and measured (knapsack rounds, then steps back down).
+        plan: ``knapsack``, or ``uniform`` when one ratio for every allowed group met the same
+            budget with less damage measured on the calibration data.
+        checked: the damage measured on the calibration data for each plan compared (and the
+            uniform plan's ratio), when the comparison was made.
     """
 
     target: str
@@ -77,6 +85,8 @@ class Allocation:
     damage: float
     blocked: Dict[str, str]
     rounds: int
+    plan: str = "knapsack"
+    checked: Optional[dict] = None
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -86,6 +96,10 @@ class Allocation:
         lines = [f"budget: {self.target} <= {self.fraction:g} of the original: measured {self.measured:.4f} "
                  f"(estimated {self.estimated:.4f}, {self.rounds} round(s)); {len(pruned)} of {len(self.ratios)} "
                  f"groups pruned"]
+        if self.checked:
+            c = self.checked
+            lines.append(f"plan: {self.plan} (damage on the calibration data: per-group ratios {c['knapsack']:.4g}, "
+                         f"uniform ratio {c['uniform_ratio']:g} at the same budget {c['uniform']:.4g})")
         for key, ratio in sorted(self.ratios.items(), key=lambda kv: -kv[1]):
             why = f"  (never pruned: {self.blocked[key]})" if key in self.blocked else ""
             lines.append(f"  {ratio:4.2f}  {key}{why}")

@@ -13,14 +13,17 @@ from graphprune.errors import UserError
 from graphprune.metrics import count_macs
 from graphprune.passes.prune_channels import PruneChannelsPass
 from graphprune.pruning.budget import DEFAULT_BUDGET_RATIOS, Allocation, allocate
-from graphprune.runtime import make_session
-from graphprune.sensitivity.measure import cpu_latency
+from graphprune.runtime import make_session, run_samples
+from graphprune.sensitivity.damage import call_metric, load_metric
+from graphprune.sensitivity.measure import cpu_latency, reference_outputs
 from graphprune.sensitivity.run import feed_shapes, sensitivity
 
 __all__ = ["BudgetResult", "prune_to_budget"]
 
 # Interleaved timing rounds (blocks of runs) when latency is the budget.
 _LATENCY_ROUNDS = 7
+# Bisection steps for the uniform ratio a per-group plan is checked against (0.95 / 2**10 ~ 0.001).
+_UNIFORM_STEPS = 10
 
 
 @dataclasses.dataclass
@@ -75,6 +78,11 @@ def prune_to_budget(
                                  group_ratios=group_ratios)(model).model
 
     latency = {}
+    reference = reference_outputs(model, data)
+    hook = load_metric(metric)
+
+    def damage(pruned: onnx.ModelProto) -> float:
+        return call_metric(hook, metric, reference, run_samples(make_session(pruned, threads=1), data))
 
     def measure(group_ratios: Dict[str, float]) -> float:
         pruned = build(group_ratios, "remove")
@@ -95,12 +103,40 @@ def prune_to_budget(
     blocked = report["blocked"]
     first = blocked[0]["reasons"][0] if blocked and blocked[0]["reasons"] else ""
     allocation = allocate(report, target, fraction, measure, analysis_blocked=len(blocked), first_reason=first)
+    if target != "latency" and any(allocation.ratios.values()):
+        _against_uniform(allocation, fraction, measure, lambda ratios: damage(build(ratios, "mask")))
     result = build(allocation.ratios, mode)
     stats = {
         "macs_before": original["macs"], "macs_after": count_macs(build(allocation.ratios, "remove"), shapes),
         "params_before": original["params"], "params_after": ir.count_params(result),
     }
     return BudgetResult(result, allocation, report, stats)
+
+
+def _against_uniform(allocation: Allocation, fraction: float, measure, damage, steps: int = _UNIFORM_STEPS) -> None:
+    """Keep the per-group plan only if it beats one uniform ratio at the same budget on the calibration data.
+
+    One-group damages add up only roughly (errors compound through a residual stream), so the plan
+    is checked: the smallest uniform ratio over the groups the plan may prune that meets the budget
+    (bisection, ``steps`` builds) and both plans' damage measured on the whole calibration set; the
+    lower damage wins and ``allocation`` is updated in place.
+    """
+    allowed = [k for k in allocation.ratios if k not in allocation.blocked]
+    lo, hi, best = 0.0, 0.95, None
+    for _ in range(steps):
+        mid = (lo + hi) / 2
+        plan = {k: (round(mid, 4) if k in allowed else 0.0) for k in allocation.ratios}
+        cost = measure(plan)
+        if cost <= fraction + 1e-12:
+            hi, best = mid, (plan, cost)
+        else:
+            lo = mid
+    if best is None:
+        return
+    mine, theirs = damage(allocation.ratios), damage(best[0])
+    allocation.checked = {"knapsack": mine, "uniform": theirs, "uniform_ratio": round(hi, 4), "uniform_cost": best[1]}
+    if theirs < mine:
+        allocation.plan, allocation.ratios, allocation.measured = "uniform", best[0], best[1]
 
 
 def _inner_runs(session, feed) -> int:
