@@ -4,8 +4,8 @@ A metric is ``f(original_outputs, pruned_outputs) -> float`` over dicts output n
 (every sample stacked on axis 0), larger meaning more damage:
 
 - ``rel-l2``: the worst relative L2 error ``||pruned - original|| / ||original||`` over the outputs;
-- ``top1``: ``1 - top-1 agreement`` of the first output with at least two scores on its last axis
-  (class scores, or per-position scores of a sequence head);
+- ``top1``: ``1 - top-1 agreement`` of the first float output shaped ``[N, C]`` (class scores) or
+  ``[N, T, C]`` (per-position scores of a sequence head, e.g. CTC), C > 1;
 - ``python:FILE.py:FUNCTION``: the user's function, loaded from the file.  It must return a finite
   number, 0 for identical outputs and larger for worse (e.g. ``1 - accuracy``).
 """
@@ -39,9 +39,10 @@ def rel_l2(original: Outputs, pruned: Outputs) -> float:
 
 def top1_disagreement(original: Outputs, pruned: Outputs) -> float:
     for name, ref in original.items():
-        if ref.ndim >= 2 and ref.shape[-1] > 1 and np.issubdtype(ref.dtype, np.floating):
+        # [N, C] class scores or [N, T, C] per-position scores; a [N, 1, H, W] map is no classifier
+        if ref.ndim in (2, 3) and ref.shape[-1] > 1 and np.issubdtype(ref.dtype, np.floating):
             return float(np.mean(ref.argmax(axis=-1) != pruned[name].argmax(axis=-1)))
-    raise UserError("--metric top1: no output has class scores (a float output with a last axis > 1)")
+    raise UserError("--metric top1: no output has class scores (a float [N, C] or [N, T, C] output, C > 1)")
 
 
 def load_metric(spec: str) -> Callable[[Outputs, Outputs], float]:
