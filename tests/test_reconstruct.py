@@ -160,3 +160,14 @@ def test_cli_bad_input_exits_2_and_writes_nothing(tmp_path, capsys, extra, messa
     assert main(["prune", path, "-o", str(out), "--ratio", "0.5", "--reconstruct"] + extra) == 2
     assert message in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_cli_budget_prune_reconstructs_and_blocks_are_refused(tmp_path, capsys):
+    _, path, data = _files(tmp_path)
+    out = tmp_path / "out.onnx"
+    assert main(["prune", path, "-o", str(out), "--target-macs", "0.6", "--reconstruct", "--data", data, "--jobs", "1"]) == 0
+    assert "reconstruction: " in capsys.readouterr().out
+    onnx.checker.check_model(onnx.load(str(out)), full_check=True)
+    out.unlink()
+    assert main(["prune", path, "-o", str(out), "--blocks", "1", "--reconstruct", "--data", data]) == 2
+    assert "not with --blocks" in capsys.readouterr().err and not out.exists()

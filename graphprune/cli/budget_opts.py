@@ -100,7 +100,13 @@ def run_budget(args, plan: BudgetPlan, model, data, shapes, criterion: str, mode
     with progress_bar(total=None, desc="sensitivity", enabled=sys.stderr.isatty(), unit="task") as bar:
         result = prune_to_budget(model, data, plan.target, plan.fraction, criterion=criterion, metric=args.metric,
                                  round_to=args.round_to, mode=mode, jobs=args.jobs, progress=bar.update)
-    write_model(args, result.model)
+    pruned, refit_line = result.model, None
+    if getattr(args, "reconstruct", False):  # the budget's model is pruned from the original in one removal
+        from graphprune.passes.reconstruct import ReconstructPass, describe
+
+        refit = ReconstructPass(original=model, data=data, progress=sys.stderr.isatty())(pruned)
+        pruned, refit_line = refit.model, describe(refit.stats)
+    write_model(args, pruned)
     allocation = result.allocation
     if args.save_ratios:
         doc = ratios_document(allocation.ratios, target=allocation.target, fraction=allocation.fraction,
@@ -108,6 +114,8 @@ def run_budget(args, plan: BudgetPlan, model, data, shapes, criterion: str, mode
                               model=os.path.basename(args.model))
         atomic_write_text(args.save_ratios, json.dumps(doc, indent=2) + "\n")
     print(allocation.summary())
+    if refit_line:
+        print(refit_line)
     stats = result.stats
     print(f"params: {stats['params_before']:,} -> {stats['params_after']:,}")
     if stats["macs_before"]:

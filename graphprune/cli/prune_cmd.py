@@ -66,6 +66,8 @@ def register(sub) -> None:
 
 def run(args) -> int:
     if wants_blocks(args):  # depth pruning: graphprune/cli/prune_blocks.py
+        if args.reconstruct:
+            raise UserError("--reconstruct refits layers after channel pruning: not with --blocks/--blocks-ratio")
         return run_blocks(args)
     # every argument is checked before the model is read or anything is written
     per_kind = {"--heads-ratio": args.heads_ratio, "--ffn-ratio": args.ffn_ratio, "--hidden-ratio": args.hidden_ratio}
