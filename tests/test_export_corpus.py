@@ -42,6 +42,8 @@ EXPECTED = {
     "regnet_torchscript": {"channels": 22}, "regnet_dynamo": {"channels": 22},
     "shufflenet_v2_torchscript": {"channels": 8}, "shufflenet_v2_dynamo": {"channels": 14},
     "deeplabv3_torchscript": {"channels": 36}, "deeplabv3_dynamo": {"channels": 38},
+    # timm's ViT: packed qkv; the dynamo export batches attention as [batch * heads, ...] (a periodic merge)
+    "timm_vit_torchscript": _TRANSFORMER, "timm_vit_dynamo": _TRANSFORMER,
     "mobilenetv2_tf2onnx": {"channels": 25},
     "efficientnetb0_tf2onnx": {"channels": 27},
 }
@@ -95,7 +97,7 @@ def _kwargs(name):
 
 
 def test_every_fixture_has_an_expectation():
-    assert len(ALL) == 34 and sorted(EXPECTED) == ALL
+    assert len(ALL) == 36 and sorted(EXPECTED) == ALL
 
 
 @pytest.mark.parametrize("name", ALL)

@@ -1,4 +1,4 @@
-"""Developer-only: export tiny torchvision/timm CNNs to ONNX as tests/fixtures/cnn/*.onnx.
+"""Developer-only: export tiny torchvision/timm CNNs (and timm's ViT) to ONNX as tests/fixtures/cnn/*.onnx.
 
 Not a project dependency and not run by CI: it needs torch, torchvision and timm in a side venv.  It
 can sit on top of make_hf_fixtures.py's venv (installing torchvision there would break transformers,
@@ -97,6 +97,9 @@ def _models():
         "regnet": (_regnet, 32),
         "shufflenet_v2": (partial(shufflenetv2.ShuffleNetV2, [2, 2, 2], [8, 16, 32, 64, 128], num_classes=_CLASSES), 32),
         "deeplabv3": (_deeplabv3, 64),
+        # timm's ViT: packed qkv, reshape(B, N, 3, heads, hd).permute(2, 0, 3, 1, 4), fused SDPA
+        "timm_vit": (partial(timm.create_model, "vit_tiny_patch16_224", img_size=32, patch_size=8, embed_dim=64,
+                             depth=2, num_heads=4, mlp_ratio=2.0, num_classes=_CLASSES), 32),
     }
 
 

@@ -12,7 +12,7 @@ from onnx import numpy_helper
 
 from graphprune import ir
 from graphprune.dependency.dims import DimInfo, DimKey
-from graphprune.dependency.index_mapping import Expand, IndexMapping, MappingError
+from graphprune.dependency.index_mapping import Expand, Identity, IndexMapping, MappingError
 from graphprune.dependency.options import AnalysisOptions
 from graphprune.dependency.rules import MissingShape, RuleContext, rule_for
 from graphprune.dependency.shape_info import tensor_shapes
@@ -245,6 +245,12 @@ class DependencyGraph:
         """Couple each merged axis to one of its factors (see ``RuleContext.factor``)."""
         if not self._factors:
             return
+        # periodic merges first: the axes they size become known before components are judged
+        firsts: Dict[int, Optional[int]] = {}
+        for k, (merged, factors, _, _) in enumerate(self._factors):
+            infos = [self.graph.nodes[f]["info"] for f in factors]
+            if not self.graph.nodes[merged]["info"].concrete or not all(i.concrete for i in infos):
+                firsts[k] = self._periodic_merge(merged, infos)
         comp_of: Dict[DimKey, int] = {}
         blocked: Dict[int, bool] = {}
         for i, comp in enumerate(nx.connected_components(self.graph)):
@@ -256,15 +262,15 @@ class DependencyGraph:
         def is_blocked(dim: DimKey) -> bool:
             return blocked[union[comp_of[dim]]]
 
-        for merged, factors, prefer, label in self._factors:
+        for k, (merged, factors, prefer, label) in enumerate(self._factors):
             infos = [self.graph.nodes[f]["info"] for f in factors]
-            merged_info = self.graph.nodes[merged]["info"]
-            if not merged_info.concrete or not all(i.concrete for i in infos):
+            first = firsts.get(k, 0)
+            if first is None:
                 for d in [merged, *factors]:
                     self.add_reason(d, f"{label}: merges axes of dynamic size")
                 continue
-            sizes = [i.size for i in infos]
-            big = [i for i, s in enumerate(sizes) if s > 1]
+            sizes = [i.size if i.concrete else 1 for i in infos]
+            big = [i for i, s in enumerate(sizes) if s > 1 and i >= first]
             if not big:
                 continue
             free = [i for i in big if not is_blocked(factors[i])]
@@ -272,7 +278,7 @@ class DependencyGraph:
                 chosen = prefer
             else:  # the largest factor; on a tie the innermost (channels within a shuffle group)
                 chosen = max(free or big, key=lambda i: (sizes[i], i))
-            mapping = Expand(outer=math.prod(sizes[:chosen]), inner=math.prod(sizes[chosen + 1:]))
+            mapping = Expand(outer=math.prod(sizes[first:chosen]), inner=math.prod(sizes[chosen + 1:]))
             self.add_coupling(factors[chosen], merged, mapping)
             root_a, root_b = union[comp_of[factors[chosen]]], union[comp_of[merged]]
             either = blocked[root_a] or blocked[root_b]
@@ -284,6 +290,40 @@ class DependencyGraph:
                         factors[i], f"{label}: merged with {factors[chosen]} into {merged} (one axis of a merge is pruned)"
                     )
                     blocked[union[comp_of[factors[i]]]] = True
+
+
+    def _periodic_merge(self, merged: DimKey, infos: List[DimInfo]) -> Optional[int]:
+        """A merge of dynamic outer axes with sizes known inside them, ``[batch, heads] -> batch*heads``
+        (torch's dynamo exporter batches attention so): the merged index is ``b * P + j`` for the
+        period ``P`` (the inner sizes' product), so pruning index ``j`` of the inner axes prunes it
+        in every period alike.  The merged axis, and every axis of the same symbolic size it is tied
+        to 1:1, is then tracked by its period.  Returns the first inner factor's index, or None when
+        the merge is not of this form."""
+        dynamic = [i for i, info in enumerate(infos) if not info.concrete]
+        if not dynamic or dynamic != list(range(len(dynamic))):
+            return None
+        first = len(dynamic)
+        period = math.prod(info.size for info in infos[first:])
+        if period <= 1:
+            return None
+        info = self.graph.nodes[merged]["info"]
+        if info.concrete:  # made periodic by an earlier merge (split back here)
+            return first if info.size == period else None
+        symbol = info.size
+        if not isinstance(symbol, str) or symbol.startswith("unk__"):
+            return None
+        frontier, seen = [merged], {merged}
+        while frontier:  # the axes tied 1:1 to it (Transpose, the batched MatMul, Softmax...)
+            dim = frontier.pop()
+            self.graph.nodes[dim]["info"].size = period
+            for other in self.graph.neighbors(dim):
+                links = self.graph.edges[dim, other]["links"]
+                if (other not in seen and self.graph.nodes[other]["info"].size == symbol
+                        and all(isinstance(m, Identity) for _, _, m in links)):
+                    seen.add(other)
+                    frontier.append(other)
+        self._groups = None
+        return first
 
 
 def outer_names(node: onnx.NodeProto) -> set:
