@@ -35,6 +35,12 @@ def register(sub) -> None:
                    help="distillation loss: kl for class scores, bce for sigmoid outputs, mse otherwise (default auto)")
     p.add_argument("--distill-weight", help="w in (1-w)*label loss + w*distillation loss (default 0.5 with both)")
     p.add_argument("--temperature", default="2", help="distillation temperature (default 2)")
+    p.add_argument("--features", default="auto", metavar="auto|none|NAME[,NAME...]",
+                   help="with --teacher: also match intermediate tensors to the teacher's (auto: up to "
+                   "--max-features tensors both models share and pruning changed; default auto)")
+    p.add_argument("--feature-weight", default="1", help="weight of the feature terms beside the output loss (default 1)")
+    p.add_argument("--max-features", default="4", help="how many features --features auto matches (default 4)")
+    p.add_argument("--patience", metavar="N", help="early stopping: stop after N epochs without a better validation loss")
     p.add_argument("--batchnorm", choices=["recalibrate", "keep"], default="recalibrate",
                    help="re-estimate BatchNorm statistics from --data before training (default) or keep them")
     p.add_argument("--output-name", metavar="NAME", help="the model output to train (default: the first)")
@@ -81,6 +87,11 @@ def _training_args(args) -> dict:
         "loss": args.loss,
         "distill_loss": args.distill_loss,
         "batchnorm": args.batchnorm,
+        "features": args.features if args.features in ("auto", "none")
+        else [name.strip() for name in args.features.split(",") if name.strip()],
+        "feature_weight": parse_number(args.feature_weight, "--feature-weight", 0.0, float("inf")),
+        "max_features": _positive_int(args.max_features, "--max-features"),
+        "patience": None if args.patience is None else _positive_int(args.patience, "--patience"),
         "output": args.output_name,
         "seed": args.seed,
         "threads": args.threads,
@@ -143,11 +154,16 @@ def run(args) -> int:
 def _print_summary(stats: dict) -> None:
     print(f"loss: {stats['loss']}; {stats['trainable_params']:,} trainable parameters; "
           f"BatchNorm layers recalibrated: {stats['batchnorm_recalibrated']}")
+    if stats.get("features"):
+        print(f"features matched to the teacher: {', '.join(stats['features'])}")
     if "steps" not in stats:
         return
     metric = lambda v: "n/a" if v is None else f"{v * 100:.2f}%"  # noqa: E731
     print(f"{stats['steps']} steps in {stats['seconds']:.1f}s; train loss {stats['train_loss_first_epoch']:.4f} (epoch 1) "
           f"-> {stats['train_loss_last_epoch']:.4f} (last)")
     if stats["val_loss_before"] is not None:
+        epochs = len(stats["history"]) - 1
+        if stats.get("stopped_early"):
+            print(f"stopped early after epoch {epochs} (no better validation loss for --patience epochs)")
         print(f"validation: metric {metric(stats['val_metric_before'])} -> {metric(stats['val_metric_best'])}, "
               f"loss {stats['val_loss_before']:.4f} -> {stats['val_loss_best']:.4f} (best epoch {stats['best_epoch']})")

@@ -70,6 +70,12 @@ class FineTunePass(Pass):
         distill_loss: "auto" (kl for class scores, mse otherwise), "kl" or "mse".
         distill_weight: w in (1 - w) * label loss + w * distillation loss (default 0.5 with both).
         temperature: distillation temperature.
+        features: feature distillation with a teacher: "auto" (up to ``max_features`` intermediate
+            tensors the model shares with the teacher and pruning changed, ``training.features``),
+            "none", or a list of tensor names.
+        feature_weight: weight of the feature terms (together) beside the output loss.
+        max_features: how many features "auto" picks.
+        patience: early stopping: stop after this many epochs without a better validation loss.
         batchnorm: "recalibrate" (re-estimate BatchNorm statistics from ``data`` first) or "keep".
         output: the output to train (default: the first float32 output).
         threads: intra-op threads for training (None: onnxruntime decides).
@@ -96,6 +102,10 @@ class FineTunePass(Pass):
         distill_loss: str = "auto",
         distill_weight: Optional[float] = None,
         temperature: float = 2.0,
+        features: Union[str, Sequence[str]] = "auto",
+        feature_weight: float = 1.0,
+        max_features: int = 4,
+        patience: Optional[int] = None,
         batchnorm: str = "recalibrate",
         output: Optional[str] = None,
         seed: int = 0,
@@ -107,7 +117,7 @@ class FineTunePass(Pass):
         self.labels = _read_labels(labels) if isinstance(labels, (str, os.PathLike)) else labels
         self.teacher = _read_teacher(teacher)
         self.config = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, schedule=schedule, seed=seed,
-                                  progress=progress)
+                                  progress=progress, patience=patience)
         self.config.check()
         if not 0 <= val_split < 1:
             raise UserError(f"validation split {val_split} is outside [0, 1)")
@@ -123,6 +133,13 @@ class FineTunePass(Pass):
         self.distill_loss = distill_loss
         self.distill_weight = distill_weight
         self.temperature = float(temperature)
+        if isinstance(features, str) and features not in ("auto", "none"):
+            raise UserError(f"features {features!r}: choose auto, none or a list of tensor names")
+        if not feature_weight >= 0:
+            raise UserError(f"feature weight {feature_weight} must be >= 0")
+        self.features = features if isinstance(features, str) else list(features)
+        self.feature_weight = float(feature_weight)
+        self.max_features = int(max_features)
         self.output = output
         self.threads = threads
         self.providers = list(providers) if providers else None
@@ -150,6 +167,7 @@ class FineTunePass(Pass):
             base, recalibrated = recalibrate_batchnorm(model, self.data.subset(train_idx), self.threads)
         work, trainable = prepare_for_training(base)
         spec, output_shape, out_names = self._loss_spec(model)
+        feature_teacher = self._feature_teacher(base, work, spec)
         classes = output_shape[-1] if output_shape else 1
         values = {init.name: onnx.numpy_helper.to_array(init) for init in work.graph.initializer
                   if init.name in set(trainable.names)}
@@ -159,6 +177,7 @@ class FineTunePass(Pass):
             "batchnorm_recalibrated": recalibrated,
             "trainable_params": trainable.count(work.graph),
             "masked_weights": len(masks),
+            "features": list(spec.features),
         }
         if self.config.epochs == 0:
             return PassResult(_finite(base), recalibrated > 0, stats)
@@ -170,7 +189,12 @@ class FineTunePass(Pass):
             teacher_out = _as_teacher_targets(self._teacher_outputs(self._model_output, out_names, output_shape), spec)
             targets = BatchTargets(spec, self.labels, teacher_out, classes)
             arrays = self.data.arrays
-            feeds = lambda idx: {**{k: v[idx] for k, v in arrays.items()}, **targets.feeds(idx)}  # noqa: E731
+
+            def feeds(idx):
+                inputs = {k: v[idx] for k, v in arrays.items()}
+                extra = feature_teacher.feeds(inputs) if feature_teacher else {}
+                return {**inputs, **targets.feeds(idx), **extra}
+
             outcome = train_loop(session, self.config, feeds, self._metric(spec, teacher_out), train_idx, val_idx,
                                  fixed_batch=self.data.fixed_batch, loss_offset=targets.loss_offset)
         trained = apply_masks(outcome.weights, masks)
@@ -200,6 +224,30 @@ class FineTunePass(Pass):
                             self.loss, self.distill_loss, self.distill_weight, self.temperature, head)
         self._model_output = output
         return spec, output_shape, out_names
+
+    def _feature_teacher(self, student: onnx.ModelProto, work: onnx.ModelProto, spec: LossSpec):
+        """Pick the features to match (into ``spec``) and return their ``FeatureTeacher`` (None without)."""
+        if self.teacher is None or self.features == "none" or self.feature_weight == 0:
+            return None
+        from graphprune.training.features import FeatureTeacher, pick_features
+
+        probe = self.data.first_batch(min(len(self.data), 4) if not self.data.fixed_batch else self.data.fixed_batch)
+        present = {o for node in work.graph.node for o in node.output}
+        if self.features == "auto":
+            names = pick_features(student, self.teacher, probe, exclude=[spec.output, self._model_output],
+                                  limit=self.max_features, threads=self.threads)
+        else:
+            missing = [n for n in self.features if n not in present]
+            if missing:
+                raise UserError(f"features: the model has no tensor {missing[0]!r}")
+            names = list(self.features)
+        names = [n for n in names if n in present]
+        if not names:
+            return None
+        teacher = FeatureTeacher(self.teacher, names, probe, threads=self.threads)
+        spec.features, spec.feature_ranks = names, teacher.ranks
+        spec.feature_scales, spec.feature_weight = teacher.scales, self.feature_weight
+        return teacher
 
     def _teacher_outputs(self, output: str, out_names, output_shape) -> Optional[np.ndarray]:
         if self.teacher is None:
@@ -243,6 +291,7 @@ def _training_stats(graph, outcome, changed: int) -> Dict[str, Any]:
         "weights_changed": changed,
         "steps": outcome.steps,
         "best_epoch": outcome.best_epoch,
+        "stopped_early": len(outcome.history) - 1 < outcome.planned_epochs,
         "train_loss_first_epoch": trained[0].train_loss,
         "train_loss_last_epoch": trained[-1].train_loss,
         "val_loss_before": first.val_loss,
@@ -261,9 +310,14 @@ def finetune(model: onnx.ModelProto, data: InputSet, labels: Optional[np.ndarray
 
 def probability_head(model: onnx.ModelProto, output: str, rank: int):
     """(the tensor to train, "softmax" | "sigmoid" | None): the logits feeding a Softmax (last axis) or
-    Sigmoid that produces ``output``, or ``output`` itself."""
-    for node in model.graph.node:
-        if output in node.output and node.domain in ("", "ai.onnx") and node.input and node.input[0]:
+    Sigmoid that produces ``output``, or ``output`` itself.  Identity nodes after the head (Paddle's
+    ``save_infer_model/scale`` outputs) are looked through."""
+    producers = {o: node for node in model.graph.node for o in node.output}
+    name = output
+    while name in producers and producers[name].op_type == "Identity" and producers[name].input:
+        name = producers[name].input[0]
+    for node in [producers[name]] if name in producers else []:
+        if name in node.output and node.domain in ("", "ai.onnx") and node.input and node.input[0]:
             if node.op_type == "Sigmoid":
                 return node.input[0], "sigmoid"
             if node.op_type == "Softmax":

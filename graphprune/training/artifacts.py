@@ -53,6 +53,7 @@ def prepare_for_training(model: onnx.ModelProto) -> Tuple[onnx.ModelProto, Train
     if opset is not None and opset < _MIN_TRAINING_OPSET:
         work = _converted(work, opset)
     converted = constants_to_initializers(work.graph)
+    _annotate_reshape_ranks(work)
     fake_quant = unfold_quantized_weights(work.graph)
     inits = {init.name for init in work.graph.initializer}
     kept_inputs = [vi for vi in work.graph.input if vi.name not in inits]
@@ -78,6 +79,42 @@ def _converted(model: onnx.ModelProto, opset: int) -> onnx.ModelProto:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise UserError(f"the model's opset {opset} is too old to train and does not convert to opset "
                         f"{_MIN_TRAINING_OPSET} ({first})") from None
+
+
+def _annotate_reshape_ranks(model: onnx.ModelProto, rounds: int = 8) -> None:
+    """Record the rank of Reshape outputs whose target is computed at run time (in place).
+
+    onnx shape inference gives up on ``Reshape(x, Concat(Shape(x)[0], -1))`` (Paddle's flatten before
+    a classifier's MatMul), yet the target's length is the output's rank, and the gradient rules need
+    ranks.  Each round adds the ranks found, so inference can carry them to the next Reshape.
+    """
+    from graphprune.shapes import infer_shapes
+
+    for _ in range(rounds):
+        try:
+            inferred = infer_shapes(model).graph
+        except Exception:  # inference gaps only cost the annotation
+            return
+        known = {vi.name: vi for vi in list(inferred.input) + list(inferred.value_info) + list(inferred.output)}
+        known.update({init.name: init for init in inferred.initializer})
+        added = 0
+        for node in model.graph.node:
+            if node.op_type != "Reshape" or len(node.input) < 2:
+                continue
+            out = known.get(node.output[0])
+            if out is not None and out.type.tensor_type.HasField("shape"):
+                continue
+            target = known.get(node.input[1])
+            length = (list(target.dims) if isinstance(target, onnx.TensorProto)
+                      else ir.value_shape(target) if target is not None else None)
+            data = known.get(node.input[0])
+            if not length or len(length) != 1 or not isinstance(length[0], int) or data is None:
+                continue
+            elem = data.data_type if isinstance(data, onnx.TensorProto) else data.type.tensor_type.elem_type
+            model.graph.value_info.append(onnx.helper.make_tensor_value_info(node.output[0], elem, [None] * length[0]))
+            added += 1
+        if not added:
+            return
 
 
 def _keep_needed(graph: onnx.GraphProto, outputs: Sequence[str]) -> None:

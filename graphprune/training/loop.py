@@ -33,6 +33,7 @@ class TrainConfig:
         schedule: "cosine" (default) or "linear" decay to 0 after a short linear warm-up, or "constant".
         warmup: fraction of the steps spent warming up (at most 100 steps).
         seed: shuffling seed.
+        patience: stop after this many epochs without a better validation (None: run every epoch).
         progress: show a progress bar with the running loss and metric.
     """
 
@@ -43,6 +44,7 @@ class TrainConfig:
     warmup: float = 0.05
     seed: int = 0
     progress: bool = False
+    patience: Optional[int] = None
 
     def check(self) -> None:
         if int(self.epochs) != self.epochs or self.epochs < 0:
@@ -53,6 +55,8 @@ class TrainConfig:
             raise UserError(f"learning rate must be a positive number, got {self.lr}")
         if self.schedule not in SCHEDULES:
             raise UserError(f"schedule {self.schedule!r}: choose {', '.join(SCHEDULES)}")
+        if self.patience is not None and (int(self.patience) != self.patience or self.patience < 1):
+            raise UserError(f"patience must be a positive integer, got {self.patience}")
         if not 0 <= self.warmup < 1:
             raise UserError(f"warm-up fraction {self.warmup} is outside [0, 1)")
 
@@ -75,6 +79,7 @@ class TrainOutcome:
     best_epoch: int
     weights: Dict[str, np.ndarray]
     steps: int
+    planned_epochs: int = 0
 
 
 def learning_rate(config: TrainConfig, step: int, total: int) -> float:
@@ -184,4 +189,7 @@ def train_loop(
                     raise UserError(f"fine-tuning stopped: weight {bad[0]!r} became non-finite in epoch {epoch}; "
                                     "nothing was written - try a lower learning rate")
                 best, best_weights = record, weights
-    return TrainOutcome(history=history, best_epoch=best.epoch, weights=best_weights, steps=step)
+            elif config.patience is not None and epoch - best.epoch >= config.patience:
+                break  # early stopping: the held-out split stopped improving
+    return TrainOutcome(history=history, best_epoch=best.epoch, weights=best_weights, steps=step,
+                        planned_epochs=int(config.epochs))

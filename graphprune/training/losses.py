@@ -7,6 +7,9 @@
     et al.), fed as the teacher's softened probabilities; ``mse``: MSE against the teacher outputs;
     ``bce``: binary cross-entropy of sigmoid logits against the teacher's probabilities.
 With labels and a teacher, loss = (1 - w) * label loss + w * distillation loss.
+Feature distillation (``training.features``) adds, for each matched intermediate tensor f,
+``feature_weight / k * MSE(f, teacher f) / mean(teacher f ** 2)`` (k features; relative, so that
+features of any magnitude weigh alike).
 
 Outputs that are already probabilities (a model ending in Softmax or Sigmoid) are trained on the
 logits that feed that head (``head``): cross-entropy and KL then see real logits (a KL on
@@ -25,6 +28,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from graphprune.errors import UserError
+from graphprune.training.features import FEATURE_PREFIX
 
 __all__ = ["LossSpec", "resolve_loss", "add_loss_graph", "BatchTargets", "LOSS_NAME"]
 
@@ -45,6 +49,9 @@ class LossSpec:
         distill_weight: w in (1 - w) * label loss + w * distillation loss.
         temperature: softening temperature of the ``kl`` distillation.
         head: "softmax" or "sigmoid" when ``output`` holds the logits feeding that head, else None.
+        features: intermediate tensors matched to the teacher's (fed as ``FEATURE_PREFIX + i``).
+        feature_ranks, feature_scales: their ranks and the teacher's mean squares.
+        feature_weight: the weight of all feature terms together.
     """
 
     output: str
@@ -53,6 +60,10 @@ class LossSpec:
     distill_weight: float
     temperature: float
     head: Optional[str] = None
+    features: List[str] = dataclasses.field(default_factory=list)
+    feature_ranks: List[int] = dataclasses.field(default_factory=list)
+    feature_scales: List[float] = dataclasses.field(default_factory=list)
+    feature_weight: float = 1.0
 
     def describe(self) -> str:
         parts = []
@@ -63,7 +74,10 @@ class LossSpec:
             parts.append(f"{self.distill_loss} distillation{detail}")
         text = (f"{1 - self.distill_weight:g} x {parts[0]} + {self.distill_weight:g} x {parts[1]}"
                 if len(parts) == 2 else parts[0])
-        return text + (f" (on the logits of the {self.head} head)" if self.head else "")
+        text += f" (on the logits of the {self.head} head)" if self.head else ""
+        if self.features:
+            text += f" + {self.feature_weight:g} x relative MSE on {len(self.features)} intermediate features"
+        return text
 
 
 def resolve_loss(
@@ -216,11 +230,18 @@ def add_loss_graph(graph: onnx.GraphProto, spec: LossSpec, output_vi: onnx.Value
         else:
             term = nodes.mse(spec.output, _TEACHER)
         terms.append((term, spec.distill_weight if spec.label_loss else 1.0))
+    for i, (name, rank, scale) in enumerate(zip(spec.features, spec.feature_ranks, spec.feature_scales)):
+        feed = f"{FEATURE_PREFIX}{i}"
+        graph.input.append(helper.make_tensor_value_info(feed, onnx.TensorProto.FLOAT, [None] * rank))
+        terms.append((nodes.mse(name, feed), spec.feature_weight / (len(spec.features) * scale)))
     weighted = [t if w == 1.0 else nodes.op("Mul", t, nodes.const(w)) for t, w in terms]
     if len(weighted) == 1:
         nodes.op("Identity", weighted[0], out=LOSS_NAME)
     else:
-        nodes.op("Add", *weighted, out=LOSS_NAME)
+        total = weighted[0]
+        for term in weighted[1:-1]:
+            total = nodes.op("Add", total, term)
+        nodes.op("Add", total, weighted[-1], out=LOSS_NAME)
     del graph.output[:]
     graph.output.extend([helper.make_tensor_value_info(LOSS_NAME, onnx.TensorProto.FLOAT, []), output_vi])
 
