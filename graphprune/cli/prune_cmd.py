@@ -83,7 +83,7 @@ def run(args) -> int:
         raise UserError(f"unknown --criterion {args.criterion!r} (choose from {', '.join(CRITERIA)})")
     if args.mode not in MODES:
         raise UserError(f"unknown --mode {args.mode!r} (choose from {', '.join(MODES)})")
-    if args.criterion in ("activation", "output") and not args.data:
+    if args.criterion in ("activation", "output", "wanda") and not args.data:
         raise UserError(f"--criterion {args.criterion} needs calibration data: give --data FILE.npz")
     if args.round_to < 1:
         raise UserError(f"--round-to {args.round_to} must be at least 1")

@@ -105,7 +105,7 @@ class PruneChannelsPass(Pass):
             raise UserError(f"prune: unknown criterion {criterion!r} (choose from {', '.join(CRITERIA)})")
         if mode not in MODES:
             raise UserError(f"prune: unknown mode {mode!r} (choose from {', '.join(MODES)})")
-        if criterion in ("activation", "output") and data is None:
+        if criterion in ("activation", "output", "wanda") and data is None:
             raise UserError(f"prune: criterion {criterion!r} needs calibration data (--data FILE.npz)")
         if int(round_to) < 1:
             raise UserError(f"prune: round_to {round_to} must be at least 1")
@@ -161,6 +161,10 @@ class PruneChannelsPass(Pass):
             from graphprune.pruning.output_error import output_error_stats
 
             stats_by_dim = output_error_stats(model, prunable, self.data, progress=self.progress)
+        elif self.criterion == "wanda":
+            from graphprune.pruning.importance import wanda_norms
+
+            stats_by_dim = wanda_norms(model, prunable, self.data, progress=self.progress)
         scores = group_scores(dep, prunable, self.criterion, stats_by_dim)
         named, rest = {}, prunable
         if self.group_ratios:
