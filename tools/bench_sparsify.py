@@ -2,6 +2,14 @@
 
 Usage:
     .venv/bin/python tools/bench_sparsify.py [--samples 8] [--threads 1] [--json out.json]
+    OPENBLAS_NUM_THREADS=1 .venv/bin/python tools/bench_sparsify.py --calibrated [--calibration 16]
+        [--bert-layers 12] [--peer-python /tmp/h1/simenv/bin/python]
+
+``--calibrated``: output error of magnitude, Wanda and SparseGPT at 50% unstructured and 2:4 on
+ResNet-50 and a BERT-base-sized encoder, calibrated on seeded random inputs and measured on other
+seeded random inputs, with the CPU time of each pass (and of the whole ``sparsify`` command on
+ResNet-50); with ``--peer-python``, onnxsim's own magnitude / Wanda / SparseGPT on the same models
+and calibration samples, run by that interpreter, in the same run.
 
 Rows: the original; 80% and 90% unstructured (global threshold) and 2:4, each with dense storage
 (zeros in place) and compact storage (``--storage sparse``); 90% followed by int8 QDQ quantization
@@ -211,7 +219,15 @@ def main():
     parser.add_argument("--samples", type=int, default=8)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", help="write the rows as JSON")
+    parser.add_argument("--calibrated", action="store_true",
+                        help="only the magnitude / Wanda / SparseGPT table (ResNet-50 and the BERT encoder)")
+    parser.add_argument("--calibration", type=int, default=16, help="calibration samples (--calibrated)")
+    parser.add_argument("--bert-layers", type=int, default=12, help="encoder layers of the BERT model (--calibrated)")
+    parser.add_argument("--seq", type=int, default=128, help="BERT sequence length (--calibrated)")
+    parser.add_argument("--peer-python", help="a Python with onnxsim installed: measure its pruning in the same run")
     args = parser.parse_args()
+    if args.calibrated:
+        return calibrated_main(args)
 
     digits = digits_accuracy_table()
     model, source = load_resnet50()
@@ -251,6 +267,145 @@ def main():
         with open(args.json, "w") as f:
             json.dump({"model": source, "samples": args.samples, "threads": args.threads, "rows": rows,
                        "latency_ms": latencies, "digits_cnn": digits}, f, indent=2)
+
+
+# ---- Calibrated criteria (issue 14): magnitude vs Wanda vs SparseGPT, and the peer --------------------
+
+PEER_TIMEOUT_S = 900
+PEER_WORKER = r'''
+import sys, time, numpy as np, onnx
+from onnxsim import pruning
+model_path, cal_path, out_path, crit, pattern = sys.argv[1:6]
+cal = np.load(cal_path)
+samples = [{k: cal[k][i:i + 1] for k in cal.files} for i in range(len(cal[cal.files[0]]))]
+kw = dict(n=2, m=4) if pattern == "2:4" else dict(sparsity=0.5)
+model = onnx.load(model_path)
+start = time.process_time()
+if crit == "magnitude":
+    out = pruning.apply_magnitude_pruning(model, **kw)
+elif crit == "wanda":
+    out = pruning.apply_wanda_pruning(model, calibration_data=samples, **kw)
+else:
+    out = pruning.apply_sparsegpt_pruning(model, calibration_data=samples, **kw)
+print(time.process_time() - start)
+onnx.save(out, out_path)
+'''
+
+
+def _peer_version(python):
+    import subprocess
+
+    done = subprocess.run([python, "-c", "import importlib.metadata as m; print(m.version('onnxsim'))"],
+                          capture_output=True, text=True)
+    return done.stdout.strip() if done.returncode == 0 else None
+
+
+def _run_peer(python, model_path, cal_path, out_path, criterion, pattern):
+    """(peer model, CPU seconds of its pruning call) from the peer's own interpreter, or (None, error)."""
+    import subprocess
+
+    try:
+        done = subprocess.run([python, "-c", PEER_WORKER, model_path, cal_path, out_path, criterion, pattern],
+                              capture_output=True, text=True, timeout=PEER_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        return None, f"not finished after {PEER_TIMEOUT_S} s wall time"
+    if done.returncode != 0:
+        return None, (done.stderr.strip().splitlines() or ["failed"])[-1][:160]
+    return onnx.load(out_path), float(done.stdout.strip().splitlines()[-1])
+
+
+def _cli_cpu(argv):
+    """User + system CPU seconds of one ``graphprune`` command in a child process."""
+    import resource
+    import subprocess
+    import sys
+
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    command = os.path.join(os.path.dirname(sys.executable), "graphprune")
+    subprocess.run([command] + argv, check=True, capture_output=True)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+
+
+def calibrated_table(label, model, calibration, held_out, output, tmp, peer_python=None, cli=False, threads=1):
+    """Rows of output rel. L2 on ``held_out`` for magnitude / Wanda / SparseGPT at 50% and 2:4."""
+    reference = run_samples(make_session(model, threads=threads), held_out)[output]
+    model_path, cal_path = os.path.join(tmp, f"{label}.onnx"), os.path.join(tmp, f"{label}_cal.npz")
+    save(model, model_path)
+    np.savez(cal_path, **calibration.arrays)
+    rows = []
+
+    def measure(name, candidate, seconds, **extra):
+        out = run_samples(make_session(candidate, threads=threads), held_out)[output]
+        row = {"model": label, "method": name, "rel_l2": compare_outputs(output, reference, out).rel_l2,
+               "cpu_s": seconds, **extra}
+        rows.append(row)
+        print(f"{label:<10} {name:<52} relL2 {row['rel_l2']:.4f}  cpu {seconds:7.1f} s"
+              + "".join(f"  {k}={v}" for k, v in extra.items()), flush=True)
+
+    cases = [("50% unstructured", {"sparsity": 0.5}, "0.5"), ("2:4", {"pattern": "2:4"}, "2:4")]
+    for case, kwargs, peer_pattern in cases:
+        for criterion in ("magnitude", "wanda", "sparsegpt"):
+            options = dict(kwargs, criterion=criterion)
+            if criterion != "magnitude":
+                options["data"] = calibration
+            # Global scope for magnitude and Wanda only: SparseGPT's per-layer counts would come from the
+            # same Wanda ranking, at SparseGPT's cost again.
+            scopes = [("layer", "row")] + ([("global", "row")] if "sparsity" in kwargs and criterion != "sparsegpt" else [])
+            if criterion == "wanda" and "sparsity" in kwargs:
+                scopes.append(("layer", "layer"))
+            for scope, group in scopes:
+                start = time.process_time()
+                result = SparsifyWeightsPass(scope=scope, group=group, **options)(model) if criterion != "magnitude" \
+                    else SparsifyWeightsPass(scope=scope, **options)(model)
+                seconds = time.process_time() - start
+                name = f"graphprune {criterion}, {case}, {scope} scope" + (", one threshold per layer" if group == "layer" else "")
+                measure(name, result.model, seconds, sparsity=round(result.stats["overall_sparsity"], 4))
+            if peer_python:
+                peer, seconds = _run_peer(peer_python, model_path, cal_path, os.path.join(tmp, "peer.onnx"),
+                                          criterion, peer_pattern)
+                if peer is None:
+                    print(f"{label:<10} peer {criterion}, {case}: failed ({seconds})", flush=True)
+                    rows.append({"model": label, "method": f"peer {criterion}, {case}", "error": seconds})
+                else:
+                    measure(f"peer onnxsim {criterion}, {case}", peer, seconds)
+    if cli:
+        out = os.path.join(tmp, "cli.onnx")
+        base = ["sparsify", model_path, "-o", out, "--sparsity", "0.5"]
+        for name, argv in (("CLI magnitude 50% (global)", base), ("CLI magnitude 50% --gzip-size", base + ["--gzip-size"]),
+                           ("CLI wanda 50%", base + ["--criterion", "wanda", "--data", cal_path])):
+            seconds = _cli_cpu(argv)
+            rows.append({"model": label, "method": name, "cli_cpu_s": seconds})
+            print(f"{label:<10} {name:<52} CPU {seconds:.1f} s (whole command, child process)", flush=True)
+    return rows
+
+
+def calibrated_main(args):
+    from graphprune.testing import bert_encoder
+
+    with tempfile.TemporaryDirectory() as tmp:
+        rows = []
+        model, source = load_resnet50()
+        model = logits_model(model)
+        print(f"ResNet-50: {source}; calibration {args.calibration} seeded random images (seed 1), "
+              f"error on {args.samples} other seeded random images (seed 123), logits", flush=True)
+        calibration = random_inputs(model, None, samples=args.calibration, seed=1)
+        held_out = random_inputs(model, None, samples=args.samples, seed=123)
+        rows += calibrated_table("resnet50", model, calibration, held_out, model.graph.output[0].name, tmp,
+                                 args.peer_python, cli=True, threads=args.threads)
+        layers = args.bert_layers
+        bert = bert_encoder(layers=layers, hidden=768, heads=12, ffn=3072, vocab=30522, max_positions=512)
+        shapes = {"input_ids": (1, args.seq)}
+        print(f"BERT: bert_encoder({layers} layers, hidden 768, 12 heads, ffn 3072); calibration "
+              f"{args.calibration} seeded random sequences of {args.seq} tokens, error on {args.samples} others, "
+              "last_hidden_state", flush=True)
+        calibration = random_inputs(bert, shapes, samples=args.calibration, seed=1)
+        held_out = random_inputs(bert, shapes, samples=args.samples, seed=123)
+        rows += calibrated_table("bert", bert, calibration, held_out, "last_hidden_state", tmp, args.peer_python,
+                                 threads=args.threads)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"peer": _peer_version(args.peer_python) if args.peer_python else None, "rows": rows}, f, indent=2)
 
 
 if __name__ == "__main__":
