@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+from collections import Counter
 from typing import Dict, List
+
+import numpy as np
 
 from graphprune.dependency import DependencyGraph, Group
 from graphprune.errors import UserError
@@ -35,16 +38,24 @@ class Unit:
 
 def stage_of(dep: DependencyGraph, group: Group) -> str:
     """A group's stage: the spatial size of its activations (``16x16``), as a CNN's stages differ by
-    resolution; ``tokens`` for sequence tensors and ``flat`` for features without spatial axes."""
+    resolution; ``tokens`` for sequence tensors and ``flat`` for features without spatial axes.
+
+    A group's activations may span two sizes (a residual stream read by a global pool, a strided
+    conv's input): the size most of its activation tensors have counts, the larger on a tie.
+    """
+    sizes: Counter = Counter()
     for m in group.members:
         if m.info.param or m.dim.tensor not in dep.shapes:
             continue
         shape = dep.shapes[m.dim.tensor]
         if shape is None or m.dim.axis != 1 or len(shape) < 3:
             continue
-        spatial = shape[2:]
+        spatial = tuple(shape[2:])
         if all(isinstance(d, int) for d in spatial):
-            return "x".join(str(d) for d in spatial)
+            sizes[spatial] += 1
+    if sizes:
+        best = max(sizes.items(), key=lambda kv: (kv[1], int(np.prod(kv[0]))))[0]
+        return "x".join(str(d) for d in best)
     kinds = {m.info.kind for m in group.members} - {None}
     return "tokens" if kinds else "flat"
 
