@@ -161,3 +161,17 @@ def test_cli_bad_data_exits_2_and_writes_nothing(files, capsys, extra, message):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err
     assert not out.exists()
+
+
+def test_cli_wanda_on_a_model_with_external_data(files, capsys):
+    from graphprune.model_io import model_files, save
+
+    _, good, _, tmp = files
+    model, out = tmp / "ext.onnx", tmp / "ext_out.onnx"
+    save(small_net(), str(model), external_data=True)
+    assert len(model_files(str(model))) == 2  # the graph and its data file
+    assert main(["sparsify", str(model), "-o", str(out), "--pattern", "2:4", "--criterion", "wanda",
+                 "--data", str(good), "--batch-size", "2"]) == 0
+    after = weights(load(str(out)))
+    groups = np.moveaxis(after["conv_w"], 1, -1).reshape(-1, 4)
+    assert (np.count_nonzero(groups, axis=1) == 2).all()
