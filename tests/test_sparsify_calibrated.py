@@ -148,8 +148,21 @@ def test_cli_wanda_writes_the_model_and_report(files, capsys):
     assert set(read_weight_masks(load(str(out)))) == set(LAYERS)
 
 
+def test_cli_compare_layer_is_one_threshold_per_layer(files):
+    model, good, _, tmp = files
+    outs = {}
+    for compare in ("row", "layer"):
+        outs[compare] = tmp / f"{compare}.onnx"
+        assert main(["sparsify", str(model), "-o", str(outs[compare]), "--sparsity", "0.5", "--criterion", "wanda",
+                     "--data", str(good), "--compare", compare]) == 0
+    row, layer = weights(load(str(outs["row"])))["fc_w"], weights(load(str(outs["layer"])))["fc_w"]
+    assert (np.count_nonzero(row == 0, axis=1) == 8).all()  # 16 inputs per output row, half pruned in each
+    assert np.count_nonzero(layer == 0) == 256 and not (np.count_nonzero(layer == 0, axis=1) == 8).all()
+
+
 @pytest.mark.parametrize("extra,message", [
     ([], "--criterion wanda needs calibration data"),
+    (["--criterion", "magnitude", "--compare", "layer"], "--compare is only used by --criterion wanda"),
     (["--data", "BAD"], "input 'x' has shape [4, 3, 5, 5]"),
     (["--data", "MISSING"], "no such data file"),
 ])

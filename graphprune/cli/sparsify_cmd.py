@@ -40,6 +40,8 @@ def register(sub) -> None:
                    help="magnitude (default), wanda (|w| x ||x||) or sparsegpt (prune + update the kept weights); "
                    "wanda and sparsegpt need --data")
     p.add_argument("--data", metavar="FILE.npz", help="calibration samples, one array per model input (wanda, sparsegpt)")
+    p.add_argument("--compare", choices=("row", "layer"), default="row",
+                   help="wanda: rank each output row's weights (default, as in the paper) or the whole layer's")
     p.add_argument("--batch-size", type=int, default=8, metavar="B",
                    help="calibration samples per ONNX Runtime run (default 8; memory is one batch of layer inputs)")
     p.add_argument("--scope", choices=("global", "layer"), default=None,
@@ -70,6 +72,8 @@ def run(args) -> int:
         raise UserError(f"--criterion {args.criterion} needs calibration data: give --data FILE.npz")
     if args.criterion == "magnitude" and args.data:
         raise UserError("--data is only used by --criterion wanda or sparsegpt")
+    if args.compare != "row" and args.criterion != "wanda":
+        raise UserError("--compare is only used by --criterion wanda")
     if args.batch_size < 1:
         raise UserError(f"--batch-size {args.batch_size} must be at least 1")
     placeholder = object()  # the samples are read after the model; every other check first
@@ -82,6 +86,7 @@ def run(args) -> int:
         storage=args.storage,
         max_layer_sparsity=cap,
         criterion=args.criterion,
+        group=args.compare,
         data=placeholder if args.data else None,
         batch_size=args.batch_size,
         progress=sys.stderr.isatty(),
