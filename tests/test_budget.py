@@ -104,6 +104,7 @@ def test_digits_target_macs_meets_the_budget_and_saved_ratios_reapply(tmp_path, 
     assert np.linalg.norm(masked_out - removed_out) / np.linalg.norm(removed_out) < 1e-4  # its masked twin
 
 
+@pytest.mark.slow  # 36 one-group measurements of a ResNet-18, then the builds
 def test_small_cnn_budgets_in_macs_and_params():
     model = resnet(depth=18, width=0.25, image=32, num_classes=10, dynamic_batch=True)
     data = random_inputs(model, {"input": (1, 3, 32, 32)}, samples=8)
@@ -146,6 +147,7 @@ def test_unreachable_budget_exits_2_and_writes_nothing(tmp_path, capsys):
     (["--target-macs", "0.6", "--ratio", "0.5"], "sets each group's ratio: drop --ratio"),
     (["--target-macs", "0.6", "--target-params", "0.5"], "give one budget"),
     (["--target-macs", "0"], "must be above 0"),
+    (["--target-macs", "0.5", "--jobs", "0"], "--jobs 0 is outside [1, "),
     (["--ratio", "0.5", "--save-ratios", "R"], "--save-ratios needs a budget"),
     (["--group-ratios", "BAD"], "not JSON"),
 ])

@@ -63,6 +63,7 @@ def test_top1_metric_and_units_by_kind_and_stage(digits):
     assert [(u["name"], u["channels"]) for u in by_kind["units"]] == [("channels", 112)]
 
 
+@pytest.mark.slow  # starting worker processes: seconds of imports each
 def test_small_cnn_in_worker_processes_matches_one_process(small_cnn):
     model, data = small_cnn
     one = sensitivity(model, data, ratios=(0.5,), jobs=1, latency_rounds=0)
@@ -126,7 +127,8 @@ def test_bad_metric_hook_exits_2_and_writes_nothing(tmp_path, capsys, hook, expe
     (["--ratios", "0.5,1.2"], "each ratio must be in (0, 1)"),
     (["--by", "layer"], "--by 'layer'"),
     (["--metric", "l3"], "choose rel-l2, top1 or python:FILE.py:FUNCTION"),
-    (["--jobs", "0"], "--jobs 0 must be at least 1"),
+    (["--jobs", "0"], "--jobs 0 is outside [1, "),
+    (["--jobs", "100000"], "--jobs 100000 is outside [1, "),
 ])
 def test_bad_options_exit_2_and_write_nothing(tmp_path, capsys, args, expected):
     out = tmp_path / "report"

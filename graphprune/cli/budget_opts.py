@@ -14,7 +14,7 @@ from graphprune.errors import UserError
 from graphprune.model_io import atomic_write_text
 from graphprune.pruning.group_ratios import ratios_document, read_ratios_file
 
-__all__ = ["add_budget_options", "BudgetPlan", "budget_plan", "run_budget", "batch_one_shapes", "RANDOM_SAMPLES"]
+__all__ = ["add_budget_options", "BudgetPlan", "budget_plan", "run_budget", "batch_one_shapes", "check_jobs", "RANDOM_SAMPLES"]
 
 # Seeded random inputs a budget run measures damage on when no --data is given.
 RANDOM_SAMPLES = 32
@@ -49,8 +49,7 @@ def budget_plan(args) -> Optional[BudgetPlan]:
     targets = [(flag, kind) for flag, kind in _TARGET_FLAGS if getattr(args, flag, None) is not None]
     if len(targets) > 1:
         raise UserError("give one budget: " + " or ".join("--" + f.replace("_", "-") for f, _ in targets))
-    if args.jobs is not None and args.jobs < 1:
-        raise UserError(f"--jobs {args.jobs} must be at least 1")
+    check_jobs(args.jobs)
     if not targets and args.group_ratios is None:
         if args.save_ratios:
             raise UserError("--save-ratios needs a budget (--target-macs, --target-params or --target-latency)")
@@ -73,6 +72,13 @@ def budget_plan(args) -> Optional[BudgetPlan]:
     if fraction <= 0:
         raise UserError(f"--{flag.replace('_', '-')} {fraction:g} must be above 0")
     return BudgetPlan(target=kind, fraction=fraction)
+
+
+def check_jobs(jobs) -> None:
+    """``--jobs``: at least 1, at most 4x the CPUs (each worker is a process holding the model)."""
+    limit = 4 * (os.cpu_count() or 1)
+    if jobs is not None and not 1 <= jobs <= limit:
+        raise UserError(f"--jobs {jobs} is outside [1, {limit}]")
 
 
 def _check_ratios_path(args) -> None:

@@ -8,6 +8,7 @@ import os
 import sys
 import tempfile
 
+from graphprune.cli.budget_opts import batch_one_shapes, check_jobs
 from graphprune.cli.common import add_data_options, read_inputs
 from graphprune.errors import UserError
 from graphprune.model_io import atomic_write_text, load
@@ -101,8 +102,7 @@ def run(args) -> int:
         raise UserError(f"--by {args.by!r}: choose from {', '.join(BY)}")
     if args.criterion not in CRITERIA:
         raise UserError(f"unknown --criterion {args.criterion!r} (choose from {', '.join(CRITERIA)})")
-    if args.jobs is not None and args.jobs < 1:
-        raise UserError(f"--jobs {args.jobs} must be at least 1")
+    check_jobs(args.jobs)
     if args.latency_rounds < 0:
         raise UserError(f"--latency-rounds {args.latency_rounds} must be at least 0")
     if args.ray:
@@ -119,7 +119,6 @@ def run(args) -> int:
     model = load(args.model)
     data, shapes, _ = read_inputs(args, model)
     if data is None:
-        from graphprune.cli.budget_opts import batch_one_shapes
         from graphprune.data import random_inputs
 
         count = args.samples or _RANDOM_SAMPLES
