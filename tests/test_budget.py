@@ -162,3 +162,25 @@ def test_bad_budget_input_exits_2_and_writes_nothing(tmp_path, capsys, args, exp
     err = capsys.readouterr().err.strip()
     assert code == 2 and expected in err and len(err.splitlines()) == 1
     assert not out.exists() and not (tmp_path / "r.json").exists()
+
+
+def test_budget_from_a_saved_sensitivity_report(tmp_path, capsys):
+    report_dir = tmp_path / "sens"
+    assert main(["sensitivity", DIGITS, "--data", DIGITS_DATA, "--samples", "128", "--metric", "top1",
+                 "--ratios", "0.2,0.4,0.6,0.8", "--latency-rounds", "0", "-o", str(report_dir)]) == 0
+    out = tmp_path / "b.onnx"
+    assert main(["prune", DIGITS, "-o", str(out), "--target-macs", "0.6", "--data", DIGITS_DATA,
+                 "--sensitivity", str(report_dir / "report.json")]) == 0
+    printed = capsys.readouterr().out
+    assert "allocating from" in printed and "(metric top1), not measuring" in printed
+    assert count_macs(load(str(out)), SHAPE) <= 0.6 * count_macs(load(DIGITS), SHAPE)
+    for args, expected in ((["--target-latency", "0.6"], "the report has no latency"),
+                           (["--target-macs", "0.6", "--criterion", "l1"], "ranked channels by l2, not l1")):
+        code = main(["prune", DIGITS, "-o", str(tmp_path / "x.onnx"), *args,
+                     "--sensitivity", str(report_dir / "report.json")])
+        assert code == 2 and expected in capsys.readouterr().err
+    other = resnet(depth=18, width=0.25, image=32, num_classes=10, dynamic_batch=True)
+    with pytest.raises(UserError, match="the report's groups are not this model's"):
+        prune_to_budget(other, random_inputs(other, {"input": (1, 3, 32, 32)}, samples=2), "macs", 0.6,
+                        report=json.loads((report_dir / "report.json").read_text()))
+    assert not (tmp_path / "x.onnx").exists()

@@ -31,6 +31,8 @@ def add_budget_options(p) -> None:
     g.add_argument("--metric", default="rel-l2", metavar="rel-l2|top1|python:FILE.py:FUNCTION",
                    help="damage measured per group for a budget (default rel-l2 of the outputs)")
     g.add_argument("--jobs", type=int, metavar="N", help="worker processes for the measurements (default min(2, CPUs))")
+    g.add_argument("--sensitivity", metavar="REPORT.json",
+                   help="allocate from a report of graphprune sensitivity --by group instead of measuring")
     g.add_argument("--save-ratios", metavar="FILE.json", help="write the chosen per-group ratios (re-apply with --group-ratios)")
     g.add_argument("--group-ratios", metavar="FILE.json", help="prune each group at the ratio a --save-ratios file gives")
 
@@ -42,6 +44,7 @@ class BudgetPlan:
     target: Optional[str] = None
     fraction: float = 1.0
     group_ratios: Optional[Dict[str, float]] = None
+    report: Optional[dict] = None
 
 
 def budget_plan(args) -> Optional[BudgetPlan]:
@@ -51,8 +54,9 @@ def budget_plan(args) -> Optional[BudgetPlan]:
         raise UserError("give one budget: " + " or ".join("--" + f.replace("_", "-") for f, _ in targets))
     check_jobs(args.jobs)
     if not targets and args.group_ratios is None:
-        if args.save_ratios:
-            raise UserError("--save-ratios needs a budget (--target-macs, --target-params or --target-latency)")
+        for flag, value in (("--save-ratios", args.save_ratios), ("--sensitivity", args.sensitivity)):
+            if value:
+                raise UserError(f"{flag} needs a budget (--target-macs, --target-params or --target-latency)")
         return None
     others = [flag for flag, value in (("--ratio", args.ratio), ("--heads-ratio", args.heads_ratio),
                                        ("--ffn-ratio", args.ffn_ratio), ("--hidden-ratio", args.hidden_ratio))
@@ -71,7 +75,19 @@ def budget_plan(args) -> Optional[BudgetPlan]:
     fraction = parse_number(getattr(args, flag), "--" + flag.replace("_", "-"), 0.0, 1.0, high_inclusive=True)
     if fraction <= 0:
         raise UserError(f"--{flag.replace('_', '-')} {fraction:g} must be above 0")
-    return BudgetPlan(target=kind, fraction=fraction)
+    return BudgetPlan(target=kind, fraction=fraction, report=_read_report(args.sensitivity) if args.sensitivity else None)
+
+
+def _read_report(path: str) -> dict:
+    if not os.path.isfile(path):
+        raise UserError(f"--sensitivity {path}: no such file")
+    if os.path.getsize(path) > 256 * 1024 * 1024:
+        raise UserError(f"--sensitivity {path}: larger than 256 MB, not a sensitivity report")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise UserError(f"--sensitivity {path}: not JSON ({' '.join(str(exc).split())[:120]})") from None
 
 
 def check_jobs(jobs) -> None:
@@ -99,13 +115,16 @@ def run_budget(args, plan: BudgetPlan, model, data, shapes, criterion: str, mode
     from graphprune.progress import progress_bar
     from graphprune.sensitivity.budget_prune import prune_to_budget
 
+    if plan.report is not None:
+        print(f"note: allocating from {args.sensitivity} (metric {plan.report.get('metric')}), not measuring")
     if data is None:
         data = random_inputs(model, batch_one_shapes(model, shapes), samples=RANDOM_SAMPLES, seed=0)
-        print(f"note: no --data: damage measured on {RANDOM_SAMPLES} seeded random inputs "
-              "(give --data FILE.npz for real ones)")
+        what = "the check against a uniform ratio runs" if plan.report is not None else "damage measured"
+        print(f"note: no --data: {what} on {RANDOM_SAMPLES} seeded random inputs (give --data FILE.npz for real ones)")
     with progress_bar(total=None, desc="sensitivity", enabled=sys.stderr.isatty(), unit="task") as bar:
         result = prune_to_budget(model, data, plan.target, plan.fraction, criterion=criterion, metric=args.metric,
-                                 round_to=args.round_to, mode=mode, jobs=args.jobs, progress=bar.update)
+                                 round_to=args.round_to, mode=mode, jobs=args.jobs, progress=bar.update,
+                                 report=plan.report)
     pruned, refit_line = result.model, None
     if getattr(args, "reconstruct", False):  # the budget's model is pruned from the original in one removal
         from graphprune.passes.reconstruct import ReconstructPass, describe

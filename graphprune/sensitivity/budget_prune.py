@@ -49,6 +49,7 @@ def prune_to_budget(
     jobs: Optional[int] = None,
     use_ray: bool = False,
     progress: Optional[Callable[[int], None]] = None,
+    report: Optional[dict] = None,
 ) -> BudgetResult:
     """Prune ``model`` to ``fraction`` of its MACs / params / latency with per-group ratios.
 
@@ -62,14 +63,20 @@ def prune_to_budget(
         round_to: kept channel counts are multiples of this (checked by the final measurement).
         mode: ``remove`` or ``mask`` for the model returned (costs are measured removed).
         jobs, use_ray, progress: as for ``graphprune.sensitivity.sensitivity``.
+        report: a sensitivity report by group of this model (``graphprune sensitivity --by group``)
+            to allocate from instead of measuring; its metric is used.
 
     Raises ``UserError`` when the budget cannot be met without pruning blocked groups.
     """
     if target == "macs" and not count_macs(model, feed_shapes(data)):
         raise UserError("--target-macs: the model's MACs cannot be counted at the shapes of the data "
                         "(no Conv/Gemm/MatMul with known shapes); use --target-params or --target-latency")
-    report = sensitivity(model, data, ratios=ratios, by="group", metric=metric, criterion=criterion, jobs=jobs,
-                         use_ray=use_ray, latency_rounds=5 if target == "latency" else 0, progress=progress)
+    if report is None:
+        report = sensitivity(model, data, ratios=ratios, by="group", metric=metric, criterion=criterion, jobs=jobs,
+                             use_ray=use_ray, latency_rounds=5 if target == "latency" else 0, progress=progress)
+    else:
+        check_reusable(report, model, target, criterion)
+        metric = report["metric"]
     shapes = feed_shapes(data)
     original = {"macs": report["original"]["macs"], "params": report["original"]["params"]}
 
@@ -111,6 +118,28 @@ def prune_to_budget(
         "params_before": original["params"], "params_after": ir.count_params(result),
     }
     return BudgetResult(result, allocation, report, stats)
+
+
+def check_reusable(report: dict, model: onnx.ModelProto, target: str, criterion: str) -> None:
+    """``UserError`` unless ``report`` is a sensitivity report by group of ``model``, measured with
+    ``criterion`` (and with latency for a latency budget)."""
+    from graphprune.sensitivity.measure import analyse
+
+    if not isinstance(report, dict) or report.get("version") != 1 or not isinstance(report.get("units"), list):
+        raise UserError("--sensitivity: not a graphprune sensitivity report (report.json)")
+    if report.get("by") != "group":
+        raise UserError(f"--sensitivity: the report is by {report.get('by')}; a budget needs one by group (--by group)")
+    if report.get("criterion") != criterion:
+        raise UserError(f"--sensitivity: the report ranked channels by {report.get('criterion')}, not {criterion} "
+                        "(give the same --criterion)")
+    mine = set(analyse(model).keys.values())
+    theirs = {u.get("name") for u in report["units"]}
+    if mine != theirs:
+        differ = sorted(mine ^ theirs)
+        raise UserError(f"--sensitivity: the report's groups are not this model's ({len(differ)} differ, first: "
+                        f"{differ[0]}); measured on another model?")
+    if target == "latency" and any(e.get("latency_fraction") is None for u in report["units"] for e in u["entries"]):
+        raise UserError("--sensitivity: the report has no latency (measured with --latency-rounds 0)")
 
 
 def _against_uniform(allocation: Allocation, fraction: float, measure, damage, steps: int = _UNIFORM_STEPS) -> None:
