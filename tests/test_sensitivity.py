@@ -136,3 +136,27 @@ def test_bad_options_exit_2_and_write_nothing(tmp_path, capsys, args, expected):
     err = capsys.readouterr().err.strip()
     assert code == 2 and expected in err and len(err.splitlines()) == 1
     assert not out.exists()
+
+
+def test_ray_path_with_a_stand_in_cluster(digits, monkeypatch):
+    """The --ray code path on a stand-in ``ray`` module that runs remote tasks in this process."""
+    import sys
+    import types
+
+    calls = {}
+    fake = types.ModuleType("ray")
+    fake.init = lambda **kwargs: calls.setdefault("init", kwargs)
+    fake.put = lambda value: value
+    fake.get = lambda refs: list(refs)
+    fake.cluster_resources = lambda: {"CPU": 3.0}
+
+    def remote(fn):
+        return types.SimpleNamespace(remote=lambda *args: fn(*args))
+
+    fake.remote = remote
+    monkeypatch.setitem(sys.modules, "ray", fake)
+    model, data = digits
+    via_ray = sensitivity(model, data, ratios=(0.5,), use_ray=True, latency_rounds=0)
+    local = sensitivity(model, data, ratios=(0.5,), jobs=1, latency_rounds=0)
+    assert calls["init"]["ignore_reinit_error"] and via_ray["jobs"] == "ray"
+    assert [u["entries"] for u in via_ray["units"]] == [u["entries"] for u in local["units"]]
