@@ -25,7 +25,7 @@ from graphprune.pruning import (
 from graphprune.pruning.group_ratios import group_keys, select_by_group
 from graphprune.pruning.kind_ratios import KindRatios, select_by_kind
 
-__all__ = ["PruneChannelsPass", "prune_channels", "analyze"]
+__all__ = ["PruneChannelsPass", "prune_channels", "analyze", "criterion_stats"]
 
 
 @register_pass
@@ -153,18 +153,7 @@ class PruneChannelsPass(Pass):
             stats["note"] = "ratio 0: nothing to prune" if nothing else "nothing prunable: every group is blocked"
             return PassResult(model, False, stats)
         bar.set_postfix_str("importance")
-        stats_by_dim = None
-        if self.criterion == "activation":
-            dims = [m.dim for g in prunable for m in g.members]
-            stats_by_dim = activation_stats(model, dims, self.data, progress=self.progress)
-        elif self.criterion == "output":
-            from graphprune.pruning.output_error import output_error_stats
-
-            stats_by_dim = output_error_stats(model, prunable, self.data, progress=self.progress)
-        elif self.criterion == "wanda":
-            from graphprune.pruning.importance import wanda_norms
-
-            stats_by_dim = wanda_norms(model, prunable, self.data, progress=self.progress)
+        stats_by_dim = criterion_stats(model, prunable, self.criterion, self.data, self.progress)
         scores = group_scores(dep, prunable, self.criterion, stats_by_dim)
         named, rest = {}, prunable
         if self.group_ratios:
@@ -194,6 +183,24 @@ class PruneChannelsPass(Pass):
         stats["seconds"] = round(time.perf_counter() - start, 4)
         bar.update(1)
         return PassResult(result, True, stats)
+
+
+def criterion_stats(model: onnx.ModelProto, prunable: List[Group], criterion: str, data: Optional[InputSet],
+                    progress: bool = False):
+    """What a data-aware criterion scores channels by (None for the weight criteria): mean
+    |activation|, the output error of removing each channel, or Wanda's input norms on ``data``.
+    Shared with the sensitivity measurements, so that they rank channels exactly as the pass does."""
+    if criterion == "activation":
+        return activation_stats(model, [m.dim for g in prunable for m in g.members], data, progress=progress)
+    if criterion == "output":
+        from graphprune.pruning.output_error import output_error_stats
+
+        return output_error_stats(model, prunable, data, progress=progress)
+    if criterion == "wanda":
+        from graphprune.pruning.importance import wanda_norms
+
+        return wanda_norms(model, prunable, data, progress=progress)
+    return None
 
 
 def _excluded_groups(dep: DependencyGraph, groups: List[Group], exclude: Sequence[str]) -> Dict[int, str]:

@@ -30,7 +30,7 @@ from graphprune.data import InputSet
 from graphprune.dependency import build_dependency_graph, reported_groups
 from graphprune.errors import UserError
 from graphprune.metrics import count_macs
-from graphprune.pruning import activation_stats, apply_selection, group_scores, removal_masks
+from graphprune.pruning import apply_selection, group_scores, removal_masks
 from graphprune.pruning.group_ratios import group_keys
 from graphprune.pruning.selection import select_channels
 from graphprune.runtime import make_session, run_samples
@@ -59,9 +59,9 @@ class Analysis:
         self.prunable = [g for g in groups if g.prunable]
         self.keys = group_keys(self.prunable)
         self.by_key = {self.keys[g.id]: g for g in self.prunable}
-        stats = None
-        if criterion == "activation" and self.prunable:
-            stats = activation_stats(model, [m.dim for g in self.prunable for m in g.members], data)
+        from graphprune.passes.prune_channels import criterion_stats  # the pass's own ranking, data criteria too
+
+        stats = criterion_stats(model, self.prunable, criterion, data) if self.prunable else None
         self.scores = group_scores(self.dep, self.prunable, criterion, stats)
 
     def masks(self, ratios: Dict[str, float]):
