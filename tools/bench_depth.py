@@ -164,8 +164,6 @@ def _agreement(reference, candidate, images: bool) -> dict:
 
 
 def bench(name: str, args) -> dict:
-    import numpy as np
-
     from graphprune.data import InputSet
     from graphprune.ir import count_params
     from graphprune.metrics import count_macs
