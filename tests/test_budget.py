@@ -149,6 +149,7 @@ def test_unreachable_budget_exits_2_and_writes_nothing(tmp_path, capsys):
     (["--target-macs", "0"], "must be above 0"),
     (["--target-macs", "0.5", "--jobs", "0"], "--jobs 0 is outside [1, "),
     (["--ratio", "0.5", "--save-ratios", "R"], "--save-ratios needs a budget"),
+    (["--target-macs", "0.6", "--budget-ratios", "0.5,1"], "--budget-ratios: each ratio must be in (0, 1)"),
     (["--group-ratios", "BAD"], "not JSON"),
 ])
 def test_bad_budget_input_exits_2_and_writes_nothing(tmp_path, capsys, args, expected):

@@ -31,6 +31,8 @@ def add_budget_options(p) -> None:
     g.add_argument("--metric", default="rel-l2", metavar="rel-l2|top1|python:FILE.py:FUNCTION",
                    help="damage measured per group for a budget (default rel-l2 of the outputs)")
     g.add_argument("--jobs", type=int, metavar="N", help="worker processes for the measurements (default min(2, CPUs))")
+    g.add_argument("--budget-ratios", metavar="R,R,...",
+                   help="ratios each group is measured at and may get (default 0.1,0.2,...,0.8; fewer: a faster run)")
     g.add_argument("--sensitivity", metavar="REPORT.json",
                    help="allocate from a report of graphprune sensitivity --by group instead of measuring")
     g.add_argument("--save-ratios", metavar="FILE.json", help="write the chosen per-group ratios (re-apply with --group-ratios)")
@@ -45,6 +47,7 @@ class BudgetPlan:
     fraction: float = 1.0
     group_ratios: Optional[Dict[str, float]] = None
     report: Optional[dict] = None
+    ratios: Optional[tuple] = None
 
 
 def budget_plan(args) -> Optional[BudgetPlan]:
@@ -54,7 +57,8 @@ def budget_plan(args) -> Optional[BudgetPlan]:
         raise UserError("give one budget: " + " or ".join("--" + f.replace("_", "-") for f, _ in targets))
     check_jobs(args.jobs)
     if not targets and args.group_ratios is None:
-        for flag, value in (("--save-ratios", args.save_ratios), ("--sensitivity", args.sensitivity)):
+        for flag, value in (("--save-ratios", args.save_ratios), ("--sensitivity", args.sensitivity),
+                            ("--budget-ratios", args.budget_ratios)):
             if value:
                 raise UserError(f"{flag} needs a budget (--target-macs, --target-params or --target-latency)")
         return None
@@ -75,7 +79,16 @@ def budget_plan(args) -> Optional[BudgetPlan]:
     fraction = parse_number(getattr(args, flag), "--" + flag.replace("_", "-"), 0.0, 1.0, high_inclusive=True)
     if fraction <= 0:
         raise UserError(f"--{flag.replace('_', '-')} {fraction:g} must be above 0")
-    return BudgetPlan(target=kind, fraction=fraction, report=_read_report(args.sensitivity) if args.sensitivity else None)
+    ratios = None
+    if args.budget_ratios is not None:
+        from graphprune.sensitivity.run import check_ratios
+
+        try:
+            ratios = check_ratios([float(t) for t in args.budget_ratios.split(",") if t.strip()], "--budget-ratios")
+        except ValueError:
+            raise UserError(f"--budget-ratios {args.budget_ratios!r}: expected numbers separated by commas") from None
+    return BudgetPlan(target=kind, fraction=fraction, report=_read_report(args.sensitivity) if args.sensitivity else None,
+                      ratios=ratios)
 
 
 def _read_report(path: str) -> dict:
@@ -124,7 +137,7 @@ def run_budget(args, plan: BudgetPlan, model, data, shapes, criterion: str, mode
     with progress_bar(total=None, desc="sensitivity", enabled=sys.stderr.isatty(), unit="task") as bar:
         result = prune_to_budget(model, data, plan.target, plan.fraction, criterion=criterion, metric=args.metric,
                                  round_to=args.round_to, mode=mode, jobs=args.jobs, progress=bar.update,
-                                 report=plan.report)
+                                 report=plan.report, **({"ratios": plan.ratios} if plan.ratios else {}))
     pruned, refit_line = result.model, None
     if getattr(args, "reconstruct", False):  # the budget's model is pruned from the original in one removal
         from graphprune.passes.reconstruct import ReconstructPass, describe

@@ -37,10 +37,10 @@ def _batched(model: onnx.ModelProto, data: InputSet) -> InputSet:
     return data
 
 
-def check_ratios(ratios: Sequence[float]) -> Tuple[float, ...]:
+def check_ratios(ratios: Sequence[float], what: str = "--ratios") -> Tuple[float, ...]:
     values = sorted({float(r) for r in ratios})
     if not values or any(not 0.0 < r < 1.0 for r in values):
-        raise UserError(f"--ratios: each ratio must be in (0, 1), got {', '.join(f'{r:g}' for r in ratios) or 'none'}")
+        raise UserError(f"{what}: each ratio must be in (0, 1), got {', '.join(f'{r:g}' for r in ratios) or 'none'}")
     return tuple(values)
 
 
