@@ -155,7 +155,9 @@ def run_budget(args, plan: BudgetPlan, model, data, shapes, criterion: str, mode
     if refit_line:
         print(refit_line)
     stats = result.stats
-    print(f"params: {stats['params_before']:,} -> {stats['params_after']:,}")
+    masked = " once removed (--mode mask: the written model keeps every shape, the channels zeroed)" \
+        if stats["mode"] == "mask" else ""
+    print(f"params: {stats['params_before']:,} -> {stats['params_after']:,}{masked}")
     if stats["macs_before"]:
         print(f"MACs: {stats['macs_before']:,} -> {stats['macs_after']:,} ({stats['macs_after'] / stats['macs_before']:.1%})")
     if args.stats:

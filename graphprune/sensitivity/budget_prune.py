@@ -113,9 +113,11 @@ def prune_to_budget(
     if target != "latency" and any(allocation.ratios.values()):
         _against_uniform(allocation, fraction, measure, lambda ratios: damage(build(ratios, "mask")))
     result = build(allocation.ratios, mode)
+    removed = result if mode == "remove" else build(allocation.ratios, "remove")  # mask keeps shapes: count removed
     stats = {
-        "macs_before": original["macs"], "macs_after": count_macs(build(allocation.ratios, "remove"), shapes),
-        "params_before": original["params"], "params_after": ir.count_params(result),
+        "mode": mode,
+        "macs_before": original["macs"], "macs_after": count_macs(removed, shapes),
+        "params_before": original["params"], "params_after": ir.count_params(removed),
     }
     return BudgetResult(result, allocation, report, stats)
 
