@@ -188,3 +188,18 @@ def test_cli_wanda_on_a_model_with_external_data(files, capsys):
     after = weights(load(str(out)))
     groups = np.moveaxis(after["conv_w"], 1, -1).reshape(-1, 4)
     assert (np.count_nonzero(groups, axis=1) == 2).all()
+
+
+def test_sparsegpt_falls_back_to_wanda_where_the_hessian_is_over_the_cap(monkeypatch):
+    import functools
+
+    from graphprune.sparsity import calibrated, calibration
+
+    # conv_w's Hessian is 72 x 72 floats (20,736 bytes); the others are smaller.
+    monkeypatch.setattr(calibrated, "collect_layer_inputs",
+                        functools.partial(calibration.collect_layer_inputs, max_hessian_bytes=10_000))
+    result = SparsifyWeightsPass(sparsity=0.5, criterion="sparsegpt", data=_data())(small_net())
+    fallbacks = result.stats["calibration"]["fallbacks"]
+    assert [f["weight"] for f in fallbacks] == ["conv_w"] and "per-layer cap" in fallbacks[0]["reason"]
+    wanda = SparsifyWeightsPass(sparsity=0.5, criterion="wanda", data=_data())(small_net())
+    np.testing.assert_array_equal(weights(result.model)["conv_w"], weights(wanda.model)["conv_w"])
