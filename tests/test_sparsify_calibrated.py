@@ -203,3 +203,9 @@ def test_sparsegpt_falls_back_to_wanda_where_the_hessian_is_over_the_cap(monkeyp
     assert [f["weight"] for f in fallbacks] == ["conv_w"] and "per-layer cap" in fallbacks[0]["reason"]
     wanda = SparsifyWeightsPass(sparsity=0.5, criterion="wanda", data=_data())(small_net())
     np.testing.assert_array_equal(weights(result.model)["conv_w"], weights(wanda.model)["conv_w"])
+
+
+def test_sparsity_zero_is_a_no_op_without_calibration():
+    model = small_net()
+    result = SparsifyWeightsPass(sparsity=0.0, criterion="sparsegpt", data=_data())(model)
+    assert not result.modified and result.model is model and "calibration" not in result.stats
