@@ -267,3 +267,55 @@ def test_the_pass_runs_from_the_run_command(tmp_path, capsys):
     written = onnx.load(str(out))
     onnx.checker.check_model(written, full_check=True)
     assert len(analyze_blocks(written)) == 1
+
+
+def _fused_encoder(layers=2, hidden=16, ffn=32, seed=0):
+    """Post-norm layers as ORT's transformer optimizer writes them: com.microsoft Attention, then
+    SkipLayerNormalization(proj, x), FFN, SkipLayerNormalization(down, h); a MatMul head."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+    inits, nodes, x = {}, [], "x"
+
+    def w(name, *shape):
+        inits[name] = (rng.standard_normal(shape) / np.sqrt(shape[0])).astype(np.float32)
+        return name
+
+    for i in range(layers):
+        ctx, proj, h, up, act, down, out = (f"{n}{i}" for n in ("ctx", "proj", "h", "up", "act", "down", "out"))
+        nodes += [
+            helper.make_node("Attention", [x, w(f"qkv{i}", hidden, 3 * hidden), w(f"qkvb{i}", 3 * hidden)], [ctx],
+                             domain="com.microsoft", num_heads=4),
+            helper.make_node("MatMul", [ctx, w(f"wo{i}", hidden, hidden)], [proj]),
+            helper.make_node("SkipLayerNormalization", [proj, x, w(f"g1_{i}", hidden), w(f"b1_{i}", hidden)], [h],
+                             domain="com.microsoft", epsilon=1e-5),
+            helper.make_node("MatMul", [h, w(f"w1_{i}", hidden, ffn)], [up]),
+            helper.make_node("FastGelu", [up], [act], domain="com.microsoft"),
+            helper.make_node("MatMul", [act, w(f"w2_{i}", ffn, hidden)], [down]),
+            helper.make_node("SkipLayerNormalization", [down, h, w(f"g2_{i}", hidden), w(f"b2_{i}", hidden)], [out],
+                             domain="com.microsoft", epsilon=1e-5),
+        ]
+        x = out
+    nodes.append(helper.make_node("MatMul", [x, w("head", hidden, 3)], ["y"]))
+    graph = helper.make_graph(nodes, "fused", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", "S", hidden])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", "S", 3])],
+                              [numpy_helper.from_array(v, k) for k, v in inits.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    model.ir_version = 8
+    return model
+
+
+def test_ort_fused_post_norm_layers_are_blocks_and_removal_skips_their_skip_layernorms():
+    model = _fused_encoder(layers=3)
+    blocks = analyze_blocks(model)
+    assert [b.kind for b in blocks] == ["post-norm"] * 3 and all(b.removable for b in blocks)
+    pruned = prune_blocks(model, indices=[1])
+    twin = onnx.ModelProto()
+    twin.CopyFrom(model)
+    for unit in blocks[1].units:  # the layer passes its input through: each SkipLayerNorm -> Identity(skip)
+        node = twin.graph.node[unit.add]
+        node.CopyFrom(onnx.helper.make_node("Identity", [unit.skip], [node.output[0]]))
+    feed = {"x": np.random.default_rng(1).standard_normal((2, 5, 16)).astype(np.float32)}
+    _close(_outputs(pruned, feed), _outputs(twin, feed))
+    kept = {i.name for i in pruned.graph.initializer}
+    assert not {"qkv1", "wo1", "w1_1", "w2_1"} & kept and {"qkv0", "qkv2"} <= kept

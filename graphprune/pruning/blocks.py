@@ -1,7 +1,8 @@
 """Residual blocks of an ONNX graph, found structurally, for depth pruning.
 
-A *residual unit* is an ``Add(skip, branch)`` whose ``branch`` is computed from ``skip`` through at
-least one weighted op (MatMul, Gemm, Conv...): an identity shortcut.  The ``Add``s inside GELU
+A *residual unit* is an ``Add(skip, branch)`` (or ORT's fused post-norm ``SkipLayerNormalization``)
+whose ``branch`` is computed from ``skip`` through at least one weighted op (MatMul, Gemm, Conv...):
+an identity shortcut.  The ``Add``s inside GELU
 (``x + 0.044715 x^3``), rotary embeddings or masks have no weight on the way and are not units; a
 ResNet downsample block (a 1x1 conv on the shortcut) is none either, since neither input is computed
 from the other.  A unit may be followed by a *post* region before the next unit reads the stream:
@@ -49,6 +50,8 @@ ATTENTION_OPS = frozenset({
     "Softmax", "Attention", "MultiHeadAttention", "GroupQueryAttention", "PackedAttention",
     "PackedMultiHeadAttention", "SparseAttention", "DecoderMaskedMultiHeadAttention",
 })
+# ORT's fusion of a post-norm residual (com.microsoft): LayerNorm(input + skip + bias) in one node.
+_FUSED_ADD_NORM = frozenset({"SkipLayerNormalization"})
 # Ops that never count as constant even with constant inputs (their value changes per run).
 _NONDETERMINISTIC = frozenset({"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial",
                                "Bernoulli", "Dropout"})
@@ -67,6 +70,7 @@ class ResidualUnit:
     out: str
     branch: Set[int]
     attention: bool
+    fused_norm: bool = False  # the Add is ORT's SkipLayerNormalization: it normalizes the sum itself
     post: List[int] = dataclasses.field(default_factory=list)
     end: str = ""
 
@@ -176,9 +180,12 @@ def _outer_names(node: onnx.NodeProto) -> Set[str]:
 def _units(index: _Index) -> List[ResidualUnit]:
     units = []
     for i, node in enumerate(index.nodes):
-        if node.op_type != "Add" or len(node.input) != 2 or not node.input[0] or not node.input[1]:
+        fused = node.op_type in _FUSED_ADD_NORM and node.domain == "com.microsoft"
+        if not fused and (node.op_type != "Add" or len(node.input) != 2):
             continue
-        a, b = node.input
+        a, b = node.input[0], node.input[1]
+        if not a or not b:
+            continue
         if a in index.static or b in index.static:
             continue
         skip, branch = (a, b) if index.position(a) < index.position(b) else (b, a)
@@ -189,7 +196,8 @@ def _units(index: _Index) -> List[ResidualUnit]:
         if shape_in is not None and shape_out is not None and not _same_shape(shape_in, shape_out):
             continue  # the branch broadcasts the stream to another shape: not an identity shortcut
         attention = any(index.nodes[j].op_type in ATTENTION_OPS for j in nodes)
-        units.append(ResidualUnit(add=i, skip=skip, out=node.output[0], branch=nodes, attention=attention))
+        units.append(ResidualUnit(add=i, skip=skip, out=node.output[0], branch=nodes, attention=attention,
+                                  fused_norm=fused))
     # An attention mask added to the scores of layer 2 is "computed through weights" from itself via
     # layer 1, which it also masks: such an Add's branch holds a whole other unit (its Add and the
     # producer of its skip), which a residual branch never does.  (Residual blocks nested inside a
@@ -315,7 +323,8 @@ def find_blocks(model: onnx.ModelProto) -> List[Block]:
             nodes |= u.branch | {u.add} | set(u.post)
         first, last = group[0], group[-1]
         if any(u.attention for u in group):
-            normalizes = any(index.nodes[i].op_type not in _PASS_THROUGH for u in group for i in u.post)
+            normalizes = any(u.fused_norm for u in group) or any(
+                index.nodes[i].op_type not in _PASS_THROUGH for u in group for i in u.post)
             kind = "post-norm" if normalizes else "pre-norm"
         else:
             kind = "residual"
@@ -331,6 +340,10 @@ def _refusal(index: _Index, block: Block) -> str:
     shape_in, shape_out = index.shapes.get(block.input), index.shapes.get(block.output)
     if shape_in is not None and shape_out is not None and not _same_shape(shape_in, shape_out):
         return f"input shape {list(shape_in)} differs from output shape {list(shape_out)}"
+    for u in block.units:
+        extra = [o for o in index.nodes[u.add].output[1:] if o and (o in index.graph_outputs or index.consumers.get(o))]
+        if u.fused_norm and extra:  # SkipLayerNormalization's sum read on: ORT's pre-norm fusion
+            return f"the sum output {extra[0]!r} of its fused SkipLayerNormalization is read (not handled)"
     for i in block.nodes:
         for o in index.nodes[i].output:
             if o and o != block.output and o in index.graph_outputs:
