@@ -14,7 +14,9 @@ __all__ = ["add_block_options", "wants_blocks", "run_blocks"]
 
 # The channel-pruning options that --blocks does not combine with (one kind of pruning per command).
 _CHANNEL_OPTIONS = (("ratio", "--ratio"), ("heads_ratio", "--heads-ratio"), ("ffn_ratio", "--ffn-ratio"),
-                    ("hidden_ratio", "--hidden-ratio"))
+                    ("hidden_ratio", "--hidden-ratio"), ("target_macs", "--target-macs"),
+                    ("target_params", "--target-params"), ("target_latency", "--target-latency"),
+                    ("group_ratios", "--group-ratios"))
 
 
 def add_block_options(parser) -> None:
