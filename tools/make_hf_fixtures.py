@@ -88,7 +88,8 @@ def _bench_specs():
     gqa = dict(hidden_size=1024, num_attention_heads=16, num_key_value_heads=4, intermediate_size=2816,
                num_hidden_layers=6, vocab_size=32000, max_position_embeddings=512)
     whisper = t.WhisperConfig(d_model=512, encoder_layers=6, encoder_attention_heads=8, encoder_ffn_dim=2048,
-                              decoder_layers=1, num_mel_bins=80, max_source_positions=1500)
+                              decoder_layers=1, decoder_attention_heads=8, decoder_ffn_dim=2048, num_mel_bins=80,
+                              max_source_positions=1500)
     return {
         "bert": Spec(lambda: t.BertModel(t.BertConfig()), output=hidden),
         "gpt2": Spec(lambda: t.GPT2LMHeadModel(t.GPT2Config(n_layer=6))),
