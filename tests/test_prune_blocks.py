@@ -320,3 +320,15 @@ def test_ort_fused_post_norm_layers_are_blocks_and_removal_skips_their_skip_laye
     _close(_outputs(pruned, feed), _outputs(twin, feed))
     kept = {i.name for i in pruned.graph.initializer}
     assert not {"qkv1", "wo1", "w1_1", "w2_1"} & kept and {"qkv0", "qkv2"} <= kept
+
+
+def test_a_block_whose_inner_tensor_is_a_model_output_stays_with_the_reason():
+    model = gpt_decoder(layers=2, hidden=32, heads=4, ffn=64)
+    inner = next(n.output[0] for n in model.graph.node if n.name.startswith("/model/layers/layers.0/self_attn/k_proj"))
+    model.graph.output.append(onnx.helper.make_tensor_value_info(inner, onnx.TensorProto.FLOAT, ["N", "S", 32]))  # a KV cache
+    blocks = analyze_blocks(model)
+    assert not blocks[0].removable and "is a model output" in blocks[0].reason and blocks[1].removable
+    with pytest.raises(UserError, match="2 blocks asked for, the model has 1 removable"):
+        PruneBlocksPass(blocks=2, input_shapes={"input_ids": (1, 8)})(model)
+    result = PruneBlocksPass(blocks=1, input_shapes={"input_ids": (1, 8)})(model)
+    assert [e["index"] for e in result.stats["removed"]] == [1]
