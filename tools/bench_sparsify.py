@@ -225,6 +225,8 @@ def main():
     parser.add_argument("--bert-layers", type=int, default=12, help="encoder layers of the BERT model (--calibrated)")
     parser.add_argument("--seq", type=int, default=128, help="BERT sequence length (--calibrated)")
     parser.add_argument("--peer-python", help="a Python with onnxsim installed: measure its pruning in the same run")
+    parser.add_argument("--peer-timeout", type=int, default=900, help="wall seconds allowed to each peer pruning call")
+    parser.add_argument("--models", default="resnet50,bert", help="--calibrated: which of resnet50,bert to run")
     args = parser.parse_args()
     if args.calibrated:
         return calibrated_main(args)
@@ -271,7 +273,6 @@ def main():
 
 # ---- Calibrated criteria (issue 14): magnitude vs Wanda vs SparseGPT, and the peer --------------------
 
-PEER_TIMEOUT_S = 900
 PEER_WORKER = r'''
 import sys, time, numpy as np, onnx
 from onnxsim import pruning
@@ -300,15 +301,15 @@ def _peer_version(python):
     return done.stdout.strip() if done.returncode == 0 else None
 
 
-def _run_peer(python, model_path, cal_path, out_path, criterion, pattern):
+def _run_peer(python, model_path, cal_path, out_path, criterion, pattern, timeout=900):
     """(peer model, CPU seconds of its pruning call) from the peer's own interpreter, or (None, error)."""
     import subprocess
 
     try:
         done = subprocess.run([python, "-c", PEER_WORKER, model_path, cal_path, out_path, criterion, pattern],
-                              capture_output=True, text=True, timeout=PEER_TIMEOUT_S)
+                              capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
-        return None, f"not finished after {PEER_TIMEOUT_S} s wall time"
+        return None, f"not finished after {timeout} s wall time"
     if done.returncode != 0:
         return None, (done.stderr.strip().splitlines() or ["failed"])[-1][:160]
     return onnx.load(out_path), float(done.stdout.strip().splitlines()[-1])
@@ -327,7 +328,8 @@ def _cli_cpu(argv):
     return (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
 
 
-def calibrated_table(label, model, calibration, held_out, output, tmp, peer_python=None, cli=False, threads=1):
+def calibrated_table(label, model, calibration, held_out, output, tmp, peer_python=None, cli=False, threads=1,
+                     peer_timeout=900):
     """Rows of output rel. L2 on ``held_out`` for magnitude / Wanda / SparseGPT at 50% and 2:4."""
     reference = run_samples(make_session(model, threads=threads), held_out)[output]
     model_path, cal_path = os.path.join(tmp, f"{label}.onnx"), os.path.join(tmp, f"{label}_cal.npz")
@@ -363,7 +365,7 @@ def calibrated_table(label, model, calibration, held_out, output, tmp, peer_pyth
                 measure(name, result.model, seconds, sparsity=round(result.stats["overall_sparsity"], 4))
             if peer_python:
                 peer, seconds = _run_peer(peer_python, model_path, cal_path, os.path.join(tmp, "peer.onnx"),
-                                          criterion, peer_pattern)
+                                          criterion, peer_pattern, peer_timeout)
                 if peer is None:
                     print(f"{label:<10} peer {criterion}, {case}: failed ({seconds})", flush=True)
                     rows.append({"model": label, "method": f"peer {criterion}, {case}", "error": seconds})
@@ -381,32 +383,42 @@ def calibrated_table(label, model, calibration, held_out, output, tmp, peer_pyth
 
 
 def calibrated_main(args):
-    from graphprune.testing import bert_encoder
-
+    rows = []
+    models = args.models.split(",")
     with tempfile.TemporaryDirectory() as tmp:
-        rows = []
-        model, source = load_resnet50()
-        model = logits_model(model)
-        print(f"ResNet-50: {source}; calibration {args.calibration} seeded random images (seed 1), "
-              f"error on {args.samples} other seeded random images (seed 123), logits", flush=True)
-        calibration = random_inputs(model, None, samples=args.calibration, seed=1)
-        held_out = random_inputs(model, None, samples=args.samples, seed=123)
-        rows += calibrated_table("resnet50", model, calibration, held_out, model.graph.output[0].name, tmp,
-                                 args.peer_python, cli=True, threads=args.threads)
-        layers = args.bert_layers
-        bert = bert_encoder(layers=layers, hidden=768, heads=12, ffn=3072, vocab=30522, max_positions=512)
-        shapes = {"input_ids": (1, args.seq)}
-        print(f"BERT: bert_encoder({layers} layers, hidden 768, 12 heads, ffn 3072); calibration "
-              f"{args.calibration} seeded random sequences of {args.seq} tokens, error on {args.samples} others, "
-              "last_hidden_state", flush=True)
-        calibration = random_inputs(bert, shapes, samples=args.calibration, seed=1)
-        held_out = random_inputs(bert, shapes, samples=args.samples, seed=123)
-        rows += calibrated_table("bert", bert, calibration, held_out, "last_hidden_state", tmp, args.peer_python,
-                                 threads=args.threads)
+        if "resnet50" in models:
+            rows += _resnet_rows(args, tmp)
+        if "bert" in models:
+            rows += _bert_rows(args, tmp)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"peer": _peer_version(args.peer_python) if args.peer_python else None, "rows": rows}, f, indent=2)
 
+
+def _resnet_rows(args, tmp):
+    model, source = load_resnet50()
+    model = logits_model(model)
+    print(f"ResNet-50: {source}; calibration {args.calibration} seeded random images (seed 1), "
+          f"error on {args.samples} other seeded random images (seed 123), logits", flush=True)
+    calibration = random_inputs(model, None, samples=args.calibration, seed=1)
+    held_out = random_inputs(model, None, samples=args.samples, seed=123)
+    return calibrated_table("resnet50", model, calibration, held_out, model.graph.output[0].name, tmp,
+                            args.peer_python, cli=True, threads=args.threads, peer_timeout=args.peer_timeout)
+
+
+def _bert_rows(args, tmp):
+    from graphprune.testing import bert_encoder
+
+    layers = args.bert_layers
+    bert = bert_encoder(layers=layers, hidden=768, heads=12, ffn=3072, vocab=30522, max_positions=512)
+    shapes = {"input_ids": (1, args.seq)}
+    print(f"BERT: bert_encoder({layers} layers, hidden 768, 12 heads, ffn 3072); calibration "
+          f"{args.calibration} seeded random sequences of {args.seq} tokens, error on {args.samples} others, "
+          "last_hidden_state", flush=True)
+    calibration = random_inputs(bert, shapes, samples=args.calibration, seed=1)
+    held_out = random_inputs(bert, shapes, samples=args.samples, seed=123)
+    return calibrated_table("bert", bert, calibration, held_out, "last_hidden_state", tmp, args.peer_python,
+                            threads=args.threads, peer_timeout=args.peer_timeout)
 
 if __name__ == "__main__":
     main()
