@@ -196,3 +196,23 @@ def test_weights_held_by_constant_nodes():
     ops = [n.op_type for n in result.model.graph.node]
     assert "DequantizeLinear" not in ops and {"Cast", "Mul"} <= set(ops)  # opset 11: Cast and Mul
     np.testing.assert_allclose(_run(result.model, feed, "basic")[0], _run(model, feed, "basic")[0], rtol=0.02, atol=0.02)
+
+
+@pytest.mark.parametrize("bits, bound", [(4, 0.2), (8, 0.02)])
+def test_float16_weights_keep_float16_scales(bits, bound):
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(0)
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["t", "ids"], ["e"]), helper.make_node("MatMul", ["e", "w"], ["y"])], "g",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, ["N"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT16, ["N", 32])],
+        [numpy_helper.from_array(rng.standard_normal((64, 32)).astype(np.float16), "w"),
+         numpy_helper.from_array(rng.standard_normal((300, 64)).astype(np.float16), "t")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    feed = {"ids": np.array([1, 5, 299], np.int64)}
+    result = QuantizeWeightsPass(bits=bits)(model)
+    check_model(result.model, full=True)
+    assert result.stats["formats"] == {f"embedding int{bits}": 1, f"matmul int{bits}": 1}
+    got, want = _run(result.model, feed)[0], _run(model, feed)[0]
+    assert got.dtype == np.float16 and _rel(got.astype(np.float32), want.astype(np.float32)) < bound

@@ -259,7 +259,7 @@ class Rewriter:
                 packed, scales_nk = None, scale.T
         k, n = w.shape
         del w
-        activation = self._awq_input(target, s) if s is not None else None
+        activation = self._awq_input(target, s, dtype) if s is not None else None
         nbits = wo.runtime_has("MatMulNBits")
         if nbits:
             bname = self._add(f"{target.name}_Q4", packed if packed is not None else wo.pack_nbits(q, self.block_size))
@@ -297,12 +297,12 @@ class Rewriter:
                 nodes.append(helper.make_node("Add", [out, node.input[2]], [node.output[0]], name=(node.name or target.name) + "_bias"))
             self.instead[i] = nodes
 
-    def _awq_input(self, target: Target, s: np.ndarray) -> str:
+    def _awq_input(self, target: Target, s: np.ndarray, dtype) -> str:
         """The activation divided by AWQ's scale, one Mul per shared input (the weights took the product)."""
         if target.input in self._scaled_inputs:
             return self._scaled_inputs[target.input]
         out = f"{target.input}_awq_scaled"
-        inv = self._add(f"{target.input}_awq_inverse_scale", (1.0 / s).astype(np.float32))
+        inv = self._add(f"{target.input}_awq_inverse_scale", (1.0 / s).astype(dtype))  # the activation's type
         first = min(i for i, _ in target.uses)
         self.before.setdefault(first, []).append(helper.make_node("Mul", [target.input, inv], [out], name=f"{out}_Mul"))
         self._scaled_inputs[target.input] = out
