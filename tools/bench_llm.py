@@ -4,6 +4,7 @@ Usage:
     .venv/bin/python tools/bench_llm.py [--llm ~/.cache/graphprune-bench/llm/llama.onnx]
         [--dir ~/.cache/graphprune-bench/llm/out] [--rounds 7] [--threads 1,2]
         [--variants int4,int8,wanda50,wanda24,depth25] [--skip-bert] [--json out.json]
+    .venv/bin/python tools/bench_llm.py --kernels   # one MatMul against MatMulNBits, M = 1 and 128
 
 The LLM is made by ``tools/make_llm_fixture.py`` (Llama-style, GQA, 0.5B parameters, 2.0 GB of
 fp32 weights in one external data file).  Every graphprune command runs in its own process under
@@ -176,6 +177,44 @@ def bench_llm(llm: str, folder: str, variants: List[str], threads: List[int], ro
     return rows
 
 
+def kernel_microbench(rounds: int = 7) -> Dict[str, Dict[str, float]]:
+    """One MatMul of the LLM's FFN shape (K 1280, N 3456) at M = 1 and 128, 1 thread: fp32 against
+    ``MatMulNBits`` at accuracy_level 0 and 4 (block 32) and 4 (block 128); median CPU ms of
+    ``rounds`` interleaved rounds of 5 runs."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from graphprune.quantization import weight_only as wo
+
+    k, n = 1280, 3456
+    w = np.random.default_rng(0).standard_normal((k, n)).astype(np.float32) * 0.02
+
+    def build(accuracy: Optional[int], block: int = 32):
+        if accuracy is None:
+            nodes, inits = [helper.make_node("MatMul", ["x", "w"], ["y"])], [numpy_helper.from_array(w, "w")]
+        else:
+            packed, scales = wo.ort_rtn_nbits(w, block)
+            attrs = dict(K=k, N=n, bits=4, block_size=block, **({"accuracy_level": accuracy} if accuracy else {}))
+            nodes = [helper.make_node("MatMulNBits", ["x", "b", "s"], ["y"], domain="com.microsoft", **attrs)]
+            inits = [numpy_helper.from_array(packed, "b"), numpy_helper.from_array(scales, "s")]
+        graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["M", k])],
+                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+        model.ir_version = 8
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = 1
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+    sessions = {"fp32": build(None), "int4 acc0": build(0), "int4 acc4": build(4), "int4 acc4 block128": build(4, 128)}
+    result = {}
+    for m in (1, 128):
+        feed = {"x": np.random.default_rng(1).standard_normal((m, k)).astype(np.float32)}
+        result[f"M={m}"] = {name: ms["cpu_ms"] for name, ms in interleaved(sessions, feed, rounds, 5).items()}
+        print(f"kernels M={m}: {json.dumps(result[f'M={m}'])}", flush=True)
+    return result
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     cache = os.path.expanduser("~/.cache/graphprune-bench/llm")
@@ -185,6 +224,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--threads", default="1,2")
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--skip-bert", action="store_true")
+    parser.add_argument("--kernels", action="store_true", help="only the MatMul vs MatMulNBits micro-benchmark")
     parser.add_argument("--json")
     args = parser.parse_args(argv)
     os.makedirs(args.dir, exist_ok=True)
@@ -193,6 +233,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
     print(f"load average at start: {os.getloadavg()}", flush=True)
     result = {"loadavg_start": os.getloadavg()}
+    if args.kernels:
+        result["kernels"] = kernel_microbench(args.rounds)
+        return 0
     if not args.skip_bert:
         result["bert"] = bench_bert(args.dir)
     result["llm"] = bench_llm(args.llm, args.dir, args.variants.split(","), [int(t) for t in args.threads.split(",")],
