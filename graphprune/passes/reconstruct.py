@@ -123,7 +123,46 @@ def reconstruct(original: onnx.ModelProto, pruned: onnx.ModelProto, data: InputS
     stats.update(layers=len(layers), rounds=len(rounds), per_layer=errors,
                  error_before=round(float(np.mean([e["before"] for e in errors])), 6),
                  error_after=round(float(np.mean([e["after"] for e in errors])), 6))
+    held = _held_out(data, batch_size) if damp is None else None
+    if held is not None:
+        # Each layer's check cannot see errors that compound through the later refits (a chaotic
+        # seeded ResNet-50 got worse end to end): the whole model must beat plain pruning on the
+        # held-out samples too, or the pruned weights stay.
+        pruned_error, refit_error = _output_errors(original, [pruned, model], held, batch_size, threads)
+        stats.update(held_out_output_error_pruned=round(float(pruned_error), 6),
+                     held_out_output_error=round(float(refit_error), 6))
+        if not refit_error < pruned_error:
+            stats.update(layers=0, note=f"refit outputs were further from the original's on held-out samples than "
+                         f"plain pruning ({refit_error:.4f} vs {pruned_error:.4f}): pruned weights kept")
+            return pruned, stats
     return model, stats
+
+
+def _held_out(data: InputSet, batch_size: int) -> Optional[InputSet]:
+    """The samples ``_refit_round`` holds out (the last fifth of each batch, or every fifth
+    one-sample batch), or None when there are none."""
+    indices, start = [], 0
+    for index, feed in enumerate(data.batches(batch_size)):
+        n = len(next((v for v in feed.values() if v.ndim), np.zeros(1)))
+        if n >= 5:
+            indices.extend(range(start + n - n // 5, start + n))
+        elif index % 5 == 4:
+            indices.extend(range(start, start + n))
+        start += n
+    return data.subset(indices) if indices else None
+
+
+def _output_errors(original, models, data: InputSet, batch_size: int, threads) -> List[float]:
+    """Relative L2 distance of each model's float outputs to the original's over ``data``."""
+    from graphprune.runtime import make_session, run_samples
+
+    def outputs(model):
+        values = run_samples(make_session(model, threads=threads, spinning=False), data, batch_size=batch_size)
+        return [v.astype(np.float64).ravel() for v in values.values() if v.dtype.kind == "f"]
+
+    reference = outputs(original)
+    norm = np.sqrt(sum(float(np.vdot(r, r)) for r in reference)) or 1.0
+    return [np.sqrt(sum(float(np.vdot(a - r, a - r)) for a, r in zip(outputs(m), reference))) / norm for m in models]
 
 
 def _refit_round(original, model, consts: Constants, members: List[Layer], data: InputSet, damp: Optional[float],
@@ -132,7 +171,10 @@ def _refit_round(original, model, consts: Constants, members: List[Layer], data:
 
     With ``damp`` None, a fifth of the samples (of each batch; every fifth batch of one-sample
     batches) is held out to choose each layer's damp among ``DAMPS``, or to keep its weights when
-    no refit predicts the held-out samples better; the final fit then uses every sample.
+    no refit predicts the held-out samples better.  They are the same samples in every round and
+    are never fit: refitting on them too made the held-out check of later layers blind to the
+    upstream overfit, which compounds (seeded ResNet-50/2 at 32 px, 128 samples: relative error
+    0.49 on the calibration samples, 1.65 on others, against 0.97 unrefit).
     """
     from graphprune.runtime import make_session, run
 
@@ -171,8 +213,8 @@ def _refit_round(original, model, consts: Constants, members: List[Layer], data:
         record = {"layer": m.output, "op": m.op}
         if damp is None and held.rows and fit.rows:
             chosen, record["held_before"], record["held_after"] = choose_damp(fit, held, prior)
-            total = fit.merged(held)
-        else:  # too few batches to hold any out: the middle of DAMPS
+            total = fit
+        else:  # a fixed damp, or too few batches to hold any out
             chosen, total = (damp if damp is not None else FALLBACK_DAMP), fit.merged(held)
         solution = prior if chosen is None else total.solve(prior, chosen)
         before, after = total.error(prior), total.error(solution)

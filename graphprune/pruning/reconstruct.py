@@ -32,7 +32,7 @@ __all__ = ["DAMPS", "blas_threads", "conv_columns", "conv_chunks", "conv_pads", 
 # Inputs of a batch with more elements than this are multiplied in float32.
 _FLOAT32_ABOVE = 1 << 18
 # Candidate ridge strengths (relative to the mean diagonal) tried on the held-out samples.
-DAMPS = (1e-6, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)
+DAMPS = (1e-6, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0, 1000.0)
 # Buffered rows (inputs + targets elements) multiplied at once (float64: 32 MB).
 _BUFFER_ELEMENTS = 4 << 20
 # Elements of one im2col chunk (float64): bounds the temporary memory of a Conv's columns (~64 MB).
