@@ -39,10 +39,33 @@ def _couple_segments(ctx: RuleContext, whole: str, pieces, axis: int, what: str)
             ctx.leave(DimKey(piece, axis))
 
 
+# Inputs that are shape vectors, sizes, axes or bounds (never channels), by op type.
+_SHAPE_OPERANDS = {
+    "Reshape": {1}, "Expand": {1}, "Resize": {1, 2, 3}, "Upsample": {1}, "ConstantOfShape": {0}, "Tile": {1},
+    "Slice": {1, 2, 3, 4}, "Pad": {1, 2, 3}, "Range": {0, 1, 2}, "Squeeze": {1}, "Unsqueeze": {1},
+}
+
+
+def _is_shape_vector(ctx: RuleContext, name: str, depth: int = 4) -> bool:
+    """Whether the 1-D tensor ``name`` ends up as a shape operand (through Cast/Concat/Identity)."""
+    for node in ctx.consumers(name):
+        indices = [i for i, n in enumerate(node.input) if n == name]
+        if any(i in _SHAPE_OPERANDS.get(node.op_type, ()) for i in indices):
+            return True
+        if depth and node.op_type in ("Cast", "Concat", "Identity") and _is_shape_vector(ctx, node.output[0], depth - 1):
+            return True
+    return False
+
+
 @register_rule("Concat")
 def concat(ctx: RuleContext) -> None:
-    """Input k's channels are the output's channels [offset_k, offset_k + C_k)."""
+    """Input k's channels are the output's channels [offset_k, offset_k + C_k).  A shape vector built
+    by Concat (``Concat(Shape(x)[:2], [16, 16])``) holds sizes, not channels: its axis is fixed."""
     y = ctx.outputs[0]
+    if ctx.rank(y) == 1 and _is_shape_vector(ctx, y):
+        for name in [x for x in ctx.inputs if x] + [y]:
+            ctx.fix(DimKey(name, 0), "a shape vector")
+        return
     axis = int(ctx.attr("axis")) % ctx.rank(y)
     _couple_segments(ctx, y, [x for x in ctx.inputs if x], axis, "concatenated")
 
