@@ -12,7 +12,7 @@ import numpy as np
 import onnx
 
 from graphprune.errors import UserError
-from graphprune.ir import approx_bytes
+from graphprune.ir import approx_bytes, is_large
 from graphprune.model_io import EXTERNAL_DATA_THRESHOLD, for_ort
 
 __all__ = [
@@ -82,8 +82,11 @@ def make_session(
     model = for_ort(model)
     try:
         kwargs = dict(providers=["CPUExecutionProvider"], disabled_optimizers=list(DISABLED_OPTIMIZERS))
-        if approx_bytes(model) < EXTERNAL_DATA_THRESHOLD:  # ByteSize() would encode (and fail past 2 GiB)
+        if not is_large(model) and approx_bytes(model) < EXTERNAL_DATA_THRESHOLD:
             return rt.InferenceSession(model.SerializeToString(), opts, **kwargs)
+        # Large models go through a file written tensor by tensor, whose data the runtime maps:
+        # from serialized bytes it parses a second copy and keeps a third (0.5 GB MLP: +1.5 GB
+        # against +0.5 GB).  Past 2 GiB there are no bytes to give (ByteSize() fails).
         from graphprune.model_io import save
 
         with tempfile.TemporaryDirectory() as tmp:
