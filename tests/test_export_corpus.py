@@ -41,7 +41,7 @@ EXPECTED = {
     # hidden size (lossy, only with --hidden-ratio)
     "convnext_torchscript": {"ffn": 5}, "convnext_dynamo": {"ffn": 5},
     "regnet_torchscript": {"channels": 22}, "regnet_dynamo": {"channels": 22},
-    "shufflenet_v2_torchscript": {"channels": 8}, "shufflenet_v2_dynamo": {"channels": 14},
+    "shufflenet_v2_torchscript": {"channels": 14}, "shufflenet_v2_dynamo": {"channels": 14},
     "deeplabv3_torchscript": {"channels": 36}, "deeplabv3_dynamo": {"channels": 36},
     # timm's ViT: packed qkv; the dynamo export batches attention as [batch * heads, ...] (a periodic merge)
     "timm_vit_torchscript": _TRANSFORMER, "timm_vit_dynamo": _TRANSFORMER,

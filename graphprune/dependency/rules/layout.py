@@ -174,6 +174,8 @@ def reshape(ctx: RuleContext) -> None:
     for k in target.fixed_entries:
         if target.values[k] is None and _follows_source(ctx, x, y, runs, target.source(k), k + lead):
             continue
+        if target.values[k] is None and target.fold(ctx, k):
+            continue  # a size known in the graph (the channel-shuffle's C read from another tensor)
         reason = (f"its size in the Reshape target {target.name} is computed at run time from something other "
                   "than the size of an axis coupled to it")
         ctx.block(DimKey(y, k + lead), reason)

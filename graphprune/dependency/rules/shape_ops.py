@@ -11,7 +11,8 @@ from graphprune.dependency.dims import DimKey
 from graphprune.dependency.index_mapping import Expand, Offset
 from graphprune.dependency.rules.common import block_all, ints, set_ints
 from graphprune.dependency.rules.registry import RuleContext, register_rule
-from graphprune.dependency.rules.shape_vectors import ShapeVector, read_shape_vector, size_flows_to_targets
+from graphprune.dependency.rules.shape_vectors import (ShapeVector, foldable_slice, read_shape_vector,
+                                                       size_flows_to_targets, static_ints)
 from graphprune.ir import get_attr
 
 __all__ = []
@@ -95,11 +96,17 @@ def slice_(ctx: RuleContext) -> None:
     rank = ctx.rank(x)
     xs = ctx.require_shape(x)
     as_input = ctx.opset >= 10
+    folded = False
     if as_input:
         ctx.ignore(*ctx.inputs[1:])
         starts, ends = ctx.const(ctx.input(1)), ctx.const(ctx.input(2))
         axes = ctx.const(ctx.input(3)) if ctx.input(3) else (None if starts is None else np.arange(len(starts)))
         steps = ctx.const(ctx.input(4)) if ctx.input(4) else (None if starts is None else np.ones(len(starts), np.int64))
+        folded = (starts is None or ends is None) and foldable_slice(ctx, ctx.node)
+        if folded:  # computed from sizes known in the graph (TorchScript's chunk): written as constants
+            starts, ends = static_ints(ctx, ctx.input(1)).reshape(-1), static_ints(ctx, ctx.input(2)).reshape(-1)
+            axes = ctx.const(ctx.input(3)) if ctx.input(3) else np.arange(len(starts))
+            steps = ctx.const(ctx.input(4)) if ctx.input(4) else np.ones(len(starts), np.int64)
     else:
         starts, ends = ctx.attr("starts"), ctx.attr("ends")
         axes = ctx.attr("axes", list(range(len(starts or []))))
@@ -138,9 +145,9 @@ def slice_(ctx: RuleContext) -> None:
         else:
             ctx.block(DimKey(x, a), f"Slice with step {st} or empty range")
             ctx.block(DimKey(y, a), f"Slice with step {st} or empty range")
-    if not moved:
+    if not moved and not folded:
         return
-    starts, ends = np.array(starts), np.array(ends)
+    starts, ends = np.array(starts), np.array(ends)  # folded bounds are always written as constants
 
     def fixup(editor, node):
         new_starts, new_ends = starts.copy(), ends.copy()

@@ -18,7 +18,7 @@ from onnx import numpy_helper
 
 from graphprune.dependency.rules.registry import RuleContext
 
-__all__ = ["ShapeVector", "SizeSource", "read_shape_vector", "size_flows_to_targets"]
+__all__ = ["ShapeVector", "SizeSource", "foldable_slice", "read_shape_vector", "size_flows_to_targets", "static_ints"]
 
 
 @dataclasses.dataclass
@@ -42,6 +42,23 @@ class ShapeVector:
     parts: Optional[List[Tuple[int, int, int, bool]]] = None
     shared: int = 1
     sources: List[Optional["SizeSource"]] = dataclasses.field(default_factory=list)
+    forced: set = dataclasses.field(default_factory=set)  # Concat inputs always written as constants
+
+    def fold(self, ctx: RuleContext, k: int) -> bool:
+        """Make run-time entry ``k`` a constant written at pruning (its value known from the sizes in
+        the graph, as canonicalize would fold it): True when its Concat input folds as a whole."""
+        if not self.parts:
+            return False
+        for n, (index, first, length, constant) in enumerate(self.parts):
+            if first <= k < first + length and not constant:
+                value = static_ints(ctx, ctx.producer(self.name).input[index])
+                if value is None:
+                    return False
+                self.values[first:first + length] = [int(v) for v in value.reshape(-1)]
+                self.parts[n] = (index, first, length, True)
+                self.forced.add(index)
+                return True
+        return False
 
     def source(self, k: int) -> Optional["SizeSource"]:
         """Where run-time entry ``k`` reads its size (None: a constant, or not understood)."""
@@ -68,8 +85,8 @@ class ShapeVector:
         if self.parts is None:
             editor.set_input(node, input_index, np.asarray(new, dtype=self.dtype))
             return
-        changed = [constant and list(new[first:first + length]) != self.values[first:first + length]
-                   for _, first, length, constant in self.parts]
+        changed = [constant and (index in self.forced or list(new[first:first + length]) != self.values[first:first + length])
+                   for index, first, length, constant in self.parts]
         if not any(changed):
             return
         concat = next(n for n in editor.graph.node if self.name in n.output)
@@ -163,6 +180,73 @@ def _size_sources(ctx: RuleContext, name: str, depth: int = 8) -> Optional[List[
     return None
 
 
+_ARITHMETIC = {"Add": np.add, "Sub": np.subtract, "Mul": np.multiply}
+
+
+def static_ints(ctx: RuleContext, name: Optional[str]) -> Optional[np.ndarray]:
+    """The value of the int tensor ``name`` when shape arithmetic on sizes known in the graph computes
+    it (TorchScript's ``chunk``: ``Div(Add(Gather(Shape(x), 1), 1), 2)`` on a 48-channel x is 24), as
+    canonicalize's constant folding would if the shapes were static; None otherwise."""
+    value = _static(ctx, name, 10) if name else None
+    if value is None or any(v is None for v in value.reshape(-1)):
+        return None
+    return value.astype(np.int64)
+
+
+def foldable_slice(ctx: RuleContext, node) -> bool:
+    """Whether the Slice rule folds ``node``'s run-time bounds (and writes them back as constants):
+    starts and ends known from the sizes in the graph, constant axes and steps, and the sliced axes
+    of its output of known size."""
+    if len(node.input) < 3 or static_ints(ctx, node.input[1]) is None or static_ints(ctx, node.input[2]) is None:
+        return False
+    if any(i and ctx.const(i) is None for i in node.input[3:]):
+        return False
+    rank = len(ctx.shape(node.input[0]) or ())
+    ys = ctx.shape(node.output[0]) or ()
+    axes = ctx.const(node.input[3]) if len(node.input) > 3 and node.input[3] else range(len(static_ints(ctx, node.input[1]).reshape(-1)))
+    return rank > 0 and len(ys) == rank and all(isinstance(ys[int(a) % rank], int) for a in np.asarray(list(axes)).reshape(-1))
+
+
+def _static(ctx: RuleContext, name: str, depth: int) -> Optional[np.ndarray]:
+    """``static_ints`` as an object array: None for the entries of dynamic size (a Gather may drop them)."""
+    value = ctx.const(name)
+    if value is not None:
+        return np.asarray(value).astype(object)
+    node = ctx.producer(name)
+    if node is None or depth == 0:
+        return None
+    op = node.op_type
+    if op == "Shape":
+        axes = _shape_axes(ctx, node)
+        sizes = ctx.shape(node.input[0])
+        return None if axes is None else np.array([sizes[a] if isinstance(sizes[a], int) else None for a in axes],
+                                                  dtype=object)
+    inputs = [_static(ctx, i, depth - 1) if i else None for i in node.input]
+    if inputs[0] is None or any(v is None for v in inputs[1:]):
+        return None
+    try:
+        if op in ("Unsqueeze", "Squeeze", "Cast", "Identity", "Reshape"):
+            shape = ctx.shape(name)
+            if shape is None or any(not isinstance(d, int) for d in shape):
+                return None
+            return inputs[0].reshape(shape)
+        if op == "Gather" and next((a.i for a in node.attribute if a.name == "axis"), 0) == 0:
+            return np.asarray(np.take(inputs[0], inputs[1].astype(np.int64), axis=0), dtype=object)
+        if op == "Concat":
+            return np.concatenate([v.reshape(-1) for v in inputs])
+        if op in _ARITHMETIC:
+            return np.asarray(_ARITHMETIC[op](inputs[0], inputs[1]), dtype=object)
+        if op == "Div" and np.all(inputs[1] != 0):  # ONNX's integer Div truncates toward zero
+            return np.asarray(np.vectorize(lambda a, b: int(a / b) if a is not None and b is not None else None,
+                                           otypes=[object])(inputs[0], inputs[1]), dtype=object)
+        if op == "Slice" and inputs[0].ndim == 1 and all(v.size == 1 for v in inputs[1:]):
+            bounds = [int(v.reshape(-1)[0]) for v in inputs[1:]]
+            return inputs[0][slice(bounds[0], bounds[1], bounds[3] if len(bounds) > 3 else 1)]
+    except (TypeError, ValueError, AttributeError):  # arithmetic on an entry of dynamic size
+        return None
+    return None
+
+
 def _negative(ctx: RuleContext, name: str) -> bool:
     """Whether every value of ``name`` is negative: a constant, or ``ConstantOfShape(v) * c``."""
     value = ctx.const(name)
@@ -223,16 +307,23 @@ def size_flows_to_targets(ctx: RuleContext, name: str) -> bool:
                 if not _fully_traced(ctx, tensor):
                     return False
                 continue
+            if node.op_type == "Slice" and list(node.input).index(tensor) >= 1:
+                if not foldable_slice(ctx, node):
+                    return False
+                continue  # the Slice rule folds the bounds and writes them as constants
             if node.op_type == "Resize" and list(node.input).index(tensor) == 3:
                 if not _fully_traced(ctx, tensor):  # the Resize rule blocks the entries it cannot follow
                     return False
                 continue
             if node.op_type == "Shape":
                 continue  # reads the vector's length, not its sizes
-            if not _follows_expand_pattern(ctx, node, tensor) and (
+            folded = node.op_type in ("Add", "Sub", "Div") and static_ints(ctx, node.output[0]) is not None
+            if not folded and not _follows_expand_pattern(ctx, node, tensor) and (
                     node.op_type not in _SIZE_OPS or (node.input[0] != tensor and node.op_type != "Concat")):
                 return False
-            if node.op_type == "Mul" and not any(ctx.const(i) is not None for i in node.input):
+            if node.op_type in ("Add", "Sub", "Div") and static_ints(ctx, node.output[0]) is not None:
+                pass  # arithmetic on known sizes: folded where it is read (Slice bounds, Reshape targets)
+            elif node.op_type == "Mul" and not any(ctx.const(i) is not None for i in node.input):
                 return False
             for out in node.output:
                 if out not in seen:
@@ -270,6 +361,10 @@ def read_shape_vector(ctx: RuleContext, name: Optional[str]) -> Optional[ShapeVe
             return None
         length = shape[0] if shape else 1
         constant = ctx.const(part)
+        if constant is None:
+            found = _size_sources(ctx, part)
+            if found is None or len(found) != length or any(f is None for f in found):
+                constant = static_ints(ctx, part)  # sizes computed from known sizes: rewritten as a constant
         parts.append((index, len(values), length, constant is not None))
         if constant is not None:
             dtype = np.asarray(constant).dtype
