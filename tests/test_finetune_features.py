@@ -172,3 +172,23 @@ def test_batchnorm_recalibration_describes_the_recalibrated_earlier_layers():
         flat = np.moveaxis(out[name], 1, 0).reshape(out[name].shape[1], -1)
         np.testing.assert_allclose(flat.mean(axis=1), params[f"{bn}o"], atol=1e-3)
         np.testing.assert_allclose(flat.std(axis=1), np.abs(params[f"{bn}s"]), rtol=1e-3)
+
+
+def test_cli_features_and_patience(tmp_path, capsys):
+    from graphprune.cli import main
+
+    teacher, student = tmp_path / "teacher.onnx", tmp_path / "student.onnx"
+    onnx.save(_residual_net(), teacher)
+    onnx.save(_pruned(_residual_net()), student)
+    data = tmp_path / "x.npz"
+    np.savez(data, x=_data(64).arrays["x"])
+    out = tmp_path / "out.onnx"
+    base = ["finetune", str(student), "-o", str(out), "--data", str(data), "--teacher", str(teacher)]
+    assert main(base + ["--epochs", "2", "--patience", "1", "--features", "block", "--batchnorm", "keep"]) == 0
+    text = capsys.readouterr().out
+    assert "features matched to the teacher: block" in text and out.exists()
+    for bad, message in ((["--patience", "0"], "--patience must be >= 1"), (["--feature-weight", "-1"], "--feature-weight"),
+                         (["--max-features", "x"], "--max-features 'x' is not an integer")):
+        out.unlink(missing_ok=True)
+        assert main(base + bad) == 2
+        assert message in capsys.readouterr().err and not out.exists()

@@ -9,7 +9,9 @@ side by side in the same process:
     (output distillation from the original, ``features="none"``);
   - ``budget``: ``prune --target-macs`` (per-group ratios from a sensitivity run on the calibration
     samples), ``--reconstruct`` (least-squares refit to the original's activations), then
-    distillation with intermediate features matched to the original's.
+    distillation with intermediate features matched to the original's;
+  - ``recon`` (``--recipes``): the uniform ratio with ``--reconstruct`` and feature distillation (no
+    sensitivity run: for models whose budget search does not fit the time at hand).
 
 Each row gives the task metric on the held-out test split (line accuracy / accuracy / box F1, in
 points) with no recovery, after reconstruction and after distillation; the MAC fraction; the
@@ -112,6 +114,14 @@ def bench_kind(kind: str, args, work: str) -> List[Dict]:
         # uniform magnitude pruning + today's fine-tuning (output distillation only)
         start = time.perf_counter()
         ratio = _uniform_ratio(original, shape, target)
+        search_s = time.perf_counter() - start
+        if "budget" in args.recipes or "recon" in args.recipes:
+            rows.append(_recovered(kind, tag, target, ratio, original_path, original, data, calib, shape, base_macs,
+                                   metric, work, args, budget="budget" in args.recipes))
+            print(rows[-1], flush=True)
+        if "uniform" not in args.recipes:
+            continue
+        start = time.perf_counter() - search_s
         uni = os.path.join(work, f"{tag}_uniform.onnx")
         _cli("prune", original_path, "-o", uni, "--ratio", f"{ratio:.4f}", "--input-shape", "x=" + "x".join(map(str, shape)))
         prune_s = time.perf_counter() - start
@@ -120,25 +130,38 @@ def bench_kind(kind: str, args, work: str) -> List[Dict]:
                      "macs": count_macs(onnx.load(uni), {"x": shape}) / base_macs, "no_recovery": metric(uni),
                      "reconstructed": None, "distilled": metric(ft), "latency_speedup": _latency_ratio(original_path, uni, shape),
                      "samples": len(data), "epochs_run": len(stats.get("history", [])) - 1,
-                     "seconds": prune_s + ft_s})
-        print(rows[-1], flush=True)
-        # budget + reconstruction + feature distillation
-        start = time.perf_counter()
-        bud, ratios = os.path.join(work, f"{tag}_budget.onnx"), os.path.join(work, f"{tag}_ratios.json")
-        common = ["--data", calib, "--input-shape", "x=" + "x".join(map(str, shape))]
-        _cli("prune", original_path, "-o", bud, "--target-macs", str(target), "--save-ratios", ratios, *common)
-        rec = os.path.join(work, f"{tag}_budget_rec.onnx")
-        _cli("prune", original_path, "-o", rec, "--group-ratios", ratios, "--reconstruct", *common)
-        prune_s = time.perf_counter() - start
-        ft, ft_s, stats = _finetune(rec, original, data, "auto", args)
-        rows.append({"model": kind, "recipe": "--target-macs + --reconstruct + feature distillation", "target": target,
-                     "macs": count_macs(onnx.load(rec), {"x": shape}) / base_macs, "no_recovery": metric(bud),
-                     "reconstructed": metric(rec), "distilled": metric(ft),
-                     "latency_speedup": _latency_ratio(original_path, rec, shape), "samples": len(data),
-                     "epochs_run": len(stats.get("history", [])) - 1, "features": stats.get("features"),
-                     "seconds": prune_s + ft_s})
+                     "seconds": prune_s + ft_s, "prune_seconds": prune_s, "finetune_seconds": ft_s})
         print(rows[-1], flush=True)
     return rows
+
+
+def _recovered(kind, tag, target, ratio, original_path, original, data, calib, shape, base_macs, metric, work,
+               args, budget: bool) -> Dict:
+    """Budget (or uniform) pruning, reconstruction, feature distillation: one row."""
+    start = time.perf_counter()
+    pruned, ratios = os.path.join(work, f"{tag}_pruned.onnx"), os.path.join(work, f"{tag}_ratios.json")
+    common = ["--data", calib, "--input-shape", "x=" + "x".join(map(str, shape))]
+    reused = os.path.join(args.reuse_ratios or "", f"{tag}_ratios.json")
+    if budget and args.reuse_ratios and os.path.exists(reused):  # a budget search of an earlier run
+        how = ["--group-ratios", reused]
+        _cli("prune", original_path, "-o", pruned, *how, *common)
+    elif budget:
+        _cli("prune", original_path, "-o", pruned, "--target-macs", str(target), "--save-ratios", ratios, *common)
+        how = ["--group-ratios", ratios]
+    else:
+        how = ["--ratio", f"{ratio:.4f}"]
+        _cli("prune", original_path, "-o", pruned, *how, *common)
+    rec = os.path.join(work, f"{tag}_rec.onnx")
+    _cli("prune", original_path, "-o", rec, *how, "--reconstruct", *common)
+    prune_s = time.perf_counter() - start
+    ft, ft_s, stats = _finetune(rec, original, data, "auto", args)
+    recipe = ("--target-macs" if budget else f"uniform --ratio {ratio:.3f}") + " + --reconstruct + feature distillation"
+    return {"model": kind, "recipe": recipe, "target": target, "macs": count_macs(onnx.load(rec), {"x": shape}) / base_macs,
+            "no_recovery": metric(pruned), "reconstructed": metric(rec), "distilled": metric(ft),
+            "latency_speedup": _latency_ratio(original_path, rec, shape), "samples": len(data),
+            "epochs_run": len(stats.get("history", [])) - 1, "features": stats.get("features"),
+            "seconds": prune_s + ft_s, "prune_seconds": prune_s, "finetune_seconds": ft_s,
+            "ratios_reused": bool(budget and args.reuse_ratios and os.path.exists(reused))}
 
 
 def markdown(rows: List[Dict]) -> str:
@@ -166,6 +189,9 @@ def main(argv=None) -> int:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--patience", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--recipes", nargs="*", default=["uniform", "budget"], choices=["uniform", "budget", "recon"])
+    parser.add_argument("--reuse-ratios", metavar="DIR", help="apply the per-group ratios an earlier run saved "
+                        "(<model>_<target%%>_ratios.json) instead of searching the budget again")
     parser.add_argument("--json", help="write the rows here")
     args = parser.parse_args(argv)
     rows: List[Dict] = []
