@@ -15,7 +15,7 @@ from graphprune.model_io import default_opset
 from graphprune.passes.base import Pass, PassResult, register_pass
 from graphprune.progress import progress_bar
 from graphprune.sparsity import masks as masks_mod
-from graphprune.sparsity.calibrated import CALIBRATED, COMPARISON_GROUPS, CRITERIA, calibrated_prune
+from graphprune.sparsity.calibrated import CALIBRATED, COMPARISON_GROUPS, CRITERIA, calibrate, calibrated_prune
 from graphprune.sparsity.report import overall_sparsity, sparsity_row
 from graphprune.sparsity.storage import MIN_OPSET, compact_initializers
 from graphprune.sparsity.targets import SkippedWeight, WeightTarget, find_weights, parse_op_types
@@ -136,11 +136,10 @@ class SparsifyWeightsPass(Pass):
 
     def call(self, model: onnx.ModelProto) -> PassResult:
         targets, skipped = find_weights(model, self.op_types, self.exclude, through_dequantize=self.storage == "sparse")
-        work = ir.clone(model)
-        inits = ir.initializer_map(work.graph)
+        source = ir.initializer_map(model.graph)
         prunable: List[WeightTarget] = []
         for target in targets:
-            quantized = not np.issubdtype(onnx.helper.tensor_dtype_to_np_dtype(inits[target.name].data_type), np.floating)
+            quantized = not np.issubdtype(onnx.helper.tensor_dtype_to_np_dtype(source[target.name].data_type), np.floating)
             if quantized and self.sparsity > 0:
                 skipped.extend(SkippedWeight(n, target.op_type, "weight is already quantized: compacted, not pruned")
                                for n in target.nodes)
@@ -148,22 +147,40 @@ class SparsifyWeightsPass(Pass):
                 prunable.append(target)
         if self.pattern is not None:
             prunable = self._drop_unfitting(prunable, skipped)
-        weights = {t.name: numpy_helper.to_array(inits[t.name]) for t in prunable}
-        calibration = {}
-        if self.criterion in CALIBRATED and self.sparsity > 0 and prunable:
-            pruned, refused, calibration = calibrated_prune(
-                model, prunable, weights, self.criterion, self.data, self.sparsity, self.pattern, self.scope,
-                self.group, self.max_layer_sparsity, self.batch_size, self.progress)
+        calibrated = self.criterion in CALIBRATED and self.sparsity > 0 and bool(prunable)
+        if calibrated:
+            # Before the copy below: ONNX Runtime's session holds the weights once more while it runs.
+            inputs, calibration = calibrate(model, prunable, self.criterion, self.data, self.batch_size, self.progress)
+        work = ir.clone(model)
+        inits = ir.initializer_map(work.graph)
+        label = masks_mod.pattern_label(self.pattern)
+        rows: Dict[str, dict] = {}
+        changed: List[str] = []
+
+        def store(target: WeightTarget, value: np.ndarray) -> None:
+            rows[target.name] = sparsity_row(target.name, target.op_type, label, value)
+            inits[target.name].CopyFrom(numpy_helper.from_array(value, target.name))
+            changed.append(target.name)
+
+        if calibrated:
+            # One layer at a time: a copy of one weight alive, not of all of them (LLM-sized models).
+            refused = calibrated_prune(
+                prunable, lambda name: numpy_helper.to_array(inits[name]), store, inputs, calibration,
+                self.criterion, self.sparsity, self.pattern, self.scope, self.group, self.max_layer_sparsity,
+                self.progress)
             for target, reason in refused:  # left dense: not in the mask record either
                 skipped.extend(SkippedWeight(n, target.op_type, reason) for n in target.nodes)
-            prunable = [t for t in prunable if t.name in pruned]
+            prunable = [t for t in prunable if t.name in rows]
         else:
+            calibration = {}
+            weights = {t.name: numpy_helper.to_array(inits[t.name]) for t in prunable}
             pruned = self._prune(prunable, weights)
-
-        changed = [name for name, value in pruned.items() if not np.array_equal(value, weights[name])]
-        for name in changed:
-            inits[name].CopyFrom(numpy_helper.from_array(pruned[name], name))
-        label = masks_mod.pattern_label(self.pattern)
+            for target in prunable:
+                if np.array_equal(pruned[target.name], weights[target.name]):
+                    rows[target.name] = sparsity_row(target.name, target.op_type, label, pruned[target.name])
+                else:
+                    store(target, pruned[target.name])
+            del weights, pruned
         if self.sparsity > 0 and prunable:
             masks_mod.write_mask_record(
                 work, {t.name: {"pattern": label, "sparsity": round(self.sparsity, 6)} for t in prunable}
@@ -171,7 +188,7 @@ class SparsifyWeightsPass(Pass):
         compacted, kept_dense = [], {}
         if self.storage == "sparse":
             compacted, kept_dense = compact_initializers(work, [t.name for t in targets])
-        rows = [sparsity_row(t.name, t.op_type, label, pruned[t.name]) for t in prunable]
+        rows = [rows[t.name] for t in prunable]
         stats = {
             "criterion": self.criterion,
             "pattern": label,

@@ -1,7 +1,7 @@
 """Activation-aware weight selection for ``sparsify``: Wanda and SparseGPT over a set of layers.
 
-``calibrated_prune`` takes the layers the pass selected, collects their input statistics in one
-streamed ORT run (``graphprune.sparsity.calibration``) and returns every layer's pruned weight:
+``calibrate`` collects the input statistics of the layers the pass selected in one streamed ORT run
+(``graphprune.sparsity.calibration``); ``calibrated_prune`` then prunes them one layer at a time:
 
 - ``wanda``: zero the smallest ``|W| * ||X||``, compared per output row (``group="row"``, the paper's
   choice, and the lower error on ResNet-50 and the BERT encoder in ``tools/bench_sparsify.py``) or
@@ -17,7 +17,7 @@ compare), caps each layer at ``max_layer_sparsity`` and prunes the resulting cou
 from __future__ import annotations
 
 import time
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import onnx
@@ -31,47 +31,60 @@ from graphprune.sparsity.sparsegpt import sparsegpt_prune
 from graphprune.sparsity.targets import WeightTarget
 from graphprune.sparsity.wanda import COMPARISON_GROUPS, wanda_prune, wanda_scores
 
-__all__ = ["CRITERIA", "CALIBRATED", "COMPARISON_GROUPS", "calibrated_prune"]
+__all__ = ["CRITERIA", "CALIBRATED", "COMPARISON_GROUPS", "calibrate", "calibrated_prune"]
 
 CRITERIA = ("magnitude", "wanda", "sparsegpt")
 CALIBRATED = ("wanda", "sparsegpt")
 
 
+def calibrate(model: onnx.ModelProto, targets: Sequence[WeightTarget], criterion: str, data: InputSet,
+              batch_size: int = 8, progress: bool = False) -> Tuple[Dict[str, LayerInputs], dict]:
+    """(weight -> LayerInputs, stats): the statistics ``criterion`` needs, from one streamed ORT run.
+
+    Run it before copying the model: the ONNX Runtime session holds its own copy of the weights.
+    """
+    start = time.perf_counter()
+    want = ("norms", "hessian") if criterion == "sparsegpt" else ("norms",)
+    inputs = collect_layer_inputs(model, targets, data, want=want, batch_size=batch_size, progress=progress)
+    return inputs, {"criterion": criterion, "calibration_samples": len(data),
+                    "calibration_seconds": round(time.perf_counter() - start, 3), "fallbacks": []}
+
+
 def calibrated_prune(
-    model: onnx.ModelProto,
     targets: Sequence[WeightTarget],
-    weights: Dict[str, np.ndarray],
+    load: Callable[[str], np.ndarray],
+    store: Callable[[WeightTarget, np.ndarray], None],
+    inputs: Dict[str, LayerInputs],
+    stats: dict,
     criterion: str,
-    data: InputSet,
     sparsity: float,
     pattern: masks_mod.Pattern = None,
     scope: str = "layer",
     group: str = "row",
     max_layer_sparsity: float = 0.99,
-    batch_size: int = 8,
     progress: bool = False,
-) -> Tuple[Dict[str, np.ndarray], List[Tuple[WeightTarget, str]], dict]:
-    """(name -> pruned weight, [(target left dense, reason)], stats) for ``criterion`` wanda/sparsegpt.
+) -> List[Tuple[WeightTarget, str]]:
+    """Prune every usable layer of ``targets`` by ``criterion``; return the ones left dense, with why.
+
+    Weights are read by ``load(name)`` and each pruned one handed to ``store(target, value)`` as soon
+    as it is done, so that only one layer's copy is alive at a time (``scope="global"`` also keeps
+    every layer's scores while it ranks them).
 
     Args:
-        model: the model the statistics are measured on (not modified).
         targets: the layers to prune (all float, N:M-compatible when ``pattern`` is given).
-        weights: their current values.
+        load: name -> the weight's current value.
+        store: receives each pruned weight.
+        inputs: ``calibrate``'s statistics.
+        stats: ``calibrate``'s stats, completed here (fallbacks, seconds).
         criterion: "wanda" or "sparsegpt".
-        data: calibration samples.
         sparsity: fraction to prune (unstructured).
         pattern: ``(n, m)`` or None.
         scope: "layer" or "global" (unstructured only).
         group: Wanda's comparison group, "row" or "layer".
         max_layer_sparsity: global scope's per-layer cap.
-        batch_size: calibration samples per ORT run.
-        progress: progress bars.
+        progress: a progress bar over the layers.
     """
     start = time.perf_counter()
-    want = ("norms", "hessian") if criterion == "sparsegpt" else ("norms",)
-    inputs = collect_layer_inputs(model, targets, data, want=want, batch_size=batch_size, progress=progress)
-    stats = {"criterion": criterion, "calibration_samples": len(data),
-             "calibration_seconds": round(time.perf_counter() - start, 3), "fallbacks": []}
     usable, refused = [], []
     for target in targets:
         info = inputs[target.name]
@@ -79,14 +92,12 @@ def calibrated_prune(
             refused.append((target, f"{criterion}: {info.reason or 'no calibration statistics'}"))
         else:
             usable.append(target)
-    matrices = {t.name: weight_matrix(weights[t.name], inputs[t.name].form, t.reduction_axis) for t in usable}
-    norms = {t.name: inputs[t.name].column_norms(matrices[t.name].shape[-1]) for t in usable}
-    counts = _prune_counts(usable, matrices, norms, sparsity, pattern, scope, max_layer_sparsity)
-
-    pruned: Dict[str, np.ndarray] = {}
+    counts = _prune_counts(usable, load, inputs, sparsity, pattern, scope, max_layer_sparsity)
     with progress_bar(total=len(usable), desc=criterion, enabled=progress, unit="layer") as bar:
         for target, count in zip(usable, counts):
-            info, matrix = inputs[target.name], matrices[target.name]
+            info = inputs[target.name]
+            w = load(target.name)
+            matrix = weight_matrix(w, info.form, target.reduction_axis)
             if criterion == "sparsegpt" and info.hessian is not None:
                 result = np.stack([
                     sparsegpt_prune(matrix[g], info.hessian[g], count=_group_share(count, g, matrix.shape[0]),
@@ -96,13 +107,13 @@ def calibrated_prune(
             else:
                 if criterion == "sparsegpt":
                     stats["fallbacks"].append({"weight": target.name, "reason": f"wanda instead: {info.reason}"})
-                prune = wanda_prune(matrix, norms[target.name], count, pattern, group)
-                result = np.where(prune, 0, matrix)
-            w = weights[target.name]
-            pruned[target.name] = from_weight_matrix(result, w.shape, info.form, target.reduction_axis).astype(w.dtype)
+                norms = info.column_norms(matrix.shape[-1])
+                result = np.where(wanda_prune(matrix, norms, count, pattern, group), 0, matrix)
+            store(target, from_weight_matrix(result, w.shape, info.form, target.reduction_axis).astype(w.dtype))
+            del w, matrix, result
             bar.update(1)
-    stats["seconds"] = round(time.perf_counter() - start, 3)
-    return pruned, refused, stats
+    stats["seconds"] = round(stats["calibration_seconds"] + time.perf_counter() - start, 3)
+    return refused
 
 
 def _group_share(count: Optional[int], g: int, groups: int) -> Optional[int]:
@@ -112,15 +123,16 @@ def _group_share(count: Optional[int], g: int, groups: int) -> Optional[int]:
     return int(round(count * (g + 1) / groups)) - int(round(count * g / groups))
 
 
-def _prune_counts(targets, matrices, norms, sparsity, pattern, scope, max_layer_sparsity) -> List[Optional[int]]:
+def _prune_counts(targets, load, inputs, sparsity, pattern, scope, max_layer_sparsity) -> List[Optional[int]]:
     """Weights to prune per layer (None for N:M, where the pattern fixes it)."""
     if pattern is not None:
         return [None] * len(targets)
     if scope == "layer":
-        return [int(round(sparsity * matrices[t.name].size)) for t in targets]
+        return [int(round(sparsity * int(np.prod(t.shape)))) for t in targets]
     scores = []
     for t in targets:
-        s = wanda_scores(matrices[t.name], norms[t.name])
+        matrix = weight_matrix(load(t.name), inputs[t.name].form, t.reduction_axis)
+        s = wanda_scores(matrix, inputs[t.name].column_norms(matrix.shape[-1]))
         mean = float(s.mean())
         scores.append(s / mean if mean > 0 else s)
     return masks_mod.global_prune_counts(scores, sparsity, max_layer_sparsity)
