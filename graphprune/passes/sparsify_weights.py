@@ -173,14 +173,11 @@ class SparsifyWeightsPass(Pass):
             prunable = [t for t in prunable if t.name in rows]
         else:
             calibration = {}
-            weights = {t.name: numpy_helper.to_array(inits[t.name]) for t in prunable}
-            pruned = self._prune(prunable, weights)
-            for target in prunable:
-                if np.array_equal(pruned[target.name], weights[target.name]):
-                    rows[target.name] = sparsity_row(target.name, target.op_type, label, pruned[target.name])
-                else:
-                    store(target, pruned[target.name])
-            del weights, pruned
+
+            def keep(target: WeightTarget, value: np.ndarray) -> None:
+                rows[target.name] = sparsity_row(target.name, target.op_type, label, value)
+
+            self._prune(prunable, lambda name: numpy_helper.to_array(inits[name]), store, keep)
         if self.sparsity > 0 and prunable:
             masks_mod.write_mask_record(
                 work, {t.name: {"pattern": label, "sparsity": round(self.sparsity, 6)} for t in prunable}
@@ -218,28 +215,31 @@ class SparsifyWeightsPass(Pass):
                 fitting.append(target)
         return fitting
 
-    def _prune(self, targets: List[WeightTarget], weights: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
-        """name -> weight with the pruned entries set to exactly zero."""
-        if self.sparsity == 0 or not targets:
-            return dict(weights)
-        if self.pattern is None:
+    def _prune(self, targets: List[WeightTarget], load, store, keep) -> None:
+        """Zero each target's pruned entries: ``store(target, value)`` when it changed, else ``keep(target, value)``.
+
+        One layer's copy at a time, except for the global threshold, which ranks all weights at once.
+        """
+        if self.pattern is None and self.sparsity > 0 and targets:
             if self.scope == "global":
-                counts = masks_mod.global_prune_counts(
-                    [weights[t.name] for t in targets], self.sparsity, self.max_layer_sparsity
-                )
+                counts = masks_mod.global_prune_counts([load(t.name) for t in targets], self.sparsity,
+                                                       self.max_layer_sparsity)
             else:
-                counts = [int(round(self.sparsity * weights[t.name].size)) for t in targets]
-        pruned = {}
+                counts = [int(round(self.sparsity * int(np.prod(t.shape)))) for t in targets]
         with progress_bar(total=len(targets), desc="sparsify", enabled=self.progress, unit="layer") as bar:
             for i, target in enumerate(targets):
-                w = weights[target.name]
+                w = load(target.name)
+                if self.sparsity == 0:
+                    keep(target, w)
+                    continue
                 if self.pattern is None:
-                    keep = masks_mod.unstructured_mask(w, counts[i])
+                    mask = masks_mod.unstructured_mask(w, counts[i])
                 else:
-                    keep = masks_mod.n_m_mask(w, self.pattern[0], self.pattern[1], target.reduction_axis)
-                pruned[target.name] = np.where(keep, w, np.zeros((), dtype=w.dtype))
+                    mask = masks_mod.n_m_mask(w, self.pattern[0], self.pattern[1], target.reduction_axis)
+                pruned = np.where(mask, w, np.zeros((), dtype=w.dtype))
+                (keep if np.array_equal(pruned, w) else store)(target, pruned)
+                del w, mask, pruned
                 bar.update(1)
-        return pruned
 
     def __repr__(self) -> str:
         return (f"SparsifyWeightsPass(criterion={self.criterion!r}, sparsity={self.sparsity}, pattern={masks_mod.pattern_label(self.pattern)!r}, "
