@@ -176,18 +176,49 @@ def test_cli_bad_data_exits_2_and_writes_nothing(files, capsys, extra, message):
     assert not out.exists()
 
 
-def test_cli_wanda_on_a_model_with_external_data(files, capsys):
+@pytest.mark.parametrize("criterion", ["wanda", "sparsegpt", "magnitude"])
+def test_cli_on_a_model_with_external_data_reads_weights_from_disk(files, criterion, capsys):
     from graphprune.model_io import model_files, save
 
     _, good, _, tmp = files
     model, out = tmp / "ext.onnx", tmp / "ext_out.onnx"
     save(small_net(), str(model), external_data=True)
     assert len(model_files(str(model))) == 2  # the graph and its data file
-    assert main(["sparsify", str(model), "-o", str(out), "--pattern", "2:4", "--criterion", "wanda",
-                 "--data", str(good), "--batch-size", "2"]) == 0
+    data = ["--criterion", criterion] + (["--data", str(good), "--batch-size", "2"] if criterion != "magnitude" else [])
+    assert main(["sparsify", str(model), "-o", str(out), "--pattern", "2:4"] + data) == 0
     after = weights(load(str(out)))
     groups = np.moveaxis(after["conv_w"], 1, -1).reshape(-1, 4)
     assert (np.count_nonzero(groups, axis=1) == 2).all()
+    # Oracle: the same pass on the model held in memory gives the same weights, every one of them.
+    in_memory = SparsifyWeightsPass(pattern="2:4", criterion=criterion,
+                                    data=_data(8) if criterion != "magnitude" else None, batch_size=2)(small_net())
+    expected = weights(in_memory.model)
+    assert after.keys() == expected.keys()
+    for name in expected:
+        np.testing.assert_array_equal(after[name], expected[name], err_msg=name)
+
+
+def test_pass_with_source_dir_leaves_untouched_weights_on_disk(tmp_path):
+    from graphprune.model_io import save
+
+    path = tmp_path / "ext.onnx"
+    save(small_net(), str(path), external_data=True)
+    lazy = load(str(path), load_external_data=False)
+    # conv_w (4.6 KB) is left out: it stays on disk, never read, and save copies its bytes across.
+    result = SparsifyWeightsPass(sparsity=0.5, criterion="wanda", data=_data(8), exclude="conv_w",
+                                 source_dir=str(tmp_path))(lazy)
+    inits = {t.name: t for t in result.model.graph.initializer}
+    pruned = {row["weight"] for row in result.stats["layers"]}
+    assert pruned == set(LAYERS) - {"conv_w"}
+    assert all(inits[n].data_location != onnx.TensorProto.EXTERNAL for n in pruned)  # pruned: in memory
+    assert inits["conv_w"].data_location == onnx.TensorProto.EXTERNAL and not inits["conv_w"].raw_data
+    expected = weights(SparsifyWeightsPass(sparsity=0.5, criterion="wanda", data=_data(8), exclude="conv_w")(
+        small_net()).model)
+    out = tmp_path / "out.onnx"
+    save(result.model, str(out), source_dir=str(tmp_path))
+    got = weights(load(str(out)))
+    for name in expected:
+        np.testing.assert_array_equal(got[name], expected[name], err_msg=name)
 
 
 def test_sparsegpt_falls_back_to_wanda_where_the_hessian_is_over_the_cap(monkeypatch):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 from graphprune.cli.common import (
@@ -92,7 +93,12 @@ def run(args) -> int:
         progress=sys.stderr.isatty(),
     )
     check_output_path(args)
-    model = load(args.model)
+    # Dense storage reads weights left on disk one at a time (an LLM's 2 GB are never all in memory;
+    # save streams the untouched ones across); sparse storage compacts in memory, so it loads them.
+    lazy = args.storage == "dense"
+    if lazy:
+        sparsify.source_dir = os.path.dirname(os.path.abspath(args.model))
+    model = load(args.model, load_external_data=not lazy)
     sparsify.data, _, _ = read_inputs(args, model)
     result = sparsify(model)
     stats = result.stats

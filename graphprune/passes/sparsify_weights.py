@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
@@ -73,6 +74,9 @@ class SparsifyWeightsPass(Pass):
             or "layer".
         batch_size: calibration samples per ONNX Runtime run (memory is one batch of layer inputs).
         progress: show a progress bar over the layers.
+        source_dir: the folder of the model's file when it was loaded without its external data:
+            weights are then read from disk one at a time and the runtime reads them for
+            calibration, so that no full copy of an LLM's weights is ever held (only the pruned ones).
     """
 
     name = "sparsify"
@@ -91,6 +95,7 @@ class SparsifyWeightsPass(Pass):
         group: str = "row",
         batch_size: int = 8,
         progress: bool = False,
+        source_dir: Optional[str] = None,
     ):
         if criterion not in CRITERIA:
             raise UserError(f"criterion {criterion!r} is not one of {', '.join(CRITERIA)}")
@@ -124,6 +129,7 @@ class SparsifyWeightsPass(Pass):
             )
         self.max_layer_sparsity = float(max_layer_sparsity)
         self.progress = bool(progress)
+        self.source_dir = source_dir
 
     def requires(self, model: onnx.ModelProto) -> None:
         if self.storage == "sparse":
@@ -135,7 +141,8 @@ class SparsifyWeightsPass(Pass):
                 )
 
     def call(self, model: onnx.ModelProto) -> PassResult:
-        targets, skipped = find_weights(model, self.op_types, self.exclude, through_dequantize=self.storage == "sparse")
+        targets, skipped = find_weights(model, self.op_types, self.exclude, through_dequantize=self.storage == "sparse",
+                                        on_disk=self.source_dir is not None)
         source = ir.initializer_map(model.graph)
         prunable: List[WeightTarget] = []
         for target in targets:
@@ -150,8 +157,9 @@ class SparsifyWeightsPass(Pass):
         calibrated = self.criterion in CALIBRATED and self.sparsity > 0 and bool(prunable)
         if calibrated:
             # Before the copy below: ONNX Runtime's session holds the weights once more while it runs.
-            inputs, calibration = calibrate(model, prunable, self.criterion, self.data, self.batch_size, self.progress)
-        work = ir.clone(model)
+            inputs, calibration = calibrate(model, prunable, self.criterion, self.data, self.batch_size, self.progress,
+                                            source_dir=self.source_dir)
+        work = ir.clone(model)  # weights left on disk (source_dir) are not copied
         inits = ir.initializer_map(work.graph)
         label = masks_mod.pattern_label(self.pattern)
         rows: Dict[str, dict] = {}
@@ -165,7 +173,7 @@ class SparsifyWeightsPass(Pass):
         if calibrated:
             # One layer at a time: a copy of one weight alive, not of all of them (LLM-sized models).
             refused = calibrated_prune(
-                prunable, lambda name: numpy_helper.to_array(inits[name]), store, inputs, calibration,
+                prunable, lambda name: self._read(inits[name]), store, inputs, calibration,
                 self.criterion, self.sparsity, self.pattern, self.scope, self.group, self.max_layer_sparsity,
                 self.progress)
             for target, reason in refused:  # left dense: not in the mask record either
@@ -177,7 +185,7 @@ class SparsifyWeightsPass(Pass):
             def keep(target: WeightTarget, value: np.ndarray) -> None:
                 rows[target.name] = sparsity_row(target.name, target.op_type, label, value)
 
-            self._prune(prunable, lambda name: numpy_helper.to_array(inits[name]), store, keep)
+            self._prune(prunable, lambda name: self._read(inits[name]), store, keep)
         if self.sparsity > 0 and prunable:
             masks_mod.write_mask_record(
                 work, {t.name: {"pattern": label, "sparsity": round(self.sparsity, 6)} for t in prunable}
@@ -202,6 +210,21 @@ class SparsifyWeightsPass(Pass):
             stats["calibration"] = calibration
         modified = bool(changed or compacted)
         return PassResult(work if modified else model, modified, stats)
+
+    def _read(self, tensor: onnx.TensorProto) -> np.ndarray:
+        """A weight's value, from memory or (one tensor's bytes) from its external data file."""
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            return numpy_helper.to_array(tensor)
+        if self.source_dir is None:
+            raise ValueError(f"weight {tensor.name!r} has its data on disk; the pass needs source_dir")
+        entries = {e.key: e.value for e in tensor.external_data}
+        path = os.path.join(self.source_dir, entries["location"])
+        count = int(np.prod(tensor.dims, dtype=np.int64))
+        value = np.fromfile(path, dtype=onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type), count=count,
+                            offset=int(entries.get("offset") or 0))
+        if value.size != count:
+            raise UserError(f"{path}: external data of {tensor.name!r} ends early (truncated?)")
+        return value.reshape(tuple(tensor.dims))
 
     def _drop_unfitting(self, targets: List[WeightTarget], skipped: List[SkippedWeight]) -> List[WeightTarget]:
         """Layers the N:M groups do not fit are reported and left dense."""

@@ -38,14 +38,17 @@ CALIBRATED = ("wanda", "sparsegpt")
 
 
 def calibrate(model: onnx.ModelProto, targets: Sequence[WeightTarget], criterion: str, data: InputSet,
-              batch_size: int = 8, progress: bool = False) -> Tuple[Dict[str, LayerInputs], dict]:
+              batch_size: int = 8, progress: bool = False,
+              source_dir: Optional[str] = None) -> Tuple[Dict[str, LayerInputs], dict]:
     """(weight -> LayerInputs, stats): the statistics ``criterion`` needs, from one streamed ORT run.
 
     Run it before copying the model: the ONNX Runtime session holds its own copy of the weights.
+    ``source_dir``: where weights left on disk are (see ``collect_layer_inputs``).
     """
     start = time.perf_counter()
     want = ("norms", "hessian") if criterion == "sparsegpt" else ("norms",)
-    inputs = collect_layer_inputs(model, targets, data, want=want, batch_size=batch_size, progress=progress)
+    inputs = collect_layer_inputs(model, targets, data, want=want, batch_size=batch_size, progress=progress,
+                                  source_dir=source_dir)
     return inputs, {"criterion": criterion, "calibration_samples": len(data),
                     "calibration_seconds": round(time.perf_counter() - start, 3), "fallbacks": []}
 

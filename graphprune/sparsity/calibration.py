@@ -19,6 +19,7 @@ set of sums.  A Hessian larger than ``max_hessian_bytes`` (per layer) or past ``
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -110,6 +111,7 @@ def collect_layer_inputs(
     max_hessian_bytes: int = MAX_HESSIAN_BYTES,
     total_hessian_bytes: int = TOTAL_HESSIAN_BYTES,
     progress: bool = False,
+    source_dir: Optional[str] = None,
 ) -> Dict[str, LayerInputs]:
     """Weight name -> ``LayerInputs`` for every layer of ``layers``, from one run over ``data``.
 
@@ -122,6 +124,8 @@ def collect_layer_inputs(
         max_hessian_bytes: per layer, a larger Hessian is skipped (with the reason).
         total_hessian_bytes: all Hessians together; layers past it are skipped (with the reason).
         progress: a progress bar over the batches.
+        source_dir: the folder of the model's file when its weights were left on disk
+            (``load(..., load_external_data=False)``): the runtime reads them from there.
     """
     want = tuple(want)
     unknown = [w for w in want if w not in STATISTICS]
@@ -172,7 +176,7 @@ def collect_layer_inputs(
             elif hessian and acc.hessian is None:
                 info.reason = "its input is shared with a layer whose Hessian was skipped"
         uses[target.name] = keys
-    _run(model, accumulators, data, batch_size, progress)
+    _run(model, accumulators, data, batch_size, progress, source_dir)
     for name, keys in uses.items():
         info = results[name]
         accs = [accumulators[k] for k in keys]
@@ -194,9 +198,10 @@ def _columns(target: WeightTarget, form: LayerForm) -> Tuple[int, int]:
     return target.shape[target.reduction_axis], 1
 
 
-def _run(model: onnx.ModelProto, accumulators, data: InputSet, batch_size: int, progress: bool) -> None:
+def _run(model: onnx.ModelProto, accumulators, data: InputSet, batch_size: int, progress: bool,
+         source_dir: Optional[str] = None) -> None:
     """One pass over ``data`` with the layer inputs as extra outputs, folding each batch in."""
-    from graphprune.runtime import make_session, run
+    from graphprune.runtime import run
 
     tensors = sorted({tensor for tensor, _ in accumulators})
     feeds_by_name = set(data.arrays)
@@ -206,7 +211,7 @@ def _run(model: onnx.ModelProto, accumulators, data: InputSet, batch_size: int, 
     # Extend the outputs in place and restore them: no copy of a large model's weights.
     model.graph.output.extend(onnx.ValueInfoProto(name=t) for t in added)
     try:
-        session = make_session(model, threads=None)
+        session = _session(model, source_dir)
     finally:
         del model.graph.output[len(model.graph.output) - len(added):]
     by_tensor: Dict[str, List[_Accumulator]] = {}
@@ -222,3 +227,26 @@ def _run(model: onnx.ModelProto, accumulators, data: InputSet, batch_size: int, 
                     acc.add(value)
             del values
             bar.update(1)
+
+
+def _session(model: onnx.ModelProto, source_dir: Optional[str]):
+    """The calibration session; weights left on disk are read by the runtime from ``source_dir``
+    (the proto without them is small: no temporary copy of a 2 GB model's data is written)."""
+    from graphprune.external_data import external_tensors
+    from graphprune.runtime import DISABLED_OPTIMIZERS, LOG_SEVERITY, make_session, ort
+
+    if source_dir is None or not any(True for _ in external_tensors(model)):
+        return make_session(model, threads=None)
+    from graphprune.model_io import for_ort
+
+    rt = ort()
+    options = rt.SessionOptions()
+    options.log_severity_level = LOG_SEVERITY
+    options.add_session_config_entry("session.model_external_initializers_file_folder_path", os.fspath(source_dir))
+    serialized = for_ort(model).SerializeToString()
+    try:
+        return rt.InferenceSession(serialized, options, providers=["CPUExecutionProvider"],
+                                   disabled_optimizers=list(DISABLED_OPTIMIZERS))
+    except Exception as exc:  # noqa: BLE001 - the runtime's refusal
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"onnxruntime cannot load the model: {first}") from None

@@ -111,6 +111,7 @@ def find_weights(
     op_types: Sequence[str] = DEFAULT_OP_TYPES,
     exclude: Sequence[str] = (),
     through_dequantize: bool = False,
+    on_disk: bool = False,
 ) -> Tuple[List[WeightTarget], List[SkippedWeight]]:
     """The weights of the main graph's ``op_types`` nodes that can be sparsified, and the skipped ones.
 
@@ -122,6 +123,8 @@ def find_weights(
         through_dequantize: also select a weight stored quantized (initializer -> DequantizeLinear ->
             node); the target is then the quantized initializer.  Pruning refuses these (zeroing a
             quantized value is only exact with a zero point of 0); compact storage accepts them.
+        on_disk: the caller reads weights whose external data was not loaded from disk itself
+            (otherwise they are skipped).
 
     A weight is skipped, with the reason, when it is computed rather than stored, is a graph input
     (overridable at run time), is not a float tensor, or is shared with a node that is not selected.
@@ -153,7 +156,7 @@ def find_weights(
         stored = _stored_name(weight, inits, producers, through_dequantize)
         if label in excluded or weight in excluded or (stored is not None and stored in excluded):
             continue
-        reason = _unusable_reason(weight, stored, inits, fed, producers)
+        reason = _unusable_reason(weight, stored, inits, fed, producers, on_disk)
         if reason:
             skipped.append(SkippedWeight(label, node.op_type, reason))
             continue
@@ -189,7 +192,7 @@ def _stored_name(weight: str, inits, producers, through_dequantize: bool) -> Opt
     return None
 
 
-def _unusable_reason(weight: str, stored: Optional[str], inits, fed, producers) -> Optional[str]:
+def _unusable_reason(weight: str, stored: Optional[str], inits, fed, producers, on_disk: bool = False) -> Optional[str]:
     if stored is None:
         producer = producers.get(weight)
         if producer is not None and producer.op_type == "DequantizeLinear":
@@ -200,7 +203,7 @@ def _unusable_reason(weight: str, stored: Optional[str], inits, fed, producers) 
     if stored in fed:
         return "weight initializer is also a graph input (overridable at run time)"
     init = inits[stored]
-    if init.data_location == onnx.TensorProto.EXTERNAL and not init.raw_data:
+    if init.data_location == onnx.TensorProto.EXTERNAL and not init.raw_data and not on_disk:
         return "weight data is external and was not loaded"
     dtype = onnx.helper.tensor_dtype_to_np_dtype(init.data_type)
     if stored == weight and not np.issubdtype(dtype, np.floating):
