@@ -84,11 +84,14 @@ def _latency_ratio(original: str, pruned: str, shape, rounds: int = 15, runs: in
     return float(np.median(ratios))
 
 
-def _finetune(model_path: str, teacher: onnx.ModelProto, data, features: str, args) -> tuple:
+def _finetune(model_path: str, teacher: onnx.ModelProto, data, features: str, args, batchnorm: str = "recalibrate") -> tuple:
+    """Distil ``model_path`` from ``teacher``.  After ``--reconstruct`` the BatchNorm statistics are kept:
+    the refit layers were fit to the original's activations, and statistics re-estimated from a few
+    thousand rendered lines move even the unpruned classifier (98.4% -> 81.2%)."""
     model = onnx.load(model_path)
     start = time.perf_counter()
     result = FineTunePass(data=data, teacher=teacher, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
-                          features=features, patience=args.patience, threads=args.threads)(model)
+                          features=features, patience=args.patience, threads=args.threads, batchnorm=batchnorm)(model)
     seconds = time.perf_counter() - start
     out = model_path.replace(".onnx", f"_ft_{features}.onnx")
     onnx.save(result.model, out)
@@ -154,7 +157,7 @@ def _recovered(kind, tag, target, ratio, original_path, original, data, calib, s
     rec = os.path.join(work, f"{tag}_rec.onnx")
     _cli("prune", original_path, "-o", rec, *how, "--reconstruct", *common)
     prune_s = time.perf_counter() - start
-    ft, ft_s, stats = _finetune(rec, original, data, "auto", args)
+    ft, ft_s, stats = _finetune(rec, original, data, "auto", args, batchnorm="keep")
     recipe = ("--target-macs" if budget else f"uniform --ratio {ratio:.3f}") + " + --reconstruct + feature distillation"
     return {"model": kind, "recipe": recipe, "target": target, "macs": count_macs(onnx.load(rec), {"x": shape}) / base_macs,
             "no_recovery": metric(pruned), "reconstructed": metric(rec), "distilled": metric(ft),
@@ -184,8 +187,8 @@ def main(argv=None) -> int:
     parser.add_argument("--targets", nargs="*", type=float, default=[0.6, 0.4])
     parser.add_argument("--samples", type=int, default=2000, help="unlabelled training samples (at most the split)")
     parser.add_argument("--calib", type=int, default=128, help="of which calibration samples for the budget and reconstruction")
-    parser.add_argument("--epochs", type=int, default=3)
-    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--patience", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
