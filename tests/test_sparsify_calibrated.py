@@ -240,3 +240,23 @@ def test_sparsity_zero_is_a_no_op_without_calibration():
     model = small_net()
     result = SparsifyWeightsPass(sparsity=0.0, criterion="sparsegpt", data=_data())(model)
     assert not result.modified and result.model is model and "calibration" not in result.stats
+
+
+@pytest.mark.parametrize("pattern", [None, (2, 4)])
+def test_wanda_ranks_blocks_of_rows_as_it_ranks_the_whole_layer(monkeypatch, pattern):
+    from graphprune.sparsity import wanda
+
+    rng = np.random.default_rng(5)
+    matrix = rng.standard_normal((2, 37, 24)).astype(np.float32)  # 2 conv groups, 37 rows (uneven counts)
+    norms = rng.random((2, 24)).astype(np.float32)
+    count = 911  # not a multiple of 74 rows: some rows lose one more
+    whole = wanda.wanda_prune(matrix, norms, count, pattern)
+    monkeypatch.setattr(wanda, "_CHUNK_ELEMENTS", 5 * 24)  # 5 rows a block, the last one short
+    np.testing.assert_array_equal(wanda.wanda_prune(matrix, norms, count, pattern), whole)
+    if pattern is None:
+        assert int(whole.sum()) == count
+        scores = np.abs(matrix) * norms[:, None, :]
+        kept_min = np.where(whole, np.inf, scores).min(axis=-1)  # every row drops its smallest scores
+        assert (np.where(whole, scores, -np.inf).max(axis=-1) <= kept_min).all()
+    else:
+        assert (whole.reshape(-1, 4).sum(axis=1) == 2).all()

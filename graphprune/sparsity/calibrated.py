@@ -112,7 +112,7 @@ def calibrated_prune(
                     stats["fallbacks"].append({"weight": target.name, "reason": f"wanda instead: {info.reason}"})
                 norms = info.column_norms(matrix.shape[-1])
                 result = np.where(wanda_prune(matrix, norms, count, pattern, group), 0, matrix)
-            store(target, from_weight_matrix(result, w.shape, info.form, target.reduction_axis).astype(w.dtype))
+            store(target, from_weight_matrix(result, w.shape, info.form, target.reduction_axis).astype(w.dtype, copy=False))
             del w, matrix, result
             bar.update(1)
     stats["seconds"] = round(stats["calibration_seconds"] + time.perf_counter() - start, 3)

@@ -70,14 +70,28 @@ def n_m_prune(scores: np.ndarray, n: int, m: int) -> np.ndarray:
     return pruned.reshape(scores.shape)
 
 
+# Rows scored and ranked at a time: argpartition's int64 order is twice the float32 scores, so an
+# LLM's LM head (32000 x 1280) would otherwise hold ~0.5 GB of temporaries at once.
+_CHUNK_ELEMENTS = 1 << 22
+
+
 def wanda_prune(matrix: np.ndarray, column_norms: np.ndarray, count: Optional[int], pattern=None,
                 group: str = "row") -> np.ndarray:
     """Boolean ``[groups, rows, K]`` of the weights Wanda prunes: ``count`` of them (unstructured), or
     ``pattern = (n, m)`` per M consecutive columns."""
-    scores = wanda_scores(matrix, column_norms)
-    if pattern is not None:
-        return n_m_prune(scores, *pattern)
-    if group == "layer":
-        return prune_smallest(scores, count)
-    flat = scores.reshape(-1, scores.shape[-1])
-    return prune_smallest_per_row(flat, row_counts(flat.shape[0], count)).reshape(scores.shape)
+    if group == "layer" and pattern is None:
+        return prune_smallest(wanda_scores(matrix, column_norms), count)
+    # Row-wise decisions (per row, or per M columns of a row): a block of rows at a time.
+    groups, rows, columns = matrix.shape
+    pruned = np.empty(matrix.shape, dtype=bool)
+    counts = None if pattern is not None else row_counts(groups * rows, count).reshape(groups, rows)
+    step = max(1, _CHUNK_ELEMENTS // max(columns, 1))
+    for g in range(groups):
+        for start in range(0, rows, step):
+            block = slice(start, start + step)
+            scores = wanda_scores(matrix[g:g + 1, block], column_norms[g:g + 1])[0]
+            if pattern is not None:
+                pruned[g, block] = n_m_prune(scores, *pattern)
+            else:
+                pruned[g, block] = prune_smallest_per_row(scores, counts[g, block])
+    return pruned
