@@ -192,3 +192,14 @@ def test_cli_features_and_patience(tmp_path, capsys):
         out.unlink(missing_ok=True)
         assert main(base + bad) == 2
         assert message in capsys.readouterr().err and not out.exists()
+
+
+def test_normalization_statistics_are_not_features():
+    from graphprune.training.features import _float_node_outputs
+
+    nodes = [helper.make_node("ReduceMean", ["x"], ["mean"], axes=[-1]), helper.make_node("Sub", ["x", "mean"], ["d"]),
+             helper.make_node("Mul", ["d", "d"], ["sq"]), helper.make_node("Sqrt", ["sq"], ["std"]),
+             helper.make_node("Div", ["d", "std"], ["normed"]), helper.make_node("Add", ["normed", "x"], ["out"])]
+    graph = helper.make_graph(nodes, "ln", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 4])],
+                              [helper.make_tensor_value_info("out", onnx.TensorProto.FLOAT, ["N", 4])])
+    assert _float_node_outputs(helper.make_model(graph)) == ["sq", "normed", "out"]

@@ -30,6 +30,9 @@ _CHANGED = 1e-4
 _MIN_ELEMENTS_PER_SAMPLE = 16
 # Ops whose output is only a view of its input: the tensor they read is the feature to match.
 _VIEW_OPS = {"Identity", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose", "Cast"}
+# Insides of a decomposed LayerNorm (x - mean, its square, the std): statistics, not a stage's output
+# (the PP-OCR recognizer's SVTR blocks gave Sub and Sqrt tensors as "features").
+_STATISTIC_OPS = {"Sub", "Pow", "Sqrt", "Reciprocal", "ReduceMean", "ReduceSum"}
 
 
 def _with_outputs(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
@@ -42,10 +45,11 @@ def _with_outputs(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelPro
 
 
 def _float_node_outputs(model: onnx.ModelProto) -> List[str]:
-    """Node outputs in graph order, without Constant nodes and views."""
+    """Node outputs in graph order, without Constant nodes, views and normalization statistics."""
     names = []
     for node in model.graph.node:
-        if node.op_type == "Constant" or node.op_type in _VIEW_OPS or node.domain not in ("", "ai.onnx"):
+        if (node.op_type == "Constant" or node.op_type in _VIEW_OPS or node.op_type in _STATISTIC_OPS
+                or node.domain not in ("", "ai.onnx")):
             continue
         names.extend(o for o in node.output if o)
     return names
