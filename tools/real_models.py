@@ -306,6 +306,7 @@ def evaluate(kind: str, model_path: str, threads: int = 2) -> float:
     x = np.load(npz)["x"]
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
+    opts.log_severity_level = 3
     session = ort.InferenceSession(model_path, opts, providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
     batch = 8 if kind == "det" else 64
