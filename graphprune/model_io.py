@@ -82,6 +82,9 @@ def load(path: "str | os.PathLike", load_external_data: bool = True) -> onnx.Mod
     if opset is not None and opset < 7:
         raise UserError(f"{path}: opset {opset} is too old (graphprune reads opset 7 and up)")
     from graphprune.opset_upgrade import upgrade_group_norm
+    from graphprune.shapes import name_negative_dims
+
+    name_negative_dims(model.graph)  # Paddle's -1 "any size" dims, before the door refuses negative dims
 
     try:
         model = upgrade_group_norm(model)

@@ -10,7 +10,27 @@ import onnx
 
 from graphprune.ir import clone, is_large, real_inputs, value_shape, weightless_copy
 
-__all__ = ["infer_shapes", "concrete_shapes", "with_input_shapes", "observed_shapes"]
+__all__ = ["infer_shapes", "concrete_shapes", "with_input_shapes", "observed_shapes", "name_negative_dims"]
+
+
+def name_negative_dims(graph: onnx.GraphProto) -> int:
+    """Give every declared dim of -1 a symbolic name; returns how many were named.
+
+    Paddle's exporter (every PP-OCR model) and older Keras/tf2onnx exports write a dynamic dim as
+    ``dim_value: -1`` on the graph's inputs, outputs and value_info.  ONNX says a dim is a
+    non-negative value or a name; ONNX Runtime reads -1 as "any size".  A name per tensor and axis
+    says exactly that and claims no equality between dims the model does not tie together.  Other
+    negative values follow no convention: they stay, and the door refuses them.
+    """
+    named = 0
+    for vi in list(graph.input) + list(graph.output) + list(graph.value_info):
+        if not vi.type.HasField("tensor_type") or not vi.type.tensor_type.HasField("shape"):
+            continue
+        for axis, dim in enumerate(vi.type.tensor_type.shape.dim):
+            if dim.HasField("dim_value") and dim.dim_value == -1:
+                dim.dim_param = f"{vi.name}_dim{axis}"  # setting the name clears the value (a oneof)
+                named += 1
+    return named
 
 
 def infer_shapes(model: onnx.ModelProto, strict: bool = False, inplace: bool = False) -> onnx.ModelProto:

@@ -7,6 +7,7 @@ import warnings
 
 import numpy as np
 import onnx
+import onnxruntime
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
@@ -235,3 +236,21 @@ def test_non_finite_results_are_never_written(tmp_path, capfd):
     assert main(["finetune", path, "-o", str(out), "--data", data, "--labels", "y", "--epochs", "0"]) == 2
     assert "not finite" in capfd.readouterr().err
     assert not out.exists()
+
+
+def test_paddle_style_minus_one_dims_read_as_dynamic(tmp_path, capfd):
+    # Paddle (every PP-OCR model) declares its dynamic batch as dim_value -1: ONNX Runtime runs such
+    # models, so the door must not refuse them; the dims come out named.
+    model = fuzz.conv_model()
+    for vi in list(model.graph.input) + list(model.graph.output):
+        vi.type.tensor_type.shape.dim[0].dim_value = -1
+    path = _save(model, tmp_path / "m.onnx")
+    out = str(tmp_path / "o.onnx")
+    assert main(["prune", path, "-o", out, "--ratio", "0.5"]) == 0, capfd.readouterr().err
+    written = onnx.load(out)
+    onnx.checker.check_model(written, full_check=True)
+    assert written.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "x_dim0"
+    assert all(d.dim_value >= 0 for vi in written.graph.input for d in vi.type.tensor_type.shape.dim)
+    session = onnxruntime.InferenceSession(out, providers=["CPUExecutionProvider"])
+    shape = [2] + [d.dim_value for d in written.graph.input[0].type.tensor_type.shape.dim[1:]]
+    assert session.run(None, {"x": np.ones(shape, np.float32)})[0].shape[0] == 2
