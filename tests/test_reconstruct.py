@@ -1,5 +1,6 @@
 """Reconstruction after pruning: exact on redundant channels, better than plain pruning, a no-op at ratio 0."""
 
+import os
 import numpy as np
 import onnx
 import pytest
@@ -171,3 +172,25 @@ def test_cli_budget_prune_reconstructs_and_blocks_are_refused(tmp_path, capsys):
     out.unlink()
     assert main(["prune", path, "-o", str(out), "--blocks", "1", "--reconstruct", "--data", data]) == 2
     assert "not with --blocks" in capsys.readouterr().err and not out.exists()
+
+
+def test_finetune_keeps_the_statistics_a_reconstruction_refit_to_until_the_next_removal():
+    # Re-estimating BatchNorm statistics after reconstruct undoes the refit (README, PP-OCR cls):
+    # finetune's default keeps them right after reconstruct, and re-estimates after a new removal.
+    from graphprune.data import load_inputs
+    from graphprune.passes.finetune import FineTunePass
+
+    model = onnx.load(os.path.join(os.path.dirname(__file__), "..", "models", "digits_cnn.onnx"))
+    data = load_inputs(os.path.join(os.path.dirname(__file__), "..", "models", "digits_train.npz"), model)[0]
+    data = data.subset(range(64))
+    pruned = prune_channels(model, ratio=0.3)
+    rebuilt = ReconstructPass(original=model, data=data)(pruned).model
+
+    def recalibrated(candidate, batchnorm="auto"):
+        result = FineTunePass(data=data, teacher=model, epochs=0, batchnorm=batchnorm)(candidate)
+        return result.stats["batchnorm_recalibrated"]
+
+    assert recalibrated(rebuilt) == 0
+    assert recalibrated(rebuilt, "recalibrate") > 0
+    assert recalibrated(pruned) > 0  # not reconstructed: re-estimated as before
+    assert recalibrated(prune_channels(rebuilt, ratio=0.2)) > 0  # a new removal voids the mark

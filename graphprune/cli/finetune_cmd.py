@@ -41,8 +41,9 @@ def register(sub) -> None:
     p.add_argument("--feature-weight", default="1", help="weight of the feature terms beside the output loss (default 1)")
     p.add_argument("--max-features", default="4", help="how many features --features auto matches (default 4)")
     p.add_argument("--patience", metavar="N", help="early stopping: stop after N epochs without a better validation loss")
-    p.add_argument("--batchnorm", choices=["recalibrate", "keep"], default="recalibrate",
-                   help="re-estimate BatchNorm statistics from --data before training (default) or keep them")
+    p.add_argument("--batchnorm", choices=["auto", "recalibrate", "keep"], default="auto",
+                   help="re-estimate BatchNorm statistics from --data before training, or keep them; auto "
+                        "(default): keep them after prune --reconstruct, re-estimate otherwise")
     p.add_argument("--output-name", metavar="NAME", help="the model output to train (default: the first)")
     p.add_argument("--seed", type=int, default=0, help="shuffling and split seed")
     p.add_argument("--threads", type=int, help="training threads (default: onnxruntime decides)")

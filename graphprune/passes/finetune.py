@@ -13,7 +13,7 @@ from graphprune.data import InputSet, input_specs
 from graphprune.errors import UserError
 from graphprune.passes.base import Pass, PassResult, register_pass
 from graphprune.training.artifacts import TrainingSession, build_training_graph, prepare_for_training
-from graphprune.training.batchnorm import recalibrate_batchnorm
+from graphprune.training.batchnorm import recalibrate_batchnorm, statistics_follow_reconstruction
 from graphprune.training.losses import BatchTargets, LossSpec, resolve_loss
 from graphprune.training.loop import TrainConfig, train_loop
 from graphprune.training.masks import apply_masks, read_masks
@@ -76,7 +76,8 @@ class FineTunePass(Pass):
         feature_weight: weight of the feature terms (together) beside the output loss.
         max_features: how many features "auto" picks.
         patience: early stopping: stop after this many epochs without a better validation loss.
-        batchnorm: "recalibrate" (re-estimate BatchNorm statistics from ``data`` first) or "keep".
+        batchnorm: "recalibrate" (re-estimate BatchNorm statistics from ``data`` first), "keep", or
+            "auto" (default): keep after ``reconstruct`` refit the layers, recalibrate otherwise.
         output: the output to train (default: the first float32 output).
         threads: intra-op threads for training (None: onnxruntime decides).
         providers: onnxruntime execution providers for training (default CPU), e.g.
@@ -106,7 +107,7 @@ class FineTunePass(Pass):
         feature_weight: float = 1.0,
         max_features: int = 4,
         patience: Optional[int] = None,
-        batchnorm: str = "recalibrate",
+        batchnorm: str = "auto",
         output: Optional[str] = None,
         seed: int = 0,
         threads: Optional[int] = None,
@@ -123,8 +124,8 @@ class FineTunePass(Pass):
             raise UserError(f"validation split {val_split} is outside [0, 1)")
         if optimizer not in ("adamw", "sgd"):
             raise UserError(f"optimizer {optimizer!r}: choose adamw or sgd")
-        if batchnorm not in ("recalibrate", "keep"):
-            raise UserError(f"batchnorm {batchnorm!r}: choose recalibrate or keep")
+        if batchnorm not in ("auto", "recalibrate", "keep"):
+            raise UserError(f"batchnorm {batchnorm!r}: choose auto, recalibrate or keep")
         self.batchnorm = batchnorm
         self.val_split = float(val_split)
         self.optimizer = optimizer
@@ -163,7 +164,8 @@ class FineTunePass(Pass):
         start = time.perf_counter()
         train_idx, val_idx = self._split()
         base, recalibrated = model, 0
-        if self.batchnorm == "recalibrate":
+        auto_keep = self.batchnorm == "auto" and statistics_follow_reconstruction(model)
+        if self.batchnorm == "recalibrate" or (self.batchnorm == "auto" and not auto_keep):
             base, recalibrated = recalibrate_batchnorm(model, self.data.subset(train_idx), self.threads)
         work, trainable = prepare_for_training(base)
         spec, output_shape, out_names = self._loss_spec(model)

@@ -104,6 +104,10 @@ class ReconstructPass(Pass):
             from graphprune.training.batchnorm import recalibrate_batchnorm
 
             result, stats["batchnorm_recalibrated"] = recalibrate_batchnorm(result, self.data, threads=self.threads)
+        elif stats["layers"]:
+            from graphprune.training.batchnorm import mark_reconstructed
+
+            mark_reconstructed(result)  # finetune's default then keeps these statistics
         stats["seconds"] = round(time.perf_counter() - start, 4)
         return PassResult(result, bool(stats["layers"]), stats)
 
