@@ -21,6 +21,7 @@ from onnx import helper, numpy_helper
 from graphprune import ir
 from graphprune.data import InputSet
 from graphprune.errors import UserError
+from graphprune.pruning.apply import REMOVED_CHANNELS_KEY
 
 __all__ = ["recalibrate_batchnorm", "mark_reconstructed", "statistics_follow_reconstruction"]
 
@@ -29,7 +30,6 @@ __all__ = ["recalibrate_batchnorm", "mark_reconstructed", "statistics_follow_rec
 # after fine-tuning).  The mark holds the removal record it followed: a later prune rewrites that
 # record (graphprune.pruning.apply), so the mark then no longer applies.
 RECONSTRUCTED_KEY = "graphprune.reconstructed_after"
-_REMOVED_KEY = "graphprune.removed_channels"  # pruning.apply.REMOVED_CHANNELS_KEY (no import cycle)
 
 
 def _metadata(model: onnx.ModelProto, key: str) -> Optional[str]:
@@ -40,13 +40,13 @@ def mark_reconstructed(model: onnx.ModelProto) -> None:
     """Record in ``model`` that its layers were refit after its last removal (see RECONSTRUCTED_KEY)."""
     for prop in [p for p in model.metadata_props if p.key == RECONSTRUCTED_KEY]:
         model.metadata_props.remove(prop)
-    model.metadata_props.add(key=RECONSTRUCTED_KEY, value=_metadata(model, _REMOVED_KEY) or "")
+    model.metadata_props.add(key=RECONSTRUCTED_KEY, value=_metadata(model, REMOVED_CHANNELS_KEY) or "")
 
 
 def statistics_follow_reconstruction(model: onnx.ModelProto) -> bool:
     """Whether ``model`` was refit by ``reconstruct`` after its last removal, statistics kept."""
     mark = _metadata(model, RECONSTRUCTED_KEY)
-    return mark is not None and mark == (_metadata(model, _REMOVED_KEY) or "")
+    return mark is not None and mark == (_metadata(model, REMOVED_CHANNELS_KEY) or "")
 
 
 def _stored_constants(model: onnx.ModelProto) -> set:
