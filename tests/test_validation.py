@@ -1,15 +1,12 @@
 """Validation at the door, numbers that cannot be right, and checked inputs and arguments."""
 
-import io
-import json
 import os
-import warnings
 
 import numpy as np
 import onnx
 import onnxruntime
 import pytest
-from onnx import TensorProto, helper, numpy_helper
+from onnx import helper, numpy_helper
 
 from graphprune.cli import main
 from graphprune.data import load_inputs, random_inputs
@@ -17,6 +14,7 @@ from graphprune.errors import UserError
 from graphprune.model_io import load
 from graphprune.recipes import MAX_RECIPE_BYTES, build_pass, load_recipe
 from graphprune.testing import fuzz
+from graphprune.testing.fuzz import defects
 from graphprune.validation import check_finite, check_session, door, validate_model
 
 
@@ -26,21 +24,21 @@ def _save(model, path):
 
 
 @pytest.mark.parametrize("edit, expected", [
-    (fuzz._set_attr("conv1", "strides", [0, 1]), "strides [0, 1] must all be >= 1"),
-    (fuzz._set_attr("conv1", "dilations", [1, 0]), "dilations [1, 0] must all be >= 1"),
-    (fuzz._set_attr("conv1", "pads", [-1, 1, 1, 1]), "pads [-1, 1, 1, 1] must all be >= 0"),
-    (fuzz._set_attr("conv1", "pads", [1, 1]), "2 values per spatial axis"),
-    (fuzz._set_attr("conv2", "group", 0), "group 0 must be >= 1"),
-    (fuzz._set_attr("conv2", "group", 3), "group 3 does not divide the 4 output channels"),
-    (fuzz._pool_edit("strides", [0, 2]), "node 'pool' (MaxPool): strides"),
-    (fuzz._conv_transpose("strides", [0, 1]), "(ConvTranspose): strides"),
-    (fuzz._replace_init("c1.w", fuzz._negative_dims), "initializer 'c1.w' has negative dims"),
-    (fuzz._replace_init("c2.w", fuzz._short_raw), "initializer 'c2.w': 288 bytes of data"),
-    (fuzz._replace_init("c2.w", fuzz._nan_weight(float("nan"))), "weight 'c2.w' holds NaN or Inf"),
-    (fuzz._replace_init("bn.v", fuzz._nan_weight(float("inf"))), "weight 'bn.v' holds NaN or Inf"),
-    (fuzz._conflicting_vi, "7 input channels but weight [4, 4, 3, 3] with group 1 expects 4"),
-    (fuzz._conflicting_type, "invalid ONNX graph: "),
-    (fuzz._negative_input_dim, "declares a negative dim"),
+    (defects.set_attr("conv1", "strides", [0, 1]), "strides [0, 1] must all be >= 1"),
+    (defects.set_attr("conv1", "dilations", [1, 0]), "dilations [1, 0] must all be >= 1"),
+    (defects.set_attr("conv1", "pads", [-1, 1, 1, 1]), "pads [-1, 1, 1, 1] must all be >= 0"),
+    (defects.set_attr("conv1", "pads", [1, 1]), "2 values per spatial axis"),
+    (defects.set_attr("conv2", "group", 0), "group 0 must be >= 1"),
+    (defects.set_attr("conv2", "group", 3), "group 3 does not divide the 4 output channels"),
+    (defects.pool_edit("strides", [0, 2]), "node 'pool' (MaxPool): strides"),
+    (defects.conv_transpose("strides", [0, 1]), "(ConvTranspose): strides"),
+    (defects.replace_init("c1.w", defects.negative_dims), "initializer 'c1.w' has negative dims"),
+    (defects.replace_init("c2.w", defects.short_raw), "initializer 'c2.w': 288 bytes of data"),
+    (defects.replace_init("c2.w", defects.nan_weight(float("nan"))), "weight 'c2.w' holds NaN or Inf"),
+    (defects.replace_init("bn.v", defects.nan_weight(float("inf"))), "weight 'bn.v' holds NaN or Inf"),
+    (defects.conflicting_vi, "7 input channels but weight [4, 4, 3, 3] with group 1 expects 4"),
+    (defects.conflicting_type, "invalid ONNX graph: "),
+    (defects.negative_input_dim, "declares a negative dim"),
 ])
 def test_validate_model_names_the_first_problem(edit, expected):
     with pytest.raises(UserError, match=None) as info:
@@ -54,18 +52,18 @@ def test_validate_model_zero_channels_and_session():
         validate_model(fuzz.conv_model(channels=0), need_session=False)
     validate_model(fuzz.conv_model(), need_session=True)  # the valid model passes every step
     with pytest.raises(UserError, match="onnxruntime cannot load the model: .*NoSuchOp"):
-        check_session(fuzz.conv_model(edit=fuzz._unknown_op))
+        check_session(fuzz.conv_model(edit=defects.unknown_op))
 
 
 def test_load_validates_only_under_the_door(tmp_path):
-    path = _save(fuzz.conv_model(edit=fuzz._set_attr("conv1", "strides", [0, 1])), tmp_path / "m.onnx")
+    path = _save(fuzz.conv_model(edit=defects.set_attr("conv1", "strides", [0, 1])), tmp_path / "m.onnx")
     load(path)  # library users: unchanged
     with door(need_session=False), pytest.raises(UserError, match=r"m\.onnx: node 'conv1' \(Conv\): strides"):
         load(path)
 
 
 def test_stride_zero_is_refused_by_every_command_without_crashing(tmp_path, capfd):
-    path = _save(fuzz.conv_model(edit=fuzz._set_attr("conv1", "strides", [0, 1])), tmp_path / "m.onnx")
+    path = _save(fuzz.conv_model(edit=defects.set_attr("conv1", "strides", [0, 1])), tmp_path / "m.onnx")
     for argv in (["inspect", path], ["prune", path, "-o", str(tmp_path / "o.onnx"), "--ratio", "0.5"]):
         assert main(argv) == 2
         err = capfd.readouterr().err
@@ -74,7 +72,7 @@ def test_stride_zero_is_refused_by_every_command_without_crashing(tmp_path, capf
 
 
 def test_runtime_log_lines_do_not_leak(tmp_path, capfd):
-    path = _save(fuzz.conv_model(edit=fuzz._unknown_op), tmp_path / "m.onnx")
+    path = _save(fuzz.conv_model(edit=defects.unknown_op), tmp_path / "m.onnx")
     assert main(["prune", path, "-o", str(tmp_path / "o.onnx"), "--ratio", "0.5"]) == 2
     err = capfd.readouterr().err
     assert err.count("\n") == 1, err
@@ -223,8 +221,8 @@ def test_malformed_mask_records_are_ignored_with_a_warning(tmp_path, capfd, key,
 
 def test_non_finite_results_are_never_written(tmp_path, capfd):
     """BatchNorm statistics re-estimated from data that overflow float32 are refused, not written."""
-    from graphprune.passes.finetune import FineTunePass
     from graphprune.data import InputSet
+    from graphprune.passes.finetune import FineTunePass
 
     model = fuzz.conv_model()
     huge = np.full((4, 3, 8, 8), 3e38, np.float32)
