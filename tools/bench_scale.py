@@ -3,7 +3,7 @@
 Usage:
     .venv/bin/python tools/bench_scale.py [--sizes 0.5,2.5] [--kinds mlp,conv] [--nodes 20000]
         [--commands inspect,prune,sparsify,quantize,canonicalize] [--timeout 1200]
-        [--dir /tmp/graphprune-scale] [--keep] [--json out.json] [--rss-limit 2.0]
+        [--dir /tmp/graphprune-scale] [--keep] [--reuse] [--json out.json] [--rss-limit 2.0]
 
 Models are generated straight to disk with their weights in an external-data file (streamed one
 layer at a time, so generating a 6 GB model needs no 6 GB of memory):
@@ -225,10 +225,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--timeout", type=float, default=1200.0, help="seconds per command")
     ap.add_argument("--dir", default="/tmp/graphprune-scale")
     ap.add_argument("--keep", action="store_true", help="keep the generated models")
+    ap.add_argument("--reuse", action="store_true",
+                    help="use a model already in --dir (from a --keep run) instead of generating it again "
+                    "(a 6 GB model takes minutes to write); implies --keep")
     ap.add_argument("--json", help="write the results here")
     ap.add_argument("--rss-limit", type=float, default=0.0,
                     help="kill a command whose RSS passes this multiple of the model's size (0: no limit)")
     args = ap.parse_args(argv)
+    args.keep = args.keep or args.reuse
     commands = [c for c in args.commands.split(",") if c]
     os.makedirs(args.dir, exist_ok=True)
     rng = np.random.default_rng(0)
@@ -243,7 +247,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         name = f"{kind}-{int(amount)}" if kind == "nodes" else f"{kind}-{amount:g}GB"
         path = os.path.join(args.dir, name + ".onnx")
         maker = {"mlp": make_mlp, "conv": make_conv, "nodes": make_many_nodes}[kind]
-        maker(path, int(amount) if kind == "nodes" else int(amount * GB), rng)
+        if not (args.reuse and os.path.exists(path) and os.path.exists(path + ".data")):
+            maker(path, int(amount) if kind == "nodes" else int(amount * GB), rng)
         size = _files_size(path)
         for command in commands:
             out = os.path.join(args.dir, f"{name}.{command}.onnx")
