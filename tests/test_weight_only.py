@@ -83,7 +83,7 @@ def test_int4_matmulnbits_equals_dequantized_twin(block_size):
     twin = _dequantized_twin(model, 4, block_size)
     for got, want in zip(_run(result.model, feed), _run(twin, feed)):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
-    assert result.stats["formats"] == {"embedding int4": 2, "gemm int4": 1, "matmul int4": 6}
+    assert result.stats["formats"] == {"embedding int4": 2, "gemm int4": 2, "matmul int4": 6}  # the 64 x 2 head too
     assert result.stats["float_bytes"] / result.stats["quantized_bytes"] > (6.0 if block_size >= 32 else 5.0)
 
 
@@ -154,7 +154,7 @@ def test_data_aware_int4_runs_and_is_no_worse_than_rtn(algorithm):
 
 def test_refusals():
     with pytest.raises(UserError, match="no MatMul/Gemm weight"):
-        QuantizeWeightsPass(bits=4)(conv_model(width=32))  # the conv weight alone: no int4 kernel
+        QuantizeWeightsPass(bits=4)(conv_model(width=4))  # the conv weight alone (fc too small to pay): no int4 kernel
     with pytest.raises(UserError, match="block-size 48"):
         QuantizeWeightsPass(bits=4, block_size=48)
     with pytest.raises(UserError, match="needs calibration data"):
@@ -189,12 +189,12 @@ def test_weights_held_by_constant_nodes():
     model.opset_import[0].version = 11
     feed = {"x": np.random.default_rng(0).standard_normal((2, 3, 8, 8)).astype(np.float32)}
     result = QuantizeWeightsPass(bits=8)(model)
-    assert result.stats["formats"] == {"conv int8": 1}
+    assert result.stats["formats"] == {"conv int8": 1, "gemm int8": 1}
     check_model(result.model, full=True)
     constants = [n for n in result.model.graph.node if n.op_type == "Constant"]
-    assert [c.output[0] for c in constants] == ["b", "fc"]  # the small ones stay float
+    assert [c.output[0] for c in constants] == ["b"]  # the bias stays float: int8 would not be smaller
     ops = [n.op_type for n in result.model.graph.node]
-    assert "DequantizeLinear" not in ops and {"Cast", "Mul"} <= set(ops)  # opset 11: Cast and Mul
+    assert "DequantizeLinear" not in ops and ops.count("Cast") == ops.count("Mul") == 2  # opset 11: Cast and Mul
     np.testing.assert_allclose(_run(result.model, feed, "basic")[0], _run(model, feed, "basic")[0], rtol=0.02, atol=0.02)
 
 
@@ -216,3 +216,19 @@ def test_float16_weights_keep_float16_scales(bits, bound):
     assert result.stats["formats"] == {f"embedding int{bits}": 1, f"matmul int{bits}": 1}
     got, want = _run(result.model, feed)[0], _run(model, feed)[0]
     assert got.dtype == np.float16 and _rel(got.astype(np.float32), want.astype(np.float32)) < bound
+
+
+@pytest.mark.parametrize("folded", [False, True])
+def test_conv_weights_are_dequantized_at_load_and_matmuls_unless_folded(folded):
+    """Conv weights are Cast + Mul (ONNX Runtime folds them at load; a DequantizeLinear would run at
+    every inference, outside the NCHWc Conv); MatMul/Gemm weights take DequantizeLinear (fused into
+    8-bit MatMulNBits) unless ``folded`` asks for float speed and math everywhere."""
+    model = conv_model(width=32)  # opset 17: per-axis DequantizeLinear exists
+    result = QuantizeWeightsPass(bits=8, folded=folded)(model)
+    check_model(result.model, full=True)
+    producers = {o: n.op_type for n in result.model.graph.node for o in n.output}
+    assert producers["w"] == "Mul" and producers["fc"] == ("Mul" if folded else "DequantizeLinear")
+    assert result.stats["formats"] == {"conv int8": 1, "gemm int8": 1}  # the 32-value bias stays float
+    feed = {"x": np.random.default_rng(0).standard_normal((2, 3, 8, 8)).astype(np.float32)}
+    twin = _dequantized_twin(model, 8)
+    np.testing.assert_allclose(_run(result.model, feed, "basic")[0], _run(twin, feed, "basic")[0], rtol=1e-5, atol=1e-5)

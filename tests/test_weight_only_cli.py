@@ -84,28 +84,74 @@ def test_data_aware_cli(tmp_path, monkeypatch, algorithm, external):
     check_model(onnx.load(out), full=True)
 
 
+def _paddle_like_cnn(seed=0):
+    """x[1,3,16,16] -> Conv 3x3 (32) -> BN -> Relu -> depthwise Conv 3x3 -> BN -> Relu -> Conv 1x1 (64)
+    -> BN -> Relu -> GlobalAveragePool -> Flatten -> MatMul (10), every weight a Constant node, opset 11:
+    the form of PP-OCR's Paddle exports."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+    arrays, nodes, x = {}, [], "x"
+    for i, (shape, group) in enumerate([((32, 3, 3, 3), 1), ((32, 1, 3, 3), 32), ((64, 32, 1, 1), 1)]):
+        c = shape[0]
+        arrays[f"w{i}"] = (rng.standard_normal(shape) / np.sqrt(np.prod(shape[1:]))).astype(np.float32)
+        for name, value in [("scale", rng.uniform(0.5, 1.5, c)), ("beta", rng.normal(0, 0.1, c)),
+                            ("mean", rng.normal(0, 0.1, c)), ("var", rng.uniform(0.5, 1.5, c))]:
+            arrays[f"bn{i}_{name}"] = value.astype(np.float32)
+        pads = [1, 1, 1, 1] if shape[-1] == 3 else [0, 0, 0, 0]
+        nodes += [helper.make_node("Conv", [x, f"w{i}"], [f"c{i}"], group=group, pads=pads),
+                  helper.make_node("BatchNormalization", [f"c{i}"] + [f"bn{i}_{n}" for n in ("scale", "beta", "mean", "var")],
+                                   [f"n{i}"]),
+                  helper.make_node("Relu", [f"n{i}"], [f"r{i}"])]
+        x = f"r{i}"
+    arrays["fc"] = (rng.standard_normal((64, 10)) / 8).astype(np.float32)
+    nodes += [helper.make_node("GlobalAveragePool", [x], ["p"]), helper.make_node("Flatten", ["p"], ["f"]),
+              helper.make_node("MatMul", ["f", "fc"], ["y"])]
+    consts = [helper.make_node("Constant", [], [k], value=numpy_helper.from_array(v, k)) for k, v in arrays.items()]
+    graph = helper.make_graph(consts + nodes, "paddle_like",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 16, 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 10])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 11)])
+    model.ir_version = 7
+    return model
+
+
+def _optimized_ops(path, tmp_path):
+    """The op types of the graph ONNX Runtime runs (its optimized model), in order."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / (os.path.basename(path) + ".optimized.onnx"))
+    ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    return [(n.domain, n.op_type) for n in onnx.load(options.optimized_model_filepath).graph.node]
+
+
 def test_static_quantize_falls_back_to_int8_weight_storage(tmp_path, capsys, monkeypatch):
-    """Forces 'int8 pays nowhere' (the planner chooses no placement): the file still shrinks ~4x."""
+    """Forces 'int8 pays nowhere' (the planner chooses no placement): BatchNormalization is folded,
+    every weight stored in int8 (Constant nodes included), the file ~4x smaller, and ONNX Runtime
+    folds the dequantization at load, so it runs the float model's graph."""
     import importlib
 
     insert_qdq = importlib.import_module("graphprune.passes.insert_qdq")  # the module, not the function
     monkeypatch.setattr(insert_qdq._Planner, "choose", lambda self, candidates: (None, {}))
-    model = conv_model(dynamic_batch=False, width=64)
     src, out, report = str(tmp_path / "m.onnx"), str(tmp_path / "q.onnx"), str(tmp_path / "r.json")
-    onnx.save(model, src)
+    onnx.save(_paddle_like_cnn(), src)
     assert main(["quantize", src, "-o", out, "--no-measure", "--report", report]) == 0
     printed = capsys.readouterr().out
     assert "int8 does not make this model faster" in printed
     assert "falling back to int8 weight-only storage" in printed and "float model's speed" in printed
+    assert "3 BatchNormalization folded" in printed
     written = onnx.load(out)
     check_model(written, full=True)
-    assert any(n.op_type == "DequantizeLinear" for n in written.graph.node)
-    assert not any(n.op_type == "QuantizeLinear" for n in written.graph.node)  # activations stay float
-    assert os.path.getsize(out) < 0.4 * os.path.getsize(src)
-    x = {"x": np.random.default_rng(0).standard_normal((1, 3, 8, 8)).astype(np.float32)}
+    ops = {n.op_type for n in written.graph.node}
+    assert not ops & {"BatchNormalization", "Constant", "QuantizeLinear", "DequantizeLinear"}
+    assert os.path.getsize(out) < 0.34 * os.path.getsize(src)  # 18.8 KB -> 6.0 KB: 3,840 weights, 138 scales, 128 biases
+    x = {"x": np.random.default_rng(0).standard_normal((1, 3, 16, 16)).astype(np.float32)}
     got, want = _outputs(out, x)[0], _outputs(src, x)[0]
     assert np.linalg.norm(got - want) / np.linalg.norm(want) < 0.02
-    assert json.load(open(report))["fallback"]["formats"] == {"conv int8": 1, "gemm int8": 1}
+    fallback = json.load(open(report))["fallback"]
+    assert fallback["formats"] == {"conv int8": 3, "matmul int8": 1} and fallback["batchnorms_folded"] == 3
+    assert _optimized_ops(out, tmp_path) == _optimized_ops(src, tmp_path)  # Cast and Mul folded at load
 
 
 @pytest.mark.parametrize("args, message", [
@@ -119,7 +165,7 @@ def test_static_quantize_falls_back_to_int8_weight_storage(tmp_path, capsys, mon
 ])
 def test_bad_input_exits_2_and_writes_nothing(tmp_path, capsys, args, message):
     src, out = str(tmp_path / "m.onnx"), str(tmp_path / "q.onnx")
-    onnx.save(conv_model(width=32), src)
+    onnx.save(conv_model(width=4), src)  # fc too small to pay: no MatMul/Gemm weight for int4
     assert _code(["quantize", src, "-o", out, *args]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0]

@@ -66,26 +66,60 @@ def run(args) -> int:
 def fallback(args, model, static: PassResult) -> PassResult:
     """When no int8 kernel pays, the weights are still stored in int8 (about 4x smaller, float speed).
 
-    ``static`` is the static pass's result (``modified=False``); its stats are kept and the weight-only
-    stats added under "fallback".  A model without quantizable weights stays as it was.
+    The model is first brought to its storage form (``storage_form``: BatchNormalization folded,
+    Constant nodes as initializers), then every weight whose int8 form is smaller is stored in int8
+    per channel as Cast and Mul, which ONNX Runtime folds back into a float weight when it loads
+    the model: the float model's speed and math, rounded weights.  ``static`` is the static pass's
+    result (``modified=False``); its stats are kept and the weight-only stats added under
+    "fallback".  A model without quantizable weights stays as it was.
     """
+    from graphprune.ir import has_external_data, is_large
     from graphprune.passes.quantize_weights import QuantizeWeightsPass
 
     source_dir = os.path.dirname(os.path.abspath(args.model))
-    result = QuantizeWeightsPass(bits=8, source_dir=source_dir)(model)
+    # Weights left on disk are streamed by the weight-only pass; folding needs them in memory.
+    prepared, folded = (model, 0) if has_external_data(model) else storage_form(model)
+    result = QuantizeWeightsPass(bits=8, source_dir=source_dir, folded=True)(prepared)
     if not result.modified:
         return static
     stats = dict(static.stats)
-    stats["fallback"] = result.stats
+    stats["fallback"] = dict(result.stats, batchnorms_folded=folded)
+    if not is_large(model):  # serialized sizes, cheap for a model of this size
+        stats["fallback"]["model_bytes"] = [model.ByteSize(), result.model.ByteSize()]
     stats["chosen"] = "int8 weight-only storage"
     return PassResult(result.model, True, stats)
 
 
+def storage_form(model):
+    """(the model as int8 storage wants it, the number of BatchNormalizations folded).
+
+    Constant nodes become initializers, constant subgraphs are folded and dead nodes dropped
+    (``CanonicalizePass``); each BatchNormalization after a Conv is folded into it
+    (``prepare.fold_batchnorms``), so its four parameter vectors become one bias and the weight it
+    scaled is stored in int8; value_info the input did not have (shape inference's) is dropped:
+    bytes the file does not need.  The outputs are those of ``model``, which is not modified.
+    """
+    from graphprune.passes.canonicalize import CanonicalizePass
+    from graphprune.quantization.prepare import fold_batchnorms
+
+    canonical = CanonicalizePass()(model)
+    prepared = fold_batchnorms(canonical.model, copy=not canonical.modified)  # never the caller's proto
+    annotated = {vi.name for vi in model.graph.value_info}
+    kept = [vi for vi in prepared.graph.value_info if vi.name in annotated]
+    del prepared.graph.value_info[:]
+    prepared.graph.value_info.extend(kept)
+    count = sum(1 for n in model.graph.node if n.op_type == "BatchNormalization")
+    return prepared, count - sum(1 for n in prepared.graph.node if n.op_type == "BatchNormalization")
+
+
 def format_fallback(stats: dict) -> str:
     before, after = stats["float_bytes"], stats["quantized_bytes"]
-    return (f"falling back to int8 weight-only storage: {stats['weights_quantized']} weights in int8 per channel "
-            f"({before / 1e6:.3f} MB -> {after / 1e6:.3f} MB of weights, {before / max(after, 1):.1f}x smaller); "
-            "activations stay float, so it runs at the float model's speed")
+    folded = f", {stats['batchnorms_folded']} BatchNormalization folded into Conv" if stats.get("batchnorms_folded") else ""
+    line = (f"falling back to int8 weight-only storage: {stats['weights_quantized']} weights in int8 per channel{folded} "
+            f"({before / 1e6:.3f} MB -> {after / 1e6:.3f} MB of weights, {before / max(after, 1):.1f}x smaller")
+    if stats.get("model_bytes"):
+        line += f"; model {stats['model_bytes'][0]:,} -> {stats['model_bytes'][1]:,} bytes"
+    return line + "); activations stay float and the weights are dequantized at load: the float model's speed"
 
 
 def format_weights(stats: dict) -> str:

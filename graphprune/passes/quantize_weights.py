@@ -33,17 +33,19 @@ class QuantizeWeightsPass(Pass):
 
     Handles, in the main graph, constant weights of:
     - MatMul (input B, 2-D) and Gemm (input B; int4 only when ``transA`` is 0, ``alpha`` 1 and C, if
-      any, is added with ``beta`` 1): int8 symmetric per output channel through DequantizeLinear;
+      any, is added with ``beta`` 1): int8 symmetric per output channel through DequantizeLinear
+      (ONNX Runtime fuses it with the MatMul into 8-bit ``MatMulNBits``), or Cast and Mul with ``folded``;
       int4 symmetric in blocks of ``block_size`` along K as com.microsoft ``MatMulNBits`` when the
       runtime runs it (probed), else as opset-21 blocked DequantizeLinear -> MatMul;
-    - Conv (input W): int8 per output channel in both modes (no int4 convolution kernel exists);
+    - Conv (input W): int8 per output channel in both modes (no int4 convolution kernel exists), as
+      Cast and Mul, which ONNX Runtime folds into a float weight at load (float speed);
     - embedding tables (Gather axis 0 on a 2-D initializer): int8 per row (Gather of the int8 rows
       and of their scales, then a multiply: the table is never dequantized whole), or with int4
       com.microsoft ``GatherBlockQuantized`` when the runtime runs it and the width divides into
       blocks.
     A weight is quantized once even when several nodes read it; one read by nodes of different
     kinds, or as anything but their weight, stays float (``stats["skipped"]`` says why), and so do
-    weights under ``MIN_ELEMENTS``.
+    weights whose int8 form with its scales and nodes would not be smaller (biases, tiny weights).
 
     int4 weights are chosen by ``algorithm``: "rtn" (round to nearest, onnxruntime's own kernel),
     "awq" (activation-aware scales: the rows multiplying large inputs are scaled up before rounding,
@@ -67,12 +69,16 @@ class QuantizeWeightsPass(Pass):
         embeddings: also quantize embedding tables.
         accuracy_level: ``MatMulNBits``' accuracy_level (4: int8 activations inside the kernel, the
             fast path on x86; 0: float activations).
+        folded: every int8 weight as Cast and Mul, folded into a float weight when ONNX Runtime
+            loads the model: a smaller file at float speed and with float math (static
+            quantization's fallback), instead of 8-bit ``MatMulNBits`` kernels for MatMul/Gemm.
     """
 
     name = "quantize_weights"
 
     def __init__(self, bits: int = 8, block_size: int = 32, algorithm: str = "rtn", data=None,
-                 source_dir: Optional[str] = None, embeddings: bool = True, accuracy_level: int = 4):
+                 source_dir: Optional[str] = None, embeddings: bool = True, accuracy_level: int = 4,
+                 folded: bool = False):
         if bits not in (4, 8):
             raise UserError(f"weight-only quantization takes int8 or int4, not {bits} bits")
         if algorithm not in wo.ALGORITHMS:
@@ -88,6 +94,7 @@ class QuantizeWeightsPass(Pass):
         self.source_dir = None if source_dir is None else os.fspath(source_dir)
         self.embeddings = embeddings
         self.accuracy_level = int(accuracy_level)
+        self.folded = bool(folded)
 
     def requires(self, model: onnx.ModelProto) -> None:
         found = is_quantized(model)
@@ -102,7 +109,7 @@ class QuantizeWeightsPass(Pass):
         if not targets:
             return PassResult(model, False, {"weights_quantized": 0, "skipped": skipped})
         scales = self._data_aware(model, targets) if self.algorithm != "rtn" else {}
-        rewriter = Rewriter(model, self.source_dir, self.block_size, self.accuracy_level)
+        rewriter = Rewriter(model, self.source_dir, self.block_size, self.accuracy_level, self.folded)
         for target in targets.values():
             rewriter.quantize(target, self.algorithm, scales.get(target.name))
         result = rewriter.build()

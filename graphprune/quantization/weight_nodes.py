@@ -14,10 +14,12 @@ from graphprune.errors import UserError
 from graphprune.ir import copy_fields, get_attr
 from graphprune.quantization import weight_only as wo
 
-__all__ = ["Target", "find_targets", "constant_tensors", "Rewriter", "MIN_ELEMENTS"]
+__all__ = ["Target", "find_targets", "constant_tensors", "Rewriter", "NODE_BYTES"]
 
-# Weights smaller than this stay float: a DequantizeLinear per tiny tensor costs more than it saves.
-MIN_ELEMENTS = 256
+# What a quantized weight costs in the file besides its values and scales: the dequantizing
+# nodes and their tensor names (measured: 80-150 bytes a weight on PP-OCR cls).  A weight whose
+# int8 form plus this is not smaller than its float bytes stays float (biases, tiny weights).
+NODE_BYTES = 128
 _FLOAT_TYPES = {TensorProto.FLOAT: np.float32, TensorProto.FLOAT16: np.float16}
 
 
@@ -64,6 +66,15 @@ def constant_tensors(model: onnx.ModelProto) -> Dict[str, TensorProto]:
     return found
 
 
+def _int8_pays(tensor: TensorProto, axis: int) -> bool:
+    """Whether int8 values, one scale per index of ``axis`` and the dequantizing nodes take fewer
+    bytes than the float weight (int4 is smaller still, so this decides for both)."""
+    count = int(np.prod(tensor.dims))
+    itemsize = np.dtype(_FLOAT_TYPES[tensor.data_type]).itemsize
+    channels = int(tensor.dims[axis]) if len(tensor.dims) > axis else 1
+    return count + channels * itemsize + NODE_BYTES < count * itemsize
+
+
 def _gemm_int4_ok(node: onnx.NodeProto) -> bool:
     """MatMulNBits computes A @ B (+ C added after): only Gemm without transA, alpha 1 and beta 1 fits."""
     return (get_attr(node, "transA", 0) == 0 and get_attr(node, "alpha", 1.0) == 1.0
@@ -83,7 +94,7 @@ def find_targets(model: onnx.ModelProto, bits: int, block_size: int, embeddings:
     skipped: Dict[str, str] = {}
     for name, readers in uses.items():
         tensor = inits[name]
-        if tensor.data_type not in _FLOAT_TYPES or int(np.prod(tensor.dims)) < MIN_ELEMENTS:
+        if tensor.data_type not in _FLOAT_TYPES:
             continue
         roles = {_role(graph.node[i], j, tensor.dims) for i, j in readers}
         if roles == {None}:
@@ -97,6 +108,8 @@ def find_targets(model: onnx.ModelProto, bits: int, block_size: int, embeddings:
         if kind == "embedding" and not embeddings:
             continue
         transposed = kind == "gemm" and get_attr(nodes[0], "transB", 0) == 1
+        if not _int8_pays(tensor, 0 if kind in ("conv", "embedding") or transposed else 1):
+            continue
         if kind == "gemm" and any(get_attr(n, "transB", 0) != int(transposed) for n in nodes):
             skipped[name] = "read by Gemms with different transB"
             continue
@@ -126,8 +139,10 @@ class Rewriter:
     left on disk) and only their quantized form is kept.
     """
 
-    def __init__(self, model: onnx.ModelProto, source_dir: Optional[str], block_size: int, accuracy_level: int):
+    def __init__(self, model: onnx.ModelProto, source_dir: Optional[str], block_size: int, accuracy_level: int,
+                 folded: bool = False):
         self.model = model
+        self.folded = folded  # every int8 weight as Cast and Mul (see ``_int8``)
         self.source_dir = source_dir
         self.block_size = block_size
         self.accuracy_level = accuracy_level
@@ -137,7 +152,6 @@ class Rewriter:
         self.replaced: Dict[str, int] = {}  # weight -> its float bytes
         self.before: Dict[int, List[onnx.NodeProto]] = {}  # node index -> nodes inserted before it
         self.instead: Dict[int, List[onnx.NodeProto]] = {}  # node index -> its replacement
-        self.rewired: Dict[Tuple[int, int], str] = {}  # (node index, input index) -> new input name
         self.counts: Dict[str, int] = {}
         self.needs = set()  # "com.microsoft", "int4", "opset21"
         self._scaled_inputs: Dict[str, str] = {}
@@ -190,26 +204,35 @@ class Rewriter:
         return name
 
     def _int8(self, target: Target, tensor: TensorProto) -> None:
+        """int8 per channel, dequantized into a tensor of the weight's own name (its readers are unchanged).
+
+        Two forms.  ``DequantizeLinear`` (per axis from opset 13, float16 output from 19): ONNX
+        Runtime keeps it in the graph (it does not constant-fold DequantizeLinear, which its QDQ
+        fusions need) and fuses DequantizeLinear -> MatMul into 8-bit ``MatMulNBits``, the fast
+        path of weight-bound MatMuls.  ``Cast`` + ``Mul``, the same math: ONNX Runtime folds it
+        into a float weight when the session is created, so the model runs at float speed with
+        float math.  Conv weights always take the latter (a DequantizeLinear before a Conv runs at
+        every inference and keeps the Conv out of the NCHWc layout: PP-OCR cls 1.7x slower), and so
+        does every weight with ``folded``.
+        """
         w = self.read(target.name)
         axis = 0 if target.kind == "conv" or target.transposed else 1
         q, scale = wo.int8_per_channel(w, axis)
         del w
-        qname = self._add(f"{target.name}_q8", q)
-        out = f"{target.name}_dequantized"
+        name = target.name
+        qname = self._add(f"{name}_q8", q)
         first = min(i for i, _ in target.uses)
-        if self.opset >= 13 and (tensor.data_type == TensorProto.FLOAT or self.opset >= 19):
-            nodes = [helper.make_node("DequantizeLinear", [qname, self._add(f"{target.name}_scale", scale)], [out],
-                                      name=f"{target.name}_DequantizeLinear", axis=axis)]
-        else:  # per-axis DequantizeLinear needs opset 13 (fp16 output 19): the same math as Cast and Mul
+        per_axis = self.opset >= 13 and (tensor.data_type == TensorProto.FLOAT or self.opset >= 19)
+        if per_axis and not self.folded and target.kind != "conv":
+            nodes = [helper.make_node("DequantizeLinear", [qname, self._add(f"{name}_scale", scale)], [name],
+                                      name=f"{name}_DequantizeLinear", axis=axis)]
+        else:
             shape = [1] * q.ndim
             shape[axis] = -1
-            cast = f"{target.name}_q8_float"
-            nodes = [helper.make_node("Cast", [qname], [cast], name=f"{target.name}_Cast", to=tensor.data_type),
-                     helper.make_node("Mul", [cast, self._add(f"{target.name}_scale", scale.reshape(shape))], [out],
-                                      name=f"{target.name}_Dequantize")]
+            nodes = [helper.make_node("Cast", [qname], [f"{name}_q8f"], name=f"{name}_Cast", to=tensor.data_type),
+                     helper.make_node("Mul", [f"{name}_q8f", self._add(f"{name}_scale", scale.reshape(shape))], [name],
+                                      name=f"{name}_Dequantize")]
         self.before.setdefault(first, []).extend(nodes)
-        for use in target.uses:
-            self.rewired[use] = out
 
     def _embedding(self, target: Target, tensor: TensorProto) -> None:
         table = self.read(target.name)
@@ -323,11 +346,7 @@ class Rewriter:
             if i in self.instead:
                 out.graph.node.extend(self.instead[i])
                 continue
-            new = out.graph.node.add()
-            new.CopyFrom(node)
-            for j in range(len(new.input)):
-                if (i, j) in self.rewired:
-                    new.input[j] = self.rewired[(i, j)]
+            out.graph.node.add().CopyFrom(node)
         for tensor in graph.initializer:
             if tensor.name in self.replaced:
                 continue
