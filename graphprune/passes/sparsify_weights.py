@@ -17,6 +17,7 @@ from graphprune.passes.base import Pass, PassResult, register_pass
 from graphprune.progress import progress_bar
 from graphprune.sparsity import masks as masks_mod
 from graphprune.sparsity.calibrated import CALIBRATED, COMPARISON_GROUPS, CRITERIA, calibrate, calibrated_prune
+from graphprune.sparsity.selection import LazyWeights
 from graphprune.sparsity.report import overall_sparsity, sparsity_row
 from graphprune.sparsity.storage import MIN_OPSET, compact_initializers
 from graphprune.sparsity.targets import SkippedWeight, WeightTarget, find_weights, parse_op_types
@@ -185,7 +186,8 @@ class SparsifyWeightsPass(Pass):
             def keep(target: WeightTarget, value: np.ndarray) -> None:
                 rows[target.name] = sparsity_row(target.name, target.op_type, label, value)
 
-            self._prune(prunable, lambda name: self._read(inits[name]), store, keep)
+            dtypes = [onnx.helper.tensor_dtype_to_np_dtype(inits[t.name].data_type) for t in prunable]
+            self._prune(prunable, dtypes, lambda name: self._read(inits[name]), store, keep)
         if self.sparsity > 0 and prunable:
             masks_mod.write_mask_record(
                 work, {t.name: {"pattern": label, "sparsity": round(self.sparsity, 6)} for t in prunable}
@@ -212,9 +214,11 @@ class SparsifyWeightsPass(Pass):
         return PassResult(work if modified else model, modified, stats)
 
     def _read(self, tensor: onnx.TensorProto) -> np.ndarray:
-        """A weight's value, from memory or (one tensor's bytes) from its external data file."""
+        """A weight's value, from memory or (one tensor's bytes) from its external data file; the
+        array is the caller's own (writable)."""
         if tensor.data_location != onnx.TensorProto.EXTERNAL:
-            return numpy_helper.to_array(tensor)
+            value = numpy_helper.to_array(tensor)
+            return value if value.flags.writeable else value.copy()  # raw_data arrays view read-only bytes
         if self.source_dir is None:
             raise ValueError(f"weight {tensor.name!r} has its data on disk; the pass needs source_dir")
         entries = {e.key: e.value for e in tensor.external_data}
@@ -238,15 +242,18 @@ class SparsifyWeightsPass(Pass):
                 fitting.append(target)
         return fitting
 
-    def _prune(self, targets: List[WeightTarget], load, store, keep) -> None:
+    def _prune(self, targets: List[WeightTarget], dtypes: List[np.dtype], load, store, keep) -> None:
         """Zero each target's pruned entries: ``store(target, value)`` when it changed, else ``keep(target, value)``.
 
-        One layer's copy at a time, except for the global threshold, which ranks all weights at once.
+        One layer's copy at a time: the global threshold reads each weight a few times
+        (``sparsity.selection``) rather than holding them all.
         """
         if self.pattern is None and self.sparsity > 0 and targets:
             if self.scope == "global":
-                counts = masks_mod.global_prune_counts([load(t.name) for t in targets], self.sparsity,
-                                                       self.max_layer_sparsity)
+                # Weights read one at a time (and again per pass of the ranking), never all held.
+                lazy = LazyWeights([int(np.prod(t.shape, dtype=np.int64)) for t in targets],
+                                   [np.dtype(d) for d in dtypes], lambda i: load(targets[i].name))
+                counts = masks_mod.global_prune_counts(lazy, self.sparsity, self.max_layer_sparsity)
             else:
                 counts = [int(round(self.sparsity * int(np.prod(t.shape)))) for t in targets]
         with progress_bar(total=len(targets), desc="sparsify", enabled=self.progress, unit="layer") as bar:
@@ -259,9 +266,14 @@ class SparsifyWeightsPass(Pass):
                     mask = masks_mod.unstructured_mask(w, counts[i])
                 else:
                     mask = masks_mod.n_m_mask(w, self.pattern[0], self.pattern[1], target.reduction_axis)
-                pruned = np.where(mask, w, np.zeros((), dtype=w.dtype))
-                (keep if np.array_equal(pruned, w) else store)(target, pruned)
-                del w, mask, pruned
+                # In place (w is this pass's own copy): a layer-sized array fewer alive while it is stored.
+                drop = ~mask
+                del mask
+                changed = bool(np.count_nonzero(w[drop]))
+                w[drop] = 0
+                del drop
+                (store if changed else keep)(target, w)
+                del w
                 bar.update(1)
 
     def __repr__(self) -> str:

@@ -17,6 +17,7 @@ import numpy as np
 import onnx
 
 from graphprune.errors import UserError
+from graphprune.sparsity.selection import LazyWeights, smallest_counts
 
 __all__ = [
     "MASKS_KEY",
@@ -83,31 +84,32 @@ def _smallest(values: np.ndarray, count: int) -> np.ndarray:
     return chosen
 
 
-def global_prune_counts(weights: Sequence[np.ndarray], sparsity: float, max_layer_sparsity: float) -> List[int]:
+def global_prune_counts(weights: "Sequence[np.ndarray] | LazyWeights", sparsity: float,
+                        max_layer_sparsity: float) -> List[int]:
     """How many weights to prune in each layer for one global magnitude threshold.
 
     The ``round(sparsity * total)`` smallest magnitudes over all layers are pruned, except that no
     layer loses more than ``floor(max_layer_sparsity * size)`` weights (and always keeps one): a
     capped layer's excess is taken from the others, in global magnitude order.  The total is exact
     whenever ``max_layer_sparsity >= sparsity``.
+
+    ``weights`` are arrays, or a ``selection.LazyWeights`` read one at a time (models whose weights
+    stay on disk): past ``selection.IN_MEMORY_LIMIT`` weights the ranking streams them (radix
+    select) instead of concatenating their magnitudes, with the same result.
     """
-    sizes = [w.size for w in weights]
+    source = weights if isinstance(weights, LazyWeights) else LazyWeights.of(weights)
+    sizes = [int(n) for n in source.sizes]
     target = int(round(sparsity * sum(sizes)))
     caps = [min(int(math.floor(max_layer_sparsity * n)), n - 1) for n in sizes]
-    counts = [0] * len(weights)
+    counts = [0] * len(sizes)
     capped: set = set()
     while True:
         # Water-filling: the pool is every uncapped layer; capped layers sit at their cap.
-        free = [i for i in range(len(weights)) if i not in capped]
+        free = [i for i in range(len(sizes)) if i not in capped]
         budget = target - sum(caps[i] for i in capped)
         if not free or budget <= 0:
             break
-        magnitudes = np.concatenate([np.abs(weights[i]).ravel() for i in free])
-        budget = min(budget, magnitudes.size)
-        chosen = _smallest(magnitudes, budget)
-        del magnitudes  # as large as all the weights: freed before the per-layer counts
-        ends = np.cumsum([sizes[i] for i in free])
-        per_layer = [np.count_nonzero(chosen[end - sizes[i]:end]) for i, end in zip(free, ends)]
+        per_layer = smallest_counts(source, free, budget)
         newly_capped = [free[j] for j in range(len(free)) if per_layer[j] > caps[free[j]]]
         if not newly_capped:
             for j, i in enumerate(free):

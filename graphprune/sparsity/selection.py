@@ -1,0 +1,140 @@
+"""The ``count`` smallest magnitudes over many weights, found without holding them all (radix select).
+
+A global magnitude threshold ranks every selected weight at once.  Concatenating their magnitudes
+holds a copy of all of them (a 6 GB model needs 6 GB more); here the weights are read one at a time,
+a few times over: the magnitudes' bit patterns (non-negative floats order like unsigned integers)
+are histogrammed 16 bits at a time, from the top, narrowing to the bin that holds the ``count``-th
+smallest, until its exact value is known; a last pass counts, per weight, the magnitudes below it
+and the ties.  The result is what ``masks._smallest`` picks from the concatenation: ties go to the
+earlier position (earlier weight, then earlier index), and NaN sorts after everything.
+
+Memory: one weight and one histogram of 2^16 counts at a time.  Time: ``bits / 16 + 1`` reads of
+every weight (3 for float32), each a few numpy passes over one weight.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, List, Optional, Sequence
+
+import numpy as np
+
+__all__ = ["LazyWeights", "smallest_counts", "IN_MEMORY_LIMIT"]
+
+# Below this many weights in total the magnitudes are concatenated (one partition, faster than
+# three reads); above it they are streamed.
+IN_MEMORY_LIMIT = 2**24
+
+_DIGIT_BITS = 16
+_BUFFER = 2**22  # digits of small weights are histogrammed together: one bincount per 4M, not per weight
+
+
+@dataclasses.dataclass(frozen=True)
+class LazyWeights:
+    """Weights read on demand.
+
+    Attributes:
+        sizes: element count of each weight.
+        dtypes: numpy dtype of each weight (floating).
+        load: index -> the weight's values (any shape); called once per pass, so it may read from disk.
+    """
+
+    sizes: Sequence[int]
+    dtypes: Sequence[np.dtype]
+    load: Callable[[int], np.ndarray]
+
+    @classmethod
+    def of(cls, arrays: Sequence[np.ndarray]) -> "LazyWeights":
+        return cls([a.size for a in arrays], [a.dtype for a in arrays], arrays.__getitem__)
+
+
+def smallest_counts(weights: LazyWeights, layers: Sequence[int], count: int,
+                    in_memory_limit: Optional[int] = None) -> List[int]:
+    """For the ``count`` smallest magnitudes over ``layers`` (concatenated in that order, ties to
+    the earlier position), how many lie in each of those layers."""
+    sizes = [int(weights.sizes[i]) for i in layers]
+    total = sum(sizes)
+    if count <= 0:
+        return [0] * len(layers)
+    if count >= total:
+        return sizes
+    if total <= (IN_MEMORY_LIMIT if in_memory_limit is None else in_memory_limit):
+        return _in_memory(weights, layers, sizes, count)
+    # float16 and float32 compare exactly as the widest float among them: one key width for all.
+    dtype = np.result_type(*[weights.dtypes[i] for i in layers])
+    if dtype not in (np.float16, np.float32, np.float64):
+        return _in_memory(weights, layers, sizes, count)
+    bits = dtype.itemsize * 8
+    prefix, rank = 0, count  # the known top bits of the count-th key; its rank among keys with them
+    for level in range(bits // _DIGIT_BITS):
+        shift = bits - _DIGIT_BITS * (level + 1)
+        hist = _digit_histogram(weights, layers, dtype, prefix, level, shift)
+        cumulative = np.cumsum(hist)
+        digit = int(np.searchsorted(cumulative, rank))  # first bin whose cumulative count reaches rank
+        rank -= int(cumulative[digit - 1]) if digit else 0
+        prefix = (prefix << _DIGIT_BITS) | digit
+    threshold = _unsigned(dtype).type(prefix)
+    below, tied = [], []
+    for i in layers:
+        keys = _keys(weights.load(i), dtype)
+        below.append(int(np.count_nonzero(keys < threshold)))
+        tied.append(int(np.count_nonzero(keys == threshold)))
+        del keys
+    counts, ties_left = [], count - sum(below)
+    for under, equal in zip(below, tied):
+        take = min(equal, ties_left)  # ties to the earlier layer, as in the concatenation's order
+        ties_left -= take
+        counts.append(under + take)
+    return counts
+
+
+def _in_memory(weights: LazyWeights, layers: Sequence[int], sizes: List[int], count: int) -> List[int]:
+    from graphprune.sparsity.masks import _smallest
+
+    magnitudes = np.concatenate([np.abs(weights.load(i)).ravel() for i in layers])
+    chosen = _smallest(magnitudes, count)
+    del magnitudes  # as large as all the weights: freed before the per-layer counts
+    ends = np.cumsum(sizes)
+    return [int(np.count_nonzero(chosen[end - size:end])) for size, end in zip(sizes, ends)]
+
+
+def _unsigned(dtype: np.dtype) -> np.dtype:
+    return np.dtype(f"u{dtype.itemsize}")
+
+
+def _keys(weight: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """Unsigned integers that order as the magnitudes of ``weight`` (every NaN equal and last)."""
+    magnitudes = np.abs(np.asarray(weight).astype(dtype, copy=False)).ravel()  # a new array: ours to change
+    nan = np.isnan(magnitudes)
+    keys = magnitudes.view(_unsigned(dtype))
+    if nan.any():
+        keys[nan] = np.iinfo(keys.dtype).max
+    return keys
+
+
+def _digit_histogram(weights: LazyWeights, layers: Sequence[int], dtype: np.dtype, prefix: int,
+                     level: int, shift: int) -> np.ndarray:
+    """Counts of each 16-bit digit at ``shift`` among the keys whose higher bits equal ``prefix``."""
+    hist = np.zeros(2**_DIGIT_BITS, dtype=np.int64)
+    pending: List[np.ndarray] = []
+    buffered = 0
+    udtype = _unsigned(dtype)
+    for i in layers:
+        keys = _keys(weights.load(i), dtype)
+        if level:
+            keys = keys[(keys >> udtype.type(shift + _DIGIT_BITS)) == udtype.type(prefix)]
+        digits = ((keys >> udtype.type(shift)) & udtype.type(2**_DIGIT_BITS - 1)).astype(np.uint16)
+        del keys
+        pending.append(digits)
+        buffered += digits.size
+        if buffered >= _BUFFER:
+            hist += _bincount(pending)
+            pending, buffered = [], 0
+    if pending:
+        hist += _bincount(pending)
+    return hist
+
+
+def _bincount(digits: List[np.ndarray]) -> np.ndarray:
+    joined = digits[0] if len(digits) == 1 else np.concatenate(digits)
+    return np.bincount(joined, minlength=2**_DIGIT_BITS)
