@@ -43,6 +43,10 @@ class Identity(IndexMapping):
         idx = np.arange(n_src, dtype=np.int64)
         return idx, idx
 
+    def check(self, n_src, n_dst):  # no index arrays: checked once per coupling, tens of thousands of times
+        if n_src != n_dst:
+            raise MappingError(f"sizes differ ({n_src} vs {n_dst})")
+
     @property
     def is_identity(self) -> bool:
         return True

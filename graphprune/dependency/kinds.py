@@ -33,8 +33,11 @@ def stronger(a: Optional[str], b: Optional[str]) -> Optional[str]:
 
 
 def kind_of(tags: Iterable[Optional[str]]) -> str:
-    """The kind of a group whose members carry ``tags``."""
-    best: Optional[str] = None
-    for tag in tags:
-        best = stronger(best, tag)
-    return best or CHANNELS
+    """The kind of a group whose members carry ``tags``: ``stronger`` folded over them, in one pass
+    over a set (called for every group, several times per prune)."""
+    tags = list(tags)
+    present = set(tags)
+    for kind in _PRECEDENCE:
+        if kind in present:
+            return kind
+    return next((tag for tag in tags if tag is not None), None) or CHANNELS

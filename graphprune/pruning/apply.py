@@ -262,15 +262,16 @@ def apply_selection(dep: DependencyGraph, masks: Dict[DimKey, np.ndarray], mode:
         # into its SkipLayerNormalization, slower on CPU: 2.02x -> 1.74x for a BERT-base at 50%), so
         # a pruned model would no longer run like its original.
         annotated = {vi.name for vi in model.graph.value_info}
-        new.graph.value_info.extend(vi for vi in infer_value_info(new) if vi.name in annotated)
+        if annotated:  # none annotated (most exports): no inference at all
+            new.graph.value_info.extend(vi for vi in infer_value_info(new) if vi.name in annotated)
         _set_record(new, _remap_record(record, per_param))
-        removed = {name: {str(axis): [int(i) for i in np.flatnonzero(mask)] for axis, mask in axes}
+        removed = {name: {str(axis): np.flatnonzero(mask).tolist() for axis, mask in axes}
                    for name, axes in per_param.items()}
         _set_record(new, removed, REMOVED_CHANNELS_KEY)
     else:
         _set_record(new, {}, REMOVED_CHANNELS_KEY)  # a record of an earlier removal no longer describes this step
         now = {
-            name: {str(axis): [int(i) for i in np.flatnonzero(mask)] for axis, mask in axes}
+            name: {str(axis): np.flatnonzero(mask).tolist() for axis, mask in axes}
             for name, axes in per_param.items()
             if dep.roles.get(name) not in _NOT_ZEROED
         }
