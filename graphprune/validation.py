@@ -16,6 +16,11 @@ crash-preventing checks first: some defects crash ONNX's shape inference or ONNX
 
 The command line turns this on for every model it reads (``door``, set by ``graphprune.cli.main``; the
 ``model_io.load`` of library users is unchanged) and ``check_result`` runs 5 and 6 on what it writes.
+
+A command that runs no session on its input (``prune`` without data) defers step 6 for it
+(``deferred_session_check``): the result's own session check is what exit 0 needs, and the input is
+checked only when the result fails that check or the command fails with an internal error, to tell
+the user's input from our bug (on a 20,000-node graph each session costs about a second).
 """
 
 from __future__ import annotations
@@ -31,10 +36,13 @@ from onnx import helper
 
 from graphprune.errors import UserError
 
-__all__ = ["validate_model", "check_finite", "check_session", "check_result", "door", "door_policy"]
+__all__ = ["validate_model", "check_finite", "check_session", "check_result", "door", "door_policy",
+           "deferred_session_check"]
 
 # What the CLI asks of every model it loads: None (no door checks) or {"need_session": bool}.
 _DOOR: contextvars.ContextVar[Optional[dict]] = contextvars.ContextVar("graphprune_door", default=None)
+# Models whose door session check was deferred (``deferred_session_check``); None outside one.
+_DEFERRED: contextvars.ContextVar[Optional[list]] = contextvars.ContextVar("graphprune_deferred", default=None)
 
 # Ops whose window attributes reach kernels that divide by them or loop on them.
 _WINDOW_OPS = {"Conv", "ConvTranspose", "ConvInteger", "QLinearConv", "MaxPool", "AveragePool", "LpPool",
@@ -65,8 +73,51 @@ def door_policy() -> Optional[dict]:
     return _DOOR.get()
 
 
-def validate_model(model: onnx.ModelProto, need_session: bool) -> None:
-    """Raise ``UserError`` naming the first problem of ``model`` (see the module docstring for the order)."""
+@contextlib.contextmanager
+def deferred_session_check() -> Iterator[None]:
+    """Within this block the door skips its ONNX Runtime session check of the models it loads; each is
+    checked only when needed to say whose fault a failure is:
+
+    - a result that fails ``check_result``'s session check: the inputs are checked first, so an
+      input the runtime refuses is reported as such (``UserError``, exit 2), as the door would have;
+    - any other exception than ``UserError`` leaving the block: the same check of the inputs runs
+      first, so an input the runtime refuses is not reported as an internal error.
+
+    Use it only for commands that create no session on their inputs themselves.  Outside a door
+    that needs sessions it changes nothing.
+    """
+    policy = _DOOR.get()
+    if policy is None or not policy.get("need_session"):
+        yield
+        return
+    door_token = _DOOR.set({**policy, "need_session": False, "defer_session": True})
+    deferred_token = _DEFERRED.set([])
+    try:
+        yield
+    except UserError:
+        raise
+    except Exception:
+        check_deferred()  # the input's UserError replaces the internal error when the input is at fault
+        raise
+    finally:
+        _DEFERRED.reset(deferred_token)
+        _DOOR.reset(door_token)
+
+
+def check_deferred() -> None:
+    """Run the deferred session checks of the inputs loaded so far (``UserError`` for the first failure)."""
+    pending = _DEFERRED.get() or []
+    while pending:
+        check_session(pending.pop(0))
+
+
+def validate_model(model: onnx.ModelProto, need_session: bool, defer_session: bool = False) -> None:
+    """Raise ``UserError`` naming the first problem of ``model`` (see the module docstring for the order).
+
+    Args:
+        need_session: run step 6 (the ONNX Runtime session).
+        defer_session: instead, keep the model for ``check_deferred`` (inside ``deferred_session_check``).
+    """
     from graphprune.model_io import check_model
 
     _check_opset(model)
@@ -75,7 +126,10 @@ def validate_model(model: onnx.ModelProto, need_session: bool) -> None:
     _check_attributes(model.graph)
     check_model(model, full=True)
     check_finite(model)
-    if need_session:
+    deferred = _DEFERRED.get()
+    if defer_session and deferred is not None:
+        deferred.append(model)
+    elif need_session or defer_session:
         check_session(model)
 
 
@@ -86,7 +140,11 @@ def check_result(model: onnx.ModelProto) -> None:
     rate that diverged); a session failure is returned to the caller as ``UserError`` too.
     """
     check_finite(model, what="result")
-    check_session(model)
+    try:
+        check_session(model)
+    except UserError:
+        check_deferred()  # an input the runtime refuses is the user's problem, named as the door names it
+        raise
 
 
 def _check_opset(model: onnx.ModelProto) -> None:

@@ -252,3 +252,32 @@ def test_paddle_style_minus_one_dims_read_as_dynamic(tmp_path, capfd):
     session = onnxruntime.InferenceSession(out, providers=["CPUExecutionProvider"])
     shape = [2] + [d.dim_value for d in written.graph.input[0].type.tensor_type.shape.dim[1:]]
     assert session.run(None, {"x": np.ones(shape, np.float32)})[0].shape[0] == 2
+
+
+def test_deferred_session_check_names_the_input_only_when_something_fails(tmp_path):
+    """prune defers the door's session check of its input (each costs ~1 s on a 20,000-node graph):
+    the input is checked when the result fails its own check or an internal error escapes."""
+    from graphprune.validation import check_result, deferred_session_check
+
+    x = helper.make_tensor_value_info("x", onnx.TensorProto.DOUBLE, [1, 4])
+    y = helper.make_tensor_value_info("y", onnx.TensorProto.DOUBLE, [1, 4])
+    erf = helper.make_model(helper.make_graph([helper.make_node("Erf", ["x"], ["y"])], "g", [x], [y]),
+                            opset_imports=[helper.make_opsetid("", 17)])
+    bad = _save(erf, tmp_path / "bad.onnx")  # the checker accepts it; ORT has no double Erf kernel
+    good = _save(fuzz.conv_model(), tmp_path / "good.onnx")
+    with door(need_session=True), pytest.raises(UserError, match="onnxruntime cannot load the model"):
+        load(bad)  # without deferral: the door refuses it at once
+    with door(need_session=True), deferred_session_check():
+        model = load(bad)  # deferred: loaded
+        check_result(fuzz.conv_model())  # a result ORT loads is all exit 0 needs
+        with pytest.raises(UserError, match="onnxruntime cannot load the model: .*Erf"):
+            check_result(model)  # the result fails: the input is checked and named first
+    with pytest.raises(UserError, match="Erf"), door(need_session=True), deferred_session_check():
+        load(bad)
+        raise RuntimeError("a pass crashed")  # not reported as an internal error: the input is at fault
+    with pytest.raises(RuntimeError, match="a pass crashed"), door(need_session=True), deferred_session_check():
+        load(good)
+        raise RuntimeError("a pass crashed")  # a valid input: our bug stays an internal error
+    with door(need_session=False), deferred_session_check():
+        load(bad)  # a door that needs no session: nothing deferred, nothing checked
+        check_result(fuzz.conv_model())
