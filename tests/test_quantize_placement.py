@@ -155,10 +155,10 @@ def test_choice_prefers_the_most_accurate_of_equally_fast_candidates(monkeypatch
     almost_as_fast = Candidate("b", None, frozenset({"n1", "n2"}), error=0.10)
     slow_and_exact = Candidate("c", None, frozenset({"n2"}), error=0.01)
     timings = {"float": 10.0, "a": 5.0, "b": 5.1, "c": 7.0}
-    monkeypatch.setattr(insert_qdq_module, "measure_latencies", lambda models, feed, threads, rounds, failures: dict(timings))
+    monkeypatch.setattr(insert_qdq_module, "measure_latencies", lambda models, feed, threads, rounds, failures, source_dir=None: dict(timings))
 
     class _Planner:
-        options = type("O", (), {"measure": True, "threads": 1})()
+        options = type("O", (), {"measure": True, "threads": 1, "source_dir": None})()
         model = None
         discarded = {}
 

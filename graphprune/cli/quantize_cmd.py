@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import os
 import sys
 import warnings
 
@@ -18,6 +19,7 @@ from graphprune.cli.common import (
     write_report,
 )
 from graphprune.errors import UserError
+from graphprune.ir import has_external_data
 from graphprune.model_io import load
 from graphprune.quantization.config import ACTIVATION_TYPES, METHODS, QuantConfig, check_max_error
 from graphprune.quantization.weight_only import ALGORITHMS
@@ -76,7 +78,10 @@ def run(args) -> int:
     QuantConfig(args.method, not args.per_tensor, args.activation_type, args.calibration_samples)
     check_output_path(args)
     check_report_path(args)
-    model = load(args.model)
+    # Weights in an external-data file stay there: copies of the model are then only its graph,
+    # the runtime maps the file, and each weight is read when it is quantized (bounded memory).
+    model = load(args.model, load_external_data=False)
+    source_dir = os.path.dirname(os.path.abspath(args.model)) if has_external_data(model) else None
     data, shapes, _ = read_inputs(args, model)
     quantize = InsertQDQPass(
         data=data,
@@ -91,6 +96,7 @@ def run(args) -> int:
         threads=args.threads,
         calibration_samples=args.calibration_samples,
         progress=sys.stderr.isatty(),
+        source_dir=source_dir,
     )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", UserWarning)

@@ -27,7 +27,8 @@ from graphprune.quantization.measure import (
 from graphprune.quantization.prepare import is_quantized, prepare
 from graphprune.quantization.rules import RULES, GraphView, eligible_nodes, rule_for
 from graphprune.runtime import DEFAULT_THREADS
-from graphprune.shapes import concrete_shapes, observed_shapes
+from graphprune.quantization import on_disk
+from graphprune.shapes import concrete_shapes
 
 __all__ = ["InsertQDQPass", "insert_qdq"]
 
@@ -84,6 +85,11 @@ class InsertQDQPass(Pass):
         calibration_samples: at most this many samples calibrate.
         seed: seed of the random inputs used without data.
         progress: show a progress bar.
+        source_dir: the folder of the model's file when it was loaded without its external data
+            (``load(path, load_external_data=False)``): copies then hold only the graph, sessions
+            map the weights from there, each weight is read when it is quantized, and minmax
+            calibration streams (``quantization/on_disk.py``); the result keeps records of the
+            weights left float, which ``save`` copies from there.
     """
 
     name = "quantize"
@@ -103,6 +109,7 @@ class InsertQDQPass(Pass):
         calibration_samples: int = 64,
         seed: int = 0,
         progress: bool = False,
+        source_dir: Optional[str] = None,
     ):
         self.config = QuantConfig(method, bool(per_channel), activation_type, int(calibration_samples))
         self.data = data
@@ -117,6 +124,7 @@ class InsertQDQPass(Pass):
         self.threads = int(threads)
         self.seed = int(seed)
         self.progress = progress
+        self.source_dir = source_dir
 
     def requires(self, model: onnx.ModelProto) -> None:
         found = is_quantized(model)
@@ -127,12 +135,14 @@ class InsertQDQPass(Pass):
     def call(self, model: onnx.ModelProto) -> PassResult:
         with progress_bar(total=5, desc="quantize", enabled=self.progress) as bar:
             bar.set_postfix_str("prepare")
-            prepared = prepare(model)
+            prepared = prepare(model, source_dir=self.source_dir)
             feeds, from_data = calibration_feeds(prepared, self.data, self.input_shapes, self.config, self.seed)
             bar.update(1)
             bar.set_postfix_str("calibrate")
-            ranges = calibrate(prepared, feeds, self.config)
-            reference = reference_outputs(prepared, feeds, self.threads)
+            reference: List[Dict[str, np.ndarray]] = []  # filled by streamed calibration (weights on disk)
+            ranges = calibrate(prepared, feeds, self.config, source_dir=self.source_dir, outputs=reference)
+            if not reference:
+                reference = reference_outputs(prepared, feeds, self.threads, source_dir=self.source_dir)
             bar.update(1)
             bar.set_postfix_str("place")
             planner = _Planner(prepared, ranges, feeds, reference, self)
@@ -165,7 +175,7 @@ class _Planner:
         self.options = options
         first = feeds[0]
         inferred = concrete_shapes(prepared, {k: tuple(v.shape) for k, v in first.items()}) or {}
-        self.shapes = observed_shapes(prepared, first, inferred, threads=options.threads)
+        self.shapes = on_disk.observed_shapes(prepared, first, inferred, options.threads, options.source_dir)
         self.view = GraphView.of(prepared)
         self.float_reasons: Dict[str, str] = {}
         self.discarded: Dict[str, str] = {}  # candidate name -> why it is not in the running
@@ -198,8 +208,9 @@ class _Planner:
         build, load or run, or its outputs turn non-finite where float's are finite."""
         int8 = frozenset(int8)
         try:
-            model = insert_qdq_nodes(self.model, self.ranges, int8, self.options.config)
-            error = output_error(model, self.feeds, self.reference, self.options.threads) if int8 else 0.0
+            model = insert_qdq_nodes(self.model, self.ranges, int8, self.options.config, self.options.source_dir)
+            error = output_error(model, self.feeds, self.reference, self.options.threads,
+                                 self.options.source_dir) if int8 else 0.0
         except Exception as exc:  # a placement ORT cannot build or run must not end the command
             if note:
                 self.discarded[name] = f"failed to build or run: {_first_line(exc)}"
@@ -253,7 +264,8 @@ class _Planner:
         layers = {
             n: (self.compute[n].input[0], self.compute[n].output[0]) for n in candidate.int8_nodes if n in self.compute
         }
-        added = layer_sensitivity(self.model, candidate.model, layers, self.feeds[:_SENSITIVITY_FEEDS])
+        added = layer_sensitivity(self.model, candidate.model, layers, self.feeds[:_SENSITIVITY_FEEDS],
+                                  self.options.source_dir)
         ranked = sorted(layers, key=lambda n: -added[n])
         built: Dict[frozenset, Candidate] = {}
 
@@ -285,7 +297,7 @@ class _Planner:
         models = {"float": self.model, **{c.name: c.model for c in candidates}}
         failures: Dict[str, str] = {}
         latencies = measure_latencies(models, self._latency_feed(), threads=self.options.threads, rounds=5,
-                                      failures=failures)
+                                      failures=failures, source_dir=self.options.source_dir)
         if "float" in failures:
             raise UserError(f"onnxruntime cannot run the float model at batch 1: {failures['float']}")
         for name, reason in failures.items():

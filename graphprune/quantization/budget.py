@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Mapping, Sequence, Set, Tuple
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Set, Tuple
 
 import numpy as np
 import onnx
 from onnx import helper
 
 from graphprune.ir import clone
-from graphprune.runtime import make_session
+from graphprune.quantization.on_disk import session
 from graphprune.validate import compare_outputs
 
 __all__ = ["layer_sensitivity", "fit_error_budget"]
@@ -29,6 +29,7 @@ def layer_sensitivity(
     quantized: onnx.ModelProto,
     layers: Mapping[str, Tuple[str, str]],
     feeds: List[Dict[str, np.ndarray]],
+    source_dir: Optional[str] = None,
 ) -> Dict[str, float]:
     """Layer name -> relative L2 error it adds: error of its output minus error of its input.
 
@@ -39,12 +40,13 @@ def layer_sensitivity(
     Args:
         layers: name -> (input tensor, output tensor) of each quantized compute layer.
         feeds: a few samples (errors are summed over them).
+        source_dir: the folder of weights left on disk (the sessions map them from there).
     """
     names = sorted({t for pair in layers.values() for t in pair if t})
     graph_inputs = {vi.name for vi in float_model.graph.input}
     probe = [n for n in names if n not in graph_inputs]
-    ref_sess = make_session(_with_outputs(float_model, probe))
-    q_sess = make_session(_with_outputs(quantized, probe))
+    ref_sess = session(_with_outputs(float_model, probe), source_dir)
+    q_sess = session(_with_outputs(quantized, probe), source_dir)
     ref_vals: Dict[str, List[np.ndarray]] = {n: [] for n in probe}
     q_vals: Dict[str, List[np.ndarray]] = {n: [] for n in probe}
     for feed in feeds:

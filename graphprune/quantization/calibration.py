@@ -13,9 +13,19 @@ import onnx
 from graphprune.data import InputSet, input_specs, random_inputs
 from graphprune.errors import UserError
 from graphprune.quantization.config import QuantConfig
+from graphprune.quantization.on_disk import has_weights_on_disk, session
 from graphprune.quantization.prepare import save_for_tool
 
-__all__ = ["Feeds", "as_feeds", "calibration_feeds", "calibrate", "calibrated_op_types", "nonfinite_ranges", "without"]
+__all__ = [
+    "Feeds",
+    "as_feeds",
+    "calibration_feeds",
+    "calibrate",
+    "calibrated_op_types",
+    "minmax_ranges",
+    "nonfinite_ranges",
+    "without",
+]
 
 # Samples for calibration: an InputSet, or any iterable of {input name: batch} feeds.
 Feeds = Union[InputSet, Iterable[Mapping[str, np.ndarray]]]
@@ -102,17 +112,25 @@ class _Reader:
         self._next = 0
 
 
-def calibrate(model: onnx.ModelProto, feeds: List[Dict[str, np.ndarray]], config: QuantConfig):
+def calibrate(model: onnx.ModelProto, feeds: List[Dict[str, np.ndarray]], config: QuantConfig,
+              source_dir: Optional[str] = None, outputs: Optional[List[Dict[str, np.ndarray]]] = None):
     """Ranges of every tensor around quantizable ops, as ORT's ``TensorsData``.
 
     The model is written to a temporary folder (ORT's calibrators take a path and add outputs to
-    a copy); the calibrator named by ``config.method`` then runs every feed.
+    a copy); the calibrator named by ``config.method`` then runs every feed.  A model whose
+    weights were left on disk (``source_dir``) is calibrated by ``minmax_ranges`` instead with
+    the "minmax" method (no copy of the weights, nothing kept per feed but two numbers a tensor);
+    with the other methods its weights are copied into the temporary folder for ORT.  On that
+    streamed path, ``outputs`` (a list) receives the model's outputs for each feed, which the same
+    runs computed (the float reference: no second session over the weights).
     """
     from onnxruntime.quantization.calibrate import create_calibrator
 
+    if source_dir is not None and config.method == "minmax" and has_weights_on_disk(model):
+        return minmax_ranges(model, feeds, source_dir, outputs)
     with tempfile.TemporaryDirectory(prefix="graphprune-calib-") as tmp:
         path = os.path.join(tmp, "model.onnx")
-        save_for_tool(model, path)
+        save_for_tool(model, path, source_dir=source_dir)
         try:
             calibrator = create_calibrator(
                 path,
@@ -139,6 +157,72 @@ def calibrate(model: onnx.ModelProto, feeds: List[Dict[str, np.ndarray]], config
         for name, (low, high) in watch.found.items():  # recorded so that placement keeps them float
             ranges.data[name] = TensorData(lowest=np.array(low, np.float32), highest=np.array(high, np.float32))
     return ranges
+
+
+def tensors_to_calibrate(model: onnx.ModelProto) -> List[str]:
+    """The float activations read or written by an op ORT's quantizer knows: the tensors ORT's
+    calibrators select (``CalibraterBase.select_tensors_to_calibrate``), in graph order."""
+    typed = {vi.name: vi for vi in list(model.graph.value_info) + list(model.graph.output) + list(model.graph.input)}
+    weights = {init.name for init in model.graph.initializer}
+    op_types = set(calibrated_op_types())
+    floats = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)
+    found: Dict[str, None] = {}
+    for node in model.graph.node:
+        if node.op_type not in op_types:
+            continue
+        for name in list(node.input) + list(node.output):
+            vi = typed.get(name)
+            if (vi is not None and vi.type.HasField("tensor_type") and vi.type.tensor_type.elem_type in floats
+                    and name not in weights):
+                found[name] = None
+    return list(found)
+
+
+def minmax_ranges(model: onnx.ModelProto, feeds: List[Dict[str, np.ndarray]], source_dir: Optional[str] = None,
+                  outputs: Optional[List[Dict[str, np.ndarray]]] = None):
+    """ORT's MinMax calibration (same tensors, same unoptimized session, same reductions), streamed.
+
+    ORT's ``MinMaxCalibrater`` writes an augmented copy of the model, weights included, and keeps
+    every feed's reductions until the end.  Here the wanted tensors are exposed as outputs of the
+    model itself (restored afterwards: no copy), the runtime maps the weights from ``source_dir``,
+    and each feed only narrows a running (min, max) per tensor.  As ORT's: NaN in one feed's
+    tensor is ignored when another feed gives a number (``nanmin``/``nanmax`` over feeds).
+    Weight pre-packing is off (a packed copy of every weight); MLAS's packed and plain float GEMMs
+    round differently, so a range can differ from ORT's in its last bits (not on Conv models).
+    With ``outputs`` (a list), the model's outputs of each feed are appended to it.
+    """
+    from onnxruntime.quantization.calibrate import CalibrationMethod, TensorsData
+
+    wanted = tensors_to_calibrate(model)
+    model_outputs = [o.name for o in model.graph.output]
+    listed = set(model_outputs)
+    count = len(model.graph.output)
+    try:
+        model.graph.output.extend(onnx.ValueInfoProto(name=name) for name in wanted if name not in listed)
+        calib = session(model, source_dir, threads=None, optimization="disabled")
+    finally:
+        del model.graph.output[count:]
+    low: Dict[str, np.ndarray] = {}
+    high: Dict[str, np.ndarray] = {}
+    for feed in feeds:
+        try:
+            values = calib.run(wanted + model_outputs, feed)
+        except Exception as exc:  # ORT reports bad feeds (names, shapes, dtypes) as assorted errors
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise UserError(f"calibration data does not fit the model: {first}") from None
+        for name, value in zip(wanted, values):
+            value = np.asarray(value)
+            if value.size == 0:
+                continue
+            # ReduceMin/ReduceMax over the whole tensor, reshaped to [1] as ORT's augmented graph does
+            lo, hi = value.min().reshape(1), value.max().reshape(1)
+            low[name] = lo if name not in low else np.nanmin([low[name], lo], axis=0)
+            high[name] = hi if name not in high else np.nanmax([high[name], hi], axis=0)
+        if outputs is not None:
+            outputs.append(dict(zip(model_outputs, values[len(wanted):])))
+        del values
+    del calib
+    return TensorsData(CalibrationMethod.MinMax, {name: (low[name], high[name]) for name in wanted if name in low})
 
 
 class _NonFiniteWatch:

@@ -4,19 +4,22 @@ from __future__ import annotations
 
 import logging
 import warnings
-from typing import Collection
+from typing import Collection, Optional
 
 import onnx
 
 from graphprune.ir import clone, value_shape
 from graphprune.quantization.config import QuantConfig
 from graphprune.quantization.float_layers import keep_float_layers_float
+from graphprune.quantization.on_disk import reading_weights_from
 from graphprune.quantization.stem import space_to_depth_stems
 
 __all__ = ["insert_qdq_nodes"]
 
 
-def insert_qdq_nodes(model: onnx.ModelProto, ranges, nodes: Collection[str], config: QuantConfig) -> onnx.ModelProto:
+def insert_qdq_nodes(
+    model: onnx.ModelProto, ranges, nodes: Collection[str], config: QuantConfig, source_dir: Optional[str] = None
+) -> onnx.ModelProto:
     """A copy of ``model`` with QuantizeLinear/DequantizeLinear pairs around ``nodes``.
 
     Weights become symmetric int8 (per output channel unless ``config.per_channel`` is off), biases
@@ -32,10 +35,17 @@ def insert_qdq_nodes(model: onnx.ModelProto, ranges, nodes: Collection[str], con
         ranges: the ``TensorsData`` from ``calibrate``.
         nodes: names of the nodes to quantize; an empty collection returns an unchanged copy.
         config: the quantization settings.
+        source_dir: the folder of the weights ``model`` left on disk: the copy is then only the
+            graph and records, and each weight is read when the quantizer needs it (its int8
+            form is what stays in memory; unquantized weights stay records).
     """
     copy = clone(model)
     if not nodes:
         return copy
+    if not any(p.key == "onnx.infer" for p in copy.metadata_props):
+        # ``prepare`` inferred the shapes; without this mark ORT's quantizer saves the model, infers
+        # them again and reloads it: a whole copy of every weight (and weights left on disk are lost).
+        copy.metadata_props.add(key="onnx.infer", value="onnxruntime.quant")
     from onnxruntime.quantization.qdq_quantizer import QDQQuantizer
 
     weight_type, activation_type = config.ort_types()
@@ -46,20 +56,21 @@ def insert_qdq_nodes(model: onnx.ModelProto, ranges, nodes: Collection[str], con
     level = logger.level
     logger.setLevel(logging.ERROR)
     try:
-        quantizer = QDQQuantizer(
-            copy,
-            config.per_channel,
-            False,  # reduce_range: only for pre-VNNI CPUs, costs accuracy
-            weight_type,
-            activation_type,
-            ranges,
-            sorted(names),
-            [],
-            op_types,
-            {},
-        )
-        quantizer.quantize_model()
-        quantizer.model.topological_sort()
+        with reading_weights_from(source_dir):
+            quantizer = QDQQuantizer(
+                copy,
+                config.per_channel,
+                False,  # reduce_range: only for pre-VNNI CPUs, costs accuracy
+                weight_type,
+                activation_type,
+                ranges,
+                sorted(names),
+                [],
+                op_types,
+                {},
+            )
+            quantizer.quantize_model()
+            quantizer.model.topological_sort()
     finally:
         logger.setLevel(level)
     result = quantizer.model.model

@@ -10,6 +10,7 @@ from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 import onnx
 
+from graphprune.quantization import on_disk
 from graphprune.runtime import DEFAULT_THREADS, make_session, run
 
 __all__ = [
@@ -43,9 +44,11 @@ class Candidate:
     error: Optional[float] = None  # worst relative L2 over outputs
 
 
-def reference_outputs(model: onnx.ModelProto, feeds: List[Dict[str, np.ndarray]], threads: int = DEFAULT_THREADS):
-    """Outputs of ``model`` for each feed (a list of name -> array dicts)."""
-    session = make_session(model, threads=threads)
+def reference_outputs(model: onnx.ModelProto, feeds: List[Dict[str, np.ndarray]], threads: int = DEFAULT_THREADS,
+                      source_dir: Optional[str] = None):
+    """Outputs of ``model`` for each feed (a list of name -> array dicts); ``source_dir``: the folder
+    of the weights left on disk (``on_disk.session``)."""
+    session = _session(model, source_dir, threads=threads)
     return [run(session, feed) for feed in feeds]
 
 
@@ -54,13 +57,14 @@ def output_error(
     feeds: List[Dict[str, np.ndarray]],
     reference: List[Mapping[str, np.ndarray]],
     threads: int = DEFAULT_THREADS,
+    source_dir: Optional[str] = None,
 ) -> float:
     """Worst relative L2 error (||y - y_ref|| / ||y_ref|| over all feeds) among the outputs.
 
     Elements the reference itself holds as inf/NaN are left out (a model may output -inf by design);
     a non-finite value where the reference is finite makes the error infinite.
     """
-    session = make_session(model, threads=threads)
+    session = _session(model, source_dir, threads=threads)
     diff: Dict[str, float] = {}
     norm: Dict[str, float] = {}
     for feed, ref in zip(feeds, reference):
@@ -74,6 +78,14 @@ def output_error(
             norm[name] = norm.get(name, 0.0) + float(np.sum(r[finite] ** 2))
     errors = [np.sqrt(diff[k] / norm[k]) if norm[k] > 0 else np.sqrt(diff[k]) for k in diff]
     return float(max(errors, default=0.0))
+
+
+def _session(model: onnx.ModelProto, source_dir: Optional[str], threads: Optional[int], spinning: bool = True,
+             prepacking: bool = False):
+    """``runtime.make_session``, or ``on_disk.session`` for a model with weights left on disk."""
+    if source_dir is None or not on_disk.has_weights_on_disk(model):
+        return make_session(model, threads=threads, **({} if spinning else {"spinning": False}))
+    return on_disk.session(model, source_dir, threads=threads, spinning=spinning, prepacking=prepacking)
 
 
 def error_limit(best: float) -> float:
@@ -116,6 +128,7 @@ def measure_latencies(
     rounds: int = 3,
     budget_seconds: float = 2.0,
     failures: Optional[Dict[str, str]] = None,
+    source_dir: Optional[str] = None,
 ) -> Dict[str, float]:
     """Median CPU seconds per run of each model (``cpu_clock``), runs interleaved model by model.
 
@@ -131,13 +144,14 @@ def measure_latencies(
         budget_seconds: rough CPU time of the whole measurement.
         failures: when given, a model that cannot be loaded or run is left out of the result and its
             reason recorded here instead of raising.
+        source_dir: the folder of weights left on disk (their sessions map them; pre-packing on, as deployed).
     """
     clock = cpu_clock(threads)
     sessions = {}
     one_run = {}
     for name, model in models.items():
         try:
-            session = make_session(model, threads=threads, spinning=False)
+            session = _session(model, source_dir, threads=threads, spinning=False, prepacking=True)
             session.run(None, feed)  # first run allocates
             start = clock()
             session.run(None, feed)

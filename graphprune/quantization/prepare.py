@@ -5,15 +5,17 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+from typing import Optional
 
 import numpy as np
 import onnx
 from onnx import numpy_helper
 
 from graphprune.external_data import write_inline, write_with_external_data
-from graphprune.ir import approx_bytes, consumer_map, copy_fields, get_attr, is_large, producer_map
+from graphprune.ir import approx_bytes, consumer_map, copy_fields, get_attr, has_external_data, is_large, producer_map
 from graphprune.ir import clone as ir_clone
 from graphprune.model_io import EXTERNAL_DATA_THRESHOLD, default_opset, for_ort
+from graphprune.quantization.on_disk import read_tensor
 from graphprune.shapes import infer_shapes
 
 __all__ = ["prepare", "fold_batchnorms", "QUANTIZED_OP_TYPES", "is_quantized", "save_for_tool"]
@@ -48,27 +50,28 @@ def is_quantized(model: onnx.ModelProto) -> str:
     return ""
 
 
-def prepare(model: onnx.ModelProto) -> onnx.ModelProto:
+def prepare(model: onnx.ModelProto, source_dir: Optional[str] = None) -> onnx.ModelProto:
     """The model as the quantizer wants it, computing the same outputs.
 
     ONNX Runtime's ``quant_pre_process`` runs its basic graph optimizations (BatchNormalization
     folded into Conv, constant folding, redundant-node removal: a BN left between a Conv and its
     QDQ pair would keep the Conv out of the int8 kernel) and shape inference.  When symbolic shape
     inference fails on an unusual graph it is skipped.  Nodes without a name get one, because
-    placement addresses nodes by name.  Large models (``ir.is_large``) take ``_prepare_large``.
+    placement addresses nodes by name.  Large models (``ir.is_large``) take ``_prepare_large``;
+    ``source_dir`` is the folder of the weights a model left on disk (the folds read them there).
     """
     source = for_ort(model)
     if default_opset(source) is not None and default_opset(source) < _MIN_QDQ_OPSET:
         # per-channel DequantizeLinear (axis) needs opset 13; convert the whole graph, not just the label
         source = onnx.version_converter.convert_version(source, _MIN_QDQ_OPSET)
-    prepared = _prepare_large(source, owned=source is not model) if is_large(source) else _prepare_with_ort(source)
+    prepared = _prepare_large(source, owned=source is not model, source_dir=source_dir) if is_large(source) else _prepare_with_ort(source)
     _name_nodes(prepared.graph)
     _drop_unused_opsets(prepared)
     prepared.ir_version = min(max(prepared.ir_version, 4), source.ir_version) if source.ir_version >= 4 else 4
     return infer_shapes(prepared, inplace=True)  # ``prepared`` is this function's own copy
 
 
-def _prepare_large(source: onnx.ModelProto, owned: bool) -> onnx.ModelProto:
+def _prepare_large(source: onnx.ModelProto, owned: bool, source_dir: Optional[str] = None) -> onnx.ModelProto:
     """``_prepare_with_ort``'s work on a large model, holding one copy of the weights, not five.
 
     ORT's pre-processing loads, infers, saves and reloads whole copies (6.8x the model's size at
@@ -86,17 +89,18 @@ def _prepare_large(source: onnx.ModelProto, owned: bool) -> onnx.ModelProto:
 
     result = CanonicalizePass()(source)
     owned = owned or result.modified  # a model of our own: the caller's is never modified below
-    return fold_batchnorms(result.model, copy=not owned)
+    return fold_batchnorms(result.model, copy=not owned, source_dir=source_dir)
 
 
-def fold_batchnorms(model: onnx.ModelProto, copy: bool = True) -> onnx.ModelProto:
+def fold_batchnorms(model: onnx.ModelProto, copy: bool = True, source_dir: Optional[str] = None) -> onnx.ModelProto:
     """A copy of ``model`` with every inference BatchNormalization that follows a Conv folded into it
     (``model`` itself when nothing folds and ``copy`` is False).
 
     Folded: a Conv (ai.onnx) whose weight (and bias, if any) are initializers, read by nothing
     but the BatchNormalization (one output) whose four parameters are initializers, neither
     output a graph output.  W' = W * s (per output channel), b' = (b - mean) * s + beta with
-    s = scale / sqrt(var + epsilon).  Everything else is copied as it is.
+    s = scale / sqrt(var + epsilon).  Everything else is copied as it is (weights left on disk stay
+    records; the folded ones are read from ``source_dir``).
     """
     graph = model.graph
     inits = {init.name: init for init in graph.initializer}
@@ -124,11 +128,11 @@ def fold_batchnorms(model: onnx.ModelProto, copy: bool = True) -> onnx.ModelProt
         return ir_clone(model) if copy else model
     new = {}  # initializer name -> folded value
     for conv, bn in plans.values():
-        scale, beta, mean, var = (numpy_helper.to_array(inits[n]).astype(np.float64) for n in bn.input[1:])
+        scale, beta, mean, var = (read_tensor(inits[n], source_dir).astype(np.float64) for n in bn.input[1:])
         s = scale / np.sqrt(var + float(get_attr(bn, "epsilon", 1e-5)))
-        w = numpy_helper.to_array(inits[conv.input[1]])
+        w = read_tensor(inits[conv.input[1]], source_dir)
         new[conv.input[1]] = (w * s.reshape((-1,) + (1,) * (w.ndim - 1))).astype(w.dtype)
-        b = numpy_helper.to_array(inits[conv.input[2]]).astype(np.float64) if len(conv.input) > 2 and conv.input[2] else 0.0
+        b = read_tensor(inits[conv.input[2]], source_dir).astype(np.float64) if len(conv.input) > 2 and conv.input[2] else 0.0
         new[f"{bn.output[0]}_folded_bias"] = ((b - mean) * s + beta).astype(w.dtype)
     result = onnx.ModelProto()
     copy_fields(model, result, skip={"graph"})
@@ -211,15 +215,17 @@ def _drop_unused_opsets(model: onnx.ModelProto) -> None:
     model.opset_import.extend(kept)
 
 
-def save_for_tool(model: onnx.ModelProto, path: str) -> None:
+def save_for_tool(model: onnx.ModelProto, path: str, source_dir: Optional[str] = None) -> None:
     """Write ``model`` for an ORT tool that takes a path.
 
     Weights go to a side file only past protobuf's 2 GiB limit: ORT's pre-processing reloads
     intermediate copies from its own temporary folder, where a side file would not be found.
-    Both forms are written one tensor at a time (``graphprune.external_data``).
+    Both forms are written one tensor at a time (``graphprune.external_data``).  Weights left on
+    disk are copied from ``source_dir`` (the folder their model was loaded from) into the side file.
     """
     model = for_ort(model)
-    if approx_bytes(model) < EXTERNAL_DATA_THRESHOLD:  # ByteSize() would encode (and fail past 2 GiB)
-        write_inline(model, path)
+    if not has_external_data(model) and approx_bytes(model) < EXTERNAL_DATA_THRESHOLD:
+        write_inline(model, path)  # ByteSize() would encode (and fail past 2 GiB)
         return
-    write_with_external_data(model, path, os.path.basename(path) + ".data")  # streamed, the model not copied
+    # streamed, the model not copied
+    write_with_external_data(model, path, os.path.basename(path) + ".data", source_dir=source_dir)

@@ -1,0 +1,190 @@
+"""Quantizing a model whose weights were left on disk: reading one tensor, sessions that map the file.
+
+A model loaded with ``load(path, load_external_data=False)`` keeps external-data records instead of
+its weights (``source_dir`` is the folder of its file).  Copies of it (candidates, prepared models)
+then cost only their graph, ONNX Runtime maps the weights from the original file, and the quantizer
+reads one float weight at a time, keeping only its int8 form; ``save`` copies the untouched records
+from the input file in chunks.  Peak memory stays near one mapped copy of the weights.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from typing import Iterator, Optional
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from graphprune.errors import UserError
+
+__all__ = ["has_weights_on_disk", "read_tensor", "session", "reading_weights_from"]
+
+
+def has_weights_on_disk(model: onnx.ModelProto) -> bool:
+    """Whether some main-graph initializer of ``model`` is a record whose data is still on disk."""
+    return any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
+
+
+# Element types stored as numpy stores them (little-endian, one element per item).
+_PLAIN_TYPES = frozenset(
+    getattr(onnx.TensorProto, name)
+    for name in ("FLOAT", "FLOAT16", "DOUBLE", "INT8", "UINT8", "INT16", "UINT16", "INT32", "UINT32", "INT64",
+                 "UINT64", "BOOL")
+)
+
+
+def read_tensor(tensor: onnx.TensorProto, source_dir: Optional[str]) -> np.ndarray:
+    """The value of ``tensor``: in memory, or read (that tensor's bytes only) from ``source_dir``.
+
+    The record was checked when the model was loaded (location confined to the model's folder,
+    span inside the file); a file that shrank since is reported, not read short.
+    """
+    if tensor.data_location != onnx.TensorProto.EXTERNAL:
+        return numpy_helper.to_array(tensor)
+    if source_dir is None:
+        raise ValueError(f"weight {tensor.name!r} has its data on disk and no folder to read it from")
+    entries = {e.key: e.value for e in tensor.external_data}
+    path = os.path.join(source_dir, entries["location"])
+    count = int(np.prod(tensor.dims, dtype=np.int64)) if tensor.dims else 1
+    if tensor.data_type not in _PLAIN_TYPES:  # packed or exotic types (int4, bfloat16): onnx decodes them
+        loose = onnx.TensorProto()
+        loose.CopyFrom(tensor)
+        del loose.external_data[:]
+        loose.data_location = onnx.TensorProto.DEFAULT
+        with open(path, "rb") as f:
+            f.seek(int(entries.get("offset") or 0))
+            loose.raw_data = f.read(int(entries["length"]) if entries.get("length") else -1)
+        return numpy_helper.to_array(loose)
+    value = np.fromfile(path, dtype=helper.tensor_dtype_to_np_dtype(tensor.data_type), count=count, offset=int(entries.get("offset") or 0))
+    if value.size != count:
+        raise UserError(f"{path}: external data of {tensor.name!r} ends early (truncated while being read?)")
+    return value.reshape(tuple(tensor.dims))
+
+
+def session(
+    model: onnx.ModelProto,
+    source_dir: Optional[str],
+    threads: Optional[int] = 1,
+    optimization: str = "all",
+    spinning: bool = True,
+    prepacking: bool = False,
+):
+    """An ONNX Runtime CPU session for ``model``, whose on-disk weights it reads from ``source_dir``.
+
+    Without weights on disk this is ``runtime.make_session``.  Otherwise the serialized graph (and
+    whatever tensors it holds inline, e.g. int8 weights) is handed over with the folder of the
+    external data: the runtime maps the weights from the original file, nothing is copied to a
+    temporary one.  Weight pre-packing is off unless asked for: it would hold a second, packed
+    copy of every float weight (timing sessions turn it on, as deployment runs).
+    """
+    from graphprune.model_io import EXTERNAL_DATA_THRESHOLD, for_ort, save
+    from graphprune.runtime import DISABLED_OPTIMIZERS, LOG_SEVERITY, make_session, ort
+
+    if source_dir is None or not has_weights_on_disk(model):
+        return make_session(model, threads=threads, optimization=optimization, spinning=spinning)
+    rt = ort()
+    options = rt.SessionOptions()
+    if threads is not None:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+    options.graph_optimization_level = {
+        "all": rt.GraphOptimizationLevel.ORT_ENABLE_ALL,
+        "extended": rt.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+        "basic": rt.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+        "disabled": rt.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    }[optimization]
+    if not spinning:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if not prepacking:
+        options.add_session_config_entry("session.disable_prepacking", "1")
+    options.log_severity_level = LOG_SEVERITY
+    kwargs = dict(providers=["CPUExecutionProvider"], disabled_optimizers=list(DISABLED_OPTIMIZERS))
+    model = for_ort(model)
+    try:
+        if _inline_bytes(model) < EXTERNAL_DATA_THRESHOLD:
+            options.add_session_config_entry("session.model_external_initializers_file_folder_path",
+                                             os.fspath(source_dir))
+            return rt.InferenceSession(model.SerializeToString(), options, **kwargs)
+        # Too many inline bytes for one message: a file (on-disk tensors copied from the source).
+        with tempfile.TemporaryDirectory(prefix="graphprune-session-") as tmp:
+            path = save(model, os.path.join(tmp, "model.onnx"), external_data=True, source_dir=source_dir)
+            return rt.InferenceSession(path, options, **kwargs)
+    except Exception as exc:
+        if isinstance(exc, UserError):
+            raise
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"onnxruntime cannot load the model: {first}") from None
+
+
+def _inline_bytes(model: onnx.ModelProto) -> int:
+    """Bytes of the weights held in the proto itself (records left on disk cost nothing to serialize)."""
+    from graphprune.ir import _tensor_bytes
+
+    return sum(_tensor_bytes(t) for t in model.graph.initializer if t.data_location != onnx.TensorProto.EXTERNAL)
+
+
+# ORT's quantizer modules that read weights through ``tensor_proto_to_array`` (imported by name).
+_QUANTIZER_MODULES = ("quant_utils", "base_quantizer", "onnx_quantizer", "qdq_quantizer")
+
+
+@contextlib.contextmanager
+def reading_weights_from(source_dir: Optional[str]) -> Iterator[None]:
+    """While active, ONNX Runtime's quantizer reads weights left on disk from ``source_dir``.
+
+    Its ``tensor_proto_to_array`` goes through ``onnx.numpy_helper.to_array``, which resolves
+    records against the working directory and loads the bytes into the proto itself (every
+    float weight would stay in memory next to its int8 copy).  Here each read returns a fresh
+    array and leaves the record as it was; the quantizer drops the float record once unused.
+    """
+    if source_dir is None:
+        yield
+        return
+    import importlib
+
+    modules = [importlib.import_module(f"onnxruntime.quantization.{name}") for name in _QUANTIZER_MODULES]
+    original = modules[0].tensor_proto_to_array
+
+    def tensor_proto_to_array(initializer: onnx.TensorProto, *args, **kwargs) -> np.ndarray:
+        if initializer.data_location == onnx.TensorProto.EXTERNAL:
+            if initializer.data_type not in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16):
+                return original(initializer, *args, **kwargs)  # its own refusal message
+            return read_tensor(initializer, source_dir)
+        return original(initializer, *args, **kwargs)
+
+    saved = [(m, m.__dict__.get("tensor_proto_to_array")) for m in modules]
+    try:
+        for module, _ in saved:
+            if "tensor_proto_to_array" in module.__dict__:
+                module.tensor_proto_to_array = tensor_proto_to_array
+        yield
+    finally:
+        for module, previous in saved:
+            if previous is not None:
+                module.tensor_proto_to_array = previous
+
+
+def observed_shapes(model: onnx.ModelProto, feed, known, threads: Optional[int], source_dir: Optional[str]):
+    """``shapes.observed_shapes`` (``known`` completed by one run exposing the node outputs it
+    lacks), with the session reading the weights left on disk from ``source_dir``."""
+    from graphprune.shapes import observed_shapes as observe
+
+    if source_dir is None or not has_weights_on_disk(model):
+        return observe(model, feed, known, threads=threads)
+    produced = [out for node in model.graph.node for out in node.output if out]
+    missing = [name for name in dict.fromkeys(produced) if name not in known]
+    shapes = dict(known)
+    if not missing:
+        return shapes
+    listed = {o.name for o in model.graph.output}
+    count = len(model.graph.output)
+    try:  # exposed as outputs of the model itself, then removed: no copy
+        model.graph.output.extend(onnx.ValueInfoProto(name=name) for name in missing if name not in listed)
+        probe = session(model, source_dir, threads=threads)
+    finally:
+        del model.graph.output[count:]
+    for name, value in zip(missing, probe.run(missing, dict(feed))):
+        shapes[name] = tuple(np.shape(value))
+    return shapes
