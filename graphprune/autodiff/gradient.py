@@ -20,6 +20,7 @@ from graphprune import ir
 from graphprune.autodiff import rules as _rules  # noqa: F401  (registers every rule)
 from graphprune.autodiff.context import FLOAT_TYPES, GradContext, Shape
 from graphprune.autodiff.registry import STRAIGHT_THROUGH_OPS, rule_for
+from graphprune.autodiff.simplify import fold_constant_scalings
 from graphprune.errors import UserError
 
 __all__ = ["GradientGraph", "ForwardFacts", "forward_facts", "build_gradients", "differentiable_path"]
@@ -170,4 +171,5 @@ def build_gradients(
             if want and grad is not None:
                 acc.add(name, grad)
     grads = {name: acc.total(name) for name in wrt}
-    return GradientGraph(ctx.nodes, ctx.initializers, grads)
+    nodes, initializers = fold_constant_scalings(ctx.nodes, ctx.initializers, [g for g in grads.values() if g])
+    return GradientGraph(nodes, initializers, grads)

@@ -97,25 +97,39 @@ class StepScalars:
 
 
 def emit_update(ctx: GradContext, config: OptimizerConfig, weight: str, grad: str, states: Dict[str, str],
-                scalars: StepScalars) -> Tuple[str, Dict[str, str]]:
+                scalars: StepScalars, shaped: Optional[Tuple[str, str]] = None) -> Tuple[str, Dict[str, str]]:
     """Nodes computing one weight's new value and new optimizer state.
 
     Args:
-        weight, grad: the current weight and its gradient.
+        weight, grad: the current weight and its gradient (flat views, see ``shaped``).
         states: state suffix -> the input holding its current value.
         scalars: the step's shared scalars (learning rate, AdamW's folded bias corrections).
+        shaped: (the weight in its own shape, that shape as an int64 tensor) when ``weight`` is a flat
+            view of it: the last node (a Sub of same-shaped operands) then computes the new weight in
+            its own shape, so it writes the step output directly instead of a Reshape copying into it.
 
     Returns (new weight, state suffix -> new state).
     """
     c = lambda v: ctx.const(v, like=weight)  # noqa: E731
+
+    def apply(base: str, decayed: Optional[str], step: str) -> str:
+        """``decayed - step`` (``base - step`` without decay), in the weight's own shape when asked."""
+        if shaped is None:
+            return ctx.op("Sub", decayed or base, step)
+        original, shape = shaped
+        # Reshapes of intermediates alias their input (no copy); only scalar-broadcast kernels are
+        # slow on [C, K, 1, 1] shapes, and a same-shape Sub is not one of them.
+        first = ctx.op("Reshape", decayed, shape) if decayed else original
+        return ctx.op("Sub", first, ctx.op("Reshape", step, shape))
+
     if config.kind == "adamw":
         beta1, beta2 = config.betas
         exp_avg = ctx.op("Add", ctx.op("Mul", states["exp_avg"], c(beta1)), grad)  # M, see StepScalars
         exp_avg_sq = ctx.op("Add", ctx.op("Mul", states["exp_avg_sq"], c(beta2)), ctx.op("Mul", grad, grad))
         denom = ctx.op("Add", ctx.op("Sqrt", exp_avg_sq), scalars.eps)
         update = ctx.op("Mul", ctx.op("Div", exp_avg, denom), scalars.step_size)
-        decayed = ctx.op("Mul", weight, scalars.decay) if scalars.decay else weight
-        return ctx.op("Sub", decayed, update), {"exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}
+        decayed = ctx.op("Mul", weight, scalars.decay) if scalars.decay else None
+        return apply(weight, decayed, update), {"exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}
     if config.weight_decay:
         grad = ctx.op("Add", grad, ctx.op("Mul", weight, c(config.weight_decay)))
     new_states: Dict[str, str] = {}
@@ -124,4 +138,4 @@ def emit_update(ctx: GradContext, config: OptimizerConfig, weight: str, grad: st
         buffer = ctx.op("Add", ctx.op("Mul", states["momentum_buffer"], c(config.momentum)), grad)
         new_states["momentum_buffer"] = buffer
         direction = ctx.op("Add", grad, ctx.op("Mul", buffer, c(config.momentum))) if config.nesterov else buffer
-    return ctx.op("Sub", weight, ctx.op("Mul", direction, scalars.lr)), new_states
+    return apply(weight, None, ctx.op("Mul", direction, scalars.lr)), new_states

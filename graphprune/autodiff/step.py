@@ -73,6 +73,32 @@ def _weights_as_inputs(model: onnx.ModelProto, names: Sequence[str]) -> Dict[str
     return values
 
 
+def _expose_layer_norm_statistics(model: onnx.ModelProto) -> None:
+    """Give float32 LayerNormalization nodes their optional Mean and InvStdDev outputs (in place).
+
+    The kernel computes both anyway; with them the gradient rule reads the statistics instead of
+    recomputing them (one subtraction, one square, two reductions and a square root fewer per
+    LayerNormalization).  Float64 nodes keep float32 statistics (``stash_type``), which the rule does
+    not reuse, so they are left as they are.
+    """
+    types = {vi.name: vi.type.tensor_type.elem_type for vi in list(model.graph.input) + list(model.graph.value_info)}
+    types.update({init.name: init.data_type for init in model.graph.initializer})
+    for index, node in enumerate(model.graph.node):
+        if node.op_type != "LayerNormalization" or node.domain not in ("", "ai.onnx"):
+            continue
+        outputs = list(node.output) + [""] * (3 - len(node.output))
+        if all(outputs[1:]):
+            continue
+        stash = next((a.i for a in node.attribute if a.name == "stash_type"), 1)
+        if stash != 1 or types.get(node.input[0], onnx.TensorProto.FLOAT) != onnx.TensorProto.FLOAT:
+            continue
+        tag = f"{_PREFIX}ln{index}"
+        outputs[1] = outputs[1] or f"{tag}/mean"
+        outputs[2] = outputs[2] or f"{tag}/inv_std_dev"
+        del node.output[:]
+        node.output.extend(outputs)
+
+
 def build_training_step(
     model: onnx.ModelProto,
     loss: str,
@@ -104,6 +130,9 @@ def build_training_step(
     forward = onnx.ModelProto()
     forward.CopyFrom(model)
     initial = _weights_as_inputs(forward, trainable)
+    eval_forward = onnx.ModelProto()
+    eval_forward.CopyFrom(forward)
+    _expose_layer_norm_statistics(forward)
     facts = forward_facts(forward)
     grads = build_gradients(forward, loss, list(trainable), facts=facts)
     untouched = [name for name in trainable if grads.grads[name] is None]
@@ -146,12 +175,15 @@ def build_training_step(
             graph.input.append(helper.make_tensor_value_info(state, elem, [size]))
             initial[state] = np.zeros(size, initial[name].dtype)
             states.append(state)
-        flat = ctx.ints([-1])
-        flat_weight = ctx.op("Reshape", name, flat)
-        ctx.types[flat_weight] = elem  # constants made "like" it take the weight's float type
-        new_flat, new_states = emit_update(ctx, optimizer, flat_weight, ctx.op("Reshape", step_grads[name], flat),
-                                           state_inputs, scalars[elem])
-        new_weight = ctx.op("Reshape", new_flat, ctx.ints(list(initial[name].shape)))
+        if initial[name].ndim == 1:  # flat already
+            new_weight, new_states = emit_update(ctx, optimizer, name, step_grads[name], state_inputs, scalars[elem])
+        else:
+            flat = ctx.ints([-1])
+            flat_weight = ctx.op("Reshape", name, flat)
+            ctx.types[flat_weight] = elem  # constants made "like" it take the weight's float type
+            new_weight, new_states = emit_update(ctx, optimizer, flat_weight, ctx.op("Reshape", step_grads[name], flat),
+                                                 state_inputs, scalars[elem],
+                                                 shaped=(name, ctx.ints(list(initial[name].shape))))
         for source, produced in {name: new_weight, **{state_inputs[k]: v for k, v in new_states.items()}}.items():
             updates[source] = produced
             new_values.append(helper.make_tensor_value_info(f"{_PREFIX}next/{source}", elem, list(initial[source].shape)))
@@ -165,8 +197,7 @@ def build_training_step(
     graph.initializer.extend(grads.initializers + ctx.initializers)
     graph.output.extend(new_values)
 
-    eval_model = onnx.ModelProto()
-    eval_model.CopyFrom(forward)
+    eval_model = eval_forward
     for name in untouched:
         eval_model.graph.initializer.append(numpy_helper.from_array(initial[name], name))
     eval_inputs = [vi for vi in eval_model.graph.input if vi.name not in set(untouched)]

@@ -25,6 +25,22 @@ def _rows(ctx, x: str, like: str) -> str:
     return ctx.op("Reshape", x, ctx.op("Concat", ctx.ints([-1]), tail, axis=0))
 
 
+def _same_batch(ctx, a: str, b: str, rank: int) -> bool:
+    """Whether the batch dims of ``a`` and ``b`` (both of ``rank``) are provably equal: no broadcasting.
+
+    Equal static sizes, or the same symbolic name (attention's [batch, heads, seq, d] operands), so
+    neither gradient needs a reduction, not even one with axes computed at run time."""
+    shape_a, shape_b = ctx.shape(a), ctx.shape(b)
+    names_a = ctx.dim_names.get(a, (None,) * rank)
+    names_b = ctx.dim_names.get(b, (None,) * rank)
+    for i in range(rank - 2):
+        if shape_a[i] is not None and shape_a[i] == shape_b[i]:
+            continue
+        if names_a[i] is None or names_a[i] != names_b[i]:
+            return False
+    return True
+
+
 @vjp("MatMul")
 def _matmul(ctx, node, dy, wants):
     (g,), (a, b), y = dy, node.input, node.output[0]
@@ -42,12 +58,13 @@ def _matmul(ctx, node, dy, wants):
     rg = max(ra, rb)
     shape_y = ctx.shape(y)
     batch = None if shape_y is None or rank_a == 1 or rank_b == 1 else tuple(shape_y[: rg - 2])
+    unbroadcast = rank_a == rank_b > 2 and _same_batch(ctx, a, b, rank_a)
     grad_a = grad_b = None
     if wants[0]:
         da = ctx.op("MatMul", g2, _swap_last_two(ctx, b2, rb))
         if rank_a == 1:
             da = ctx.squeeze(ctx.reduce_sum(da, list(range(rg - 2)), keepdims=False) if rg > 2 else da, [0])
-        elif rank_b > 2:  # a 2-D (or 1-D) B broadcasts nothing onto A: dA has A's shape already
+        elif rank_b > 2 and not unbroadcast:  # a 2-D (or 1-D) B broadcasts nothing onto A
             da = ctx.reduce_to(da, a, None if batch is None else batch + tuple(ctx.shape(a)[-2:]))
         grad_a = da
     if wants[1]:
@@ -58,7 +75,7 @@ def _matmul(ctx, node, dy, wants):
             db = ctx.op("MatMul", _swap_last_two(ctx, a2, ra), g2)
             if rank_b == 1:
                 db = ctx.squeeze(ctx.reduce_sum(db, list(range(rg - 2)), keepdims=False) if rg > 2 else db, [1])
-            else:
+            elif not unbroadcast:
                 db = ctx.reduce_to(db, b, None if batch is None else batch + tuple(ctx.shape(b)[-2:]))
             grad_b = db
     return [grad_a, grad_b]
