@@ -185,3 +185,22 @@ def test_budget_from_a_saved_sensitivity_report(tmp_path, capsys):
         prune_to_budget(other, random_inputs(other, {"input": (1, 3, 32, 32)}, samples=2), "macs", 0.6,
                         report=json.loads((report_dir / "report.json").read_text()))
     assert not (tmp_path / "x.onnx").exists()
+
+
+def test_budget_tables_are_measured_at_the_round_to_the_budget_builds():
+    # 37 kept channels where the build keeps 40 would measure another model (another MACs count, and
+    # on ONNX Runtime other kernels): the sensitivity run rounds as the build does
+    from graphprune.sensitivity import sensitivity
+
+    model = load(DIGITS)
+    data, _ = load_inputs(DIGITS_DATA, model)
+    data = data.subset(range(16))
+    for round_to in (1, 8):
+        report = sensitivity(model, data, ratios=(0.3,), round_to=round_to, latency_rounds=0, jobs=1)
+        assert report["round_to"] == round_to
+        kept = {u["name"]: u["channels"] - u["entries"][1]["channels_removed"] for u in report["units"]}
+        assert all(k % round_to == 0 for k in kept.values()), kept
+        if round_to == 1:
+            assert any(k % 8 for k in kept.values())  # without rounding the counts are not all multiples of 8
+    with pytest.raises(UserError, match="multiples of 8, not 1"):
+        prune_to_budget(model, data, "macs", 0.6, report=report)

@@ -212,7 +212,7 @@ def test_external_data_model_is_pruned_from_disk_like_in_memory(tmp_path):
     (["--blocks-ratio", "1"], "--blocks-ratio 1.0 is outside [0.0, 1.0)"),
     (["--blocks", "1", "--blocks-ratio", "0.5"], "give --blocks K or --blocks-ratio R, not both"),
     (["--blocks", "1", "--ratio", "0.5"], "do not combine with --ratio"),
-    (["--blocks-ratio", "0.5", "--target-macs", "0.5"], "do not combine with --target-macs"),
+    (["--blocks-ratio", "0.5", "--ffn-ratio", "0.5"], "do not combine with --ffn-ratio"),
 ])
 def test_bad_block_options_exit_2_with_one_line_and_write_nothing(tmp_path, capsys, args, message):
     path, out = tmp_path / "m.onnx", tmp_path / "p.onnx"

@@ -10,13 +10,15 @@ import sys
 from graphprune.cli.common import check_output_path, parse_number, read_inputs, write_model
 from graphprune.errors import UserError
 
-__all__ = ["add_block_options", "wants_blocks", "run_blocks"]
+__all__ = ["add_block_options", "wants_blocks", "with_budget", "run_blocks", "remove_blocks_first"]
 
 # The channel-pruning options that --blocks does not combine with (one kind of pruning per command).
 _CHANNEL_OPTIONS = (("ratio", "--ratio"), ("heads_ratio", "--heads-ratio"), ("ffn_ratio", "--ffn-ratio"),
-                    ("hidden_ratio", "--hidden-ratio"), ("target_macs", "--target-macs"),
-                    ("target_params", "--target-params"), ("target_latency", "--target-latency"),
-                    ("group_ratios", "--group-ratios"))
+                    ("hidden_ratio", "--hidden-ratio"))
+# The budget options it does combine with: the blocks go first, then the budget prunes the channels
+# of what is left (on a small CNN per-node overhead is much of the time, and only depth removes nodes).
+_BUDGET_OPTIONS = (("target_macs", "--target-macs"), ("target_params", "--target-params"),
+                   ("target_latency", "--target-latency"), ("group_ratios", "--group-ratios"))
 
 
 def add_block_options(parser) -> None:
@@ -31,13 +33,18 @@ def wants_blocks(args) -> bool:
     return getattr(args, "blocks", None) is not None or getattr(args, "blocks_ratio", None) is not None
 
 
+def with_budget(args) -> bool:
+    """Depth pruning asked together with a budget or a ratios file (``remove_blocks_first``)."""
+    return wants_blocks(args) and any(getattr(args, attr, None) is not None for attr, _ in _BUDGET_OPTIONS)
+
+
 def _parse(args):
     if args.blocks is not None and args.blocks_ratio is not None:
         raise UserError("give --blocks K or --blocks-ratio R, not both")
     combined = [flag for attr, flag in _CHANNEL_OPTIONS if getattr(args, attr, None) is not None]
     if combined:
         raise UserError(f"--blocks/--blocks-ratio do not combine with {', '.join(combined)} in one command: remove "
-                        "the blocks first, then run prune --ratio on the result")
+                        "the blocks first, then run prune --ratio on the result (or give a budget: --target-macs...)")
     if args.mode != "remove":
         raise UserError("--blocks removes blocks; --mode mask applies to channel pruning only")
     if args.blocks is not None:
@@ -86,6 +93,59 @@ def run_blocks(args) -> int:
         print(json.dumps(result.stats, indent=2, default=str))
     print(f"wrote {args.output}" + ("" if result.modified else " (unchanged)"))
     return 0
+
+
+def remove_blocks_first(args, model, data, shapes, plan):
+    """``--blocks K`` with a budget: remove the blocks, then hand the shallower model to the budget.
+
+    The budget stays a fraction of the *input* model's cost: it is rescaled to the shallower model
+    (MACs and params counted, latency measured on ONNX Runtime as the budget measures it), so
+    ``--blocks 1 --target-macs 0.6`` writes a model with at most 60% of the input's MACs.  Blocks
+    that alone meet the budget leave every channel.  Returns the shallower model and the plan.
+    """
+    from graphprune import ir
+    from graphprune.metrics import count_macs
+    from graphprune.passes.prune_blocks import PruneBlocksPass
+
+    count, ratio = _parse(args)
+    try:
+        result = PruneBlocksPass(blocks=count, ratio=ratio, data=data, input_shapes=shapes,
+                                 progress=sys.stderr.isatty())(model)
+    except UserError as exc:
+        raise UserError(str(exc).replace("prune-blocks: ", "")) from None
+    shallow = result.model
+    print(summary(result.stats, model, shallow, shapes))
+    if plan is None or not plan.target:
+        return shallow, plan
+    kept = _cost_kept(plan.target, model, shallow, data, shapes, count_macs, ir.count_params)
+    asked = plan.fraction
+    plan.fraction = min(1.0, asked / kept) if kept > 0 else 1.0
+    print(f"budget: the blocks removed leave {kept:.3f} of the {plan.target}; the channels are pruned to "
+          f"{plan.fraction:.3f} of the rest ({asked:g} of the input model)")
+    return shallow, plan
+
+
+def _cost_kept(target, model, shallow, data, shapes, count_macs, count_params) -> float:
+    """The fraction of ``model``'s MACs / params / latency that ``shallow`` keeps."""
+    if target == "params":
+        return count_params(shallow) / max(count_params(model), 1)
+    if target == "macs":
+        from graphprune.cli.budget_opts import batch_one_shapes
+        from graphprune.sensitivity.run import feed_shapes
+
+        probe = feed_shapes(data) if data is not None else batch_one_shapes(model, shapes)
+        before, after = count_macs(model, probe or None), count_macs(shallow, probe or None)
+        return after / before if before and after is not None else 1.0
+    from graphprune.cli.budget_opts import batch_one_shapes
+    from graphprune.data import random_inputs
+    from graphprune.runtime import make_session
+    from graphprune.sensitivity.measure import cpu_latency
+
+    feed = data.first_batch(1) if data is not None else random_inputs(
+        model, batch_one_shapes(model, shapes), samples=1, seed=0).first_batch(1)
+    sessions = [make_session(m, threads=1, spinning=False) for m in (model, shallow)]
+    base, after = cpu_latency(sessions, feed, 7, 20)
+    return after / base
 
 
 def _write_from_disk(args, model, folder: str) -> None:

@@ -9,7 +9,7 @@ from typing import List
 
 from graphprune.cli.budget_opts import add_budget_options, budget_plan, run_budget
 from graphprune.cli.common import add_data_options, add_output_options, check_output_path, parse_number, read_inputs, write_model
-from graphprune.cli.prune_blocks import add_block_options, run_blocks, wants_blocks
+from graphprune.cli.prune_blocks import add_block_options, remove_blocks_first, run_blocks, wants_blocks, with_budget
 from graphprune.dependency import Group
 from graphprune.errors import UserError
 from graphprune.metrics import count_macs
@@ -65,7 +65,7 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    if wants_blocks(args):  # depth pruning: graphprune/cli/prune_blocks.py
+    if wants_blocks(args) and not with_budget(args):  # depth pruning: graphprune/cli/prune_blocks.py
         if args.reconstruct:
             raise UserError("--reconstruct refits layers after channel pruning: not with --blocks/--blocks-ratio")
         return run_blocks(args)
@@ -94,6 +94,8 @@ def run(args) -> int:
     check_output_path(args)
     model = load(args.model)
     data, shapes, _ = read_inputs(args, model)
+    if with_budget(args):  # blocks first, then the budget (rescaled) or the ratios on what is left
+        model, plan = remove_blocks_first(args, model, data, shapes, plan)
     if plan is not None and plan.target:
         return run_budget(args, plan, model, data, shapes, args.criterion, args.mode)
     prune = PruneChannelsPass(

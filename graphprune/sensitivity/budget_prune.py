@@ -73,9 +73,10 @@ def prune_to_budget(
                         "(no Conv/Gemm/MatMul with known shapes); use --target-params or --target-latency")
     if report is None:
         report = sensitivity(model, data, ratios=ratios, by="group", metric=metric, criterion=criterion, jobs=jobs,
-                             use_ray=use_ray, latency_rounds=5 if target == "latency" else 0, progress=progress)
+                             use_ray=use_ray, latency_rounds=5 if target == "latency" else 0, progress=progress,
+                             round_to=round_to)
     else:
-        check_reusable(report, model, target, criterion)
+        check_reusable(report, model, target, criterion, round_to)
         metric = report["metric"]
     shapes = feed_shapes(data)
     original = {"macs": report["original"]["macs"], "params": report["original"]["params"]}
@@ -122,9 +123,9 @@ def prune_to_budget(
     return BudgetResult(result, allocation, report, stats)
 
 
-def check_reusable(report: dict, model: onnx.ModelProto, target: str, criterion: str) -> None:
+def check_reusable(report: dict, model: onnx.ModelProto, target: str, criterion: str, round_to: int = 1) -> None:
     """``UserError`` unless ``report`` is a sensitivity report by group of ``model``, measured with
-    ``criterion`` (and with latency for a latency budget)."""
+    ``criterion`` and ``round_to`` (and with latency for a latency budget)."""
     from graphprune.sensitivity.measure import analyse
 
     if not isinstance(report, dict) or report.get("version") != 1 or not isinstance(report.get("units"), list):
@@ -134,6 +135,9 @@ def check_reusable(report: dict, model: onnx.ModelProto, target: str, criterion:
     if report.get("criterion") != criterion:
         raise UserError(f"--sensitivity: the report ranked channels by {report.get('criterion')}, not {criterion} "
                         "(give the same --criterion)")
+    if int(report.get("round_to", 1)) != int(round_to):
+        raise UserError(f"--sensitivity: the report kept channel counts at multiples of {report.get('round_to', 1)}, "
+                        f"not {round_to} (give the same --round-to)")
     mine = set(analyse(model).keys.values())
     theirs = {u.get("name") for u in report["units"]}
     if mine != theirs:

@@ -51,8 +51,10 @@ def default_jobs() -> int:
 class Analysis:
     """The model's prunable groups, their stable names and importance scores (parent and workers alike)."""
 
-    def __init__(self, model: onnx.ModelProto, criterion: str = "l2", data: Optional[InputSet] = None):
+    def __init__(self, model: onnx.ModelProto, criterion: str = "l2", data: Optional[InputSet] = None,
+                 round_to: int = 1):
         self.model = model
+        self.round_to = max(1, int(round_to))
         self.dep = build_dependency_graph(model)
         groups = reported_groups(self.dep.groups())
         self.blocked = [g for g in groups if g.blocked]
@@ -69,7 +71,7 @@ class Analysis:
         selected = {}
         for key, ratio in ratios.items():
             if ratio > 0:
-                selected.update(select_channels([self.by_key[key]], self.scores, ratio))
+                selected.update(select_channels([self.by_key[key]], self.scores, ratio, False, self.round_to))
         return removal_masks(self.prunable, selected), int(sum(s.sum() for s in selected.values()))
 
     def pruned(self, ratios: Dict[str, float], mode: str) -> Tuple[onnx.ModelProto, int]:
@@ -113,7 +115,7 @@ class Worker:
     def __init__(self, payload: dict):
         self.model = onnx.load_from_string(payload["model"])
         self.data = InputSet(payload["arrays"], payload["fixed_batch"])
-        self.analysis = Analysis(self.model, payload["criterion"], self.data)
+        self.analysis = Analysis(self.model, payload["criterion"], self.data, payload.get("round_to", 1))
         self.reference = payload["reference"]
         self.metric_spec = payload["metric"]
         self.metric = load_metric(self.metric_spec)

@@ -55,6 +55,7 @@ def sensitivity(
     use_ray: bool = False,
     latency_rounds: int = 5,
     progress: Optional[Callable[[int], None]] = None,
+    round_to: int = 1,
 ) -> dict:
     """Prune each unit alone at each ratio and measure what it costs and saves.
 
@@ -71,6 +72,9 @@ def sensitivity(
             would take over 10 s in one process; ``use_ray``: a Ray cluster instead.
         latency_rounds: interleaved timing rounds per task; 0 skips latency.
         progress: called with the number of tasks finished.
+        round_to: kept channel counts are multiples of this, as ``prune --round-to`` builds them (a
+            budget's tables must measure the models it will build: 37 channels instead of 40 can
+            cost ONNX Runtime its blocked-layout kernels and make a group's removal slower).
 
     Returns the report: ``units`` (each with ``entries`` per ratio: ``damage``, ``macs``, ``params``,
     ``latency_fraction``, ``channels_removed``), ``original`` totals and ``blocked`` groups.
@@ -87,7 +91,7 @@ def sensitivity(
     payload = {
         "model": model.SerializeToString(), "arrays": data.arrays, "fixed_batch": data.fixed_batch,
         "criterion": criterion, "reference": reference, "metric": metric, "input_shapes": shapes,
-        "latency_rounds": int(latency_rounds),
+        "latency_rounds": int(latency_rounds), "round_to": int(round_to),
     }
     tasks = [(i * len(ratios) + j, unit.groups, r) for i, unit in enumerate(units) for j, r in enumerate(ratios)]
     adaptive = jobs is None  # an explicit job count is obeyed; the default spares small models the start-up
@@ -105,6 +109,7 @@ def sensitivity(
         "by": by,
         "criterion": criterion,
         "ratios": [0.0, *ratios],
+        "round_to": int(round_to),
         "samples": len(data),
         "input_shapes": {k: list(v) for k, v in shapes.items()},
         "original": {"macs": macs, "params": params, "metric_on_itself": self_damage},
