@@ -281,3 +281,23 @@ def test_deferred_session_check_names_the_input_only_when_something_fails(tmp_pa
     with door(need_session=False), deferred_session_check():
         load(bad)  # a door that needs no session: nothing deferred, nothing checked
         check_result(fuzz.conv_model())
+
+
+def test_prune_without_data_checks_its_input_only_when_the_result_fails(tmp_path, capfd):
+    """``prune`` (no --data) defers the input's session check: an input ORT refuses is still exit 2
+    with the door's one-line message and nothing written, the same as a checked door gives."""
+
+    def erf_branch(parts):  # a double Erf beside the prunable convs: the checker accepts it, ORT has no kernel
+        parts["nodes"].append(helper.make_node("Erf", ["d"], ["e"], name="erf"))
+        parts["inputs"].append(helper.make_tensor_value_info("d", onnx.TensorProto.DOUBLE, [1, 4]))
+        parts["outputs"].append(helper.make_tensor_value_info("e", onnx.TensorProto.DOUBLE, [1, 4]))
+
+    bad = _save(fuzz.conv_model(edit=erf_branch), tmp_path / "bad.onnx")
+    out = tmp_path / "out.onnx"
+    assert main(["prune", bad, "--ratio", "0.5", "-o", str(out)]) == 2
+    err = capfd.readouterr().err
+    assert err.count("\n") == 1 and "onnxruntime cannot load the model: " in err and "Erf" in err
+    assert not out.exists()
+    good = _save(fuzz.conv_model(), tmp_path / "good.onnx")
+    assert main(["prune", good, "--ratio", "0.5", "-o", str(out)]) == 0
+    onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])

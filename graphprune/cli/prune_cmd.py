@@ -16,6 +16,7 @@ from graphprune.metrics import count_macs
 from graphprune.model_io import load
 from graphprune.passes.prune_channels import PruneChannelsPass
 from graphprune.pruning import CRITERIA, MODES
+from graphprune.validation import deferred_session_check
 
 __all__ = ["register", "run", "format_groups", "groups_json", "nothing_pruned"]
 
@@ -65,6 +66,15 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
+    # Without data, blocks or budgets nothing runs the input in ORT: the door's session check of it
+    # waits for the result's (validation.deferred_session_check; ~1 s a session on 20,000 nodes)
+    if args.data or wants_blocks(args) or any(getattr(args, f"target_{k}", None) for k in ("macs", "params", "latency")):
+        return _run(args)
+    with deferred_session_check():
+        return _run(args)
+
+
+def _run(args) -> int:
     if wants_blocks(args) and not with_budget(args):  # depth pruning: graphprune/cli/prune_blocks.py
         if args.reconstruct:
             raise UserError("--reconstruct refits layers after channel pruning: not with --blocks/--blocks-ratio")
