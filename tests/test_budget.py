@@ -204,3 +204,15 @@ def test_budget_tables_are_measured_at_the_round_to_the_budget_builds():
             assert any(k % 8 for k in kept.values())  # without rounding the counts are not all multiples of 8
     with pytest.raises(UserError, match="multiples of 8, not 1"):
         prune_to_budget(model, data, "macs", 0.6, report=report)
+
+
+def test_groups_that_lose_no_channel_do_not_pull_the_dominance_median_down():
+    # with --round-to 8 the 8-channel groups lose nothing at any ratio (damage 0): they must not make
+    # every group that does lose channels look dominating
+    units = [{"name": f"narrow{i}", "entries": [{"ratio": 0.0, "damage": 0.0, "channels_removed": 0},
+                                                {"ratio": 0.25, "damage": 0.0, "channels_removed": 0}]}
+             for i in range(5)]
+    for name, damage in (("wide1", 0.1), ("wide2", 0.12), ("wide3", 0.09), ("stem", 0.9)):
+        units.append({"name": name, "entries": [{"ratio": 0.0, "damage": 0.0, "channels_removed": 0},
+                                                {"ratio": 0.25, "damage": damage, "channels_removed": 8}]})
+    assert list(dominating_groups({"units": units})) == ["stem"]

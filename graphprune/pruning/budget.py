@@ -26,7 +26,7 @@ One-group damages add up only roughly (errors compound through a residual stream
 same budget and keeps whichever damages the calibration outputs less (``Allocation.plan``).
 
 Never pruned: groups the dependency analysis blocks, and groups whose damage *dominates*: at the
-lowest ratio measured, more than ``DOMINANCE`` times the median damage of all groups (a stem conv,
+lowest ratio that removes channels, more than ``DOMINANCE`` times the median damage of all groups (a stem conv,
 a classifier's last hidden layer).  When the budget cannot be met without them, ``UserError``:
 "budget cannot be met without pruning blocked groups (...)".
 """
@@ -116,13 +116,23 @@ def saved_fraction(entry: dict, original: dict, target: str) -> float:
 
 
 def dominating_groups(report: dict, dominance: float = DOMINANCE) -> Dict[str, str]:
-    """Group name -> reason, for groups whose damage at the lowest ratio dominates the others'."""
-    first = [u["entries"][1] for u in report["units"] if len(u["entries"]) > 1]
+    """Group name -> reason, for groups whose damage at the lowest ratio dominates the others'.
+
+    "Lowest ratio" is the lowest that removes a channel: with ``round_to`` (or a small group) the
+    first ratios may remove none, and such zero damages would pull the median down until every
+    group that does lose channels looks dominating (PP-OCR's classifier at ``--round-to 8``: 10 of
+    25 groups, every wide expansion among them)."""
+    units, first = [], []
+    for u in report["units"]:
+        removing = [e for e in u["entries"][1:] if e.get("channels_removed", 1) > 0]
+        if removing:
+            units.append(u)
+            first.append(removing[0])
     if len(first) < 2:
         return {}
     median = statistics.median(e["damage"] for e in first)
     out = {}
-    for unit, e in zip(report["units"], first):
+    for unit, e in zip(units, first):
         if e["damage"] > dominance * median and e["damage"] > 1e-6:
             ratio = f"{median and e['damage'] / median:.1f}x the median" if median > 0 else "the median is 0"
             out[unit["name"]] = f"damage {e['damage']:.3g} at ratio {e['ratio']:g}, {ratio}"
