@@ -8,7 +8,8 @@ from onnx import helper, numpy_helper
 from graphprune.data import InputSet
 from graphprune.errors import UserError
 from graphprune.passes import ReconstructPass, prune_channels
-from graphprune.pruning.reconstruct import RidgeStats, conv_columns, conv_pads
+from graphprune.pruning import reconstruct as ridge
+from graphprune.pruning.reconstruct import RidgeStats, choose_damp, conv_columns, conv_pads
 from graphprune.runtime import make_session, run
 from graphprune.testing.fixtures_cnn import mobilenet_v2
 
@@ -47,6 +48,32 @@ def test_conv_columns_times_weight_is_the_convolution(kernel, strides, dilations
     y = y.reshape(groups, n, *out, 8 // groups)
     got = np.moveaxis(y, -1, 1).reshape(8, n, *out).swapaxes(0, 1)
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("kernel, strides, pads", [((3, 3), (2, 1), (1, 1, 1, 1)), ((1, 1), (1, 1), (0, 0, 0, 0))])
+def test_conv_columns_at_positions_are_those_rows_of_the_full_columns(kernel, strides, pads):
+    x = np.random.default_rng(3).standard_normal((3, 4, 7, 6))
+    full = conv_columns(x, kernel, strides, (1, 1), pads, 2)  # (G, N*P, Cg*k)
+    positions = np.array([0, 5, 9, 17])
+    per_sample = full.shape[1] // 3
+    expected = full.reshape(2, 3, per_sample, -1)[:, :, positions].reshape(2, -1, full.shape[2])
+    np.testing.assert_array_equal(conv_columns(x, kernel, strides, (1, 1), pads, 2, positions), expected)
+
+
+def test_wide_layers_choose_among_direct_solves_like_the_eigendecomposition(monkeypatch):
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((400, 12))
+    y = x @ rng.standard_normal((3, 12)).T + 0.3 * rng.standard_normal((400, 3))
+    fit, held = RidgeStats(1, 12, 3, bias=True), RidgeStats(1, 12, 3, bias=True)
+    fit.add(x[None, :300], y[None, :300])
+    held.add(x[None, 300:], y[None, 300:])
+    prior = np.zeros((1, 3, 13))
+    by_eigh = choose_damp(fit, held, prior, ridge.WIDE_DAMPS)
+    monkeypatch.setattr(ridge, "EIGH_MAX_DIM", 8)  # 13 columns are now "wide": one solve per damp
+    by_solve = choose_damp(fit, held, prior)
+    assert by_solve[0] == by_eigh[0] and by_solve[0] in ridge.WIDE_DAMPS
+    np.testing.assert_allclose(by_solve[3], by_eigh[3], rtol=1e-8, atol=1e-10)
+    assert by_solve[2] == pytest.approx(held.error(by_solve[3])) and by_solve[2] < by_solve[1]
 
 
 def test_ridge_error_and_streaming_match_a_direct_solve():

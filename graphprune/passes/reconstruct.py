@@ -197,6 +197,7 @@ def _refit_round(original, model, consts: Constants, members: List[Layer], data:
 
     fits = [stats(m, p) for m, p in zip(members, priors)]
     helds = [stats(m, p) for m, p in zip(members, priors)]
+    rngs = [np.random.default_rng(m.level) for m in members]  # the spatial positions sampled (seeded)
     for index, feed in enumerate(data.batches(batch_size)):
         try:
             xs = run(pruned_session, feed, list(dict.fromkeys(m.x for m in members)))
@@ -204,7 +205,7 @@ def _refit_round(original, model, consts: Constants, members: List[Layer], data:
         except Exception as exc:  # data the models cannot run: the user's input
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             raise UserError(f"reconstruct: the data does not run through the model: {first[:200]}") from None
-        for m, fit, held in zip(members, fits, helds):
+        for m, fit, held, rng in zip(members, fits, helds, rngs):
             x, y = xs[m.x], ys[m.output]
             if damp is not None:
                 parts = [(fit, x, y)]
@@ -214,17 +215,18 @@ def _refit_round(original, model, consts: Constants, members: List[Layer], data:
             else:
                 parts = [(held if index % 5 == 4 else fit, x, y)]
             for acc, xp, yp in parts:
-                for cols, targets in m.rows(xp, yp):
+                for cols, targets in m.rows(xp, yp, rng):
                     acc.add(cols, targets)
     out = []
     for m, prior, fit, held in zip(members, priors, fits, helds):
         record = {"layer": m.output, "op": m.op}
         if damp is None and held.rows and fit.rows:
-            chosen, record["held_before"], record["held_after"] = choose_damp(fit, held, prior)
+            # the chosen candidate is the solution: it was fit on ``fit`` alone, as before
+            chosen, record["held_before"], record["held_after"], solution = choose_damp(fit, held, prior)
             total = fit
         else:  # a fixed damp, or too few batches to hold any out
             chosen, total = (damp if damp is not None else FALLBACK_DAMP), fit.merged(held)
-        solution = prior if chosen is None else total.solve(prior, chosen)
+            solution = total.solve(prior, chosen)
         before, after = total.error(prior), total.error(solution)
         if not np.isfinite(solution).all() or not after <= before:
             solution, after, chosen = prior, before, None  # never worse on the calibration data than not refitting
