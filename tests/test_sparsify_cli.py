@@ -58,6 +58,25 @@ def test_sparse_storage_file_is_smaller_and_gives_the_dense_outputs(model_path, 
     np.testing.assert_array_equal(run(make_session(load(compact)), x)["y"], run(make_session(load(dense)), x)["y"])
 
 
+def test_sparse_storage_of_an_external_data_model_equals_the_inline_one(model_path, tmp_path, capsys):
+    """Weights left on disk are read one at a time for compact storage too: same graph, same values."""
+    from graphprune.model_io import save
+
+    ext_dir = tmp_path / "ext"
+    ext_dir.mkdir()
+    ext = ext_dir / "net.onnx"
+    save(small_net(), str(ext), external_data=True)
+    inline_out, ext_out = tmp_path / "a.onnx", tmp_path / "b.onnx"
+    for source, out in ((model_path, inline_out), (str(ext), ext_out)):
+        assert main(["sparsify", source, "-o", str(out), "--sparsity", "0.9", "--storage", "sparse"]) == 0
+    a, b = load(str(inline_out)), load(str(ext_out))
+    assert [n.op_type for n in a.graph.node] == [n.op_type for n in b.graph.node]
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys()
+    for name in wa:
+        np.testing.assert_array_equal(wa[name], wb[name], err_msg=name)
+
+
 def test_n_m_reports_the_skipped_layer(model_path, tmp_path, capsys):
     out = tmp_path / "out.onnx"
     assert main(["sparsify", model_path, "-o", str(out), "--pattern", "2:4", "--exclude", "proj"]) == 0

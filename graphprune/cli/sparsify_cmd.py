@@ -93,12 +93,10 @@ def run(args) -> int:
         progress=sys.stderr.isatty(),
     )
     check_output_path(args)
-    # Dense storage reads weights left on disk one at a time (an LLM's 2 GB are never all in memory;
-    # save streams the untouched ones across); sparse storage compacts in memory, so it loads them.
-    lazy = args.storage == "dense"
-    if lazy:
-        sparsify.source_dir = os.path.dirname(os.path.abspath(args.model))
-    model = load(args.model, load_external_data=not lazy)
+    # Weights left on disk are read one at a time (an LLM's 2 GB are never all in memory; save
+    # streams the untouched ones across), for dense and compact storage alike.
+    sparsify.source_dir = os.path.dirname(os.path.abspath(args.model))
+    model = load(args.model, load_external_data=False)
     sparsify.data, _, _ = read_inputs(args, model)
     result = sparsify(model)
     stats = result.stats

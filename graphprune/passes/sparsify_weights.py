@@ -194,7 +194,7 @@ class SparsifyWeightsPass(Pass):
             )
         compacted, kept_dense = [], {}
         if self.storage == "sparse":
-            compacted, kept_dense = compact_initializers(work, [t.name for t in targets])
+            compacted, kept_dense = compact_initializers(work, [t.name for t in targets], read=self._read)
         rows = [rows[t.name] for t in prunable]
         stats = {
             "criterion": self.criterion,

@@ -17,7 +17,7 @@ relative indices do.  Consumers still read ``W``, so outputs are bit-identical t
 
 from __future__ import annotations
 
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import onnx
@@ -67,11 +67,14 @@ def encode_positions(weight: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
     return steps, values
 
 
-def compact_initializers(model: onnx.ModelProto, names: Iterable[str]) -> Tuple[List[str], Dict[str, str]]:
+def compact_initializers(model: onnx.ModelProto, names: Iterable[str],
+                         read: Optional[Callable[[onnx.TensorProto], np.ndarray]] = None) -> Tuple[List[str], Dict[str, str]]:
     """Replace initializers ``names`` by their compact form, in place, where that makes them smaller.
 
-    Returns (compacted names, {name: why it stayed dense}).  Raises ``UserError`` when the model's
-    opset predates the rebuild ops.
+    ``read`` gives an initializer's value (default ``numpy_helper.to_array``): the sparsify pass
+    reads records left on disk through it, one weight at a time.  Returns (compacted names,
+    {name: why it stayed dense}).  Raises ``UserError`` when the model's opset predates the
+    rebuild ops.
     """
     opset = default_opset(model) or 0
     if opset < MIN_OPSET:
@@ -83,7 +86,7 @@ def compact_initializers(model: onnx.ModelProto, names: Iterable[str]) -> Tuple[
     kept: Dict[str, str] = {}
     rebuild_nodes: List[onnx.NodeProto] = []
     for name in dict.fromkeys(names):
-        weight = numpy_helper.to_array(inits[name])
+        weight = (read or numpy_helper.to_array)(inits[name])
         if weight.dtype not in _SUPPORTED_DTYPES:
             kept[name] = f"element type {weight.dtype} has no compact form"
             continue
