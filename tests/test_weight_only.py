@@ -232,3 +232,73 @@ def test_conv_weights_are_dequantized_at_load_and_matmuls_unless_folded(folded):
     feed = {"x": np.random.default_rng(0).standard_normal((2, 3, 8, 8)).astype(np.float32)}
     twin = _dequantized_twin(model, 8)
     np.testing.assert_allclose(_run(result.model, feed, "basic")[0], _run(twin, feed, "basic")[0], rtol=1e-5, atol=1e-5)
+
+
+def test_int4_with_block_multipliers_round_trip_and_error():
+    """The stored form (4-bit q, integer block multipliers r, column scales u) gives q * r within int8
+    and the error of int4 blocks with float scales, up to the rounding of r."""
+    from graphprune.quantization import weight_int8_kernel as ik
+
+    w = np.random.default_rng(0).standard_normal((256, 48)).astype(np.float32)
+    packed, mult, unit = ik.int4_with_multipliers(w, 32)
+    assert packed.shape == (128, 48) and mult.shape == (8, 48) and unit.shape == (48,)
+    assert np.abs(mult).min() >= 1 and (np.abs(mult).max(axis=0) == 15).all()  # each column's widest block: 15
+    d = ik.dequantize(packed, mult, unit, 32)
+    assert np.abs(np.rint(d / unit)).max() <= 120  # q * r is an exact int8
+    q, s = wo.int4_blocks_rtn(w, 32)
+    float_scales = _rel(wo.dequantize_int4(q, s, 32), w)
+    assert _rel(d, w) < 1.06 * float_scales  # 0.0897 against 0.0863
+
+
+@pytest.mark.parametrize("algorithm", ["rtn", "awq"])
+def test_int4_for_the_int8_kernel_equals_its_dequantized_twin(algorithm):
+    """--int4-kernel int8: the expansion is folded at load, only DynamicQuantizeMatMul runs, and the outputs
+    match the float model whose weights are the stored form's values (activations quantized per run)."""
+    from graphprune.quantization import weight_int8_kernel as ik
+
+    model = mlp(in_features=64, hidden=(96,), classes=10)  # MatMul 64 x 96, Gemm/MatMul 96 x 10
+    feed = {"input": np.random.default_rng(0).standard_normal((4, 64), np.float32)}
+    data = InputSet({"input": np.random.default_rng(1).standard_normal((16, 64), np.float32)})
+    result = QuantizeWeightsPass(bits=4, int4_kernel="int8", algorithm=algorithm, data=data if algorithm == "awq" else None)(model)
+    check_model(result.model, full=True)
+    assert result.stats["int4_kernel"] == "int8"
+    session = make_session(result.model)
+    got = session.run(None, feed)[0]
+    twin = onnx.ModelProto()
+    twin.CopyFrom(model)
+    inits = {i.name: numpy_helper.to_array(i) for i in result.model.graph.initializer}
+    quantized = [n for n in result.model.graph.node if n.op_type == "DynamicQuantizeMatMul"]
+    assert len(quantized) == sum(1 for n in model.graph.node if n.op_type in ("MatMul", "Gemm"))
+    for node in quantized:
+        name = node.input[1][: -len("_int8")]
+        d = ik.dequantize(inits[f"{name}_q4_packed"], inits[f"{name}_q4_multipliers"][:, 0, :], inits[node.input[2]], 32)
+        if node.input[0].endswith("_awq_scaled"):  # AWQ: the input is divided by s, the weight took the product
+            d = d * inits[node.input[0][: -len("_scaled")] + "_inverse_scale"][:, None]
+        for init in twin.graph.initializer:
+            if init.name == name:
+                init.CopyFrom(numpy_helper.from_array(d if tuple(init.dims) == d.shape else d.T.copy(), name))
+    want = _run(twin, feed)[0]
+    assert _rel(got, want) < 0.02  # DynamicQuantizeMatMul's per-tensor uint8 activations
+    assert _rel(got, _run(model, feed)[0]) < 0.3
+
+
+def test_int4_for_the_int8_kernel_is_folded_at_load(tmp_path):
+    import onnxruntime as ort
+
+    model = mlp(in_features=64, hidden=(96,), classes=10)
+    path = str(tmp_path / "q.onnx")
+    onnx.save(QuantizeWeightsPass(bits=4, int4_kernel="int8")(model).model, path)
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    ops = {n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node}
+    assert "DynamicQuantizeMatMul" in ops and not ops & {"Mod", "BitShift", "Concat", "Cast", "Reshape"}
+
+
+def test_int4_kernel_refusals():
+    with pytest.raises(UserError, match="int4-kernel 'int2'"):
+        QuantizeWeightsPass(bits=4, int4_kernel="int2")
+    with pytest.raises(UserError, match="applies to --weights-only int4"):
+        QuantizeWeightsPass(bits=8, int4_kernel="int8")
+    with pytest.raises(UserError, match="gptq"):
+        QuantizeWeightsPass(bits=4, int4_kernel="int8", algorithm="gptq", data=[])

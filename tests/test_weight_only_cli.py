@@ -49,7 +49,7 @@ def test_int4_from_external_data_matches_the_inline_run(tmp_path, capsys):
     assert main(["quantize", external, "-o", out_b, "--weights-only", "int4", "--block-size", "32",
                  "--report", report]) == 0
     printed = capsys.readouterr().out
-    assert "weight-only int4 (block 32, rtn)" in printed and "wrote" in printed
+    assert "weight-only int4 (block 32, rtn, matmulnbits kernel)" in printed and "wrote" in printed
     feed = {"input_ids": _ids()}
     for a, b in zip(_outputs(out_a, feed), _outputs(out_b, feed)):
         np.testing.assert_array_equal(a, b)
@@ -162,6 +162,8 @@ def test_static_quantize_falls_back_to_int8_weight_storage(tmp_path, capsys, mon
     (["--weights-only", "int4", "--algorithm", "gptq"], "needs calibration data"),
     (["--weights-only", "int8", "--max-error", "0.1"], "applies to static int8"),
     (["--algorithm", "awq"], "applies to --weights-only int4"),
+    (["--int4-kernel", "int8"], "applies to --weights-only int4"),
+    (["--weights-only", "int8", "--int4-kernel", "int8"], "applies to --weights-only int4"),
 ])
 def test_bad_input_exits_2_and_writes_nothing(tmp_path, capsys, args, message):
     src, out = str(tmp_path / "m.onnx"), str(tmp_path / "q.onnx")

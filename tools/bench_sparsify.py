@@ -7,7 +7,8 @@ Usage:
 
 ``--calibrated``: output error of magnitude, Wanda and SparseGPT at 50% unstructured and 2:4 on
 ResNet-50 and a BERT-base-sized encoder, calibrated on seeded random inputs and measured on other
-seeded random inputs, with the CPU time of each pass (and of the whole ``sparsify`` command on
+seeded random inputs (``--model M.onnx --calibration-data C.npz --eval-data E.npz [--models none]``:
+a trained model from a file, on real samples), with the CPU time of each pass (and of the whole ``sparsify`` command on
 ResNet-50); with ``--peer-python``, onnxsim's own magnitude / Wanda / SparseGPT on the same models
 and calibration samples, run by that interpreter, in the same run.
 
@@ -227,6 +228,10 @@ def main():
     parser.add_argument("--peer-python", help="a Python with onnxsim installed: measure its pruning in the same run")
     parser.add_argument("--peer-timeout", type=int, default=900, help="wall seconds allowed to each peer pruning call")
     parser.add_argument("--models", default="resnet50,bert", help="--calibrated: which of resnet50,bert to run")
+    parser.add_argument("--model", help="--calibrated: also (or, with --models none, only) this ONNX file, calibrated "
+                        "on --calibration-data and measured on --eval-data (a trained model and real samples)")
+    parser.add_argument("--calibration-data", help="--model's calibration samples (.npz, one array per input)")
+    parser.add_argument("--eval-data", help="--model's held-out samples (.npz), the error is measured on them")
     args = parser.parse_args()
     if args.calibrated:
         return calibrated_main(args)
@@ -390,6 +395,8 @@ def calibrated_main(args):
             rows += _resnet_rows(args, tmp)
         if "bert" in models:
             rows += _bert_rows(args, tmp)
+        if args.model:
+            rows += _file_rows(args, tmp)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"peer": _peer_version(args.peer_python) if args.peer_python else None, "rows": rows}, f, indent=2)
@@ -404,6 +411,21 @@ def _resnet_rows(args, tmp):
     held_out = random_inputs(model, None, samples=args.samples, seed=123)
     return calibrated_table("resnet50", model, calibration, held_out, model.graph.output[0].name, tmp,
                             args.peer_python, cli=True, threads=args.threads, peer_timeout=args.peer_timeout)
+
+
+def _file_rows(args, tmp):
+    """--model: a trained model from a file, real calibration and held-out samples (its first output)."""
+    from graphprune.data import load_inputs
+    from graphprune.model_io import load
+
+    model = logits_model(load(args.model))
+    calibration, _ = load_inputs(args.calibration_data, model)
+    held_out, _ = load_inputs(args.eval_data, model)
+    label = os.path.splitext(os.path.basename(args.model))[0]
+    print(f"{label}: {args.model}; calibration {args.calibration_data}, error on {args.eval_data}, "
+          f"output {model.graph.output[0].name}", flush=True)
+    return calibrated_table(label, model, calibration, held_out, model.graph.output[0].name, tmp, args.peer_python,
+                            cli=True, threads=args.threads, peer_timeout=args.peer_timeout)
 
 
 def _bert_rows(args, tmp):

@@ -22,7 +22,7 @@ from graphprune.errors import UserError
 from graphprune.ir import has_external_data
 from graphprune.model_io import load
 from graphprune.quantization.config import ACTIVATION_TYPES, METHODS, QuantConfig, check_max_error
-from graphprune.quantization.weight_only import ALGORITHMS
+from graphprune.quantization.weight_only import ALGORITHMS, INT4_KERNELS
 
 # Reasons listing more layers than this print the first few and a count.
 _NAMES_SHOWN = 6
@@ -60,6 +60,10 @@ def register(sub) -> None:
     p.add_argument("--algorithm", choices=ALGORITHMS,
                    help="how int4 weights are chosen: rtn (round to nearest, default), awq (activation-aware "
                    "scales) or gptq (error compensation); awq and gptq need --data")
+    p.add_argument("--int4-kernel", choices=INT4_KERNELS,
+                   help="the kernel int4 MatMul/Gemm weights are written for: matmulnbits (default; fastest for a "
+                   "few rows, e.g. decoding) or int8 (expanded to int8 at load for DynamicQuantizeMatMul; fastest "
+                   "for many rows, e.g. a prompt)")
     add_report_option(p, "the placement report")
     p.set_defaults(func=run)
 

@@ -17,7 +17,7 @@ _STATIC_ONLY = (("max_error", "--max-error"), ("exclude", "--exclude"), ("op_typ
 
 def refuse_weight_options(args) -> None:
     """Static int8: --block-size and --algorithm belong to --weights-only."""
-    for attr, flag in (("block_size", "--block-size"), ("algorithm", "--algorithm")):
+    for attr, flag in (("block_size", "--block-size"), ("algorithm", "--algorithm"), ("int4_kernel", "--int4-kernel")):
         if getattr(args, attr, None) is not None:
             raise UserError(f"{flag} applies to --weights-only int4")
 
@@ -25,7 +25,7 @@ def refuse_weight_options(args) -> None:
 def _settings(args):
     bits = 4 if args.weights_only == "int4" else 8
     if bits == 8:
-        for attr, flag in (("block_size", "--block-size"), ("algorithm", "--algorithm")):
+        for attr, flag in (("block_size", "--block-size"), ("algorithm", "--algorithm"), ("int4_kernel", "--int4-kernel")):
             if getattr(args, attr, None) is not None:
                 raise UserError(f"{flag} applies to --weights-only int4 (int8 is per output channel, rounded to nearest)")
     for attr, flag in _STATIC_ONLY:
@@ -51,7 +51,7 @@ def run(args) -> int:
     data, _, _ = read_inputs(args, model) if args.data else (None, None, None)
     source_dir = os.path.dirname(os.path.abspath(args.model))
     result = QuantizeWeightsPass(bits=bits, block_size=block_size, algorithm=algorithm, data=data,
-                                 source_dir=source_dir)(model)
+                                 source_dir=source_dir, int4_kernel=getattr(args, "int4_kernel", None) or "matmulnbits")(model)
     if not result.modified:
         raise UserError(f"--weights-only {args.weights_only}: the model has no MatMul, Gemm, Conv or embedding "
                         "weight to quantize (nothing written)")
@@ -126,7 +126,8 @@ def format_weights(stats: dict) -> str:
     before, after = stats["float_bytes"], stats["quantized_bytes"]
     formats = ", ".join(f"{kind} {n}" for kind, n in stats["formats"].items())
     lines = [f"weight-only int{stats['bits']}"
-             + (f" (block {stats['block_size']}, {stats['algorithm']})" if stats["bits"] == 4 else " (per channel)")
+             + (f" (block {stats['block_size']}, {stats['algorithm']}, {stats['int4_kernel']} kernel)" if stats["bits"] == 4
+                else " (per channel)")
              + f": {stats['weights_quantized']} weights ({formats}); {before / 1e6:.2f} MB -> {after / 1e6:.2f} MB "
              f"of weights ({before / max(after, 1):.2f}x smaller)"]
     for name, reason in list(stats["skipped"].items())[:6]:

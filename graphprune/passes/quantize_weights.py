@@ -69,6 +69,10 @@ class QuantizeWeightsPass(Pass):
         embeddings: also quantize embedding tables.
         accuracy_level: ``MatMulNBits``' accuracy_level (4: int8 activations inside the kernel, the
             fast path on x86; 0: float activations).
+        int4_kernel: "matmulnbits" (int4 MatMul/Gemm weights as ``MatMulNBits``: fastest for a
+            few rows, e.g. decoding) or "int8" (int4 values with integer block multipliers,
+            expanded into int8 at load for ``DynamicQuantizeMatMul``: fastest for many rows, e.g.
+            prefill; see ``quantization/weight_int8_kernel.py``; RTN and AWQ only).
         folded: every int8 weight as Cast and Mul, folded into a float weight when ONNX Runtime
             loads the model: a smaller file at float speed and with float math (static
             quantization's fallback), instead of 8-bit ``MatMulNBits`` kernels for MatMul/Gemm.
@@ -78,13 +82,20 @@ class QuantizeWeightsPass(Pass):
 
     def __init__(self, bits: int = 8, block_size: int = 32, algorithm: str = "rtn", data=None,
                  source_dir: Optional[str] = None, embeddings: bool = True, accuracy_level: int = 4,
-                 folded: bool = False):
+                 folded: bool = False, int4_kernel: str = "matmulnbits"):
         if bits not in (4, 8):
             raise UserError(f"weight-only quantization takes int8 or int4, not {bits} bits")
         if algorithm not in wo.ALGORITHMS:
             raise UserError(f"--algorithm {algorithm!r}: choose one of {', '.join(wo.ALGORITHMS)}")
         if algorithm != "rtn" and bits != 4:
             raise UserError(f"--algorithm {algorithm} chooses int4 weights; int8 per channel is rounded to nearest")
+        if int4_kernel not in wo.INT4_KERNELS:
+            raise UserError(f"--int4-kernel {int4_kernel!r}: choose one of {', '.join(wo.INT4_KERNELS)}")
+        if int4_kernel != "matmulnbits" and bits != 4:
+            raise UserError("--int4-kernel applies to --weights-only int4")
+        if int4_kernel == "int8" and algorithm == "gptq":
+            raise UserError("--algorithm gptq chooses float block scales, which the int8 kernel's form cannot hold; "
+                            "use --int4-kernel matmulnbits or --algorithm rtn|awq")
         if algorithm != "rtn" and data is None:
             raise UserError(f"--algorithm {algorithm} needs calibration data (--data FILE.npz)")
         self.bits = bits
@@ -95,6 +106,7 @@ class QuantizeWeightsPass(Pass):
         self.embeddings = embeddings
         self.accuracy_level = int(accuracy_level)
         self.folded = bool(folded)
+        self.int4_kernel = int4_kernel
 
     def requires(self, model: onnx.ModelProto) -> None:
         found = is_quantized(model)
@@ -109,12 +121,13 @@ class QuantizeWeightsPass(Pass):
         if not targets:
             return PassResult(model, False, {"weights_quantized": 0, "skipped": skipped})
         scales = self._data_aware(model, targets) if self.algorithm != "rtn" else {}
-        rewriter = Rewriter(model, self.source_dir, self.block_size, self.accuracy_level, self.folded)
+        rewriter = Rewriter(model, self.source_dir, self.block_size, self.accuracy_level, self.folded, self.int4_kernel)
         for target in targets.values():
             rewriter.quantize(target, self.algorithm, scales.get(target.name))
         result = rewriter.build()
         stats = rewriter.stats()
         stats.update({"bits": self.bits, "block_size": self.block_size if self.bits == 4 else None,
+                      "int4_kernel": self.int4_kernel if self.bits == 4 else None,
                       "algorithm": self.algorithm, "skipped": skipped})
         return PassResult(result, True, stats)
 

@@ -12,6 +12,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from graphprune.errors import UserError
 from graphprune.ir import copy_fields, get_attr
+from graphprune.quantization import weight_int8_kernel as ik
 from graphprune.quantization import weight_only as wo
 
 __all__ = ["Target", "find_targets", "constant_tensors", "Rewriter", "NODE_BYTES"]
@@ -140,9 +141,10 @@ class Rewriter:
     """
 
     def __init__(self, model: onnx.ModelProto, source_dir: Optional[str], block_size: int, accuracy_level: int,
-                 folded: bool = False):
+                 folded: bool = False, int4_kernel: str = "matmulnbits"):
         self.model = model
         self.folded = folded  # every int8 weight as Cast and Mul (see ``_int8``)
+        self.int4_kernel = int4_kernel  # "matmulnbits" or "int8" (``weight_int8_kernel``)
         self.source_dir = source_dir
         self.block_size = block_size
         self.accuracy_level = accuracy_level
@@ -155,6 +157,7 @@ class Rewriter:
         self.counts: Dict[str, int] = {}
         self.needs = set()  # "com.microsoft", "int4", "opset21"
         self._scaled_inputs: Dict[str, str] = {}
+        self._shared = set()  # shared constants of the int8-kernel form, added once
 
     # -- reading ------------------------------------------------------------------------------
     def read(self, name: str) -> np.ndarray:
@@ -270,6 +273,9 @@ class Rewriter:
         s = extra.get("awq_scale")
         if s is not None:
             w = w * s[:, None]
+        if self._int8_kernel_fits(w.shape[0], tensor, extra):
+            self._int4_for_int8_kernel(target, w, s)
+            return
         if "hessian" in extra:
             q, scale = wo.int4_blocks_gptq(w, extra["hessian"], self.block_size)
             packed, scales_nk = None, scale.T
@@ -318,6 +324,39 @@ class Rewriter:
                                       domain="com.microsoft", **attrs)]
             if has_bias:
                 nodes.append(helper.make_node("Add", [out, node.input[2]], [node.output[0]], name=(node.name or target.name) + "_bias"))
+            self.instead[i] = nodes
+
+    def _int8_kernel_fits(self, k: int, tensor: TensorProto, extra: dict) -> bool:
+        """The int8-kernel form: asked for, a float32 weight in whole blocks, RTN or AWQ (GPTQ picks
+        float block scales), opset 11 (BitShift) and a runtime with DynamicQuantizeMatMul."""
+        return (self.int4_kernel == "int8" and tensor.data_type == TensorProto.FLOAT and "hessian" not in extra
+                and self.opset >= 11 and ik.fits(k, self.block_size) and wo.runtime_has("DynamicQuantizeMatMul"))
+
+    def _int4_for_int8_kernel(self, target: Target, w: np.ndarray, awq: Optional[np.ndarray]) -> None:
+        """int4 values with integer block multipliers, expanded into int8 at load, read by
+        com.microsoft ``DynamicQuantizeMatMul`` (see ``weight_int8_kernel``)."""
+        k, n = w.shape
+        b, name = self.block_size, target.name
+        packed, mult, unit = ik.int4_with_multipliers(w, b)
+        del w
+        names = (self._add(f"{name}_q4_packed", packed), self._add(f"{name}_q4_multipliers", mult.reshape(k // b, 1, n)),
+                 self._add(f"{name}_q4_block_shape", np.array([k // b, b, n], np.int64)),
+                 self._add(f"{name}_q4_shape", np.array([k, n], np.int64)), f"{name}_int8")
+        scale = self._add(f"{name}_scale", unit)
+        for constant, value in ik.SHARED_CONSTANTS.items():
+            if constant not in self._shared:
+                self._shared.add(self._add(constant, value))
+        self.before.setdefault(min(i for i, _ in target.uses), []).extend(ik.expansion_nodes(name, k, n, b, names))
+        self.needs.add("com.microsoft")
+        activation = self._awq_input(target, awq, np.float32) if awq is not None else None
+        for i, _ in target.uses:
+            node = self.model.graph.node[i]
+            has_bias = node.op_type == "Gemm" and len(node.input) > 2 and node.input[2]
+            out = f"{node.output[0]}_nobias" if has_bias else node.output[0]
+            nodes = [helper.make_node("DynamicQuantizeMatMul", [activation or node.input[0], names[4], scale], [out],
+                                      name=(node.name or name) + "_Q4I8", domain="com.microsoft")]
+            if has_bias:
+                nodes.append(helper.make_node("Add", [out, node.input[2]], [node.output[0]], name=(node.name or name) + "_bias"))
             self.instead[i] = nodes
 
     def _awq_input(self, target: Target, s: np.ndarray, dtype) -> str:

@@ -14,6 +14,7 @@ from graphprune.errors import UserError
 __all__ = [
     "BLOCK_SIZES",
     "ALGORITHMS",
+    "INT4_KERNELS",
     "check_block_size",
     "int8_per_channel",
     "int4_blocks_rtn",
@@ -26,6 +27,9 @@ __all__ = [
 
 BLOCK_SIZES = (16, 32, 64, 128, 256)
 ALGORITHMS = ("rtn", "awq", "gptq")
+# Kernels int4 MatMul/Gemm weights are written for: MatMulNBits (fast with few rows: decoding) or
+# int8 DynamicQuantizeMatMul after an expansion at load (fast with many rows: prefill, batches).
+INT4_KERNELS = ("matmulnbits", "int8")
 # AWQ's grid of exponents for the activation scale s = mean|x| ** alpha (0: plain RTN).
 _AWQ_GRID = (0.0, 0.125, 0.25, 0.375, 0.5, 0.625, 0.75)
 # GPTQ: dampening of the Hessian's diagonal (fraction of its mean) and the lazy-update width.
@@ -199,7 +203,7 @@ def ort_rtn_nbits(w: np.ndarray, block_size: int) -> Optional[Tuple[np.ndarray, 
 @functools.lru_cache(maxsize=None)
 def runtime_has(kind: str) -> bool:
     """Whether the installed onnxruntime runs ``kind`` on the CPU: "MatMulNBits",
-    "GatherBlockQuantized" (com.microsoft) or "BlockedDequantize" (opset 21 DequantizeLinear with
+    "GatherBlockQuantized", "DynamicQuantizeMatMul" (com.microsoft) or "BlockedDequantize" (opset 21 DequantizeLinear with
     block_size on int4).  Probed by running a tiny model (never assumed from the version)."""
     from graphprune.runtime import ort
 
@@ -260,7 +264,20 @@ def _probe_blocked_dequantize():
     return model, {"x": np.ones((1, 64), np.float32)}
 
 
+def _probe_dynamic_quantize_matmul():
+    q = np.arange(-32, 32, dtype=np.int8).reshape(8, 8)
+    graph = helper.make_graph(
+        [helper.make_node("DynamicQuantizeMatMul", ["x", "q", "s"], ["y"], domain="com.microsoft")],
+        "probe", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [onnx.numpy_helper.from_array(q, "q"), onnx.numpy_helper.from_array(np.full(8, 0.01, np.float32), "s")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    model.ir_version = 8
+    return model, {"x": np.ones((1, 8), np.float32)}
+
+
 _PROBES = {
+    "DynamicQuantizeMatMul": _probe_dynamic_quantize_matmul,
     "MatMulNBits": _probe_matmul_nbits,
     "GatherBlockQuantized": _probe_gather_block_quantized,
     "BlockedDequantize": _probe_blocked_dequantize,

@@ -1,0 +1,106 @@
+"""int4 weights for an int8 kernel: 4-bit values times integer block multipliers, expanded to int8 at load for DynamicQuantizeMatMul.
+
+Why: onnxruntime's int4 ``MatMulNBits`` is the fast path of a 1-token forward (weight-bound), but
+with many rows (a 128-token prefill) it is no faster than its fp32 GEMM on x86 (``tools/bench_llm.py
+--kernels``: 0.74-1.18x at M = 128), while its u8s8 integer GEMM behind ``DynamicQuantizeMatMul``
+(VNNI / AMX) is several times faster than fp32 at M = 128 and still ~2.8x at M = 1.  That kernel
+takes an int8 weight with one scale per output column, so the file stores
+
+    w[k, n] ~= q[k, n] * r[k // block, n] * u[n]      q in [-8, 7], 1 <= |r| <= 15, u float
+
+q as two 4-bit values a byte, the block multipliers r as int8 and the column scales u as float:
+0.53 bytes a weight for block 32 (``MatMulNBits``: 0.625), and about the error of int4 blocks with
+float scales (relative L2 0.0896 against 0.0859 on a Gaussian 1280 x 3456 weight).
+q * r is an exact int8 (|q * r| <= 120).  The expansion is made of standard ops on constants only
+(Mod, BitShift, Concat, Cast, Sub, Reshape, Mul), which ONNX Runtime folds into one int8 initializer
+when it creates the session; the session then holds int8 weights (twice the int4 file's bytes).
+"""
+
+from __future__ import annotations
+
+from typing import List, Tuple
+
+import numpy as np
+from onnx import TensorProto, helper
+
+__all__ = ["fits", "int4_with_multipliers", "dequantize", "expansion_nodes", "SHARED_CONSTANTS"]
+
+# Largest block multiplier: q * r stays within int8 (8 * 15 = 120).
+_MAX_MULTIPLIER = 15
+# Constants every expansion reads, created once per model: name -> value.
+SHARED_CONSTANTS = {
+    "int4_int8_sixteen": np.array(16, np.uint8),  # low nibble: p mod 16
+    "int4_int8_four": np.array(4, np.uint8),  # high nibble: p >> 4
+    "int4_int8_eight": np.array(8, np.int32),  # the stored offset: q = nibble - 8
+}
+
+
+def fits(k: int, block_size: int) -> bool:
+    """Whether a weight with reduction length ``k`` takes this form (whole blocks, an even K)."""
+    return k % block_size == 0 and k % 2 == 0
+
+
+def int4_with_multipliers(w: np.ndarray, block_size: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(packed uint8 [K / 2, N], multipliers int8 [K / block, N], column scales float32 [N]) of a
+    float [K, N] weight.
+
+    As onnxruntime's own int4 blocks, the value of largest magnitude in a block maps to -8 (the sign
+    of the multiplier flips the block), so the whole range [-8, 7] is used; the column's widest block
+    gets |r| = 15.  Each block tries the smallest |r| that covers its range and the next two and
+    keeps the one of least squared error (a Gaussian 1280 x 3456 weight: relative error 0.0896,
+    float block scales 0.0859).  Rows [0, K/2) are stored in the low nibbles, [K/2, K) in the high
+    ones, each as q + 8.
+    """
+    w = np.asarray(w, dtype=np.float32)
+    k, n = w.shape
+    blocks = w.reshape(k // block_size, block_size, n)
+    extreme = np.take_along_axis(blocks, np.abs(blocks).argmax(axis=1)[:, None, :], axis=1)[:, 0, :]
+    unit = np.abs(extreme).max(axis=0) / (8 * _MAX_MULTIPLIER)
+    unit[unit == 0] = 1.0  # an all-zero column: any scale gives zeros
+    sign = np.where(extreme > 0, -1, 1)  # the extreme value becomes q = -8
+    smallest = np.clip(np.ceil(np.abs(extreme) / (8 * unit) - 1e-6), 1, _MAX_MULTIPLIER)
+    best_err = best_q = best_r = None
+    for extra in (0, 1, 2):
+        r = np.clip(smallest + extra, 1, _MAX_MULTIPLIER) * sign
+        step = r[:, None, :] * unit
+        q = np.clip(np.rint(blocks / step), -8, 7)
+        err = np.square(q * step - blocks).sum(axis=1)
+        if best_err is None:
+            best_err, best_q, best_r = err, q, r
+        else:
+            better = err < best_err
+            best_err = np.where(better, err, best_err)
+            best_q = np.where(better[:, None, :], q, best_q)
+            best_r = np.where(better, r, best_r)
+    nibbles = (best_q.reshape(k, n) + 8).astype(np.uint8)
+    packed = nibbles[: k // 2] | (nibbles[k // 2:] << 4)
+    return packed, best_r.astype(np.int8), unit.astype(np.float32)
+
+
+def dequantize(packed: np.ndarray, mult: np.ndarray, unit: np.ndarray, block_size: int) -> np.ndarray:
+    """The float [K, N] weight the stored form stands for (what the expansion computes, times ``unit``)."""
+    nibbles = np.concatenate([packed % 16, packed >> 4]).astype(np.int32) - 8
+    return (nibbles * np.repeat(mult.astype(np.int32), block_size, axis=0)).astype(np.float32) * unit
+
+
+def expansion_nodes(name: str, k: int, n: int, block_size: int, names: Tuple[str, str, str, str, str]) -> List:
+    """Nodes computing the int8 [K, N] weight ``{name}_int8`` from the stored tensors.
+
+    ``names``: (packed, multipliers [K / block, 1, N], block shape [3], weight shape [2], output).
+    Every input is a constant, so ONNX Runtime folds the chain at load.
+    """
+    packed, mult, shape3, shape2, out = names
+    sixteen, four, eight = SHARED_CONSTANTS
+    t = f"{name}_int4_int8"
+    return [
+        helper.make_node("Mod", [packed, sixteen], [f"{t}_low"], name=f"{t}_low"),
+        helper.make_node("BitShift", [packed, four], [f"{t}_high"], name=f"{t}_high", direction="RIGHT"),
+        helper.make_node("Concat", [f"{t}_low", f"{t}_high"], [f"{t}_nibbles"], name=f"{t}_nibbles", axis=0),
+        helper.make_node("Cast", [f"{t}_nibbles"], [f"{t}_i32"], name=f"{t}_i32", to=TensorProto.INT32),
+        helper.make_node("Sub", [f"{t}_i32", eight], [f"{t}_q"], name=f"{t}_q"),
+        helper.make_node("Reshape", [f"{t}_q", shape3], [f"{t}_blocks"], name=f"{t}_blocks"),
+        helper.make_node("Cast", [mult], [f"{t}_mult"], name=f"{t}_mult", to=TensorProto.INT32),
+        helper.make_node("Mul", [f"{t}_blocks", f"{t}_mult"], [f"{t}_scaled"], name=f"{t}_scaled"),
+        helper.make_node("Reshape", [f"{t}_scaled", shape2], [f"{t}_kn"], name=f"{t}_kn"),
+        helper.make_node("Cast", [f"{t}_kn"], [out], name=f"{t}_cast", to=TensorProto.INT8),
+    ]
