@@ -18,6 +18,7 @@ from onnx import numpy_helper
 
 from graphprune import ir
 from graphprune.autodiff import rules as _rules  # noqa: F401  (registers every rule)
+from graphprune.autodiff.composites import find_gelu_patterns, gelu_gradient
 from graphprune.autodiff.context import FLOAT_TYPES, GradContext, Shape
 from graphprune.autodiff.registry import STRAIGHT_THROUGH_OPS, rule_for
 from graphprune.autodiff.simplify import fold_constant_scalings
@@ -152,9 +153,21 @@ def build_gradients(
         one = ctx.const(1.0, like=loss)
         seed = one if ctx.rank(loss) == 0 else ctx.op("Expand", one, ctx.shape_of(loss))
     acc.add(loss, seed)
+    patterns = {key: p for key, p in find_gelu_patterns(model, facts.constants).items()  # constants not trained
+                if not any(name in reached and name in facts.constants for n in p.inner + [p.final] for name in n.input)}
+    covered = {id(n) for p in patterns.values() for n in p.inner}
     for node in reversed(model.graph.node):
+        if id(node) in covered:  # differentiated with its pattern, at the pattern's last node
+            continue
         wants = [bool(name) and name in reached for name in node.input]
         if not any(wants):
+            continue
+        if id(node) in patterns:
+            grad = acc.total(node.output[0])
+            if grad is not None:
+                ctx.node = node
+                acc.add(patterns[id(node)].x, gelu_gradient(ctx, patterns[id(node)], grad))
+                ctx.node = None
             continue
         out_grads = [acc.total(out) if out else None for out in node.output]
         if all(g is None for g in out_grads):
@@ -171,5 +184,6 @@ def build_gradients(
             if want and grad is not None:
                 acc.add(name, grad)
     grads = {name: acc.total(name) for name in wrt}
-    nodes, initializers = fold_constant_scalings(ctx.nodes, ctx.initializers, [g for g in grads.values() if g])
+    nodes, initializers = fold_constant_scalings(ctx.nodes, ctx.initializers, [g for g in grads.values() if g],
+                                                 facts.constants)
     return GradientGraph(nodes, initializers, grads)

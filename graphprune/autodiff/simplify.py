@@ -35,18 +35,23 @@ def _scaling(node: onnx.NodeProto, scalars: Dict[str, np.ndarray]) -> Optional[T
 
 
 def fold_constant_scalings(nodes: List[onnx.NodeProto], initializers: List[onnx.TensorProto],
-                           keep: Sequence[str]) -> Tuple[List[onnx.NodeProto], List[onnx.TensorProto]]:
+                           keep: Sequence[str], constants: Optional[Dict[str, np.ndarray]] = None,
+                           ) -> Tuple[List[onnx.NodeProto], List[onnx.TensorProto]]:
     """``nodes`` with each ``(t * a) * b`` chain (Mul or Div by scalar constants) as one ``t * (a b)``.
 
     Args:
         nodes: gradient nodes in topological order.
         initializers: the constants they read (scalar constants are looked up here).
         keep: tensor names read from outside ``nodes`` (the gradients returned): never folded away.
+        constants: the forward graph's constant values (a Div rule divides by the forward's divisor).
 
     Returns the new node list and the initializers with the folded products appended.
     """
-    scalars = {init.name: numpy_helper.to_array(init) for init in initializers
-               if init.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE) and int(np.prod(init.dims)) == 1}
+    floats = (np.float32, np.float64)
+    scalars = {name: value for name, value in (constants or {}).items()
+               if isinstance(value, np.ndarray) and value.dtype in floats and value.size == 1}
+    scalars.update({init.name: numpy_helper.to_array(init) for init in initializers
+                    if init.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE) and int(np.prod(init.dims)) == 1})
     readers: Dict[str, int] = {}
     for node in nodes:
         for name in node.input:

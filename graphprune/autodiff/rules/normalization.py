@@ -29,15 +29,17 @@ def _standardize(ctx, x: str, axes: Sequence[int], epsilon: float):
     return ctx.op("Mul", centered, inv), inv
 
 
-def _standardized_grad(ctx, g: str, xhat: str, inv: str, axes: Sequence[int], g_xhat: Optional[str] = None) -> str:
+def _standardized_grad(ctx, g: str, xhat: str, inv: str, axes: Sequence[int], g_xhat: Optional[str] = None,
+                       projection: Optional[str] = None) -> str:
     """The gradient of ``x`` given ``g``, the gradient of ``xhat = (x - mean) * inv`` over ``axes``.
 
     ``inv`` may carry a factor constant over ``axes`` (a per-channel scale); ``g_xhat`` is ``g * xhat``
-    when the caller computed it already.
+    when the caller computed it already, ``projection`` its mean over ``axes``.
     """
-    g_xhat = g_xhat or ctx.op("Mul", g, xhat)
+    if projection is None:
+        projection = ctx.reduce("ReduceMean", g_xhat or ctx.op("Mul", g, xhat), axes)
     centered = ctx.op("Sub", g, ctx.reduce("ReduceMean", g, axes))
-    projected = ctx.op("Mul", xhat, ctx.reduce("ReduceMean", g_xhat, axes))
+    projected = ctx.op("Mul", xhat, projection)
     return ctx.op("Mul", inv, ctx.op("Sub", centered, projected))
 
 
@@ -183,12 +185,12 @@ def _trailing_axes(ctx, node) -> List[int]:
     return list(range(axis, _known_rank(ctx, node)))
 
 
-def _scale_bias_grads(ctx, node, g: str, xhat: str, wants) -> List[Optional[str]]:
+def _scale_bias_grads(ctx, node, g: str, xhat: str, wants, g_xhat: Optional[str] = None) -> List[Optional[str]]:
     """Gradients of the Scale and (optional) B inputs of LayerNormalization/RMSNormalization."""
     y = node.output[0]
     grads: List[Optional[str]] = [None] * (len(node.input) - 1)
     if _wanted(wants, 1):
-        grads[0] = ctx.reduce_to(ctx.op("Mul", g, xhat), node.input[1], y)
+        grads[0] = ctx.reduce_to(g_xhat or ctx.op("Mul", g, xhat), node.input[1], y)
     if _wanted(wants, 2) and node.input[2]:
         grads[1] = ctx.reduce_to(g, node.input[2], y)
     return grads
@@ -206,12 +208,30 @@ def _layer_norm(ctx, node, dy, wants):
     else:
         xhat, inv = _standardize(ctx, x, axes, float(ctx.attr(node, "epsilon", 1e-5)))
     g = g or ctx.zeros_like(node.output[0])
-    grad_x = None
+    grad_x = g_xhat = None
     if wants[0]:
-        grad_x = _standardized_grad(ctx, ctx.op("Mul", g, scale), xhat, inv, axes)
+        g_xhat, projection = _last_axis_projection(ctx, node, g, xhat, axes) if _wanted(wants, 1) else (None, None)
+        grad_x = _standardized_grad(ctx, ctx.op("Mul", g, scale), xhat, inv, axes, projection=projection)
         extra = _statistics_grad(ctx, x, xhat, inv, dy[1:])
         grad_x = ctx.op("Add", grad_x, extra) if extra else grad_x
-    return [grad_x] + _scale_bias_grads(ctx, node, g, xhat, wants)
+    return [grad_x] + _scale_bias_grads(ctx, node, g, xhat, wants, g_xhat)
+
+
+def _last_axis_projection(ctx, node, g: str, xhat: str, axes: Sequence[int]):
+    """``(g * xhat, mean(g * scale * xhat) over the last axis)`` for a [D] scale over the last axis.
+
+    ``g * xhat`` is what the scale gradient sums anyway; the mean is then ``(g * xhat) @ scale / D``,
+    a matrix-vector product, instead of one more elementwise pass and a reduction.  Other layouts:
+    ``(None, None)`` (the caller computes the mean from ``g * scale``)."""
+    scale, shape_x, shape_s = node.input[1], ctx.shape(node.input[0]), ctx.shape(node.input[1])
+    if list(axes) not in ([-1], [len(shape_x or ()) - 1]) or not shape_x or shape_s is None or len(shape_s) != 1:
+        return None, None
+    depth = shape_x[-1] or shape_s[0]
+    if not depth:
+        return None, None
+    g_xhat = ctx.op("Mul", g, xhat)
+    column = ctx.op("Mul", ctx.unsqueeze(scale, [1]), ctx.const(1.0 / depth, like=scale))  # [D, 1], small
+    return g_xhat, ctx.op("MatMul", g_xhat, column)
 
 
 def _statistics_grad(ctx, x: str, xhat: str, inv: str, stat_grads) -> Optional[str]:
