@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
 from typing import Dict, List, Optional, Tuple
 
@@ -33,11 +34,18 @@ def _light_model(model: onnx.ModelProto, keep_value_info: bool) -> onnx.ModelPro
     """The model with large initializers replaced by typed graph inputs."""
     light = model_shell(model, keep_value_info)
     declared = {vi.name for vi in model.graph.input}
+    # math.prod and the input built in place: np.prod and helper.make_tensor_value_info were half
+    # of this function on a 20,000-node graph (10,000 weights)
     for init in model.graph.initializer:
-        if int(np.prod(init.dims)) <= _SMALL:
-            light.graph.initializer.append(init)
+        if math.prod(init.dims) <= _SMALL:
+            light.graph.initializer.add().CopyFrom(init)
         elif init.name not in declared:
-            light.graph.input.append(helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
+            vi = light.graph.input.add()
+            vi.name = init.name
+            vi.type.tensor_type.elem_type = init.data_type
+            dims = vi.type.tensor_type.shape.dim
+            for d in init.dims:
+                dims.add().dim_value = d
     return light
 
 
@@ -212,6 +220,19 @@ def symbolic_shapes(model: onnx.ModelProto) -> Dict[str, Tuple]:
     return shapes
 
 
+def _fast_shape(vi: onnx.ValueInfoProto) -> Optional[Tuple]:
+    """``ir.value_shape`` with fewer proto accesses for the common all-fixed case (it runs once per
+    tensor of the model: 20,000 times on a 20,000-node graph)."""
+    tensor_type = vi.type.tensor_type  # unset for non-tensor types: no shape field then
+    if not tensor_type.HasField("shape"):
+        return None
+    dims = tensor_type.shape.dim
+    values = tuple(d.dim_value for d in dims)
+    if all(v > 0 for v in values):
+        return values
+    return value_shape(vi)
+
+
 def tensor_shapes(model: onnx.ModelProto) -> Dict[str, Optional[Tuple]]:
     """Name -> shape (ints, symbols, None for unknown dims) of every tensor the model can tell.
 
@@ -221,7 +242,7 @@ def tensor_shapes(model: onnx.ModelProto) -> Dict[str, Optional[Tuple]]:
     shapes: Dict[str, Optional[Tuple]] = {}
     graph = model.graph
     for vi in list(graph.input) + infer_value_info(model, keep_value_info=True) + list(graph.output):
-        shape = value_shape(vi)
+        shape = _fast_shape(vi)
         if shape is not None:
             shapes[vi.name] = shape
     if any(_unresolved(s) for s in shapes.values()):
