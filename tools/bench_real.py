@@ -89,10 +89,11 @@ def _finetune(model_path: str, teacher: onnx.ModelProto, data, features: str, ar
     the refit layers were fit to the original's activations, and statistics re-estimated from a few
     thousand rendered lines move even the unpruned classifier (98.4% -> 81.2%)."""
     model = onnx.load(model_path)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()  # CPU: this process's threads (ORT's included)
     result = FineTunePass(data=data, teacher=teacher, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
                           features=features, patience=args.patience, threads=args.threads, batchnorm=batchnorm)(model)
     seconds = time.perf_counter() - start
+    result.stats["cpu_seconds"] = time.process_time() - cpu
     out = model_path.replace(".onnx", f"_ft_{features}.onnx")
     onnx.save(result.model, out)
     return out, seconds, result.stats
@@ -133,7 +134,8 @@ def bench_kind(kind: str, args, work: str) -> List[Dict]:
                      "macs": count_macs(onnx.load(uni), {"x": shape}) / base_macs, "no_recovery": metric(uni),
                      "reconstructed": None, "distilled": metric(ft), "latency_speedup": _latency_ratio(original_path, uni, shape),
                      "samples": len(data), "epochs_run": len(stats.get("history", [])) - 1,
-                     "seconds": prune_s + ft_s, "prune_seconds": prune_s, "finetune_seconds": ft_s})
+                     "seconds": prune_s + ft_s, "prune_seconds": prune_s, "finetune_seconds": ft_s,
+                     "finetune_cpu_seconds": stats.get("cpu_seconds")})
         print(rows[-1], flush=True)
     return rows
 
@@ -144,13 +146,17 @@ def _recovered(kind, tag, target, ratio, original_path, original, data, calib, s
     start = time.perf_counter()
     pruned, ratios = os.path.join(work, f"{tag}_pruned.onnx"), os.path.join(work, f"{tag}_ratios.json")
     common = ["--data", calib, "--input-shape", "x=" + "x".join(map(str, shape))]
+    # channel counts at multiples of --round-to (ONNX Runtime's blocked-layout kernels), --blocks first
+    shaping = ["--round-to", str(args.round_to)] + (["--blocks", str(args.blocks)] if budget and args.blocks else [])
     reused = os.path.join(args.reuse_ratios or "", f"{tag}_ratios.json")
     if budget and args.reuse_ratios and os.path.exists(reused):  # a budget search of an earlier run
-        how = ["--group-ratios", reused]
+        how = ["--group-ratios", reused, *shaping]
         _cli("prune", original_path, "-o", pruned, *how, *common)
     elif budget:
-        _cli("prune", original_path, "-o", pruned, "--target-macs", str(target), "--save-ratios", ratios, *common)
-        how = ["--group-ratios", ratios]
+        search = ["--budget-ratios", args.budget_ratios] if args.budget_ratios else []
+        _cli("prune", original_path, "-o", pruned, "--target-macs", str(target), "--save-ratios", ratios, *shaping,
+             *search, *common)
+        how = ["--group-ratios", ratios, *shaping]
     else:
         how = ["--ratio", f"{ratio:.4f}"]
         _cli("prune", original_path, "-o", pruned, *how, *common)
@@ -159,10 +165,13 @@ def _recovered(kind, tag, target, ratio, original_path, original, data, calib, s
     prune_s = time.perf_counter() - start
     ft, ft_s, stats = _finetune(rec, original, data, "auto", args, batchnorm="keep")
     recipe = ("--target-macs" if budget else f"uniform --ratio {ratio:.3f}") + " + --reconstruct + feature distillation"
+    recipe += "".join(f" {flag} {value}" for flag, value in (("--round-to", args.round_to), ("--blocks", args.blocks))
+                      if value and value != 1 and budget)
     return {"model": kind, "recipe": recipe, "target": target, "macs": count_macs(onnx.load(rec), {"x": shape}) / base_macs,
             "no_recovery": metric(pruned), "reconstructed": metric(rec), "distilled": metric(ft),
             "latency_speedup": _latency_ratio(original_path, rec, shape), "samples": len(data),
             "epochs_run": len(stats.get("history", [])) - 1, "features": stats.get("features"),
+            "finetune_cpu_seconds": stats.get("cpu_seconds"), "val_loss": [h.get("val_loss") for h in stats.get("history", [])],
             "seconds": prune_s + ft_s, "prune_seconds": prune_s, "finetune_seconds": ft_s,
             "ratios_reused": bool(budget and args.reuse_ratios and os.path.exists(reused))}
 
@@ -193,12 +202,19 @@ def main(argv=None) -> int:
     parser.add_argument("--patience", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--recipes", nargs="*", default=["uniform", "budget"], choices=["uniform", "budget", "recon"])
+    parser.add_argument("--round-to", type=int, default=1, help="budget recipe: kept channel counts at multiples of N")
+    parser.add_argument("--blocks", type=int, default=0, help="budget recipe: remove the K least important residual "
+                        "blocks first (prune --blocks K with the budget)")
+    parser.add_argument("--budget-ratios", help="budget recipe: the ratios each group is measured at (R,R,...)")
     parser.add_argument("--reuse-ratios", metavar="DIR", help="apply the per-group ratios an earlier run saved "
                         "(<model>_<target%%>_ratios.json) instead of searching the budget again")
     parser.add_argument("--json", help="write the rows here")
+    parser.add_argument("--work", metavar="DIR", help="keep the models and ratios files here (default: a temporary folder)")
     args = parser.parse_args(argv)
     rows: List[Dict] = []
-    with tempfile.TemporaryDirectory(prefix="bench_real_") as work:
+    with tempfile.TemporaryDirectory(prefix="bench_real_") as scratch:
+        work = args.work or scratch
+        os.makedirs(work, exist_ok=True)
         for kind in args.kinds:
             rows.extend(bench_kind(kind, args, work))
     print(markdown(rows))
