@@ -105,10 +105,9 @@ def _unsigned(dtype: np.dtype) -> np.dtype:
 def _keys(weight: np.ndarray, dtype: np.dtype) -> np.ndarray:
     """Unsigned integers that order as the magnitudes of ``weight`` (every NaN equal and last)."""
     magnitudes = np.abs(np.asarray(weight).astype(dtype, copy=False)).ravel()  # a new array: ours to change
-    nan = np.isnan(magnitudes)
     keys = magnitudes.view(_unsigned(dtype))
-    if nan.any():
-        keys[nan] = np.iinfo(keys.dtype).max
+    if np.isnan(magnitudes.max(initial=0)):  # max propagates NaN: no mask built when there is none
+        keys[np.isnan(magnitudes)] = np.iinfo(keys.dtype).max
     return keys
 
 
@@ -123,7 +122,7 @@ def _digit_histogram(weights: LazyWeights, layers: Sequence[int], dtype: np.dtyp
         keys = _keys(weights.load(i), dtype)
         if level:
             keys = keys[(keys >> udtype.type(shift + _DIGIT_BITS)) == udtype.type(prefix)]
-        digits = ((keys >> udtype.type(shift)) & udtype.type(2**_DIGIT_BITS - 1)).astype(np.uint16)
+        digits = (keys >> udtype.type(shift)).astype(np.uint16)  # the cast drops the higher bits
         del keys
         pending.append(digits)
         buffered += digits.size
@@ -137,4 +136,7 @@ def _digit_histogram(weights: LazyWeights, layers: Sequence[int], dtype: np.dtyp
 
 def _bincount(digits: List[np.ndarray]) -> np.ndarray:
     joined = digits[0] if len(digits) == 1 else np.concatenate(digits)
-    return np.bincount(joined, minlength=2**_DIGIT_BITS)
+    hist = np.zeros(2**_DIGIT_BITS, dtype=np.int64)
+    for start in range(0, joined.size, _BUFFER):  # bincount casts to intp: 8 bytes an item, so in slices
+        hist += np.bincount(joined[start:start + _BUFFER], minlength=2**_DIGIT_BITS)
+    return hist
