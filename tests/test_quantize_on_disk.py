@@ -129,3 +129,16 @@ def test_cli_quantizes_an_external_data_model_and_leaves_it_untouched(tmp_path, 
                             run_samples(make_session(load(out)), data)["y"]).rel_l2
     assert error < 0.1
     assert before == {name: (tmp_path / name).read_bytes() for name in before}
+
+
+def test_histogram_methods_copy_weights_left_on_disk_for_ort(tmp_path, large):
+    # ORT's Percentile calibrator takes a file: the weights are copied there from the source folder
+    path = _external(dense_cnn(), tmp_path)
+    feeds = as_feeds(samples(dense_cnn(), n=3))
+    config = QuantConfig("percentile", True, "uint8", 64)
+    lazy = prepare(load(path, load_external_data=False), source_dir=str(tmp_path))
+    got = calibrate(lazy, feeds, config, source_dir=str(tmp_path))
+    want = calibrate(prepare(load(path)), feeds, config)
+    assert set(got.data) == set(want.data)
+    for name in want.data:
+        np.testing.assert_array_equal(got[name].range_value, want[name].range_value, err_msg=name)
