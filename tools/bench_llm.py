@@ -3,7 +3,7 @@
 Usage:
     .venv/bin/python tools/bench_llm.py [--llm ~/.cache/graphprune-bench/llm/llama.onnx]
         [--dir ~/.cache/graphprune-bench/llm/out] [--rounds 7] [--threads 1,2]
-        [--variants int4,int8,wanda50,wanda24,depth25] [--skip-bert] [--json out.json]
+        [--variants int4,int4i8,int8,wanda50,wanda24,depth25] [--skip-bert] [--json out.json]
     .venv/bin/python tools/bench_llm.py --kernels   # one FFN MatMul: fp32 vs MatMulNBits variants, M = 1 and 128
 
 The LLM is made by ``tools/make_llm_fixture.py`` (Llama-style, GQA, 0.5B parameters, 2.0 GB of
@@ -41,6 +41,7 @@ TIME = "/usr/bin/time"  # GNU time, for the commands' peak RSS
 VARIANTS = {
     "int4": ["quantize", "--weights-only", "int4", "--block-size", "32"],
     "int8": ["quantize", "--weights-only", "int8"],
+    "int4i8": ["quantize", "--weights-only", "int4", "--block-size", "32", "--int4-kernel", "int8"],
     "wanda50": ["sparsify", "--criterion", "wanda", "--sparsity", "0.5", "--data", "{data}"],
     "wanda24": ["sparsify", "--criterion", "wanda", "--pattern", "2:4", "--data", "{data}"],
     "depth25": ["prune", "--blocks-ratio", "0.25", "--data", "{data}"],
@@ -198,6 +199,7 @@ KERNEL_VARIANTS = [
     ("int8 MatMulNBits acc4 block 128", "nbits", {"acc": 4, "block": 128, "bits": 8}),
     ("int8 MatMulNBits acc4 block 32", "nbits", {"acc": 4, "bits": 8}),
     ("int8 DynamicQuantizeMatMul (per column)", "dynamic", {}),
+    ("int4 block 32 for the int8 kernel (--int4-kernel int8)", "int4i8", {}),
 ]
 
 
@@ -209,6 +211,10 @@ def _kernel_model(w: np.ndarray, kind: str, acc: int = 0, block: int = 32, bits:
 
     k, n = w.shape
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["M", k])
+    if kind == "int4i8":  # what graphprune writes: folded into int8 at load, then DynamicQuantizeMatMul
+        from graphprune.passes.quantize_weights import quantize_weights
+
+        return quantize_weights(_kernel_model(w, "fp32"), bits=4, block_size=block, int4_kernel="int8")
     if kind == "fp32":
         nodes, inits = [helper.make_node("MatMul", ["x", "w"], ["y"])], [numpy_helper.from_array(w, "w")]
     elif kind == "dynamic":

@@ -27,6 +27,8 @@ __all__ = ["fits", "int4_with_multipliers", "dequantize", "expansion_nodes", "SH
 
 # Largest block multiplier: q * r stays within int8 (8 * 15 = 120).
 _MAX_MULTIPLIER = 15
+# Columns quantized at a time (each step holds a few float copies of K x this many values).
+_COLUMNS = 2048
 # Constants every expansion reads, created once per model: name -> value.
 SHARED_CONSTANTS = {
     "int4_int8_sixteen": np.array(16, np.uint8),  # low nibble: p mod 16
@@ -53,6 +55,9 @@ def int4_with_multipliers(w: np.ndarray, block_size: int) -> Tuple[np.ndarray, n
     """
     w = np.asarray(w, dtype=np.float32)
     k, n = w.shape
+    if n > _COLUMNS:  # columns are independent: a slice at a time bounds the temporaries (the LM head's)
+        parts = [int4_with_multipliers(w[:, i:i + _COLUMNS], block_size) for i in range(0, n, _COLUMNS)]
+        return tuple(np.concatenate(arrays, axis=-1) for arrays in zip(*parts))
     blocks = w.reshape(k // block_size, block_size, n)
     extreme = np.take_along_axis(blocks, np.abs(blocks).argmax(axis=1)[:, None, :], axis=1)[:, 0, :]
     unit = np.abs(extreme).max(axis=0) / (8 * _MAX_MULTIPLIER)
