@@ -95,6 +95,20 @@ def test_batched_matmul_with_shared_symbolic_dims_needs_no_runtime_reduction():
     check_gradients(model, feeds, ["a", "b"])
 
 
+def test_product_of_transposed_views_transposes_its_gradient_not_its_operands():
+    # Attention's scores: both operands are Transposes of [batch, seq, heads, d] projections.
+    model = make_model([helper.make_node("Transpose", ["q"], ["a"], perm=[0, 2, 1, 3]),
+                        helper.make_node("Transpose", ["k"], ["b"], perm=[0, 2, 3, 1]),
+                        helper.make_node("MatMul", ["a", "b"], ["y"])],
+                       [helper.make_tensor_value_info("q", T.FLOAT, ["batch", "seq", 2, 4]),
+                        helper.make_tensor_value_info("k", T.FLOAT, ["batch", "seq", 2, 4])],
+                       [helper.make_tensor_value_info("y", T.FLOAT, None)])
+    nodes = build_gradients(model, "y", ["q", "k"]).nodes
+    assert not any(n.op_type == "Transpose" and n.input[0] in ("a", "b") for n in nodes)
+    feeds = {name: RNG.standard_normal((2, 3, 2, 4)).astype(np.float32) for name in ("q", "k")}
+    check_gradients(model, feeds, ["q", "k"])
+
+
 def _layer_norm_conv_model():
     """x -> Conv(1x1 weight [4, 3, 1, 1]) -> flatten -> LayerNormalization -> squared-sum loss."""
     nodes = [helper.make_node("Conv", ["x", "w"], ["c"]), helper.make_node("Flatten", ["c"], ["f"]),

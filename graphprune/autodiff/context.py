@@ -69,6 +69,7 @@ class GradContext:
         self.nodes: List[onnx.NodeProto] = []
         self.initializers: List[onnx.TensorProto] = []
         self.node: Optional[onnx.NodeProto] = None  # the forward node whose rule is running
+        self.producers: Dict[str, str] = {}  # forward tensor -> op type of the node computing it
         self._count = 0
         self._shape_cache: Dict[str, str] = {}
         self._const_cache: Dict[Tuple, str] = {}

@@ -145,6 +145,7 @@ def build_gradients(
     facts = facts or forward_facts(model)
     ctx = GradContext(default_opset(model) or 13, facts.types, facts.shapes, facts.constants, prefix=prefix,
                       default_type=facts.types.get(loss, onnx.TensorProto.FLOAT), dim_names=facts.dim_names)
+    ctx.producers = {out: node.op_type for node in model.graph.node for out in node.output}
     reached = differentiable_path(model, wrt, facts)
     if loss not in reached:
         return GradientGraph([], [], {name: None for name in wrt})

@@ -60,14 +60,23 @@ def _matmul(ctx, node, dy, wants):
     batch = None if shape_y is None or rank_a == 1 or rank_b == 1 else tuple(shape_y[: rg - 2])
     unbroadcast = rank_a == rank_b > 2 and _same_batch(ctx, a, b, rank_a)
     grad_a = grad_b = None
-    if wants[0]:
+    # Attention's products (both operands transposed views of a projection): a swap of B or A would
+    # merge with the forward's Transpose into one onnxruntime cannot fold into the MatMul, and be
+    # copied.  The transposed product instead swaps g (folded into the MatMul) and its result (merged
+    # with the gradient of the Transpose upstream): dA = (B g^T)^T, dB = (g^T A)^T.
+    transposed = unbroadcast and all(ctx.producers.get(t) == "Transpose" for t in (a, b))
+    if wants[0] and transposed:
+        grad_a = _swap_last_two(ctx, ctx.op("MatMul", b, _swap_last_two(ctx, g, rg)), rg)
+    elif wants[0]:
         da = ctx.op("MatMul", g2, _swap_last_two(ctx, b2, rb))
         if rank_a == 1:
             da = ctx.squeeze(ctx.reduce_sum(da, list(range(rg - 2)), keepdims=False) if rg > 2 else da, [0])
         elif rank_b > 2 and not unbroadcast:  # a 2-D (or 1-D) B broadcasts nothing onto A
             da = ctx.reduce_to(da, a, None if batch is None else batch + tuple(ctx.shape(a)[-2:]))
         grad_a = da
-    if wants[1]:
+    if wants[1] and transposed:
+        grad_b = _swap_last_two(ctx, ctx.op("MatMul", _swap_last_two(ctx, g, rg), a), rg)
+    elif wants[1]:
         if rb == 2 and ra >= 2 and rank_b == 2:
             # Weight gradient over the flattened batch: one Gemm.
             grad_b = ctx.op("Gemm", _rows(ctx, a2, a) if ra > 2 else a2, _rows(ctx, g2, y) if rg > 2 else g2, transA=1)
