@@ -126,3 +126,16 @@ def test_quantized_weights_are_compacted_after_quantization(tmp_path):
 def test_sparse_storage_refuses_opsets_without_the_rebuild_ops():
     with pytest.raises(UserError, match="needs ai.onnx opset >= 11 .the model imports opset 10"):
         SparsifyWeightsPass(sparsity=0.5, storage="sparse")(small_net(opset=10))
+
+
+def test_pruned_weights_that_stay_dense_keep_their_zeros():
+    """Sparse storage hands each pruned weight to the compaction once; one that stays dense (too few
+    zeros to save bytes) is written pruned, as dense storage writes it."""
+    result = SparsifyWeightsPass(sparsity=0.3, storage="sparse")(small_net())
+    dense = SparsifyWeightsPass(sparsity=0.3)(small_net())
+    assert result.stats["kept_dense"] and result.stats["compacted"]
+    expected = weights(dense.model)
+    got = stored_weights(result.model, list(LAYERS))
+    assert got.keys() == set(LAYERS)
+    for name in LAYERS:
+        np.testing.assert_array_equal(got[name], expected[name], err_msg=name)

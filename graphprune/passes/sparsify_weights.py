@@ -166,9 +166,16 @@ class SparsifyWeightsPass(Pass):
         rows: Dict[str, dict] = {}
         changed: List[str] = []
 
+        # Compact storage: pruned weights wait as arrays, each freed once compacted (a dense copy
+        # written into the model would stay in its protobuf arena after the compact form replaced it).
+        pending: Dict[str, np.ndarray] = {}
+
         def store(target: WeightTarget, value: np.ndarray) -> None:
             rows[target.name] = sparsity_row(target.name, target.op_type, label, value)
-            _set_value(inits[target.name], value)
+            if self.storage == "sparse":
+                pending[target.name] = value
+            else:
+                _set_value(inits[target.name], value)
             changed.append(target.name)
 
         if calibrated:
@@ -194,7 +201,11 @@ class SparsifyWeightsPass(Pass):
             )
         compacted, kept_dense = [], {}
         if self.storage == "sparse":
-            compacted, kept_dense = compact_initializers(work, [t.name for t in targets], read=self._read)
+            stored = set(pending)
+            compacted, kept_dense = compact_initializers(
+                work, [t.name for t in targets],
+                read=lambda tensor: pending.pop(tensor.name) if tensor.name in pending else self._read(tensor),
+                write_dense=lambda tensor, value: _set_value(tensor, value) if tensor.name in stored else None)
         rows = [rows[t.name] for t in prunable]
         stats = {
             "criterion": self.criterion,

@@ -68,13 +68,16 @@ def encode_positions(weight: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
 
 
 def compact_initializers(model: onnx.ModelProto, names: Iterable[str],
-                         read: Optional[Callable[[onnx.TensorProto], np.ndarray]] = None) -> Tuple[List[str], Dict[str, str]]:
+                         read: Optional[Callable[[onnx.TensorProto], np.ndarray]] = None,
+                         write_dense: Optional[Callable[[onnx.TensorProto, np.ndarray], None]] = None,
+                         ) -> Tuple[List[str], Dict[str, str]]:
     """Replace initializers ``names`` by their compact form, in place, where that makes them smaller.
 
     ``read`` gives an initializer's value (default ``numpy_helper.to_array``): the sparsify pass
-    reads records left on disk through it, one weight at a time.  Returns (compacted names,
-    {name: why it stayed dense}).  Raises ``UserError`` when the model's opset predates the
-    rebuild ops.
+    reads records left on disk, and hands over the weights it pruned, through it, one weight at a
+    time; ``write_dense(initializer, value)`` is called for a weight that stays dense.  Returns
+    (compacted names, {name: why it stayed dense}).  Raises ``UserError`` when the model's opset
+    predates the rebuild ops.
     """
     opset = default_opset(model) or 0
     if opset < MIN_OPSET:
@@ -89,14 +92,20 @@ def compact_initializers(model: onnx.ModelProto, names: Iterable[str],
         weight = (read or numpy_helper.to_array)(inits[name])
         if weight.dtype not in _SUPPORTED_DTYPES:
             kept[name] = f"element type {weight.dtype} has no compact form"
-            continue
-        steps, values = encode_positions(weight)
-        if steps.nbytes + values.nbytes + _OVERHEAD_BYTES >= weight.nbytes:
-            kept[name] = "too few zeros for compact storage to be smaller"
+        else:
+            steps, values = encode_positions(weight)
+            if steps.nbytes + values.nbytes + _OVERHEAD_BYTES >= weight.nbytes:
+                kept[name] = "too few zeros for compact storage to be smaller"
+        if name in kept:
+            if write_dense is not None:
+                write_dense(inits[name], weight)
             continue
         nodes, constants = _rebuild(name, weight, steps, values, used)
+        del weight, steps, values
         graph.initializer.remove(inits[name])
-        graph.initializer.extend(constants)
+        for constant in constants:  # add().CopyFrom: extend() keeps each constant's own arena alive too
+            graph.initializer.add().CopyFrom(constant)
+        del constants
         rebuild_nodes.extend(nodes)
         compacted.append(name)
     if rebuild_nodes:
