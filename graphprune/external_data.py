@@ -18,6 +18,7 @@ graphprune does not defend against a concurrent attacker there).
 
 from __future__ import annotations
 
+import io
 import os
 import re
 import stat
@@ -100,6 +101,33 @@ def check_external_data(model: onnx.ModelProto, model_path: "str | os.PathLike")
             shown = location if len(location) <= _SHOWN_CHARS else location[:_SHOWN_CHARS] + "..."
             raise UserError(f"{model_path}: tensor {tensor.name!r}: external data {shown!r} {exc}") from None
     return list(sizes)
+
+
+def _read_external(model: onnx.ModelProto, model_path: str) -> None:
+    """Read every external tensor of ``model`` into it, as ``onnx.load_external_data_for_model``
+    does, from the real paths ``check_external_data`` checked, each file opened once (onnx opens the
+    file again for every tensor: 0.4 s for the 10,000 weights of a 20,000-node graph)."""
+    folder = os.path.realpath(os.path.dirname(os.path.abspath(model_path)))
+    resolved: Dict[str, str] = {}
+    files: Dict[str, "io.BufferedReader"] = {}
+    try:
+        for tensor in list(external_tensors(model)):
+            location, offset, length = _record(tensor)
+            real = resolved.get(location)
+            if real is None:
+                real = resolved[location] = _resolve(folder, location)
+                if real != os.path.normpath(os.path.join(folder, location)):  # onnx reads through no symlink either
+                    raise OSError(f"data file {location!r} is reached through a symlink")
+            f = files.get(real)
+            if f is None:
+                f = files[real] = open(real, "rb")
+            f.seek(offset)
+            tensor.raw_data = f.read(length) if length else f.read()  # no length (or 0): to the end, as onnx reads
+            tensor.data_location = onnx.TensorProto.DEFAULT
+            del tensor.external_data[:]
+    finally:
+        for f in files.values():
+            f.close()
 
 
 def data_files(model_path: "str | os.PathLike") -> List[str]:
@@ -458,7 +486,7 @@ def load_external_data(model: onnx.ModelProto, model_path: "str | os.PathLike", 
     if not read:
         return
     try:
-        onnx.load_external_data_for_model(model, os.path.dirname(os.path.abspath(model_path)))
+        _read_external(model, model_path)
     except OSError as exc:
         raise UserError(f"{model_path}: cannot read its external data ({exc.strerror or exc})") from None
     except Exception as exc:  # onnx's own checks (symlinks, bounds) as assorted errors
