@@ -229,11 +229,12 @@ class DependencyGraph:
         except MissingShape as exc:
             self._block_node(ctx, f"shape of {exc} unknown")
             return
+        mentioned = ctx.mentioned
         for name in ctx.inputs + ctx.outputs:
             if not name or name in ctx.ignored:
                 continue
             for axis in range(len(self.shapes.get(name) or ())):
-                if DimKey(name, axis) not in ctx.mentioned:
+                if (name, axis) not in mentioned:  # a plain tuple finds its DimKey: no named tuple built per axis
                     ctx.block(DimKey(name, axis), f"the rule does not map axis {axis} of {name}")
 
     def _block_node(self, ctx: RuleContext, reason: str) -> None:
