@@ -241,7 +241,7 @@ def test_int4_with_block_multipliers_round_trip_and_error():
 
     w = np.random.default_rng(0).standard_normal((256, 48)).astype(np.float32)
     packed, mult, unit = ik.int4_with_multipliers(w, 32)
-    assert packed.shape == (128, 48) and mult.shape == (8, 48) and unit.shape == (48,)
+    assert packed.shape == (8, 16, 48) and mult.shape == (8, 48) and unit.shape == (48,)
     assert np.abs(mult).min() >= 1 and (np.abs(mult).max(axis=0) == 15).all()  # each column's widest block: 15
     d = ik.dequantize(packed, mult, unit, 32)
     assert np.abs(np.rint(d / unit)).max() <= 120  # q * r is an exact int8

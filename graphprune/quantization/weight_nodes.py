@@ -340,20 +340,19 @@ class Rewriter:
         packed, mult, unit = ik.int4_with_multipliers(w, b)
         del w
         names = (self._add(f"{name}_q4_packed", packed), self._add(f"{name}_q4_multipliers", mult.reshape(k // b, 1, n)),
-                 self._add(f"{name}_q4_block_shape", np.array([k // b, b, n], np.int64)),
                  self._add(f"{name}_q4_shape", np.array([k, n], np.int64)), f"{name}_int8")
         scale = self._add(f"{name}_scale", unit)
         for constant, value in ik.SHARED_CONSTANTS.items():
             if constant not in self._shared:
                 self._shared.add(self._add(constant, value))
-        self.before.setdefault(min(i for i, _ in target.uses), []).extend(ik.expansion_nodes(name, k, n, b, names))
+        self.before.setdefault(min(i for i, _ in target.uses), []).extend(ik.expansion_nodes(name, names))
         self.needs.add("com.microsoft")
         activation = self._awq_input(target, awq, np.float32) if awq is not None else None
         for i, _ in target.uses:
             node = self.model.graph.node[i]
             has_bias = node.op_type == "Gemm" and len(node.input) > 2 and node.input[2]
             out = f"{node.output[0]}_nobias" if has_bias else node.output[0]
-            nodes = [helper.make_node("DynamicQuantizeMatMul", [activation or node.input[0], names[4], scale], [out],
+            nodes = [helper.make_node("DynamicQuantizeMatMul", [activation or node.input[0], names[3], scale], [out],
                                       name=(node.name or name) + "_Q4I8", domain="com.microsoft")]
             if has_bias:
                 nodes.append(helper.make_node("Add", [out, node.input[2]], [node.output[0]], name=(node.name or name) + "_bias"))
