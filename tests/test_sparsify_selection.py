@@ -103,3 +103,20 @@ def test_pass_on_disk_streamed_equals_in_memory(tmp_path, monkeypatch, cap):
     assert got.keys() == expected.keys()
     for name in expected:
         np.testing.assert_array_equal(got[name], expected[name], err_msg=name)
+
+
+def test_wanda_global_scores_streamed_equal_in_memory(monkeypatch):
+    """Wanda at global scope ranks scores recomputed per pass, never all held: same weights."""
+    from graphprune.passes.sparsify_weights import SparsifyWeightsPass
+    from tests.test_sparsify_calibrated import _data
+    from tests.test_sparsify_pass import small_net, weights
+
+    def run():
+        return weights(SparsifyWeightsPass(sparsity=0.6, criterion="wanda", scope="global", data=_data(8))(
+            small_net()).model)
+
+    expected = run()
+    monkeypatch.setattr(selection, "IN_MEMORY_LIMIT", 0)
+    got = run()
+    for name in expected:
+        np.testing.assert_array_equal(got[name], expected[name], err_msg=name)

@@ -27,6 +27,7 @@ from graphprune.progress import progress_bar
 from graphprune.sparsity import masks as masks_mod
 from graphprune.sparsity.calibration import LayerInputs, collect_layer_inputs
 from graphprune.sparsity.patches import from_weight_matrix, weight_matrix
+from graphprune.sparsity.selection import LazyWeights
 from graphprune.sparsity.sparsegpt import sparsegpt_prune
 from graphprune.sparsity.targets import WeightTarget
 from graphprune.sparsity.wanda import COMPARISON_GROUPS, wanda_prune, wanda_scores
@@ -132,10 +133,16 @@ def _prune_counts(targets, load, inputs, sparsity, pattern, scope, max_layer_spa
         return [None] * len(targets)
     if scope == "layer":
         return [int(round(sparsity * int(np.prod(t.shape)))) for t in targets]
-    scores = []
-    for t in targets:
+
+    def scores(i: int) -> np.ndarray:
+        t = targets[i]
         matrix = weight_matrix(load(t.name), inputs[t.name].form, t.reduction_axis)
-        s = wanda_scores(matrix, inputs[t.name].column_norms(matrix.shape[-1]))
+        s = wanda_scores(matrix, inputs[t.name].column_norms(matrix.shape[-1]))  # float32
         mean = float(s.mean())
-        scores.append(s / mean if mean > 0 else s)
-    return masks_mod.global_prune_counts(scores, sparsity, max_layer_sparsity)
+        return s / mean if mean > 0 else s
+
+    # Scores recomputed layer by layer at each pass of the ranking, never all held (they are as
+    # large as the weights).
+    lazy = LazyWeights([int(np.prod(t.shape, dtype=np.int64)) for t in targets], [np.dtype(np.float32)] * len(targets),
+                       scores)
+    return masks_mod.global_prune_counts(lazy, sparsity, max_layer_sparsity)
