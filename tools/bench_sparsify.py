@@ -232,6 +232,9 @@ def main():
                         "on --calibration-data and measured on --eval-data (a trained model and real samples)")
     parser.add_argument("--calibration-data", help="--model's calibration samples (.npz, one array per input)")
     parser.add_argument("--eval-data", help="--model's held-out samples (.npz), the error is measured on them")
+    parser.add_argument("--sparsities", default="0.5", help="--model: unstructured sparsities (comma list)")
+    parser.add_argument("--skip-depthwise", action="store_true",
+                        help="--model: leave depthwise convolutions (group > 1) dense (no peer rows then)")
     args = parser.parse_args()
     if args.calibrated:
         return calibrated_main(args)
@@ -284,7 +287,7 @@ from onnxsim import pruning
 model_path, cal_path, out_path, crit, pattern = sys.argv[1:6]
 cal = np.load(cal_path)
 samples = [{k: cal[k][i:i + 1] for k in cal.files} for i in range(len(cal[cal.files[0]]))]
-kw = dict(n=2, m=4) if pattern == "2:4" else dict(sparsity=0.5)
+kw = dict(n=2, m=4) if pattern == "2:4" else dict(sparsity=float(pattern))
 model = onnx.load(model_path)
 start = time.process_time()
 if crit == "magnitude":
@@ -334,8 +337,10 @@ def _cli_cpu(argv):
 
 
 def calibrated_table(label, model, calibration, held_out, output, tmp, peer_python=None, cli=False, threads=1,
-                     peer_timeout=900):
-    """Rows of output rel. L2 on ``held_out`` for magnitude / Wanda / SparseGPT at 50% and 2:4."""
+                     peer_timeout=900, sparsities=(0.5,), exclude=()):
+    """Rows of output rel. L2 on ``held_out`` for magnitude / Wanda / SparseGPT at ``sparsities`` and 2:4
+    (and top-1 agreement with the original when the output is [batch, classes]); ``exclude``: weights
+    left dense (the peer prunes everything, so it runs only without)."""
     reference = run_samples(make_session(model, threads=threads), held_out)[output]
     model_path, cal_path = os.path.join(tmp, f"{label}.onnx"), os.path.join(tmp, f"{label}_cal.npz")
     save(model, model_path)
@@ -346,14 +351,20 @@ def calibrated_table(label, model, calibration, held_out, output, tmp, peer_pyth
         out = run_samples(make_session(candidate, threads=threads), held_out)[output]
         row = {"model": label, "method": name, "rel_l2": compare_outputs(output, reference, out).rel_l2,
                "cpu_s": seconds, **extra}
+        if reference.ndim == 2:
+            row["top1_agreement"] = float((out.argmax(-1) == reference.argmax(-1)).mean())
         rows.append(row)
-        print(f"{label:<10} {name:<52} relL2 {row['rel_l2']:.4f}  cpu {seconds:7.1f} s"
+        print(f"{label:<10} {name:<52} relL2 {row['rel_l2']:.4f}  top1 {row.get('top1_agreement', float('nan')):.3f}"
+              f"  cpu {seconds:7.1f} s"
               + "".join(f"  {k}={v}" for k, v in extra.items()), flush=True)
 
-    cases = [("50% unstructured", {"sparsity": 0.5}, "0.5"), ("2:4", {"pattern": "2:4"}, "2:4")]
+    cases = [(f"{round(s * 100)}% unstructured", {"sparsity": s}, str(s)) for s in sparsities]
+    cases.append(("2:4", {"pattern": "2:4"}, "2:4"))
+    if exclude:
+        peer_python = None
     for case, kwargs, peer_pattern in cases:
         for criterion in ("magnitude", "wanda", "sparsegpt"):
-            options = dict(kwargs, criterion=criterion)
+            options = dict(kwargs, criterion=criterion, exclude=list(exclude) or None)
             if criterion != "magnitude":
                 options["data"] = calibration
             # Global scope for magnitude and Wanda only: SparseGPT's per-layer counts would come from the
@@ -424,8 +435,13 @@ def _file_rows(args, tmp):
     label = os.path.splitext(os.path.basename(args.model))[0]
     print(f"{label}: {args.model}; calibration {args.calibration_data}, error on {args.eval_data}, "
           f"output {model.graph.output[0].name}", flush=True)
+    exclude = [n.name for n in model.graph.node if n.op_type == "Conv" and any(
+        a.name == "group" and a.i > 1 for a in n.attribute)] if args.skip_depthwise else []
+    if exclude:
+        print(f"{label}: {len(exclude)} depthwise convolutions left dense", flush=True)
     return calibrated_table(label, model, calibration, held_out, model.graph.output[0].name, tmp, args.peer_python,
-                            cli=True, threads=args.threads, peer_timeout=args.peer_timeout)
+                            cli=not exclude, threads=args.threads, peer_timeout=args.peer_timeout,
+                            sparsities=[float(x) for x in args.sparsities.split(",")], exclude=exclude)
 
 
 def _bert_rows(args, tmp):
