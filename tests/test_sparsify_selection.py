@@ -19,14 +19,18 @@ def _reference(weights, count):
     return [int(np.count_nonzero(chosen[end - w.size:end])) for w, end in zip(weights, ends)]
 
 
-def _streamed(weights, count, reads=None):
+def _streamed(weights, count, reads=None, owned=False):
     def load(i):
         if reads is not None:
             reads.append(i)
-        return weights[i]
+        return weights[i].copy() if owned else weights[i]
 
-    lazy = LazyWeights([w.size for w in weights], [w.dtype for w in weights], load)
-    return smallest_counts(lazy, list(range(len(weights))), count, in_memory_limit=0)
+    before = [w.copy() for w in weights]
+    lazy = LazyWeights([w.size for w in weights], [w.dtype for w in weights], load, owned=owned)
+    counts = smallest_counts(lazy, list(range(len(weights))), count, in_memory_limit=0)
+    for w, b in zip(weights, before):  # the caller's arrays are never written
+        np.testing.assert_array_equal(w, b)
+    return counts
 
 
 @settings(max_examples=40, deadline=None)
@@ -36,8 +40,9 @@ def _streamed(weights, count, reads=None):
     levels=st.sampled_from([0, 3, 1000]),  # few distinct values: many ties across layers
     fraction=st.floats(0, 1),
     seed=st.integers(0, 2**16),
+    owned=st.booleans(),
 )
-def test_streamed_selection_matches_the_stable_sort(sizes, dtype, levels, fraction, seed):
+def test_streamed_selection_matches_the_stable_sort(sizes, dtype, levels, fraction, seed, owned):
     rng = np.random.default_rng(seed)
     weights = []
     for n in sizes:
@@ -46,14 +51,14 @@ def test_streamed_selection_matches_the_stable_sort(sizes, dtype, levels, fracti
             w = np.round(w * levels) / levels
         weights.append(w.astype(dtype))
     count = int(round(fraction * sum(sizes)))
-    assert _streamed(weights, count) == _reference(weights, count)
+    assert _streamed(weights, count, owned=owned) == _reference(weights, count)
 
 
 def test_ties_negative_zero_inf_and_nan_order_as_the_stable_sort():
     a = np.array([0.0, -0.0, np.inf, np.nan, 1.0, -1.0], dtype=np.float32)
     b = np.array([np.nan, -np.inf, 0.0, 1.0, -np.nan], dtype=np.float32)
     for count in range(a.size + b.size + 1):
-        assert _streamed([a, b], count) == _reference([a, b], count), count
+        assert _streamed([a, b], count) == _streamed([a, b], count, owned=True) == _reference([a, b], count), count
 
 
 def test_mixed_widths_rank_by_value():

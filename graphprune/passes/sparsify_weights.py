@@ -263,7 +263,7 @@ class SparsifyWeightsPass(Pass):
             if self.scope == "global":
                 # Weights read one at a time (and again per pass of the ranking), never all held.
                 lazy = LazyWeights([int(np.prod(t.shape, dtype=np.int64)) for t in targets],
-                                   [np.dtype(d) for d in dtypes], lambda i: load(targets[i].name))
+                                   [np.dtype(d) for d in dtypes], lambda i: load(targets[i].name), owned=True)
                 counts = masks_mod.global_prune_counts(lazy, self.sparsity, self.max_layer_sparsity)
             else:
                 counts = [int(round(self.sparsity * int(np.prod(t.shape)))) for t in targets]

@@ -144,5 +144,5 @@ def _prune_counts(targets, load, inputs, sparsity, pattern, scope, max_layer_spa
     # Scores recomputed layer by layer at each pass of the ranking, never all held (they are as
     # large as the weights).
     lazy = LazyWeights([int(np.prod(t.shape, dtype=np.int64)) for t in targets], [np.dtype(np.float32)] * len(targets),
-                       scores)
+                       scores, owned=True)
     return masks_mod.global_prune_counts(lazy, sparsity, max_layer_sparsity)

@@ -37,11 +37,14 @@ class LazyWeights:
         sizes: element count of each weight.
         dtypes: numpy dtype of each weight (floating).
         load: index -> the weight's values (any shape); called once per pass, so it may read from disk.
+        owned: ``load`` returns a fresh array each call, which the selection may overwrite (one
+            layer-sized temporary fewer per pass: each costs page faults, most of a pass's CPU time).
     """
 
     sizes: Sequence[int]
     dtypes: Sequence[np.dtype]
     load: Callable[[int], np.ndarray]
+    owned: bool = False
 
     @classmethod
     def of(cls, arrays: Sequence[np.ndarray]) -> "LazyWeights":
@@ -76,7 +79,7 @@ def smallest_counts(weights: LazyWeights, layers: Sequence[int], count: int,
     threshold = _unsigned(dtype).type(prefix)
     below, tied = [], []
     for i in layers:
-        keys = _keys(weights.load(i), dtype)
+        keys = _keys(weights.load(i), dtype, weights.owned)
         below.append(int(np.count_nonzero(keys < threshold)))
         tied.append(int(np.count_nonzero(keys == threshold)))
         del keys
@@ -102,9 +105,14 @@ def _unsigned(dtype: np.dtype) -> np.dtype:
     return np.dtype(f"u{dtype.itemsize}")
 
 
-def _keys(weight: np.ndarray, dtype: np.dtype) -> np.ndarray:
-    """Unsigned integers that order as the magnitudes of ``weight`` (every NaN equal and last)."""
-    magnitudes = np.abs(np.asarray(weight).astype(dtype, copy=False)).ravel()  # a new array: ours to change
+def _keys(weight: np.ndarray, dtype: np.dtype, owned: bool = False) -> np.ndarray:
+    """Unsigned integers that order as the magnitudes of ``weight`` (every NaN equal and last); a
+    new array, or ``weight``'s own memory when ``owned`` and of ``dtype``."""
+    weight = np.asarray(weight)
+    if owned and weight.dtype == dtype and weight.flags.writeable and weight.flags.c_contiguous:
+        magnitudes = np.abs(weight, out=weight).ravel()
+    else:
+        magnitudes = np.abs(weight.astype(dtype, copy=False)).ravel()
     keys = magnitudes.view(_unsigned(dtype))
     if np.isnan(magnitudes.max(initial=0)):  # max propagates NaN: no mask built when there is none
         keys[np.isnan(magnitudes)] = np.iinfo(keys.dtype).max
@@ -119,10 +127,11 @@ def _digit_histogram(weights: LazyWeights, layers: Sequence[int], dtype: np.dtyp
     buffered = 0
     udtype = _unsigned(dtype)
     for i in layers:
-        keys = _keys(weights.load(i), dtype)
+        keys = _keys(weights.load(i), dtype, weights.owned)
         if level:
             keys = keys[(keys >> udtype.type(shift + _DIGIT_BITS)) == udtype.type(prefix)]
-        digits = (keys >> udtype.type(shift)).astype(np.uint16)  # the cast drops the higher bits
+        np.right_shift(keys, udtype.type(shift), out=keys)  # keys are ours: no second array
+        digits = keys.astype(np.uint16)  # the cast drops the higher bits
         del keys
         pending.append(digits)
         buffered += digits.size
