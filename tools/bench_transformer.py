@@ -27,8 +27,15 @@ Sections:
      (``time.thread_time``: a busy machine cannot inflate it) beside the wall-clock one.
 
 Latency is the median of ``--runs`` runs after 3 warm-up runs at a fixed thread count, the two models
-timed in turns (one run each, repeated) so that load from other processes hits them alike.  All
-numbers come from one run of this script.
+timed in turns (one run each, repeated) so that load from other processes hits them alike; beside it
+the quartiles of the wall times (the noise), the median CPU time of the calling thread (one thread:
+the run's whole CPU time) and the cores a run kept busy (process CPU time / wall time).
+
+With more than one ``--threads`` count, section 1 (and section 4 with ``--export-scaling``) also
+times both models at 1 and 2 threads in turns beside a GEMM probe (a chain of BERT-base FFN MatMuls
+and nothing else): the probe's own 2-thread speedup is what the machine gave a second thread during
+the run, so a model's 2-thread ratio is read against it (on a shared 2-vCPU machine the second core
+is often not free).  All numbers come from one run of this script.
 """
 
 from __future__ import annotations
@@ -51,7 +58,7 @@ from graphprune.metrics import count_macs  # noqa: E402
 from graphprune.passes.prune_channels import PruneChannelsPass  # noqa: E402
 from graphprune.pruning import apply_selection, group_scores, removal_masks  # noqa: E402
 from graphprune.pruning.kind_ratios import KindRatios, select_by_kind  # noqa: E402
-from graphprune.runtime import interleaved_latencies, make_session, run  # noqa: E402
+from graphprune.runtime import make_session, run  # noqa: E402
 from graphprune.testing import bert_base_like  # noqa: E402
 from graphprune.validate import compare_outputs  # noqa: E402
 
@@ -81,11 +88,30 @@ def section_speed(model, pruned, args) -> dict:
     for name, (a, b) in rows.items():
         print(f"{name:24}{a:>16,}{b:>16,}{b / a:>9.3f}")
     for threads in args.threads:
-        before, after = interleaved_latencies([model, pruned], feed, threads, args.runs)
-        rows[f"latency_ms_{threads}t"] = (before * 1e3, after * 1e3)
-        print(f"{f'latency ({threads} thread)':24}{before * 1e3:>13.1f} ms{after * 1e3:>13.1f} ms"
-              f"{before / after:>8.2f}x")
-    return {k: list(v) for k, v in rows.items()}
+        before, after = _timed_turns([model, pruned], feed, threads, args.runs)
+        rows[f"latency_ms_{threads}t"] = (before["wall"] * 1e3, after["wall"] * 1e3)
+        rows[f"timing_{threads}t"] = (before, after)
+        print(f"{f'latency ({threads} thread)':24}{before['wall'] * 1e3:>13.1f} ms{after['wall'] * 1e3:>13.1f} ms"
+              f"{before['wall'] / after['wall']:>8.2f}x   {_noise(before, after)}")
+    if max(args.threads) > 1:
+        rows["scaling"] = _print_scaling(thread_scaling([model, pruned], feed, args.runs, max(args.threads)))
+    return {k: v if isinstance(v, dict) else list(v) for k, v in rows.items()}
+
+
+def _noise(before: dict, after: dict) -> str:
+    """Quartiles of both models' wall times, the CPU-time ratio of one thread, the cores kept busy."""
+    text = (f"wall quartiles {before['q1'] * 1e3:.1f}-{before['q3'] * 1e3:.1f} / {after['q1'] * 1e3:.1f}-"
+            f"{after['q3'] * 1e3:.1f} ms; cores busy {before['proc'] / before['wall']:.2f} / {after['proc'] / after['wall']:.2f}")
+    return text + f"; thread CPU ratio {before['cpu'] / after['cpu']:.2f}x"
+
+
+def _print_scaling(scaling: dict) -> dict:
+    names = ["original", "pruned", "GEMM probe"]
+    for name, row in zip(names, scaling["models"] + [scaling["probe"]]):
+        halves = ", ".join(f"{h:.2f}" for h in row["speedup_halves"])
+        busy = next(v for k, v in row.items() if k.startswith("cores_busy"))
+        print(f"  2 threads vs 1, {name:11} {row['speedup']:.2f}x (halves {halves}; {busy:.2f} cores busy)")
+    return scaling
 
 
 def section_timing(model) -> dict:
@@ -157,21 +183,79 @@ def _export_feed(model, seq: int) -> dict:
 
 
 def _timed_turns(models, feed, threads: int, runs: int):
-    """Per model: (median wall seconds, median CPU seconds of this thread) over ``runs`` runs taken in
-    turns after 3 warm-up runs.  With one intra-op thread ORT computes on the calling thread, so its
-    thread time is the run's CPU time, which other processes cannot inflate."""
+    """Per model, over ``runs`` runs taken in turns after 3 warm-up runs: a dict with the median wall
+    seconds (``wall``), its quartiles (``q1``, ``q3``: the noise), the median CPU seconds of this
+    thread (``cpu``: with one intra-op thread ORT computes on the calling thread, so this is the
+    run's CPU time, which other processes cannot inflate) and of the whole process (``proc``: every
+    ORT thread; ``proc / wall`` is how many cores a run kept busy)."""
     sessions = [make_session(m, threads=threads) for m in models]
     for session in sessions:
         for _ in range(3):
             session.run(None, feed)
-    wall, cpu = [[] for _ in sessions], [[] for _ in sessions]
+    wall, cpu, proc = ([[] for _ in sessions] for _ in range(3))
     for _ in range(runs):
         for i, session in enumerate(sessions):
-            w, c = time.perf_counter(), time.thread_time()
+            w, c, p = time.perf_counter(), time.thread_time(), time.process_time()
             session.run(None, feed)
             wall[i].append(time.perf_counter() - w)
             cpu[i].append(time.thread_time() - c)
-    return [(float(np.median(w)), float(np.median(c))) for w, c in zip(wall, cpu)]
+            proc[i].append(time.process_time() - p)
+    return [{"wall": float(np.median(w)), "q1": float(np.percentile(w, 25)), "q3": float(np.percentile(w, 75)),
+             "cpu": float(np.median(c)), "proc": float(np.median(p))} for w, c, p in zip(wall, cpu, proc)]
+
+
+def _gemm_probe(m: int = 128, k: int = 768, n: int = 3072, layers: int = 8) -> onnx.ModelProto:
+    """A chain of [m, k] x [k, n] x [n, k] MatMuls (BERT-base FFN shapes, no other op): what the
+    machine gives a second intra-op thread when the work parallelises perfectly."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    nodes, inits, x = [], [], "x"
+    for i in range(layers):
+        up = numpy_helper.from_array(rng.standard_normal((k, n)).astype(np.float32) * 0.02, f"u{i}")
+        down = numpy_helper.from_array(rng.standard_normal((n, k)).astype(np.float32) * 0.02, f"d{i}")
+        inits += [up, down]
+        nodes += [helper.make_node("MatMul", [x, f"u{i}"], [f"h{i}"]), helper.make_node("MatMul", [f"h{i}", f"d{i}"], [f"y{i}"])]
+        x = f"y{i}"
+    graph = helper.make_graph(nodes, "probe", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [m, k])],
+                              [helper.make_tensor_value_info(x, TensorProto.FLOAT, [m, k])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def thread_scaling(models, feed, runs: int, threads: int = 2) -> dict:
+    """Speedup of ``threads`` intra-op threads over one for each model and for ``_gemm_probe``, all
+    timed in turns (one run of each model at each thread count, ``runs`` times), by wall clock.
+
+    The probe is the ceiling: if a pure GEMM chain gains little from the second thread, the other
+    processes hold the second core and no model's 2-thread ratio means more than the probe's."""
+    probe = _gemm_probe()
+    probe_feed = {"x": np.random.default_rng(1).standard_normal((128, 768)).astype(np.float32)}
+    sessions = {}
+    for t in (1, threads):
+        for i, m in enumerate(list(models) + [probe]):
+            sessions[(i, t)] = make_session(m, threads=t)
+    feeds = [feed] * len(models) + [probe_feed]
+    for (i, _), session in sessions.items():
+        for _ in range(3):
+            session.run(None, feeds[i])
+    wall = {key: [] for key in sessions}
+    proc = {key: [] for key in sessions}
+    for _ in range(runs):
+        for (i, t), session in sessions.items():
+            w, p = time.perf_counter(), time.process_time()
+            session.run(None, feeds[i])
+            wall[(i, t)].append(time.perf_counter() - w)
+            proc[(i, t)].append(time.process_time() - p)
+    out = []
+    for i in range(len(models) + 1):
+        one, two = np.array(wall[(i, 1)]), np.array(wall[(i, threads)])
+        out.append({"wall_1t": float(np.median(one)), f"wall_{threads}t": float(np.median(two)),
+                    "speedup": float(np.median(one) / np.median(two)),
+                    # noise: the speedup of the first and the second half of the runs
+                    "speedup_halves": [float(np.median(one[: runs // 2]) / np.median(two[: runs // 2])),
+                                       float(np.median(one[runs // 2:]) / np.median(two[runs // 2:]))],
+                    f"cores_busy_{threads}t": float(np.median(proc[(i, threads)]) / np.median(two))})
+    return {"models": out[:-1], "probe": out[-1]}
 
 
 def section_exports(args) -> dict:
@@ -198,10 +282,15 @@ def section_exports(args) -> dict:
                "params": [count_params(model), count_params(pruned)],
                "macs": [count_macs(model, shapes), count_macs(pruned, shapes)]}
         for threads in args.threads:
-            (w0, c0), (w1, c1) = _timed_turns([model, pruned], feed, threads, args.export_runs)
-            row[f"wall_ms_{threads}t"] = [w0 * 1e3, w1 * 1e3]
+            before, after = _timed_turns([model, pruned], feed, threads, args.export_runs)
+            row[f"wall_ms_{threads}t"] = [before["wall"] * 1e3, after["wall"] * 1e3]
+            row[f"timing_{threads}t"] = [before, after]
             if threads == 1:
-                row["cpu_ms_1t"] = [c0 * 1e3, c1 * 1e3]
+                row["cpu_ms_1t"] = [before["cpu"] * 1e3, after["cpu"] * 1e3]
+            else:
+                print(f"  {name} {threads} threads: {_noise(before, after)}")
+        if max(args.threads) > 1 and args.export_scaling:
+            row["scaling"] = _print_scaling(thread_scaling([model, pruned], feed, args.export_runs, max(args.threads)))
         report[name] = row
         lat = "  ".join(f"{t}t {row[f'wall_ms_{t}t'][0] / row[f'wall_ms_{t}t'][1]:.2f}x" for t in args.threads)
         cpu = row.get("cpu_ms_1t")
@@ -226,6 +315,8 @@ def main() -> None:
     parser.add_argument("--exports", help="a folder of exported transformers (section 4)")
     parser.add_argument("--exports-only", action="store_true", help="run section 4 alone")
     parser.add_argument("--export-runs", type=int, default=10)
+    parser.add_argument("--export-scaling", action="store_true",
+                        help="section 4: also time each export at 1 and 2 threads in turns beside a GEMM probe")
     args = parser.parse_args()
 
     report = {}
