@@ -142,3 +142,16 @@ def test_histogram_methods_copy_weights_left_on_disk_for_ort(tmp_path, large):
     assert set(got.data) == set(want.data)
     for name in want.data:
         np.testing.assert_array_equal(got[name].range_value, want[name].range_value, err_msg=name)
+
+
+def test_error_budget_on_weights_left_on_disk(tmp_path, large):
+    # The large-model path keeps Relu for ORT's quantizer, which folds it into the Conv before it:
+    # the Conv's own output name is gone from the int8 model, and the budget probes the Relu's.
+    path = _external(dense_cnn(), tmp_path)
+    data = samples(dense_cnn())
+    free = InsertQDQPass(data=data, measure=False, source_dir=str(tmp_path))(load(path, load_external_data=False))
+    budget = free.stats["error"] / 2
+    result = InsertQDQPass(data=data, measure=False, max_error=budget, source_dir=str(tmp_path))(
+        load(path, load_external_data=False))
+    assert result.stats["error"] <= budget
+    assert any(reason.startswith("error budget") for reason in result.stats["float_layers"].values())

@@ -8,7 +8,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from graphprune.ir import clone
+from graphprune.ir import clone, consumer_map
 from graphprune.quantization.on_disk import session
 from graphprune.validate import compare_outputs
 
@@ -22,6 +22,28 @@ def _with_outputs(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelPro
         if name not in present:
             copy.graph.output.append(helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
     return copy
+
+
+# Ops ORT's quantizer folds into the op before them (the producer then writes their output).
+_FOLDED = ("Relu", "Clip")
+
+
+def _present_in(quantized: onnx.ModelProto, float_model: onnx.ModelProto, layers: Mapping[str, Tuple[str, str]]):
+    """``layers`` with each tensor the int8 model no longer has (a Conv output whose Relu the
+    quantizer folded) replaced by the folded op's output, which holds the same values after the
+    activation in both models; "" when there is none (that side then counts as error 0)."""
+    have = {o for n in quantized.graph.node for o in n.output} | {vi.name for vi in quantized.graph.input}
+    users = consumer_map(float_model.graph)
+
+    def present(name: str) -> str:
+        while name and name not in have:
+            after = users.get(name, [])
+            if len(after) != 1 or after[0].op_type not in _FOLDED:
+                return ""
+            name = after[0].output[0]
+        return name
+
+    return {layer: (present(inp), present(out)) for layer, (inp, out) in layers.items()}
 
 
 def layer_sensitivity(
@@ -42,6 +64,7 @@ def layer_sensitivity(
         feeds: a few samples (errors are summed over them).
         source_dir: the folder of weights left on disk (the sessions map them from there).
     """
+    layers = _present_in(quantized, float_model, layers)
     names = sorted({t for pair in layers.values() for t in pair if t})
     graph_inputs = {vi.name for vi in float_model.graph.input}
     probe = [n for n in names if n not in graph_inputs]
