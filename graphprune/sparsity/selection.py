@@ -4,18 +4,20 @@ A global magnitude threshold ranks every selected weight at once.  Concatenating
 holds a copy of all of them (a 6 GB model needs 6 GB more); here the weights are read one at a time,
 a few times over: the magnitudes' bit patterns (non-negative floats order like unsigned integers)
 are histogrammed 16 bits at a time, from the top, narrowing to the bin that holds the ``count``-th
-smallest, until its exact value is known; a last pass counts, per weight, the magnitudes below it
-and the ties.  The result is what ``masks._smallest`` picks from the concatenation: ties go to the
+smallest, until its exact value is known; the last pass keeps each weight's digits in that bin and
+its count below the bin, which give the magnitudes below the value and the ties per weight.  The result is what ``masks._smallest`` picks from the concatenation: ties go to the
 earlier position (earlier weight, then earlier index), and NaN sorts after everything.
 
-Memory: one weight and one histogram of 2^16 counts at a time.  Time: ``bits / 16 + 1`` reads of
-every weight (3 for float32), each a few numpy passes over one weight.
+Memory: one weight and one histogram of 2^16 counts at a time, plus the last pass's digits under
+the known prefix (a small slice of the weights, at most 2^24 of them).  Time: ``bits / 16`` reads
+of every weight (2 for float32; one more when that slice is larger), each a few numpy passes over
+one weight.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -26,6 +28,7 @@ __all__ = ["LazyWeights", "smallest_counts", "IN_MEMORY_LIMIT"]
 IN_MEMORY_LIMIT = 2**24
 
 _DIGIT_BITS = 16
+_KEEP_LIMIT = 2**24  # digits kept by the last pass (32 MB) before it falls back to a counting pass
 _BUFFER = 2**22  # digits of small weights are histogrammed together: one bincount per 4M, not per weight
 
 
@@ -68,21 +71,33 @@ def smallest_counts(weights: LazyWeights, layers: Sequence[int], count: int,
     if dtype not in (np.float16, np.float32, np.float64):
         return _in_memory(weights, layers, sizes, count)
     bits = dtype.itemsize * 8
+    levels = bits // _DIGIT_BITS
     prefix, rank = 0, count  # the known top bits of the count-th key; its rank among keys with them
-    for level in range(bits // _DIGIT_BITS):
+    kept: Optional[List[Tuple[int, np.ndarray]]] = None
+    for level in range(levels):
         shift = bits - _DIGIT_BITS * (level + 1)
-        hist = _digit_histogram(weights, layers, dtype, prefix, level, shift)
+        # The last pass keeps each layer's digits under the known prefix (a small slice of the
+        # weights) and its count below the prefix: the per-layer counts then need no further read.
+        kept = [] if level == levels - 1 and level else None
+        hist = _digit_histogram(weights, layers, dtype, prefix, level, shift, kept)
         cumulative = np.cumsum(hist)
         digit = int(np.searchsorted(cumulative, rank))  # first bin whose cumulative count reaches rank
         rank -= int(cumulative[digit - 1]) if digit else 0
         prefix = (prefix << _DIGIT_BITS) | digit
-    threshold = _unsigned(dtype).type(prefix)
     below, tied = [], []
-    for i in layers:
-        keys = _keys(weights.load(i), dtype, weights.owned)
-        below.append(int(np.count_nonzero(keys < threshold)))
-        tied.append(int(np.count_nonzero(keys == threshold)))
-        del keys
+    if kept is not None and len(kept) == len(layers):
+        low = np.uint16(prefix & (2**_DIGIT_BITS - 1))
+        for under_prefix, digits in kept:
+            below.append(under_prefix + int(np.count_nonzero(digits < low)))
+            tied.append(int(np.count_nonzero(digits == low)))
+        del kept
+    else:  # float16 (one pass), or the slice under the prefix was too large to keep
+        threshold = _unsigned(dtype).type(prefix)
+        for i in layers:
+            keys = _keys(weights.load(i), dtype, weights.owned)
+            below.append(int(np.count_nonzero(keys < threshold)))
+            tied.append(int(np.count_nonzero(keys == threshold)))
+            del keys
     counts, ties_left = [], count - sum(below)
     for under, equal in zip(below, tied):
         take = min(equal, ties_left)  # ties to the earlier layer, as in the concatenation's order
@@ -120,19 +135,33 @@ def _keys(weight: np.ndarray, dtype: np.dtype, owned: bool = False) -> np.ndarra
 
 
 def _digit_histogram(weights: LazyWeights, layers: Sequence[int], dtype: np.dtype, prefix: int,
-                     level: int, shift: int) -> np.ndarray:
-    """Counts of each 16-bit digit at ``shift`` among the keys whose higher bits equal ``prefix``."""
+                     level: int, shift: int, kept: Optional[List[Tuple[int, np.ndarray]]] = None) -> np.ndarray:
+    """Counts of each 16-bit digit at ``shift`` among the keys whose higher bits equal ``prefix``.
+
+    With ``kept`` (a list, at levels > 0) each layer's (count of keys whose higher bits are below
+    ``prefix``, its digits) is appended, up to ``_KEEP_LIMIT`` digits in all; past it the list is
+    emptied and left short of the layers.
+    """
     hist = np.zeros(2**_DIGIT_BITS, dtype=np.int64)
     pending: List[np.ndarray] = []
-    buffered = 0
+    buffered, keeping, kept_size = 0, kept is not None, 0
     udtype = _unsigned(dtype)
     for i in layers:
         keys = _keys(weights.load(i), dtype, weights.owned)
         if level:
-            keys = keys[(keys >> udtype.type(shift + _DIGIT_BITS)) == udtype.type(prefix)]
+            high = keys >> udtype.type(shift + _DIGIT_BITS)
+            under = int(np.count_nonzero(high < udtype.type(prefix))) if keeping else 0
+            keys = keys[high == udtype.type(prefix)]
+            del high
         np.right_shift(keys, udtype.type(shift), out=keys)  # keys are ours: no second array
         digits = keys.astype(np.uint16)  # the cast drops the higher bits
         del keys
+        if keeping:
+            kept.append((under, digits))
+            kept_size += digits.size
+            if kept_size > _KEEP_LIMIT:
+                kept.clear()
+                keeping = False
         pending.append(digits)
         buffered += digits.size
         if buffered >= _BUFFER:
