@@ -23,7 +23,7 @@ from typing import List, Tuple
 import numpy as np
 from onnx import TensorProto, helper
 
-__all__ = ["fits", "int4_with_multipliers", "dequantize", "expansion_nodes", "SHARED_CONSTANTS"]
+__all__ = ["fits", "int4_with_multipliers", "dequantize", "expansion_nodes", "rewrite", "SHARED_CONSTANTS"]
 
 # Largest block multiplier: q * r stays within int8 (8 * 15 = 120).
 _MAX_MULTIPLIER = 15
@@ -112,3 +112,33 @@ def expansion_nodes(name: str, names: Tuple[str, str, str, str]) -> List:
         helper.make_node("Mul", [f"{t}_q", mult], [f"{t}_blocks"], name=f"{t}_blocks"),
         helper.make_node("Reshape", [f"{t}_blocks", shape2], [out], name=f"{t}_kn"),
     ]
+
+
+def rewrite(rewriter, target, w: np.ndarray, awq) -> None:
+    """Store one int4 MatMul/Gemm weight (``target``, float [K, N] ``w``) in this form through
+    ``rewriter`` (a ``weight_nodes.Rewriter``): its tensors, the expansion before the first reader,
+    and each reader replaced by com.microsoft ``DynamicQuantizeMatMul`` (a Gemm's C added after).
+    ``awq``: AWQ's input scale (the weight already took the product), or None."""
+    k, n = w.shape
+    b, name = rewriter.block_size, target.name
+    packed, mult, unit = int4_with_multipliers(w, b)
+    del w
+    names = (rewriter._add(f"{name}_q4_packed", packed),
+             rewriter._add(f"{name}_q4_multipliers", mult.reshape(k // b, 1, n)),
+             rewriter._add(f"{name}_q4_shape", np.array([k, n], np.int64)), f"{name}_int8")
+    scale = rewriter._add(f"{name}_scale", unit)
+    for constant, value in SHARED_CONSTANTS.items():
+        if constant not in rewriter._shared:
+            rewriter._shared.add(rewriter._add(constant, value))
+    rewriter.before.setdefault(min(i for i, _ in target.uses), []).extend(expansion_nodes(name, names))
+    rewriter.needs.add("com.microsoft")
+    activation = rewriter._awq_input(target, awq, np.float32) if awq is not None else None
+    for i, _ in target.uses:
+        node = rewriter.model.graph.node[i]
+        has_bias = node.op_type == "Gemm" and len(node.input) > 2 and node.input[2]
+        out = f"{node.output[0]}_nobias" if has_bias else node.output[0]
+        nodes = [helper.make_node("DynamicQuantizeMatMul", [activation or node.input[0], names[3], scale], [out],
+                                  name=(node.name or name) + "_Q4I8", domain="com.microsoft")]
+        if has_bias:
+            nodes.append(helper.make_node("Add", [out, node.input[2]], [node.output[0]], name=(node.name or name) + "_bias"))
+        rewriter.instead[i] = nodes

@@ -274,7 +274,7 @@ class Rewriter:
         if s is not None:
             w = w * s[:, None]
         if self._int8_kernel_fits(w.shape[0], tensor, extra):
-            self._int4_for_int8_kernel(target, w, s)
+            ik.rewrite(self, target, w, s)  # int4 for the int8 kernel (``weight_int8_kernel``)
             return
         if "hessian" in extra:
             q, scale = wo.int4_blocks_gptq(w, extra["hessian"], self.block_size)
@@ -331,32 +331,6 @@ class Rewriter:
         float block scales), opset 11 (BitShift) and a runtime with DynamicQuantizeMatMul."""
         return (self.int4_kernel == "int8" and tensor.data_type == TensorProto.FLOAT and "hessian" not in extra
                 and self.opset >= 11 and ik.fits(k, self.block_size) and wo.runtime_has("DynamicQuantizeMatMul"))
-
-    def _int4_for_int8_kernel(self, target: Target, w: np.ndarray, awq: Optional[np.ndarray]) -> None:
-        """int4 values with integer block multipliers, expanded into int8 at load, read by
-        com.microsoft ``DynamicQuantizeMatMul`` (see ``weight_int8_kernel``)."""
-        k, n = w.shape
-        b, name = self.block_size, target.name
-        packed, mult, unit = ik.int4_with_multipliers(w, b)
-        del w
-        names = (self._add(f"{name}_q4_packed", packed), self._add(f"{name}_q4_multipliers", mult.reshape(k // b, 1, n)),
-                 self._add(f"{name}_q4_shape", np.array([k, n], np.int64)), f"{name}_int8")
-        scale = self._add(f"{name}_scale", unit)
-        for constant, value in ik.SHARED_CONSTANTS.items():
-            if constant not in self._shared:
-                self._shared.add(self._add(constant, value))
-        self.before.setdefault(min(i for i, _ in target.uses), []).extend(ik.expansion_nodes(name, names))
-        self.needs.add("com.microsoft")
-        activation = self._awq_input(target, awq, np.float32) if awq is not None else None
-        for i, _ in target.uses:
-            node = self.model.graph.node[i]
-            has_bias = node.op_type == "Gemm" and len(node.input) > 2 and node.input[2]
-            out = f"{node.output[0]}_nobias" if has_bias else node.output[0]
-            nodes = [helper.make_node("DynamicQuantizeMatMul", [activation or node.input[0], names[3], scale], [out],
-                                      name=(node.name or name) + "_Q4I8", domain="com.microsoft")]
-            if has_bias:
-                nodes.append(helper.make_node("Add", [out, node.input[2]], [node.output[0]], name=(node.name or name) + "_bias"))
-            self.instead[i] = nodes
 
     def _awq_input(self, target: Target, s: np.ndarray, dtype) -> str:
         """The activation divided by AWQ's scale, one Mul per shared input (the weights took the product)."""
