@@ -184,3 +184,15 @@ def test_calibration_data_not_matching_the_inputs(tmp_path, capsys):
     np.savez(data, input_ids=np.zeros((4, 3, 2), np.int64))  # wrong rank
     assert _code(["quantize", src, "-o", out, "--weights-only", "int4", "--algorithm", "awq", "--data", data]) == 2
     assert not os.path.exists(out)
+
+
+def test_int4_for_the_int8_kernel_cli(tmp_path, capsys):
+    src, out = str(tmp_path / "m.onnx"), str(tmp_path / "q.onnx")
+    onnx.save(_bert(), src)
+    assert main(["quantize", src, "-o", out, "--weights-only", "int4", "--int4-kernel", "int8"]) == 0
+    assert "(block 32, rtn, int8 kernel)" in capsys.readouterr().out
+    written = onnx.load(out)
+    check_model(written, full=True)
+    assert sum(n.op_type == "DynamicQuantizeMatMul" for n in written.graph.node) == 8  # 6 MatMuls, 2 Gemms
+    got, want = _outputs(out, {"input_ids": _ids()})[0], _outputs(src, {"input_ids": _ids()})[0]
+    assert np.linalg.norm(got - want) / np.linalg.norm(want) < 0.6  # int4 on seeded random weights
