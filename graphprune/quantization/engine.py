@@ -11,6 +11,7 @@ import onnx
 from graphprune.ir import clone, value_shape
 from graphprune.quantization.config import QuantConfig
 from graphprune.quantization.float_layers import keep_float_layers_float
+from graphprune.quantization.indexed_model import indexed_quantizer
 from graphprune.quantization.on_disk import reading_weights_from
 from graphprune.quantization.stem import space_to_depth_stems
 
@@ -56,7 +57,7 @@ def insert_qdq_nodes(
     level = logger.level
     logger.setLevel(logging.ERROR)
     try:
-        with reading_weights_from(source_dir):
+        with reading_weights_from(source_dir), indexed_quantizer():
             quantizer = QDQQuantizer(
                 copy,
                 config.per_channel,
