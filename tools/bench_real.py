@@ -165,8 +165,9 @@ def _recovered(kind, tag, target, ratio, original_path, original, data, calib, s
     prune_s = time.perf_counter() - start
     ft, ft_s, stats = _finetune(rec, original, data, "auto", args, batchnorm="keep")
     recipe = ("--target-macs" if budget else f"uniform --ratio {ratio:.3f}") + " + --reconstruct + feature distillation"
-    recipe += "".join(f" {flag} {value}" for flag, value in (("--round-to", args.round_to), ("--blocks", args.blocks))
-                      if value and value != 1 and budget)
+    if budget:  # the options that shaped the plan (defaults left out)
+        recipe += "".join(f" {flag} {value}" for flag, value, default in (("--round-to", args.round_to, 1),
+                                                                          ("--blocks", args.blocks, 0)) if value != default)
     return {"model": kind, "recipe": recipe, "target": target, "macs": count_macs(onnx.load(rec), {"x": shape}) / base_macs,
             "no_recovery": metric(pruned), "reconstructed": metric(rec), "distilled": metric(ft),
             "latency_speedup": _latency_ratio(original_path, rec, shape), "samples": len(data),
