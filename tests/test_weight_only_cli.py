@@ -145,12 +145,15 @@ def test_static_quantize_falls_back_to_int8_weight_storage(tmp_path, capsys, mon
     check_model(written, full=True)
     ops = {n.op_type for n in written.graph.node}
     assert not ops & {"BatchNormalization", "Constant", "QuantizeLinear", "DequantizeLinear"}
-    assert os.path.getsize(out) < 0.34 * os.path.getsize(src)  # 18.8 KB -> 6.0 KB: 3,840 weights, 138 scales, 128 biases
+    assert os.path.getsize(out) < 0.31 * os.path.getsize(src)  # 18.8 KB -> 5.5 KB: 3,840 weights, 138 scales, 128 biases
+    halves = [t for t in written.graph.initializer if t.data_type == onnx.TensorProto.FLOAT16]
+    assert len(halves) == 6 and sum(n.op_type == "Cast" for n in written.graph.node) == 4 + 6  # scales, biases
     x = {"x": np.random.default_rng(0).standard_normal((1, 3, 16, 16)).astype(np.float32)}
     got, want = _outputs(out, x)[0], _outputs(src, x)[0]
     assert np.linalg.norm(got - want) / np.linalg.norm(want) < 0.02
     fallback = json.load(open(report))["fallback"]
     assert fallback["formats"] == {"conv int8": 3, "matmul int8": 1} and fallback["batchnorms_folded"] == 3
+    assert fallback["compacted"]["float16_constants"] == 6 and fallback["compacted"]["default_attributes"] == 3
     assert _optimized_ops(out, tmp_path) == _optimized_ops(src, tmp_path)  # Cast and Mul folded at load
 
 

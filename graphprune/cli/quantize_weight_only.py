@@ -69,12 +69,15 @@ def fallback(args, model, static: PassResult) -> PassResult:
     The model is first brought to its storage form (``storage_form``: BatchNormalization folded,
     Constant nodes as initializers), then every weight whose int8 form is smaller is stored in int8
     per channel as Cast and Mul, which ONNX Runtime folds back into a float weight when it loads
-    the model: the float model's speed and math, rounded weights.  ``static`` is the static pass's
+    the model: the float model's speed and math, rounded weights; then ``weight_storage.compact``
+    stores scales and biases in float16 (Cast at load too) and drops default attributes and
+    duplicate constants.  ``static`` is the static pass's
     result (``modified=False``); its stats are kept and the weight-only stats added under
     "fallback".  A model without quantizable weights stays as it was.
     """
     from graphprune.ir import has_external_data, is_large
     from graphprune.passes.quantize_weights import QuantizeWeightsPass
+    from graphprune.quantization.weight_storage import compact
 
     source_dir = os.path.dirname(os.path.abspath(args.model))
     # Weights left on disk are streamed by the weight-only pass; folding needs them in memory.
@@ -82,8 +85,10 @@ def fallback(args, model, static: PassResult) -> PassResult:
     result = QuantizeWeightsPass(bits=8, source_dir=source_dir, folded=True)(prepared)
     if not result.modified:
         return static
+    # Scales and biases in float16, defaults and duplicates dropped: fewer bytes, same optimized graph.
+    compacted = {} if has_external_data(model) else compact(result.model)
     stats = dict(static.stats)
-    stats["fallback"] = dict(result.stats, batchnorms_folded=folded)
+    stats["fallback"] = dict(result.stats, batchnorms_folded=folded, compacted=compacted)
     if not is_large(model):  # serialized sizes, cheap for a model of this size
         stats["fallback"]["model_bytes"] = [model.ByteSize(), result.model.ByteSize()]
     stats["chosen"] = "int8 weight-only storage"
@@ -115,6 +120,8 @@ def storage_form(model):
 def format_fallback(stats: dict) -> str:
     before, after = stats["float_bytes"], stats["quantized_bytes"]
     folded = f", {stats['batchnorms_folded']} BatchNormalization folded into Conv" if stats.get("batchnorms_folded") else ""
+    if stats.get("compacted", {}).get("float16_constants"):
+        folded += f", {stats['compacted']['float16_constants']} scales and biases in float16"
     line = (f"falling back to int8 weight-only storage: {stats['weights_quantized']} weights in int8 per channel{folded} "
             f"({before / 1e6:.3f} MB -> {after / 1e6:.3f} MB of weights, {before / max(after, 1):.1f}x smaller")
     if stats.get("model_bytes"):
