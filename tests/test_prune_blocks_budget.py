@@ -5,6 +5,7 @@ import json
 
 import numpy as np
 import onnx
+import pytest
 
 from graphprune.cli import main
 from graphprune.data import load_inputs
@@ -31,6 +32,7 @@ def _removed(model):
     return [p.value for p in model.metadata_props if p.key == "graphprune.removed_blocks"]
 
 
+@pytest.mark.slow  # a budget search (sensitivity of every group at 2 ratios, builds, uniform check)
 def test_blocks_with_target_macs_meets_the_budget_of_the_input_model(tmp_path, capsys):
     model, path, data, name = _model(tmp_path)
     out = tmp_path / "p.onnx"
