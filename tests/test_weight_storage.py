@@ -48,14 +48,14 @@ def test_compact_stores_float16_merges_and_drops_defaults(tmp_path):
     stats = compact(after)
     check_model(after, full=True)
     assert stats == {"float16_constants": 2, "merged_constants": 1, "default_attributes": 3,
-                     "unnamed_constant_nodes": 2, "renamed_transients": 2}
+                     "unnamed_constant_nodes": 2, "renamed_transients": 3}
     inits = {t.name: t for t in after.graph.initializer}
     # stored tensors keep their names, in float16; the 4-byte scalars are too small to pay for a Cast
     assert inits["b"].data_type == inits["w_scale"].data_type == TensorProto.FLOAT16
     assert inits["w_q8"].data_type == TensorProto.INT8 and inits["hi"].data_type == TensorProto.FLOAT
     assert "lo_again" not in inits
     expected = [("Cast", "", ["w_q8"], ["~0"]), ("Cast", "", ["w_scale"], ["~1"]), ("Mul", "", ["~0", "~1"], ["w"]),
-                ("Cast", "", ["b"], ["b_float"]), ("Conv", "conv", ["x", "w", "b_float"], ["c"]),
+                ("Cast", "", ["b"], ["~2"]), ("Conv", "conv", ["x", "w", "~2"], ["c"]),
                 ("Clip", "clip", ["c", "lo", "hi"], ["r"]), ("Clip", "clip2", ["r", "lo", "hi"], ["y"])]
     assert [(n.op_type, n.name, list(n.input), list(n.output)) for n in after.graph.node] == expected
     assert [a.name for a in after.graph.node[4].attribute] == ["pads"]  # strides, dilations, group: defaults
@@ -99,3 +99,4 @@ def test_graph_inputs_and_outputs_keep_their_tensors():
     compact(model)
     bias = next(t for t in model.graph.initializer if t.name == "b")
     assert bias.data_type == TensorProto.FLOAT and model.graph.node[3].input[2] == "b"
+    assert model.graph.node[3].input[1] == "w"  # a weight a layer reads keeps its name

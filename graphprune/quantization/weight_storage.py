@@ -11,7 +11,7 @@ them without changing what ONNX Runtime runs:
 - nodes computed from constants only (those Casts and Muls) lose their node names, and the tensors
   they compute for one another get short ones (``~0``, ``~1``...): they are not layers, and ORT's
   optimized graph no longer holds them.  Stored tensors keep their names (a float16 tensor the one
-  it replaces), and so does every tensor a layer reads;
+  it replaces, its Cast's output is a short one), and so do the weights layers read;
 - Conv attributes equal to their defaults (strides, dilations 1, pads 0, group 1) are dropped;
 - small constants with equal type, shape and values (the scalars of every HardSigmoid...) are one.
 
@@ -44,15 +44,17 @@ def compact(model: onnx.ModelProto) -> Dict[str, int]:
     """Trims ``model`` in place (see the module docstring); returns what it did, by kind."""
     graph = model.graph
     fixed = {i.name for i in graph.input} | {o.name for o in graph.output}
-    stats = {"float16_constants": _to_float16(graph, fixed),
+    casts = _to_float16(graph, fixed)
+    stats = {"float16_constants": len(casts),
              "merged_constants": _merge_duplicates(graph, fixed),
              "default_attributes": _drop_conv_defaults(graph)}
     stats["unnamed_constant_nodes"] = _unname_constant_nodes(graph)
-    stats["renamed_transients"] = _shorten_transients(graph, fixed)
+    stats["renamed_transients"] = _shorten_transients(graph, fixed, casts)
     return stats
 
 
-def _to_float16(graph: onnx.GraphProto, fixed: Set[str]) -> int:
+def _to_float16(graph: onnx.GraphProto, fixed: Set[str]) -> Set[str]:
+    """Returns the outputs of the Casts it inserted."""
     first_reader: Dict[str, int] = {}
     for index, node in enumerate(graph.node):
         for name in node.input:
@@ -82,7 +84,7 @@ def _to_float16(graph: onnx.GraphProto, fixed: Set[str]) -> int:
             nodes.append(node)
         del graph.node[:]
         graph.node.extend(nodes)
-    return sum(len(c) for c in casts.values())
+    return {c.output[0] for cs in casts.values() for c in cs}
 
 
 def _merge_duplicates(graph: onnx.GraphProto, fixed: Set[str]) -> int:
@@ -138,9 +140,10 @@ def _unname_constant_nodes(graph: onnx.GraphProto) -> int:
     return count
 
 
-def _shorten_transients(graph: onnx.GraphProto, fixed: Set[str]) -> int:
-    """Tensors that only constant-only nodes compute and read get short names (``~<n>``): each
-    occurs twice in the file, and ORT folds them all at load.  Graph outputs, tensors a layer
+def _shorten_transients(graph: onnx.GraphProto, fixed: Set[str], casts: Set[str]) -> int:
+    """Tensors that only constant-only nodes compute and read, and the float16 Casts' outputs
+    (``casts``: new names, the stored tensor keeps the old one), get short names (``~<n>``): each
+    occurs twice in the file, and ORT folds them all at load.  Graph outputs, other tensors a layer
     reads and graphs with subgraphs (whose bodies may read outer names) are left alone."""
     if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in graph.node for a in n.attribute):
         return 0
@@ -153,7 +156,7 @@ def _shorten_transients(graph: onnx.GraphProto, fixed: Set[str]) -> int:
     read_by_layer = set(fixed)
     for index, node in enumerate(graph.node):
         if index not in folded:
-            read_by_layer.update(node.input)
+            read_by_layer.update(name for name in node.input if name not in casts)
     taken = {t.name for t in graph.initializer} | fixed | {x for n in graph.node for x in list(n.input) + list(n.output)}
     renamed: Dict[str, str] = {}
     counter = 0
