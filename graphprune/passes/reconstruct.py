@@ -142,7 +142,9 @@ def reconstruct(original: onnx.ModelProto, pruned: onnx.ModelProto, data: InputS
         # that fifth flatters the refit model), or the pruned weights stay.
         pruned_error, refit_error = _output_errors(original, [pruned, model], held, batch_size, threads)
         stats.update(held_out_output_error_pruned=round(float(pruned_error), 6),
-                     held_out_output_error=round(float(refit_error), 6), verification_samples=len(held))
+                     held_out_output_error=round(float(refit_error), 6))
+        if verify is not None:  # else the held-out fifth checked
+            stats["verification_samples"] = len(verify)
         if not refit_error < pruned_error:
             stats.update(layers=0, note=f"refit outputs were further from the original's on held-out samples than "
                          f"plain pruning ({refit_error:.4f} vs {pruned_error:.4f}): pruned weights kept")
