@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
 from graphprune.model_io import check_model
@@ -100,3 +102,45 @@ def test_graph_inputs_and_outputs_keep_their_tensors():
     bias = next(t for t in model.graph.initializer if t.name == "b")
     assert bias.data_type == TensorProto.FLOAT and model.graph.node[3].input[2] == "b"
     assert model.graph.node[3].input[1] == "w"  # a weight a layer reads keeps its name
+
+
+def test_a_graph_with_subgraphs_keeps_its_tensors_and_names():
+    """An If branch reads the bias by name: retyping or renaming it would break the branch."""
+    model = _storage_model()
+    branch = helper.make_graph([helper.make_node("Identity", ["b"], ["bo"])], "branch", [],
+                               [helper.make_tensor_value_info("bo", TensorProto.FLOAT, [32])])
+    model.graph.initializer.append(numpy_helper.from_array(np.array(True), "cond"))
+    model.graph.node.append(helper.make_node("If", ["cond"], ["b_out"], then_branch=branch, else_branch=branch))
+    model.graph.output.append(helper.make_tensor_value_info("b_out", TensorProto.FLOAT, [32]))
+    before = {t.name: t.SerializeToString() for t in model.graph.initializer}
+    stats = compact(model)
+    assert stats["default_attributes"] == 3 and sum(stats.values()) == 3
+    assert {t.name: t.SerializeToString() for t in model.graph.initializer} == before
+    check_model(model, full=True)
+
+
+@settings(max_examples=12, deadline=None)
+@given(channels=st.integers(4, 40), inputs=st.integers(1, 6), seed=st.integers(0, 2**16))
+def test_compact_keeps_outputs_and_the_runtime_graph(channels, inputs, seed):
+    """Random widths and bias magnitudes: the checker passes, the model does not grow, outputs agree
+    within float16 rounding (the graph ORT runs is compared in the first test)."""
+    rng = np.random.default_rng(seed)
+    q = rng.integers(-127, 128, (channels, inputs, 3, 3)).astype(np.int8)
+    scale = (rng.random((channels, 1, 1, 1)) / 50 + 1e-4).astype(np.float32)
+    bias = (rng.standard_normal(channels) * 10 ** rng.uniform(-3, 2)).astype(np.float32)
+    nodes = [helper.make_node("Cast", ["q"], ["qf"], name="cast", to=TensorProto.FLOAT),
+             helper.make_node("Mul", ["qf", "s"], ["w"], name="dq"),
+             helper.make_node("Conv", ["x", "w", "b"], ["y"], name="conv", group=1, pads=[1, 1, 1, 1])]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, inputs, 6, 6])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, channels, 6, 6])],
+        [numpy_helper.from_array(q, "q"), numpy_helper.from_array(scale, "s"), numpy_helper.from_array(bias, "b")])
+    before = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    after = onnx.ModelProto()
+    after.CopyFrom(before)
+    compact(after)
+    check_model(after, full=True)
+    assert after.ByteSize() <= before.ByteSize()
+    x = {"x": rng.standard_normal((1, inputs, 6, 6)).astype(np.float32)}
+    want, got = _session(before).run(None, x)[0], _session(after).run(None, x)[0]
+    np.testing.assert_allclose(got, want, rtol=2e-3, atol=2e-3 * np.abs(want).max())

@@ -16,7 +16,8 @@ them without changing what ONNX Runtime runs:
 - small constants with equal type, shape and values (the scalars of every HardSigmoid...) are one.
 
 Refused (left as they are): graph inputs and outputs, tensors on disk, float16 that overflows or
-rounds by more than ``REL_ERROR``, tensors too small to pay for a Cast.
+rounds by more than ``REL_ERROR``, tensors too small to pay for a Cast; in a graph with subgraphs
+(If, Loop, Scan bodies may read any outer tensor by name) only default attributes are dropped.
 """
 
 from __future__ import annotations
@@ -43,11 +44,14 @@ _CONV_DEFAULTS = {"strides": 1, "dilations": 1, "pads": 0}
 def compact(model: onnx.ModelProto) -> Dict[str, int]:
     """Trims ``model`` in place (see the module docstring); returns what it did, by kind."""
     graph = model.graph
+    stats = {"float16_constants": 0, "merged_constants": 0, "default_attributes": _drop_conv_defaults(graph),
+             "unnamed_constant_nodes": 0, "renamed_transients": 0}
+    if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in graph.node for a in n.attribute):
+        return stats  # a subgraph may read any outer tensor by name: no tensor is retyped or renamed
     fixed = {i.name for i in graph.input} | {o.name for o in graph.output}
     casts = _to_float16(graph, fixed)
-    stats = {"float16_constants": len(casts),
-             "merged_constants": _merge_duplicates(graph, fixed),
-             "default_attributes": _drop_conv_defaults(graph)}
+    stats["float16_constants"] = len(casts)
+    stats["merged_constants"] = _merge_duplicates(graph, fixed)
     stats["unnamed_constant_nodes"] = _unname_constant_nodes(graph)
     stats["renamed_transients"] = _shorten_transients(graph, fixed, casts)
     return stats
@@ -143,10 +147,8 @@ def _unname_constant_nodes(graph: onnx.GraphProto) -> int:
 def _shorten_transients(graph: onnx.GraphProto, fixed: Set[str], casts: Set[str]) -> int:
     """Tensors that only constant-only nodes compute and read, and the float16 Casts' outputs
     (``casts``: new names, the stored tensor keeps the old one), get short names (``~<n>``): each
-    occurs twice in the file, and ORT folds them all at load.  Graph outputs, other tensors a layer
-    reads and graphs with subgraphs (whose bodies may read outer names) are left alone."""
-    if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in graph.node for a in n.attribute):
-        return 0
+    occurs twice in the file, and ORT folds them all at load.  Graph outputs and other tensors a
+    layer reads are left alone."""
     constant = {t.name for t in graph.initializer} - {i.name for i in graph.input}
     folded = set()  # indices of nodes computed from constants only
     for index, node in enumerate(graph.node):
