@@ -87,3 +87,32 @@ def test_a_model_that_fails_in_turns_is_reported(monkeypatch):
     assert set(latencies) == {"good"} and "bad" in failures
     with pytest.raises(Exception):
         measure_latencies({"bad": bad}, _feed(good), threads=1, budget_seconds=0.02)
+
+
+def test_large_model_candidates_built_again_give_the_same_result(monkeypatch):
+    """Candidates of large models keep only their placement between builds; the written model is
+    byte-identical to the one kept in memory (the timings are fixed so that both runs choose alike)."""
+    import importlib
+
+    from graphprune.passes.insert_qdq import InsertQDQPass
+    from tests.test_quantize_pass import samples
+
+    insert_qdq_module = importlib.import_module("graphprune.passes.insert_qdq")
+    built = []
+
+    def fixed_timings(models, feed, threads, rounds, failures, source_dir=None):
+        for name, model in models.items():
+            built.append(callable(model))
+            assert isinstance(model() if callable(model) else model, onnx.ModelProto)
+        return {name: (10.0 if name == "float" else 1.0 + 0.5 * i) for i, name in enumerate(models)}
+
+    monkeypatch.setattr(insert_qdq_module, "measure_latencies", fixed_timings)
+    model, data = dense_cnn(), samples(dense_cnn())
+    kept = InsertQDQPass(data=data)(model)
+    assert built and not any(built)
+    built.clear()
+    monkeypatch.setattr(measure, "ONE_SESSION_BYTES", 0)
+    rebuilt = InsertQDQPass(data=data)(model)
+    assert built[1:] and all(built[1:])  # every candidate built again, the float model held
+    assert rebuilt.modified and rebuilt.stats["chosen"] == kept.stats["chosen"]
+    assert rebuilt.model.SerializeToString(deterministic=True) == kept.model.SerializeToString(deterministic=True)

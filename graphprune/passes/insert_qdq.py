@@ -21,6 +21,7 @@ from graphprune.quantization.measure import (
     Candidate,
     drop_wrecked,
     measure_latencies,
+    one_session_at_a_time,
     output_error,
     reference_outputs,
 )
@@ -201,6 +202,10 @@ class _Planner:
                 self.float_reasons[node.name] = reason
         self.allowed = allowed
         self.costs = estimate_costs(prepared, self.shapes, self.view.constants)
+        # Large models timed one session at a time also keep one candidate in memory at a time:
+        # each holds its int8 weights (a quarter of the float ones), so after its error is known it
+        # keeps only its placement and is built again for timing and, if chosen, for the result.
+        self.rebuild = options.measure and one_session_at_a_time({"float": prepared}, options.source_dir)
         self.compute = {n.name: n for n in prepared.graph.node if (rule := rule_for(n)) is not None and rule.role == "compute"}
 
     def _build(self, name: str, int8: Iterable[str], note: bool = True) -> Optional[Candidate]:
@@ -236,6 +241,7 @@ class _Planner:
             built = self._build("cost-model", placement.int8)
             if built is not None:
                 found.append(self._fit_budget(built))
+                self._release(found[-1])
         if self.options.measure:
             # The cost model's unit costs are uncertain: placements at both ends of that band, and
             # every eligible node, are measured too (each distinct placement once).
@@ -248,6 +254,7 @@ class _Planner:
                     built = self._build(name, int8)
                     if built is not None:
                         found.append(self._fit_budget(built) if not found else built)
+                        self._release(found[-1])
         budget = self.options.max_error
         found = [c for c in found if c.int8_nodes and (budget is None or c.error <= budget)]
         if budget is None:
@@ -294,7 +301,7 @@ class _Planner:
             return None, {}
         if not self.options.measure:
             return (candidates[0] if self.estimated_saving_us > 0 else None), {}
-        models = {"float": self.model, **{c.name: c.model for c in candidates}}
+        models = {"float": self.model, **{c.name: c.build or c.model for c in candidates}}
         failures: Dict[str, str] = {}
         latencies = measure_latencies(models, self._latency_feed(), threads=self.options.threads, rounds=5,
                                       failures=failures, source_dir=self.options.source_dir)
@@ -311,7 +318,19 @@ class _Planner:
         if fastest > latencies["float"] * (1 - _MIN_GAIN):
             return None, latencies
         tied = [c for c in candidates if c.latency <= fastest * (1 + _TIMING_NOISE)]
-        return min(tied, key=lambda c: (c.error or 0.0, c.latency)), latencies
+        chosen = min(tied, key=lambda c: (c.error or 0.0, c.latency))
+        if chosen.model is None and chosen.build is not None:
+            chosen.model = chosen.build()
+        return chosen, latencies
+
+    def _release(self, candidate: Candidate) -> None:
+        """With ``self.rebuild``, drop ``candidate``'s model (its int8 weights), keeping how to build
+        it again: the build is deterministic, so the result is the same model."""
+        if self.rebuild:
+            int8 = candidate.int8_nodes
+            candidate.model = None
+            candidate.build = lambda: insert_qdq_nodes(self.model, self.ranges, int8, self.options.config,
+                                                       self.options.source_dir)
 
     def _latency_feed(self) -> Dict[str, np.ndarray]:
         """The first feed, cut to one sample on dynamic-batch inputs: latency is judged at batch 1."""

@@ -46,6 +46,8 @@ class Candidate:
     int8_nodes: frozenset
     latency: Optional[float] = None  # CPU seconds per run, median over interleaved runs
     error: Optional[float] = None  # worst relative L2 over outputs
+    # Builds ``model`` again when it was dropped to save memory (large models, ``model`` None).
+    build: Optional[Callable[[], onnx.ModelProto]] = None
 
 
 def reference_outputs(model: onnx.ModelProto, feeds: List[Dict[str, np.ndarray]], threads: int = DEFAULT_THREADS,
@@ -154,7 +156,7 @@ def measure_latencies(
     session at a time instead (``_measure_in_turns``): each session pre-packs a copy of its weights.
     """
     clock = cpu_clock(threads)
-    if _one_at_a_time(models, source_dir):
+    if one_session_at_a_time(models, source_dir):
         return _measure_in_turns(models, feed, threads, budget_seconds, failures, source_dir, clock)
     sessions = {}
     one_run = {}
@@ -185,12 +187,13 @@ def measure_latencies(
     return {name: float(statistics.median(t)) for name, t in times.items()}
 
 
-def _one_at_a_time(models: Mapping[str, onnx.ModelProto], source_dir: Optional[str]) -> bool:
-    """Whether holding every model's session at once would hold several copies of large weights."""
+def one_session_at_a_time(models: Mapping[str, object], source_dir: Optional[str]) -> bool:
+    """Whether holding every model's session at once would hold several copies of large weights
+    (models given as builders, see ``_measure_in_turns``, are left out of the question)."""
     from graphprune.ir import weight_bytes
 
     return any((source_dir is not None and on_disk.has_weights_on_disk(m)) or weight_bytes(m) >= ONE_SESSION_BYTES
-               for m in models.values())
+               for m in models.values() if isinstance(m, onnx.ModelProto))
 
 
 def _measure_in_turns(models, feed, threads, budget_seconds, failures, source_dir, clock) -> Dict[str, float]:
@@ -200,25 +203,30 @@ def _measure_in_turns(models, feed, threads, budget_seconds, failures, source_di
     conv stack) holds a packed copy of its weights, so sessions are not kept side by side: the
     models are visited in order and then in reverse (A B C C B A), each visit a new session, a
     warm-up run and a block of timed runs, so that a drift of the machine's load over the
-    measurement hits every model alike on average; the median over both visits counts.  Peak
-    memory: one session on top of the models themselves.
+    measurement hits every model alike on average; the median over both visits counts (the two
+    adjacent visits of the last model are one, with twice the runs).  A model may be given as a
+    zero-argument builder (a candidate whose int8 weights are not kept between visits): it is
+    built for each visit and dropped after it.  Peak memory: one session and its model on top of
+    the models held.
     """
     names = list(models)
     times: Dict[str, List[float]] = {name: [] for name in names}
+    visits = [(name, 1) for name in names[:-1]] + [(names[-1], 2)] + [(name, 1) for name in names[-2::-1]] if names else []
     runs = None
-    for name in names + names[::-1]:
+    for name, blocks in visits:
         if name not in times:
             continue  # failed on its first visit
-        session = None
+        session = model = None
         try:
-            session = _session(models[name], source_dir, threads=threads, spinning=False, prepacking=True)
+            model = models[name]() if callable(models[name]) else models[name]
+            session = _session(model, source_dir, threads=threads, spinning=False, prepacking=True)
             session.run(None, feed)  # first run allocates
             if runs is None:  # the block size from the first model's run (float: the slowest)
                 start = clock()
                 session.run(None, feed)
                 per_visit = budget_seconds / (2 * max(len(names), 1))
                 runs = max(5, int(per_visit / max(clock() - start, 1e-6)))
-            for _ in range(runs):
+            for _ in range(runs * blocks):
                 start = clock()
                 session.run(None, feed)
                 times[name].append(clock() - start)
@@ -228,7 +236,7 @@ def _measure_in_turns(models, feed, threads, budget_seconds, failures, source_di
             failures[name] = _first_line(exc)
             del times[name]
         finally:
-            del session  # released before the next model's session is built
+            del session, model  # released before the next model's session is built
     return {name: float(statistics.median(t)) for name, t in times.items()}
 
 
