@@ -130,6 +130,17 @@ def _read_external(model: onnx.ModelProto, model_path: str) -> None:
             f.close()
 
 
+def check_direct_paths(model: onnx.ModelProto, model_path: "str | os.PathLike") -> None:
+    """Refuse, as reading the data at load does (``_read_external``), a data file of ``model`` reached
+    through a symlink: for a model loaded without its data whose weights are read later."""
+    model_path = os.fspath(model_path)
+    folder = os.path.realpath(os.path.dirname(os.path.abspath(model_path)))
+    for location in {_entries(t).get("location", "") for t in external_tensors(model)}:
+        if os.path.realpath(os.path.join(folder, location)) != os.path.normpath(os.path.join(folder, location)):
+            raise UserError(f"{model_path}: cannot read its external data "
+                            f"(data file {location!r} is reached through a symlink)")
+
+
 def data_files(model_path: "str | os.PathLike") -> List[str]:
     """The existing data files a saved model refers to, as written beside it (unchecked, unresolved).
 

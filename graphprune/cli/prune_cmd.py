@@ -7,6 +7,9 @@ import json
 import sys
 from typing import List
 
+import numpy as np
+import onnx
+
 from graphprune.cli.budget_opts import add_budget_options, budget_plan, run_budget
 from graphprune.cli.common import add_data_options, add_output_options, check_output_path, parse_number, read_inputs, write_model
 from graphprune.cli.prune_blocks import add_block_options, remove_blocks_first, run_blocks, wants_blocks, with_budget
@@ -19,6 +22,9 @@ from graphprune.pruning import CRITERIA, MODES
 from graphprune.validation import deferred_session_check
 
 __all__ = ["register", "run", "format_groups", "groups_json", "nothing_pruned"]
+
+_FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16)
+_CHUNK = 1 << 22  # finite checks in chunks of this many values: no second weight-sized array
 
 
 def register(sub) -> None:
@@ -102,7 +108,11 @@ def _run(args) -> int:
     if args.reconstruct and args.mode != "remove":
         raise UserError("--reconstruct refits layers whose channels were removed: not with --mode mask")
     check_output_path(args)
-    model = load(args.model)
+    # Remove mode on weights alone reads each weight when it scores or slices it: the weights stay
+    # on disk (records) and the untouched ones are copied file to file when the result is written.
+    lazy = args.mode == "remove" and not (args.data or args.reconstruct or wants_blocks(args) or plan is not None)
+    model = load(args.model, load_external_data=not lazy)
+    source_dir = _checked_source(model, args.model) if lazy else None
     data, shapes, _ = read_inputs(args, model)
     if with_budget(args):  # blocks first, then the budget (rescaled) or the ratios on what is left
         model, plan = remove_blocks_first(args, model, data, shapes, plan)
@@ -123,6 +133,7 @@ def _run(args) -> int:
         hidden_ratio=kind_ratios["--hidden-ratio"],
         head_dim=args.head_dim,
         group_ratios=plan.group_ratios if plan else None,
+        source_dir=source_dir,
     )
     prune.requires(model)  # --exclude names are checked before the (possibly long) analysis
     result = prune(model)
@@ -136,7 +147,10 @@ def _run(args) -> int:
         refit = ReconstructPass(original=model, data=data, progress=sys.stderr.isatty())(result.model)
         result.stats["reconstruct"] = refit.stats
         result = type(result)(refit.model, result.modified or refit.modified, result.stats)
-    write_model(args, result.model)
+    if source_dir is not None:
+        _write_from_disk(args, result.model, source_dir)
+    else:
+        write_model(args, result.model)
     stats = result.stats
     print(_summary(stats, model, result.model, shapes))
     if args.reconstruct:
@@ -145,6 +159,53 @@ def _run(args) -> int:
         print(json.dumps(stats, indent=2, default=str))
     print(f"wrote {args.output}" + ("" if result.modified else " (unchanged)"))
     return 0
+
+
+def _checked_source(model, path: str):
+    """The folder to read ``model``'s weights left on disk from (None when it has none), after what
+    reading them at load would have refused: a data file reached through a symlink, NaN or Inf."""
+    import os
+
+    from graphprune import ir
+    from graphprune.external_data import check_direct_paths
+    from graphprune.validation import door_policy
+
+    if not ir.has_external_data(model):
+        return None
+    check_direct_paths(model, path)
+    source_dir = os.path.dirname(os.path.abspath(path))
+    if door_policy() is not None:  # the door refuses non-finite weights; those on disk were not read
+        from graphprune.quantization.on_disk import read_tensor
+
+        for init in model.graph.initializer:
+            if init.data_location == onnx.TensorProto.EXTERNAL and init.data_type in _FLOAT_TYPES:
+                flat = read_tensor(init, source_dir).reshape(-1)  # one weight at a time
+                if not all(np.isfinite(flat[i : i + _CHUNK]).all() for i in range(0, flat.size, _CHUNK)):
+                    raise UserError(f"{path}: model weight {init.name!r} holds NaN or Inf values")
+    return source_dir
+
+
+def _write_from_disk(args, model, source_dir: str) -> None:
+    """Write a result whose untouched weights are still records in the input's data file, as
+    ``write_model`` writes the same result loaded in memory: below protobuf's limit those records
+    are read in and the model written inline; above, they are copied file to file."""
+    from graphprune import ir
+    from graphprune.external_data import load_external_data
+    from graphprune.model_io import EXTERNAL_DATA_THRESHOLD, _inline_bytes, check_model, save
+    from graphprune.passes.base import PassContractError
+    from graphprune.validation import check_result
+
+    if _inline_bytes(model) < EXTERNAL_DATA_THRESHOLD:
+        if ir.has_external_data(model):  # the untouched weights (few: most are sliced), by the load's reader
+            load_external_data(model, args.model)
+        write_model(args, model)
+        return
+    try:
+        check_model(model, full=True)
+    except UserError as exc:
+        raise PassContractError(f"refusing to write an invalid result: {exc}") from None
+    check_result(model)
+    save(model, args.output, input_path=args.model, overwrite_input=args.overwrite_input, source_dir=source_dir)
 
 
 def nothing_pruned(stats: dict, ratios=None, reason_chars: int = 80) -> str:

@@ -39,9 +39,14 @@ _RAW_DTYPES = {
 _CACHE_BYTES = 2**20
 
 
-def _tensor_array(tensor: onnx.TensorProto) -> np.ndarray:
+def _tensor_array(tensor: onnx.TensorProto, source_dir: Optional[str] = None) -> np.ndarray:
     """The tensor's values; a read-only view of the bytes ``raw_data`` returns when possible (upb
-    hands out a fresh copy of them at each access: no second conversion on top)."""
+    hands out a fresh copy of them at each access: no second conversion on top).  A record left on
+    disk (model loaded without its external data) is read, that tensor's bytes only, from ``source_dir``."""
+    if tensor.data_location == onnx.TensorProto.EXTERNAL and source_dir is not None:
+        from graphprune.quantization.on_disk import read_tensor
+
+        return read_tensor(tensor, source_dir)
     dtype = _RAW_DTYPES.get(tensor.data_type)
     if dtype is not None and tensor.HasField("raw_data") and tensor.data_location != onnx.TensorProto.EXTERNAL:
         return np.frombuffer(tensor.raw_data, dtype=dtype).reshape(tuple(tensor.dims))
@@ -59,10 +64,14 @@ class DependencyGraph:
         fixups: (node index, fn) rewrites registered by rules, applied when channels are removed.
         roles: constant name -> role (see ``graphprune.dependency.rules.ROLES``).
         options: what the rules couple beyond the default (``AnalysisOptions``).
+        source_dir: the folder of the model's file when it was loaded without its external data:
+            ``const`` reads those weights from there, one at a time (None: all in memory).
     """
 
-    def __init__(self, model: onnx.ModelProto, shapes: Dict[str, Tuple], options: Optional[AnalysisOptions] = None):
+    def __init__(self, model: onnx.ModelProto, shapes: Dict[str, Tuple], options: Optional[AnalysisOptions] = None,
+                 source_dir: Optional[str] = None):
         self.model = model
+        self.source_dir = source_dir
         self.options = options or AnalysisOptions()
         self.graph = nx.Graph()
         self.shapes = shapes
@@ -118,7 +127,7 @@ class DependencyGraph:
         if cached is not None:
             return cached
         if name in self._inits:
-            value = _tensor_array(self._inits[name])
+            value = _tensor_array(self._inits[name], self.source_dir)
         elif name in self._const_nodes:
             value = ir.constant_node_value(self._const_nodes[name])
         else:
@@ -353,7 +362,8 @@ def outer_names(node: onnx.NodeProto) -> set:
 
 
 def build_dependency_graph(
-    model: onnx.ModelProto, shapes: Optional[Dict[str, Tuple]] = None, options: Optional[AnalysisOptions] = None
+    model: onnx.ModelProto, shapes: Optional[Dict[str, Tuple]] = None, options: Optional[AnalysisOptions] = None,
+    source_dir: Optional[str] = None,
 ) -> DependencyGraph:
     """Analyse ``model``: which channel dims are coupled, and which must not be pruned.
 
@@ -361,8 +371,9 @@ def build_dependency_graph(
         model: the model; Constant nodes are read as constants, shapes come from onnx inference.
         shapes: tensor name -> shape, when already known (skips inference).
         options: head-dim or hidden-size coupling (``AnalysisOptions``; default: neither).
+        source_dir: where the weights of a model loaded without its external data are (``DependencyGraph``).
     """
-    dep = DependencyGraph(model, shapes if shapes is not None else tensor_shapes(model), options)
+    dep = DependencyGraph(model, shapes if shapes is not None else tensor_shapes(model), options, source_dir)
     for index, node in enumerate(model.graph.node):
         dep._apply_rule(index, node)
     dep._pin_boundary()

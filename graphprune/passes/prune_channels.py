@@ -79,6 +79,10 @@ class PruneChannelsPass(Pass):
             ``conv2.weight:0``) -> its own ratio, as a budget allocation chose it; the groups it
             does not name take their kind's ratio (``ratio`` defaults to 0 then, else 0.5).  Not
             with ``global_ranking``; a name that is no prunable group is refused.
+        source_dir: the folder of the model's file when it was loaded without its external data
+            (``load(path, load_external_data=False)``): weights are read from there one at a time
+            and untouched ones stay records (``save(..., source_dir=)`` copies them file to file).
+            Weight criteria only: a data criterion runs the model in memory.
     """
 
     name = "prune"
@@ -99,6 +103,7 @@ class PruneChannelsPass(Pass):
         hidden_ratio: Optional[float] = None,
         head_dim: bool = False,
         group_ratios: Optional[Mapping[str, float]] = None,
+        source_dir: Optional[str] = None,
     ):
         if ratio is None:  # default 0.5, but per-group ratios alone prune only the groups they name
             ratio = 0.0 if group_ratios else 0.5
@@ -124,6 +129,7 @@ class PruneChannelsPass(Pass):
         self.progress = progress
         self.head_dim = bool(head_dim)
         self.group_ratios = dict(group_ratios or {})
+        self.source_dir = source_dir
         if self.group_ratios and self.global_ranking:
             raise UserError("prune: per-group ratios and global ranking exclude each other")
 
@@ -141,7 +147,7 @@ class PruneChannelsPass(Pass):
         start = time.perf_counter()
         bar.set_postfix_str("analysis")
         options = AnalysisOptions(head_dim=self.head_dim, hidden=self.ratios.hidden > 0)
-        dep = build_dependency_graph(model, options=options)
+        dep = build_dependency_graph(model, options=options, source_dir=self.source_dir)
         channel_groups = reported_groups(dep.groups())
         excluded = _excluded_groups(dep, channel_groups, self.exclude)
         prunable = [g for g in channel_groups if g.prunable and g.id not in excluded]

@@ -1,0 +1,138 @@
+"""prune leaves an external-data model's weights on disk (read one at a time, untouched ones copied file
+to file) and writes exactly what the same model pruned in memory writes."""
+
+import os
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper, numpy_helper
+
+from graphprune import model_io
+from graphprune.cli import main
+from graphprune.quantization import on_disk
+
+
+def _stack(seed: int = 0) -> onnx.ModelProto:
+    """Conv -> BatchNorm -> Relu -> Conv -> Relu -> MatMul -> Add -> Relu -> MatMul: every weight of
+    1 KiB or more (the BatchNorm's and one bias stay inline: below the threshold)."""
+    rng = np.random.default_rng(seed)
+
+    def t(name, *shape):
+        return numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), name)
+
+    inits = [t("w1", 32, 3, 3, 3), t("b1", 32), t("s", 32), t("bias", 32), t("mean", 32),
+             numpy_helper.from_array(rng.uniform(0.5, 2, 32).astype(np.float32), "var"),
+             t("w2", 16, 32, 3, 3), t("m1", 1024, 64), t("a1", 64), t("m2", 64, 10)]
+    nodes = [
+        helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+        helper.make_node("BatchNormalization", ["c1", "s", "bias", "mean", "var"], ["n1"], name="bn1"),
+        helper.make_node("Relu", ["n1"], ["r1"], name="relu1"),
+        helper.make_node("Conv", ["r1", "w2"], ["c2"], name="conv2", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c2"], ["r2"], name="relu2"),
+        helper.make_node("Flatten", ["r2"], ["f"], name="flatten"),
+        helper.make_node("MatMul", ["f", "m1"], ["h"], name="fc1"),
+        helper.make_node("Add", ["h", "a1"], ["ha"], name="fc1_bias"),
+        helper.make_node("Relu", ["ha"], ["hr"], name="relu3"),
+        helper.make_node("MatMul", ["hr", "m2"], ["y"], name="fc2"),
+    ]
+    graph = helper.make_graph(nodes, "stack", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 3, 8, 8])],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 10])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+def _files(folder) -> dict:
+    out = {}
+    for name in sorted(os.listdir(folder)):
+        with open(os.path.join(folder, name), "rb") as f:
+            out[name] = f.read()
+    return out
+
+
+@pytest.fixture
+def pair(tmp_path):
+    """The same model twice: weights in a data file (on_disk/) and inline (in_memory/)."""
+    for name, external in (("on_disk", True), ("in_memory", False)):
+        (tmp_path / name).mkdir()
+        model_io.save(_stack(), tmp_path / name / "m.onnx", external_data=external)
+        (tmp_path / f"{name}_out").mkdir()
+    assert os.path.exists(tmp_path / "on_disk" / "m.onnx.data")
+    assert not os.path.exists(tmp_path / "in_memory" / "m.onnx.data")
+    return tmp_path
+
+
+def _prune(folder, *extra) -> dict:
+    assert main(["prune", str(folder.parent / folder.name.replace("_out", "") / "m.onnx"), "-o", str(folder / "p.onnx"),
+                 "--ratio", "0.5", *extra]) == 0
+    return _files(folder)
+
+
+def _reads(monkeypatch) -> list:
+    """Names of the weights read from disk one at a time (the on-disk path ran)."""
+    names = []
+    original = on_disk.read_tensor
+    monkeypatch.setattr(on_disk, "read_tensor", lambda t, d: names.append(t.name) or original(t, d))
+    return names
+
+
+@pytest.mark.parametrize("extra", [(), ("--global",), ("--criterion", "l1", "--round-to", "4")])
+def test_weights_on_disk_give_the_in_memory_result_byte_for_byte(pair, monkeypatch, extra):
+    reads = _reads(monkeypatch)
+    on = _prune(pair / "on_disk_out", *extra)
+    assert {"w1", "w2", "m1", "m2"} <= set(reads)  # scored and sliced from the data file
+    assert not reads.count("w1") > 3  # the finite check, the score, the slice: never all loaded at once
+    reads.clear()
+    memory = _prune(pair / "in_memory_out", *extra)
+    assert not reads  # the inline model: nothing read from disk
+    assert on == memory and list(on) == ["p.onnx"]  # small result: inline, as in memory
+
+
+def test_large_result_streams_untouched_weights_byte_for_byte(pair, monkeypatch):
+    # a result past the inline limit (faked small) is written with a data file; the weights the prune
+    # left untouched (m2's rows stay; m2 is read, sliced on axis 0) come from the input's data file
+    monkeypatch.setattr(model_io, "EXTERNAL_DATA_THRESHOLD", 1024)
+    on = _prune(pair / "on_disk_out")
+    memory = _prune(pair / "in_memory_out")
+    assert list(on) == ["p.onnx", "p.onnx.data"]
+    assert on == memory
+    model = model_io.load(pair / "on_disk_out" / "p.onnx")
+    assert list(numpy_helper.to_array(next(i for i in model.graph.initializer if i.name == "m1")).shape) == [512, 32]
+
+
+def test_unprunable_model_copies_its_records(tmp_path, monkeypatch):
+    # ratio 0: nothing pruned, every weight stays a record until written (copied through)
+    model_io.save(_stack(), tmp_path / "m.onnx", external_data=True)
+    monkeypatch.setattr(model_io, "EXTERNAL_DATA_THRESHOLD", 1024)
+    assert main(["prune", str(tmp_path / "m.onnx"), "-o", str(tmp_path / "p.onnx"), "--ratio", "0"]) == 0
+    a, b = model_io.load(tmp_path / "m.onnx"), model_io.load(tmp_path / "p.onnx")
+    for x, y in zip(a.graph.initializer, b.graph.initializer):
+        np.testing.assert_array_equal(numpy_helper.to_array(x), numpy_helper.to_array(y))
+
+
+def test_nan_on_disk_refused_as_in_memory(tmp_path, capsys):
+    model = _stack()
+    bad = numpy_helper.to_array(model.graph.initializer[7]).copy()
+    bad[3, 5] = np.nan
+    model.graph.initializer[7].CopyFrom(numpy_helper.from_array(bad, "m1"))
+    model_io.save(model, tmp_path / "m.onnx", external_data=True)
+    messages = []
+    for mode in ("remove", "mask"):  # mask loads the weights as before
+        assert main(["prune", str(tmp_path / "m.onnx"), "-o", str(tmp_path / "p.onnx"), "--ratio", "0.5",
+                     "--mode", mode]) == 2
+        messages.append(capsys.readouterr().err.strip())
+    assert "'m1' holds NaN or Inf" in messages[0] and messages[0] == messages[1]
+    assert not os.path.exists(tmp_path / "p.onnx")
+
+
+def test_symlinked_data_file_refused_as_in_memory(tmp_path, capsys):
+    model_io.save(_stack(), tmp_path / "m.onnx", external_data=True)
+    os.rename(tmp_path / "m.onnx.data", tmp_path / "real.data")
+    os.symlink("real.data", tmp_path / "m.onnx.data")  # inside the folder: onnx reads through no symlink
+    messages = []
+    for mode in ("remove", "mask"):
+        assert main(["prune", str(tmp_path / "m.onnx"), "-o", str(tmp_path / "p.onnx"), "--ratio", "0.5",
+                     "--mode", mode]) == 2
+        messages.append(capsys.readouterr().err.strip())
+    assert "reached through a symlink" in messages[0] and messages[0] == messages[1]
