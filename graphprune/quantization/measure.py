@@ -217,6 +217,7 @@ def _measure_in_turns(models, feed, threads, budget_seconds, failures, source_di
         if name not in times:
             continue  # failed on its first visit
         session = model = None
+        _return_freed_memory()  # the last visit's session and model, before the next is built
         try:
             model = models[name]() if callable(models[name]) else models[name]
             session = _session(model, source_dir, threads=threads, spinning=False, prepacking=True)
@@ -238,6 +239,17 @@ def _measure_in_turns(models, feed, threads, budget_seconds, failures, source_di
         finally:
             del session, model  # released before the next model's session is built
     return {name: float(statistics.median(t)) for name, t in times.items()}
+
+
+def _return_freed_memory() -> None:
+    """Hand the heap's freed pages back to the system (glibc keeps them for reuse, and the next
+    session's weights go to fresh mappings that cannot reuse them): a peak-memory concern only."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 def _first_line(exc: BaseException) -> str:
