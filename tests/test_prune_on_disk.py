@@ -136,3 +136,22 @@ def test_symlinked_data_file_refused_as_in_memory(tmp_path, capsys):
                      "--mode", mode]) == 2
         messages.append(capsys.readouterr().err.strip())
     assert "reached through a symlink" in messages[0] and messages[0] == messages[1]
+
+
+def test_records_outside_the_initializers_are_read_as_before(tmp_path, monkeypatch):
+    # a Constant node's tensor stored in the data file: the whole model is read as before
+    model = _stack()
+    index = next(i for i, t in enumerate(model.graph.initializer) if t.name == "m1")
+    m1 = model.graph.initializer[index]
+    model.graph.node.insert(0, helper.make_node("Constant", [], ["m1"], value=m1))
+    del model.graph.initializer[index]
+    for name, external in (("on_disk", True), ("in_memory", False)):
+        (tmp_path / name).mkdir()
+        onnx.save_model(onnx.ModelProto.FromString(model.SerializeToString()), str(tmp_path / name / "m.onnx"),
+                        save_as_external_data=external,
+                        location="m.onnx.data", size_threshold=1024, convert_attribute=True)
+        (tmp_path / f"{name}_out").mkdir()
+    assert os.path.exists(tmp_path / "on_disk" / "m.onnx.data")
+    reads = _reads(monkeypatch)
+    on, memory = _prune(tmp_path / "on_disk_out"), _prune(tmp_path / "in_memory_out")
+    assert not reads and on == memory

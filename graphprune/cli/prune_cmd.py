@@ -111,8 +111,7 @@ def _run(args) -> int:
     # Remove mode on weights alone reads each weight when it scores or slices it: the weights stay
     # on disk (records) and the untouched ones are copied file to file when the result is written.
     lazy = args.mode == "remove" and not (args.data or args.reconstruct or wants_blocks(args) or plan is not None)
-    model = load(args.model, load_external_data=not lazy)
-    source_dir = _checked_source(model, args.model) if lazy else None
+    model, source_dir = _load_leaving_weights(args.model) if lazy else (load(args.model), None)
     data, shapes, _ = read_inputs(args, model)
     if with_budget(args):  # blocks first, then the budget (rescaled) or the ratios on what is left
         model, plan = remove_blocks_first(args, model, data, shapes, plan)
@@ -161,17 +160,24 @@ def _run(args) -> int:
     return 0
 
 
-def _checked_source(model, path: str):
-    """The folder to read ``model``'s weights left on disk from (None when it has none), after what
-    reading them at load would have refused: a data file reached through a symlink, NaN or Inf."""
+def _load_leaving_weights(path: str):
+    """(model, folder to read its weights left on disk from; None when none are), after what reading
+    them at load would have refused: a data file reached through a symlink, NaN or Inf.  Tensors
+    stored outside the main graph's initializers (Constant attributes, subgraphs) are read as before."""
     import os
 
-    from graphprune import ir
-    from graphprune.external_data import check_direct_paths
+    from graphprune.external_data import check_direct_paths, external_tensors
     from graphprune.validation import door_policy
 
-    if not ir.has_external_data(model):
-        return None
+    try:
+        model = load(path, load_external_data=False)
+    except UserError:  # e.g. the door's checker on a Constant's unread record: load it as before, its own verdict
+        return load(path), None
+    records = sum(1 for _ in external_tensors(model))
+    if not records:
+        return model, None
+    if records != sum(1 for i in model.graph.initializer if i.data_location == onnx.TensorProto.EXTERNAL):
+        return load(path), None
     check_direct_paths(model, path)
     source_dir = os.path.dirname(os.path.abspath(path))
     if door_policy() is not None:  # the door refuses non-finite weights; those on disk were not read
@@ -182,7 +188,7 @@ def _checked_source(model, path: str):
                 flat = read_tensor(init, source_dir).reshape(-1)  # one weight at a time
                 if not all(np.isfinite(flat[i : i + _CHUNK]).all() for i in range(0, flat.size, _CHUNK)):
                     raise UserError(f"{path}: model weight {init.name!r} holds NaN or Inf values")
-    return source_dir
+    return model, source_dir
 
 
 def _write_from_disk(args, model, source_dir: str) -> None:
