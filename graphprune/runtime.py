@@ -57,7 +57,7 @@ def make_session(
     """An ``InferenceSession`` for ``model`` on the CPU, without the optimizers in ``DISABLED_OPTIMIZERS``.
 
     Args:
-        model: the model; relabelled for the installed runtime when needed (see ``model_io.for_ort``).
+        model: the model; relabelled for the installed runtime when needed (see ``runtime_support.for_ort``).
         threads: intra-op threads (None lets ORT decide).
         optimization: "all", "extended", "basic" or "disabled".
         optimized_model_path: where ORT writes the graph it actually runs (for fusion checks).

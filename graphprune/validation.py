@@ -252,9 +252,9 @@ def _check_attributes(graph: onnx.GraphProto) -> None:
 
 def _float_tensors(model: onnx.ModelProto):
     """(name, TensorProto) of every float initializer and Constant value in the model (subgraphs too)."""
-    from graphprune.model_io import _all_graphs
+    from graphprune.runtime_support import all_graphs
 
-    for graph in _all_graphs(model.graph):
+    for graph in all_graphs(model.graph):
         for init in graph.initializer:
             if init.data_type in _FLOAT_TYPES:
                 yield init.name, init

@@ -6,7 +6,7 @@ import numpy as np
 import onnx
 import pytest
 
-from graphprune import external_data, model_io
+from graphprune import external_data, model_io, runtime_support
 from graphprune.errors import UserError
 from graphprune.model_io import OrtLimits, for_ort, load, ort_limits, save
 from graphprune.runtime import make_session, run
@@ -155,7 +155,7 @@ def test_for_ort_lowers_newer_ir_labels_when_content_allows():
 
 
 def test_for_ort_relabels_for_an_older_runtime(monkeypatch):
-    monkeypatch.setattr(model_io, "ort_limits", lambda: ORT_1_19)
+    monkeypatch.setattr(runtime_support, "ort_limits", lambda: ORT_1_19)
     model = conv_model()
     model.ir_version = 14  # what onnx 1.23's helper.make_model stamps
     assert for_ort(model).ir_version == 10
@@ -175,7 +175,7 @@ def test_for_ort_refuses_an_opset_the_runtime_does_not_run():
 
 
 def test_for_ort_refuses_element_types_of_a_newer_ir(monkeypatch):
-    monkeypatch.setattr(model_io, "ort_limits", lambda: ORT_1_19)
+    monkeypatch.setattr(runtime_support, "ort_limits", lambda: ORT_1_19)
     model = conv_model()
     model.ir_version = 11
     model.graph.initializer.append(onnx.TensorProto(name="f4", data_type=23, dims=[2], raw_data=b"\x00"))  # FLOAT4E2M1
@@ -184,7 +184,7 @@ def test_for_ort_refuses_element_types_of_a_newer_ir(monkeypatch):
 
 
 def test_save_writes_an_ir_label_the_runtime_loads(tmp_path, monkeypatch):
-    monkeypatch.setattr(model_io, "ort_limits", lambda: ORT_1_19)
+    monkeypatch.setattr(runtime_support, "ort_limits", lambda: ORT_1_19)
     model = conv_model()
     model.ir_version = 14
     assert onnx.load(save(model, tmp_path / "m.onnx")).ir_version == 10

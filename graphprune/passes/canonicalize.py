@@ -32,7 +32,7 @@ class CanonicalizePass(Pass):
         weights are constants (the IR version is raised to 4, the first that allows it).
       - Constant folding through onnx-graphsurgeon (evaluated by ONNX Runtime), skipping results
         larger than ``fold_limit`` bytes so that e.g. an ``Expand`` does not bloat the file.  The
-        model is relabelled for the installed runtime first (``model_io.for_ort``).  When ORT
+        model is relabelled for the installed runtime first (``runtime_support.for_ort``).  When ORT
         cannot evaluate the foldable part as a whole (an op it lacks, a model it cannot load),
         folding goes on node by node, and the failure is reported: a warning and the
         ``fold_failure`` stat (None when folding ran cleanly or was off).
