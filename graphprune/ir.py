@@ -191,6 +191,18 @@ def _is_weightless(model: onnx.ModelProto) -> bool:
     return True
 
 
+def declare_as_input(graph: onnx.GraphProto, tensor: onnx.TensorProto) -> None:
+    """Add a graph input typed like ``tensor`` (element type and dims, no data): a weight of a shell
+    model for shape inference.  Built in place: ``helper.make_tensor_value_info`` and ``np.prod``
+    were half the cost of a shell of a 20,000-node graph (10,000 weights)."""
+    vi = graph.input.add()
+    vi.name = tensor.name
+    vi.type.tensor_type.elem_type = tensor.data_type
+    dims = vi.type.tensor_type.shape.dim
+    for d in tensor.dims:
+        dims.add().dim_value = d
+
+
 def initializer_map(graph: onnx.GraphProto) -> Dict[str, onnx.TensorProto]:
     return {init.name: init for init in graph.initializer}
 

@@ -18,6 +18,7 @@ from graphprune.model_io import EXTERNAL_DATA_THRESHOLD, for_ort
 __all__ = [
     "ort",
     "make_session",
+    "session_options",
     "run",
     "run_samples",
     "measure_latency",
@@ -47,6 +48,32 @@ def ort():
     return onnxruntime
 
 
+def session_options(threads: Optional[int] = DEFAULT_THREADS, optimization: str = "all", spinning: bool = True,
+                    prepacking: bool = True):
+    """The ``SessionOptions`` graphprune's CPU sessions share (see ``make_session`` for the arguments).
+
+    ``prepacking=False`` keeps ORT from holding a second, packed copy of every weight (sessions over
+    weights left on disk, where memory is the point).
+    """
+    rt = ort()
+    opts = rt.SessionOptions()
+    if threads is not None:
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+    opts.graph_optimization_level = {
+        "all": rt.GraphOptimizationLevel.ORT_ENABLE_ALL,
+        "extended": rt.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+        "basic": rt.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+        "disabled": rt.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    }[optimization]
+    if not spinning:
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if not prepacking:
+        opts.add_session_config_entry("session.disable_prepacking", "1")
+    opts.log_severity_level = LOG_SEVERITY
+    return opts
+
+
 def make_session(
     model: onnx.ModelProto,
     threads: Optional[int] = DEFAULT_THREADS,
@@ -64,21 +91,9 @@ def make_session(
         spinning: idle intra-op workers spin-wait (ORT's default); off when CPU time is measured.
     """
     rt = ort()
-    opts = rt.SessionOptions()
-    if threads is not None:
-        opts.intra_op_num_threads = threads
-        opts.inter_op_num_threads = 1
-    opts.graph_optimization_level = {
-        "all": rt.GraphOptimizationLevel.ORT_ENABLE_ALL,
-        "extended": rt.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-        "basic": rt.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-        "disabled": rt.GraphOptimizationLevel.ORT_DISABLE_ALL,
-    }[optimization]
+    opts = session_options(threads, optimization, spinning)
     if optimized_model_path:
         opts.optimized_model_filepath = optimized_model_path
-    if not spinning:
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    opts.log_severity_level = LOG_SEVERITY
     model = for_ort(model)
     try:
         kwargs = dict(providers=["CPUExecutionProvider"], disabled_optimizers=list(DISABLED_OPTIMIZERS))

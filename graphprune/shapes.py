@@ -9,7 +9,7 @@ import numpy as np
 
 import onnx
 
-from graphprune.ir import clone, copy_fields, is_large, real_inputs, value_shape, weightless_copy
+from graphprune.ir import clone, copy_fields, declare_as_input, is_large, real_inputs, value_shape, weightless_copy
 
 __all__ = ["infer_shapes", "concrete_shapes", "with_input_shapes", "observed_shapes", "name_negative_dims"]
 
@@ -136,12 +136,7 @@ def _shape_shell(model: onnx.ModelProto) -> onnx.ModelProto:
         if stays and init.data_location != onnx.TensorProto.EXTERNAL:
             light.graph.initializer.add().CopyFrom(init)
         elif init.name not in declared:
-            vi = light.graph.input.add()
-            vi.name = init.name
-            vi.type.tensor_type.elem_type = init.data_type
-            dims = vi.type.tensor_type.shape.dim
-            for d in init.dims:
-                dims.add().dim_value = d
+            declare_as_input(light.graph, init)
     return light
 
 

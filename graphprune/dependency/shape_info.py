@@ -9,9 +9,9 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import numpy_helper
 
-from graphprune.ir import copy_fields, value_shape
+from graphprune.ir import copy_fields, declare_as_input, value_shape
 
 __all__ = ["infer_value_info", "tensor_shapes", "symbolic_shapes", "model_shell"]
 
@@ -34,18 +34,11 @@ def _light_model(model: onnx.ModelProto, keep_value_info: bool) -> onnx.ModelPro
     """The model with large initializers replaced by typed graph inputs."""
     light = model_shell(model, keep_value_info)
     declared = {vi.name for vi in model.graph.input}
-    # math.prod and the input built in place: np.prod and helper.make_tensor_value_info were half
-    # of this function on a 20,000-node graph (10,000 weights)
-    for init in model.graph.initializer:
+    for init in model.graph.initializer:  # math.prod, not np.prod: a third of this on 10,000 weights
         if math.prod(init.dims) <= _SMALL:
             light.graph.initializer.add().CopyFrom(init)
         elif init.name not in declared:
-            vi = light.graph.input.add()
-            vi.name = init.name
-            vi.type.tensor_type.elem_type = init.data_type
-            dims = vi.type.tensor_type.shape.dim
-            for d in init.dims:
-                dims.add().dim_value = d
+            declare_as_input(light.graph, init)
     return light
 
 

@@ -81,26 +81,12 @@ def session(
     copy of every float weight (timing sessions turn it on, as deployment runs).
     """
     from graphprune.model_io import EXTERNAL_DATA_THRESHOLD, for_ort, save
-    from graphprune.runtime import DISABLED_OPTIMIZERS, LOG_SEVERITY, make_session, ort
+    from graphprune.runtime import DISABLED_OPTIMIZERS, make_session, ort, session_options
 
     if source_dir is None or not has_weights_on_disk(model):
         return make_session(model, threads=threads, optimization=optimization, spinning=spinning)
     rt = ort()
-    options = rt.SessionOptions()
-    if threads is not None:
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-    options.graph_optimization_level = {
-        "all": rt.GraphOptimizationLevel.ORT_ENABLE_ALL,
-        "extended": rt.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-        "basic": rt.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-        "disabled": rt.GraphOptimizationLevel.ORT_DISABLE_ALL,
-    }[optimization]
-    if not spinning:
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    if not prepacking:
-        options.add_session_config_entry("session.disable_prepacking", "1")
-    options.log_severity_level = LOG_SEVERITY
+    options = session_options(threads, optimization, spinning, prepacking)
     kwargs = dict(providers=["CPUExecutionProvider"], disabled_optimizers=list(DISABLED_OPTIMIZERS))
     model = for_ort(model)
     try:
