@@ -7,7 +7,6 @@ lists them as extra outputs, fed batch by batch, so memory holds one batch of ac
 
 from __future__ import annotations
 
-import os
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -18,12 +17,10 @@ from graphprune.errors import UserError
 from graphprune.ir import has_external_data
 from graphprune.progress import progress_bar
 from graphprune.pruning.blocks import Block
-from graphprune.runtime import DISABLED_OPTIMIZERS, LOG_SEVERITY, make_session, ort, run
+from graphprune.quantization.on_disk import session as disk_session
+from graphprune.runtime import run
 
 __all__ = ["block_scores", "row_cosines"]
-
-# ONNX Runtime reads external initializers of a model given as bytes from this folder.
-_EXTERNAL_FOLDER_KEY = "session.model_external_initializers_file_folder_path"
 
 
 def row_cosines(x: np.ndarray, y: np.ndarray, axis: int) -> np.ndarray:
@@ -97,27 +94,11 @@ def _session(model: onnx.ModelProto, names: Sequence[str], source_dir: Optional[
     for name in added:
         model.graph.output.append(onnx.ValueInfoProto(name=name))
     try:
-        if has_external_data(model):
-            if source_dir is None:
-                raise UserError("block importance: the model's weights are on disk; give the folder it was read from")
-            return _external_session(model, source_dir)
-        return make_session(model, threads=None)
+        if has_external_data(model) and source_dir is None:
+            raise UserError("block importance: the model's weights are on disk; give the folder it was read from")
+        return disk_session(model, source_dir, threads=None, prepacking=True)
     finally:
         if added:
             del model.graph.output[len(model.graph.output) - len(added):]
 
 
-def _external_session(model: onnx.ModelProto, source_dir: str):
-    """A session built from the model's structure, ONNX Runtime reading the weights from ``source_dir``."""
-    rt = ort()
-    options = rt.SessionOptions()
-    options.log_severity_level = LOG_SEVERITY
-    options.add_session_config_entry(_EXTERNAL_FOLDER_KEY, os.path.abspath(source_dir))
-    from graphprune.model_io import for_ort
-
-    try:
-        return rt.InferenceSession(for_ort(model).SerializeToString(), options, providers=["CPUExecutionProvider"],
-                                   disabled_optimizers=list(DISABLED_OPTIMIZERS))
-    except Exception as exc:  # noqa: BLE001 - the runtime's refusal, whatever its class
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"onnxruntime cannot load the model: {first}") from None

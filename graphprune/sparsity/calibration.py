@@ -19,7 +19,6 @@ set of sums.  A Hessian larger than ``max_hessian_bytes`` (per layer) or past ``
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -232,21 +231,6 @@ def _run(model: onnx.ModelProto, accumulators, data: InputSet, batch_size: int, 
 def _session(model: onnx.ModelProto, source_dir: Optional[str]):
     """The calibration session; weights left on disk are read by the runtime from ``source_dir``
     (the proto without them is small: no temporary copy of a 2 GB model's data is written)."""
-    from graphprune.external_data import external_tensors
-    from graphprune.runtime import DISABLED_OPTIMIZERS, LOG_SEVERITY, make_session, ort
+    from graphprune.quantization.on_disk import session
 
-    if source_dir is None or not any(True for _ in external_tensors(model)):
-        return make_session(model, threads=None)
-    from graphprune.model_io import for_ort
-
-    rt = ort()
-    options = rt.SessionOptions()
-    options.log_severity_level = LOG_SEVERITY
-    options.add_session_config_entry("session.model_external_initializers_file_folder_path", os.fspath(source_dir))
-    serialized = for_ort(model).SerializeToString()
-    try:
-        return rt.InferenceSession(serialized, options, providers=["CPUExecutionProvider"],
-                                   disabled_optimizers=list(DISABLED_OPTIMIZERS))
-    except Exception as exc:  # noqa: BLE001 - the runtime's refusal
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"onnxruntime cannot load the model: {first}") from None
+    return session(model, source_dir, threads=None, prepacking=True)
