@@ -10,7 +10,7 @@ from onnx import helper, numpy_helper
 
 from graphprune import model_io
 from graphprune.cli import main
-from graphprune.quantization import on_disk
+from graphprune import weights_on_disk as on_disk
 
 
 def _stack(seed: int = 0) -> onnx.ModelProto:

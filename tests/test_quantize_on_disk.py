@@ -16,7 +16,7 @@ from graphprune.passes.insert_qdq import InsertQDQPass
 from graphprune.quantization.calibration import as_feeds, calibrate, minmax_ranges
 from graphprune.quantization.config import QuantConfig
 from graphprune.quantization.measure import reference_outputs
-from graphprune.quantization.on_disk import read_tensor, session
+from graphprune.weights_on_disk import read_tensor, session
 from graphprune.quantization.prepare import prepare
 from graphprune.runtime import make_session, run_samples
 from graphprune.validate import compare_outputs

@@ -181,7 +181,7 @@ def _load_leaving_weights(path: str):
     check_direct_paths(model, path)
     source_dir = os.path.dirname(os.path.abspath(path))
     if door_policy() is not None:  # the door refuses non-finite weights; those on disk were not read
-        from graphprune.quantization.on_disk import read_tensor
+        from graphprune.weights_on_disk import read_tensor
 
         for init in model.graph.initializer:
             if init.data_location == onnx.TensorProto.EXTERNAL and init.data_type in _FLOAT_TYPES:

@@ -44,7 +44,7 @@ def _tensor_array(tensor: onnx.TensorProto, source_dir: Optional[str] = None) ->
     hands out a fresh copy of them at each access: no second conversion on top).  A record left on
     disk (model loaded without its external data) is read, that tensor's bytes only, from ``source_dir``."""
     if tensor.data_location == onnx.TensorProto.EXTERNAL and source_dir is not None:
-        from graphprune.quantization.on_disk import read_tensor
+        from graphprune.weights_on_disk import read_tensor
 
         return read_tensor(tensor, source_dir)
     dtype = _RAW_DTYPES.get(tensor.data_type)

@@ -28,7 +28,7 @@ from graphprune.quantization.measure import (
 from graphprune.quantization.prepare import is_quantized, prepare
 from graphprune.quantization.rules import RULES, GraphView, eligible_nodes, rule_for
 from graphprune.runtime import DEFAULT_THREADS
-from graphprune.quantization import on_disk
+from graphprune import weights_on_disk as on_disk
 from graphprune.shapes import concrete_shapes
 
 __all__ = ["InsertQDQPass", "insert_qdq"]
@@ -89,7 +89,7 @@ class InsertQDQPass(Pass):
         source_dir: the folder of the model's file when it was loaded without its external data
             (``load(path, load_external_data=False)``): copies then hold only the graph, sessions
             map the weights from there, each weight is read when it is quantized, and minmax
-            calibration streams (``quantization/on_disk.py``); the result keeps records of the
+            calibration streams (``weights_on_disk.py``); the result keeps records of the
             weights left float, which ``save`` copies from there.
     """
 

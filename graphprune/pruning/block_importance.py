@@ -17,7 +17,7 @@ from graphprune.errors import UserError
 from graphprune.ir import has_external_data
 from graphprune.progress import progress_bar
 from graphprune.pruning.blocks import Block
-from graphprune.quantization.on_disk import session as disk_session
+from graphprune.weights_on_disk import session as disk_session
 from graphprune.runtime import run
 
 __all__ = ["block_scores", "row_cosines"]

@@ -9,7 +9,7 @@ import onnx
 from onnx import helper
 
 from graphprune.ir import clone, consumer_map
-from graphprune.quantization.on_disk import session
+from graphprune.weights_on_disk import session
 from graphprune.validate import compare_outputs
 
 __all__ = ["layer_sensitivity", "fit_error_budget"]

@@ -13,7 +13,7 @@ import onnx
 from graphprune.data import InputSet, input_specs, random_inputs
 from graphprune.errors import UserError
 from graphprune.quantization.config import QuantConfig
-from graphprune.quantization.on_disk import has_weights_on_disk, session
+from graphprune.weights_on_disk import has_weights_on_disk, session
 from graphprune.quantization.prepare import save_for_tool
 
 __all__ = [

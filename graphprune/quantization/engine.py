@@ -12,7 +12,7 @@ from graphprune.ir import clone, value_shape
 from graphprune.quantization.config import QuantConfig
 from graphprune.quantization.float_layers import keep_float_layers_float
 from graphprune.quantization.indexed_model import indexed_quantizer
-from graphprune.quantization.on_disk import reading_weights_from
+from graphprune.weights_on_disk import reading_weights_from
 from graphprune.quantization.stem import space_to_depth_stems
 
 __all__ = ["insert_qdq_nodes"]

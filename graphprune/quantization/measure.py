@@ -10,7 +10,7 @@ from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 import onnx
 
-from graphprune.quantization import on_disk
+from graphprune import weights_on_disk as on_disk
 from graphprune.runtime import DEFAULT_THREADS, make_session, run
 
 __all__ = [

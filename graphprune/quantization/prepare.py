@@ -15,7 +15,7 @@ from graphprune.external_data import write_inline, write_with_external_data
 from graphprune.ir import approx_bytes, consumer_map, copy_fields, get_attr, has_external_data, is_large, producer_map
 from graphprune.ir import clone as ir_clone
 from graphprune.model_io import EXTERNAL_DATA_THRESHOLD, default_opset, for_ort
-from graphprune.quantization.on_disk import read_tensor
+from graphprune.weights_on_disk import read_tensor
 from graphprune.shapes import infer_shapes
 
 __all__ = ["prepare", "fold_batchnorms", "QUANTIZED_OP_TYPES", "is_quantized", "save_for_tool"]

@@ -231,6 +231,6 @@ def _run(model: onnx.ModelProto, accumulators, data: InputSet, batch_size: int, 
 def _session(model: onnx.ModelProto, source_dir: Optional[str]):
     """The calibration session; weights left on disk are read by the runtime from ``source_dir``
     (the proto without them is small: no temporary copy of a 2 GB model's data is written)."""
-    from graphprune.quantization.on_disk import session
+    from graphprune.weights_on_disk import session
 
     return session(model, source_dir, threads=None, prepacking=True)

@@ -1,10 +1,11 @@
-"""Quantizing a model whose weights were left on disk: reading one tensor, sessions that map the file.
+"""Weights left on disk: reading one tensor, and sessions that map the model's file instead of copying it.
 
 A model loaded with ``load(path, load_external_data=False)`` keeps external-data records instead of
 its weights (``source_dir`` is the folder of its file).  Copies of it (candidates, prepared models)
-then cost only their graph, ONNX Runtime maps the weights from the original file, and the quantizer
-reads one float weight at a time, keeping only its int8 form; ``save`` copies the untouched records
-from the input file in chunks.  Peak memory stays near one mapped copy of the weights.
+then cost only their graph, ONNX Runtime maps the weights from the original file, and a pass
+(quantize, prune, sparsify, the dependency graph) reads one float weight at a time, keeping only
+what it writes (the quantizer: its int8 form); ``save`` copies the untouched records from the
+input file in chunks.  Peak memory stays near one mapped copy of the weights.
 """
 
 from __future__ import annotations
