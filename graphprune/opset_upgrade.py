@@ -1,4 +1,5 @@
-"""Upgrade on load: GroupNormalization's opset 18-20 form, which onnx >= 1.18 refuses, to its opset 21 form."""
+"""Opset upgrades: GroupNormalization's opset 18-20 form (which onnx >= 1.18 refuses) on load, and
+``raise_opset`` for rewrites that need a newer op (HardSwish is opset 14)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from onnx import helper, numpy_helper
 from graphprune import ir
 from graphprune.errors import UserError
 
-__all__ = ["upgrade_group_norm", "GROUP_NORM_PER_CHANNEL_OPSET"]
+__all__ = ["upgrade_group_norm", "raise_opset", "GROUP_NORM_PER_CHANNEL_OPSET"]
 
 # GroupNormalization-18 scales and shifts each group ([num_groups] parameters); GroupNormalization-21
 # each channel ([C]), as every framework does.  onnx 1.18 deprecated the first form: its checker
@@ -195,21 +196,61 @@ class _Rewriter:
         return name
 
 
+def raise_opset(model: onnx.ModelProto, target: int) -> onnx.ModelProto:
+    """``model`` importing ai.onnx opset ``target``; ``model`` itself when it already imports ``target`` or more.
+
+    When every default-domain op of the model (subgraphs included) has the same schema at both
+    versions, only the import is relabelled: nothing can change meaning.  Otherwise the nodes go
+    through ``onnx.version_converter`` (e.g. Squeeze's ``axes`` attribute becomes an input at 13),
+    on a copy whose large weights carry no data.  Refuses (``UserError``) a model without an ai.onnx
+    import and a conversion that fails.
+    """
+    opset = _default_opset(model)
+    if opset is None:
+        raise UserError("the model imports no ai.onnx opset: nothing to raise")
+    if opset >= target:
+        return model
+    if _same_schemas(model, opset, target):
+        work = ir.clone(model)
+        for imp in work.opset_import:
+            if imp.domain in ("", "ai.onnx"):
+                imp.version = target
+        work.ir_version = max(work.ir_version, helper.find_min_ir_version_for(list(work.opset_import), ignore_unknown=True))
+        return work
+    return _convert(model, opset, target, f"raise the model from opset {opset} to {target}")
+
+
+def _same_schemas(model: onnx.ModelProto, opset: int, target: int) -> bool:
+    graphs = [model.graph] + list(_subgraphs(model.graph))
+    for op in {n.op_type for g in graphs for n in g.node if n.domain in ("", "ai.onnx")}:
+        try:
+            if onnx.defs.get_schema(op, target).since_version != onnx.defs.get_schema(op, opset).since_version:
+                return False
+        except onnx.defs.SchemaError:  # an op unknown at one of the two versions: the converter decides
+            return False
+    return True
+
+
 def _convert_others(model: onnx.ModelProto, opset: int) -> onnx.ModelProto:
     """Raise the ai.onnx import to 21 through onnx's converter, GroupNormalization kept out of its reach."""
+    return _convert(model, opset, GROUP_NORM_PER_CHANNEL_OPSET,
+                    f"raise the model from opset {opset} to {GROUP_NORM_PER_CHANNEL_OPSET} for its GroupNormalization",
+                    hold=_is_group_norm)
+
+
+def _convert(model: onnx.ModelProto, opset: int, target: int, what: str, hold=lambda node: False) -> onnx.ModelProto:
+    """``onnx.version_converter`` to ``target`` on a copy without large weights (put back after);
+    main-graph nodes for which ``hold`` is true wait in another domain, unconverted."""
     light = _without_large_weights(model)
     for node in light.graph.node:
-        if _is_group_norm(node):
+        if hold(node):
             node.domain = _WAITING_DOMAIN
     light.opset_import.append(helper.make_opsetid(_WAITING_DOMAIN, 1))
     try:
-        converted = onnx.version_converter.convert_version(light, GROUP_NORM_PER_CHANNEL_OPSET)
+        converted = onnx.version_converter.convert_version(light, target)
     except Exception as exc:  # the converter raises RuntimeError or ConvertError with C++ text
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(
-            f"cannot raise the model from opset {opset} to {GROUP_NORM_PER_CHANNEL_OPSET} for its "
-            f"GroupNormalization: {first}"
-        ) from None
+        raise UserError(f"cannot {what}: {first}") from None
     for node in converted.graph.node:
         if node.domain == _WAITING_DOMAIN:
             node.domain = ""

@@ -3,6 +3,7 @@
 from graphprune.passes.base import Pass, PassResult, Pipeline, register_pass, registered_passes
 from graphprune.passes.canonicalize import CanonicalizePass, canonicalize
 from graphprune.passes.finetune import FineTunePass, finetune
+from graphprune.passes.fuse_hardswish import FuseHardSwishPass, fuse_hardswish
 from graphprune.passes.insert_qdq import InsertQDQPass, insert_qdq
 from graphprune.passes.prune_blocks import PruneBlocksPass, prune_blocks
 from graphprune.passes.prune_channels import PruneChannelsPass, prune_channels
@@ -20,6 +21,8 @@ __all__ = [
     "canonicalize",
     "FineTunePass",
     "finetune",
+    "FuseHardSwishPass",
+    "fuse_hardswish",
     "InsertQDQPass",
     "insert_qdq",
     "PruneBlocksPass",
