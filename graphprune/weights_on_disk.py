@@ -11,9 +11,10 @@ input file in chunks.  Peak memory stays near one mapped copy of the weights.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import tempfile
-from typing import Iterator, Optional
+from typing import Dict, Iterator, Optional
 
 import numpy as np
 import onnx
@@ -21,7 +22,7 @@ from onnx import helper, numpy_helper
 
 from graphprune.errors import UserError
 
-__all__ = ["has_weights_on_disk", "read_tensor", "session", "reading_weights_from"]
+__all__ = ["has_weights_on_disk", "read_tensor", "files_kept_open", "session", "reading_weights_from"]
 
 
 def has_weights_on_disk(model: onnx.ModelProto) -> bool:
@@ -49,7 +50,7 @@ def read_tensor(tensor: onnx.TensorProto, source_dir: Optional[str]) -> np.ndarr
         raise ValueError(f"weight {tensor.name!r} has its data on disk and no folder to read it from")
     entries = {e.key: e.value for e in tensor.external_data}
     path = os.path.join(source_dir, entries["location"])
-    count = int(np.prod(tensor.dims, dtype=np.int64)) if tensor.dims else 1
+    count = math.prod(tensor.dims)  # np.prod costs 10 us a call: a fifth of reading a small weight
     if tensor.data_type not in _PLAIN_TYPES:  # packed or exotic types (int4, bfloat16): onnx decodes them
         loose = onnx.TensorProto()
         loose.CopyFrom(tensor)
@@ -59,10 +60,47 @@ def read_tensor(tensor: onnx.TensorProto, source_dir: Optional[str]) -> np.ndarr
             f.seek(int(entries.get("offset") or 0))
             loose.raw_data = f.read(int(entries["length"]) if entries.get("length") else -1)
         return numpy_helper.to_array(loose)
-    value = np.fromfile(path, dtype=helper.tensor_dtype_to_np_dtype(tensor.data_type), count=count, offset=int(entries.get("offset") or 0))
-    if value.size != count:
+    dtype = helper.tensor_dtype_to_np_dtype(tensor.data_type)
+    offset = int(entries.get("offset") or 0)
+    if _OPEN_FILES is None:
+        value = np.fromfile(path, dtype=dtype, count=count, offset=offset)
+        short = value.size != count
+    else:  # one descriptor per data file: opening it per weight was half of reading 10,000 small ones
+        fd = _OPEN_FILES.get(path)
+        if fd is None:
+            fd = _OPEN_FILES[path] = os.open(path, os.O_RDONLY)
+        value = np.empty(count, dtype=dtype)
+        view, done = memoryview(value).cast("B"), 0
+        while done < value.nbytes:  # a single read stops at 2 GiB
+            got = os.preadv(fd, [view[done:]], offset + done)
+            if not got:
+                break
+            done += got
+        short = done != value.nbytes
+    if short:
         raise UserError(f"{path}: external data of {tensor.name!r} ends early (truncated while being read?)")
     return value.reshape(tuple(tensor.dims))
+
+
+_OPEN_FILES: Optional[Dict[str, int]] = None
+
+
+@contextlib.contextmanager
+def files_kept_open() -> Iterator[None]:
+    """``read_tensor`` keeps each data file open until the block ends (a pass reading thousands
+    of small weights); outside such a block every read opens its file, so a file replaced
+    between two reads is read afresh."""
+    global _OPEN_FILES
+    if _OPEN_FILES is not None:  # nested: the outer block owns the descriptors
+        yield
+        return
+    _OPEN_FILES = {}
+    try:
+        yield
+    finally:
+        files, _OPEN_FILES = _OPEN_FILES, None
+        for fd in files.values():
+            os.close(fd)
 
 
 def session(

@@ -10,6 +10,7 @@ from onnx import helper, numpy_helper
 
 from graphprune import model_io
 from graphprune.cli import main
+from graphprune.errors import UserError
 from graphprune import weights_on_disk as on_disk
 
 
@@ -155,3 +156,22 @@ def test_records_outside_the_initializers_are_read_as_before(tmp_path, monkeypat
     reads = _reads(monkeypatch)
     on, memory = _prune(tmp_path / "on_disk_out"), _prune(tmp_path / "in_memory_out")
     assert not reads and on == memory
+
+
+def test_files_kept_open_read_the_same_values_and_report_a_short_file(tmp_path):
+    model_io.save(_stack(), tmp_path / "m.onnx", external_data=True)
+    model = model_io.load(tmp_path / "m.onnx", load_external_data=False)
+    records = [t for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+    alone = [on_disk.read_tensor(t, str(tmp_path)) for t in records]
+    with on_disk.files_kept_open():
+        with on_disk.files_kept_open():  # nested: the outer block keeps the descriptor
+            kept = [on_disk.read_tensor(t, str(tmp_path)) for t in records]
+        assert len(on_disk._OPEN_FILES) == 1  # one descriptor for the one data file
+        kept[0][...] = 0  # writable, not a view of anything shared
+        os.truncate(tmp_path / "m.onnx.data", 100)
+        with pytest.raises(UserError, match="ends early"):
+            on_disk.read_tensor(records[-1], str(tmp_path))
+    assert on_disk._OPEN_FILES is None
+    for a, b in zip(alone[1:], kept[1:]):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        np.testing.assert_array_equal(a, b)
