@@ -145,15 +145,19 @@ def test_static_quantize_falls_back_to_int8_weight_storage(tmp_path, capsys, mon
     check_model(written, full=True)
     ops = {n.op_type for n in written.graph.node}
     assert not ops & {"BatchNormalization", "Constant", "QuantizeLinear", "DequantizeLinear"}
-    assert os.path.getsize(out) < 0.31 * os.path.getsize(src)  # 18.8 KB -> 5.5 KB: 3,840 weights, 138 scales, 128 biases
+    assert os.path.getsize(out) < 0.28 * os.path.getsize(src)  # 18.8 KB -> 5.2 KB: 3,840 weights, 138 scales, 128 biases
+    # the 3 conv scales and the 3 biases packed by shape into two float16 tensors, a Cast and a Split each
     halves = [t for t in written.graph.initializer if t.data_type == onnx.TensorProto.FLOAT16]
-    assert len(halves) == 6 and sum(n.op_type == "Cast" for n in written.graph.node) == 4 + 6  # scales, biases
+    assert sorted(list(t.dims) for t in halves) == [[128], [128, 1, 1, 1]]
+    assert sum(n.op_type == "Cast" for n in written.graph.node) == 4 + 2
+    assert sum(n.op_type == "Split" for n in written.graph.node) == 2
     x = {"x": np.random.default_rng(0).standard_normal((1, 3, 16, 16)).astype(np.float32)}
     got, want = _outputs(out, x)[0], _outputs(src, x)[0]
     assert np.linalg.norm(got - want) / np.linalg.norm(want) < 0.02
     fallback = json.load(open(report))["fallback"]
     assert fallback["formats"] == {"conv int8": 3, "matmul int8": 1} and fallback["batchnorms_folded"] == 3
     assert fallback["compacted"]["float16_constants"] == 6 and fallback["compacted"]["default_attributes"] == 3
+    assert fallback["compacted"]["packed_constants"] == 6
     assert _optimized_ops(out, tmp_path) == _optimized_ops(src, tmp_path)  # Cast and Mul folded at load
 
 

@@ -1,4 +1,4 @@
-"""weight_storage.compact: float16 constants, default attributes, duplicates, names of folded nodes."""
+"""weight_storage.compact: packed int8 weights and float16 constants, default attributes, duplicates, short names."""
 
 from __future__ import annotations
 
@@ -10,28 +10,31 @@ from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
 from graphprune.model_io import check_model
-from graphprune.quantization.weight_storage import compact
+from graphprune.quantization.weight_storage import compact, short_name
 
 
-def _storage_model(bias_values=None, extra_inits=()):
-    """x -> Conv(int8 weight as Cast + Mul, float32 bias) -> Clip(two equal scalars... ) -> y."""
+def _storage_model(bias_values=None, opset=13):
+    """x -> Conv(w1) -> Clip -> Conv(w2) -> Clip -> y; int8 weights as Cast + Mul (the fallback's form),
+    float32 scales and biases, two equal Clip scalars."""
     rng = np.random.default_rng(0)
-    q = rng.integers(-127, 128, (32, 4, 3, 3)).astype(np.int8)
-    scale = (rng.random((32, 1, 1, 1)) / 100 + 1e-3).astype(np.float32)
-    bias = rng.standard_normal(32).astype(np.float32) if bias_values is None else bias_values
-    inits = [numpy_helper.from_array(q, "w_q8"), numpy_helper.from_array(scale, "w_scale"),
-             numpy_helper.from_array(bias, "b"), numpy_helper.from_array(np.float32(0), "lo"),
-             numpy_helper.from_array(np.float32(0), "lo_again"), numpy_helper.from_array(np.float32(6), "hi"),
-             *extra_inits]
-    nodes = [helper.make_node("Cast", ["w_q8"], ["w_q8f"], name="w_Cast", to=TensorProto.FLOAT),
-             helper.make_node("Mul", ["w_q8f", "w_scale"], ["w"], name="w_Dequantize"),
-             helper.make_node("Conv", ["x", "w", "b"], ["c"], name="conv", strides=[1, 1], dilations=[1, 1],
-                              group=1, pads=[1, 1, 1, 1]),
-             helper.make_node("Clip", ["c", "lo", "hi"], ["r"], name="clip"),
-             helper.make_node("Clip", ["r", "lo_again", "hi"], ["y"], name="clip2")]
+    inits, nodes = [], []
+    for name, shape in (("w1", (4, 4, 3, 3)), ("w2", (32, 4, 3, 3))):
+        bias = rng.standard_normal(shape[0]).astype(np.float32)
+        inits += [numpy_helper.from_array(rng.integers(-127, 128, shape).astype(np.int8), f"{name}_q8"),
+                  numpy_helper.from_array((rng.random((shape[0], 1, 1, 1)) / 100 + 1e-3).astype(np.float32), f"{name}_scale"),
+                  numpy_helper.from_array(bias if bias_values is None else bias_values[: shape[0]], f"{name}_bias")]
+        nodes += [helper.make_node("Cast", [f"{name}_q8"], [f"{name}_q8f"], name=f"{name}_Cast", to=TensorProto.FLOAT),
+                  helper.make_node("Mul", [f"{name}_q8f", f"{name}_scale"], [name], name=f"{name}_Dequantize")]
+    inits += [numpy_helper.from_array(np.float32(0), "lo"), numpy_helper.from_array(np.float32(0), "lo_again"),
+              numpy_helper.from_array(np.float32(6), "hi")]
+    nodes += [helper.make_node("Conv", ["x", "w1", "w1_bias"], ["c1"], name="conv1", kernel_shape=[3, 3], strides=[1, 1],
+                               dilations=[1, 1], group=1, pads=[1, 1, 1, 1]),
+              helper.make_node("Clip", ["c1", "lo", "hi"], ["r"], name="clip"),
+              helper.make_node("Conv", ["r", "w2", "w2_bias"], ["c2"], name="conv2", kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+              helper.make_node("Clip", ["c2", "lo_again", "hi"], ["y"], name="clip2")]
     graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 8, 8])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 32, 8, 8])], inits)
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
 
 
 def _session(model, optimized=None):
@@ -43,39 +46,64 @@ def _session(model, optimized=None):
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
-def test_compact_stores_float16_merges_and_drops_defaults(tmp_path):
-    before = _storage_model()
+def _structure(model):
+    return [(n.op_type, n.name, list(n.input), list(n.output), {a.name: list(a.ints) or a.i for a in n.attribute})
+            for n in model.graph.node]
+
+
+@pytest.mark.parametrize("opset", [13, 11])
+def test_compact_packs_weights_and_constants_and_shortens_names(tmp_path, opset):
+    before = _storage_model(opset=opset)
     after = onnx.ModelProto()
     after.CopyFrom(before)
     stats = compact(after)
     check_model(after, full=True)
-    assert stats == {"float16_constants": 2, "merged_constants": 1, "default_attributes": 3,
-                     "unnamed_constant_nodes": 2, "renamed_transients": 3}
+    assert stats == {"default_attributes": 5, "packed_weights": 2, "packed_constants": 2, "float16_constants": 3,
+                     "merged_constants": 1 + (opset >= 13), "renamed_tensors": 17 - (opset < 13), "unnamed_nodes": 4}
     inits = {t.name: t for t in after.graph.initializer}
-    # stored tensors keep their names, in float16; the 4-byte scalars are too small to pay for a Cast
-    assert inits["b"].data_type == inits["w_scale"].data_type == TensorProto.FLOAT16
-    assert inits["w_q8"].data_type == TensorProto.INT8 and inits["hi"].data_type == TensorProto.FLOAT
-    assert "lo_again" not in inits
-    expected = [("Cast", "", ["w_q8"], ["~0"]), ("Cast", "", ["w_scale"], ["~1"]), ("Mul", "", ["~0", "~1"], ["w"]),
-                ("Cast", "", ["b"], ["~2"]), ("Conv", "conv", ["x", "w", "~2"], ["c"]),
-                ("Clip", "clip", ["c", "lo", "hi"], ["r"]), ("Clip", "clip2", ["r", "lo", "hi"], ["y"])]
-    assert [(n.op_type, n.name, list(n.input), list(n.output)) for n in after.graph.node] == expected
-    assert [a.name for a in after.graph.node[4].attribute] == ["pads"]  # strides, dilations, group: defaults
+    # Opset 13: the two equal Split sizes are one tensor, stored as varints.  Then the int8 weights
+    # in one tensor, the biases and the scales in float16, one tensor each.
+    sizes = [] if opset < 13 else ["3"]
+    q8, biases, scales = (("2", "4", "5") if opset >= 13 else ("2", "3", "4"))
+    assert sorted(inits) == sorted(["0", "1", q8, biases, scales] + sizes)
+    assert (inits[q8].data_type, list(inits[q8].dims)) == (TensorProto.INT8, [36, 4, 3, 3])
+    assert (inits[biases].data_type, list(inits[biases].dims)) == (TensorProto.FLOAT16, [36])
+    assert (inits[scales].data_type, list(inits[scales].dims)) == (TensorProto.FLOAT16, [36, 1, 1, 1])
+    if sizes:
+        assert list(inits["3"].int64_data) == [4, 32] and not inits["3"].raw_data
+    n = [short_name(i) for i in range(len(inits), len(inits) + 8)]  # the transient tensors, in graph order
+    split = {} if sizes else {"split": [4, 32]}
+    expected = [("Cast", "", [biases], [n[0]], {"to": TensorProto.FLOAT}),
+                ("Split", "", [n[0]] + sizes, [n[1], n[2]], {"axis": 0, **split}),
+                ("Cast", "", [scales], [n[3]], {"to": TensorProto.FLOAT}),
+                ("Cast", "", [q8], [n[4]], {"to": TensorProto.FLOAT}),
+                ("Mul", "", [n[4], n[3]], [n[5]], {}),
+                ("Split", "", [n[5]] + sizes, [n[6], n[7]], {"axis": 0, **split}),
+                ("Conv", "", ["x", n[6], n[1]], [short_name(len(inits) + 8)], {"pads": [1, 1, 1, 1]}),
+                ("Clip", "", [short_name(len(inits) + 8), "0", "1"], [short_name(len(inits) + 9)], {}),
+                ("Conv", "", [short_name(len(inits) + 9), n[7], n[2]], [short_name(len(inits) + 10)], {"pads": [1, 1, 1, 1]}),
+                ("Clip", "", [short_name(len(inits) + 10), "0", "1"], ["y"], {})]
+    assert _structure(after) == expected  # strides, dilations, group, kernel_shape: defaults dropped
     x = {"x": np.random.default_rng(1).standard_normal((1, 4, 8, 8)).astype(np.float32)}
     want, got = _session(before).run(None, x)[0], _session(after).run(None, x)[0]
     np.testing.assert_allclose(got, want, rtol=0, atol=2e-3 * np.abs(want).max())  # float16 rounding: 2^-11
     assert not np.array_equal(got, want)
-    # ORT folds every Cast and Mul at load: it runs the graph it ran before
+    # ORT folds every Cast, Mul and Split at load: it runs the graph it ran before
     paths = [str(tmp_path / f"{k}.opt.onnx") for k in ("before", "after")]
     _session(before, paths[0]), _session(after, paths[1])
     ops = [[n.op_type for n in onnx.load(p).graph.node] for p in paths]
-    assert ops[0] == ops[1] and "Cast" not in ops[1]
+    assert ops[0] == ops[1] and not {"Cast", "Split", "Mul"} & set(ops[1])
+
+
+def test_short_names_count_in_base_62():
+    assert [short_name(i) for i in (0, 9, 10, 35, 36, 61, 62, 62 * 62)] == ["0", "9", "a", "z", "A", "Z", "10", "100"]
 
 
 def test_compact_leaves_a_model_with_nothing_to_trim_unchanged():
+    """Short names already, one float weight too small to pay for a Cast: nothing to do."""
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])
-    w = numpy_helper.from_array(np.ones((4, 2), np.float32), "w")  # 8 values: a Cast costs more than float16 saves
-    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")], "g", [x],
+    w = numpy_helper.from_array(np.ones((4, 2), np.float32), "0")  # 8 values: a Cast costs more than float16 saves
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "0"], ["y"])], "g", [x],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2])], [w])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
     before = model.SerializeToString()
@@ -88,34 +116,42 @@ def test_compact_leaves_a_model_with_nothing_to_trim_unchanged():
     (np.linspace(1e-7, 3e-7, 32).astype(np.float32), "subnormal float16: steps of 6e-8"),
 ])
 def test_float16_refused_where_it_rounds_too_much(values, why):
+    """The biases stay float32, packed into one tensor all the same (one Split, no Cast)."""
     model = _storage_model(bias_values=values)
     compact(model)
-    bias = next(t for t in model.graph.initializer if t.name == "b")
-    assert bias.data_type == TensorProto.FLOAT, why
-    assert np.array_equal(numpy_helper.to_array(bias), values)
+    check_model(model, full=True)
+    packed = [t for t in model.graph.initializer if list(t.dims) == [36]]
+    assert len(packed) == 1 and packed[0].data_type == TensorProto.FLOAT, why
+    assert np.array_equal(numpy_helper.to_array(packed[0]), np.concatenate([values[:4], values]))
+    split = next(n for n in model.graph.node if n.input[0] == packed[0].name)
+    assert split.op_type == "Split"
 
 
 def test_graph_inputs_and_outputs_keep_their_tensors():
     model = _storage_model()
-    model.graph.input.append(helper.make_tensor_value_info("b", TensorProto.FLOAT, [32]))  # overridable bias
+    model.graph.input.append(helper.make_tensor_value_info("w2_bias", TensorProto.FLOAT, [32]))  # overridable bias
     compact(model)
-    bias = next(t for t in model.graph.initializer if t.name == "b")
-    assert bias.data_type == TensorProto.FLOAT and model.graph.node[3].input[2] == "b"
-    assert model.graph.node[3].input[1] == "w"  # a weight a layer reads keeps its name
+    check_model(model, full=True)
+    bias = next(t for t in model.graph.initializer if t.name == "w2_bias")
+    conv2 = [n for n in model.graph.node if n.op_type == "Conv"][1]
+    assert bias.data_type == TensorProto.FLOAT and conv2.input[2] == "w2_bias"
+    assert model.graph.node[-1].output[0] == "y" and [n for n in model.graph.node if n.op_type == "Conv"][0].input[0] == "x"
 
 
 def test_a_graph_with_subgraphs_keeps_its_tensors_and_names():
     """An If branch reads the bias by name: retyping or renaming it would break the branch."""
     model = _storage_model()
-    branch = helper.make_graph([helper.make_node("Identity", ["b"], ["bo"])], "branch", [],
+    branch = helper.make_graph([helper.make_node("Identity", ["w2_bias"], ["bo"])], "branch", [],
                                [helper.make_tensor_value_info("bo", TensorProto.FLOAT, [32])])
     model.graph.initializer.append(numpy_helper.from_array(np.array(True), "cond"))
     model.graph.node.append(helper.make_node("If", ["cond"], ["b_out"], then_branch=branch, else_branch=branch))
     model.graph.output.append(helper.make_tensor_value_info("b_out", TensorProto.FLOAT, [32]))
     before = {t.name: t.SerializeToString() for t in model.graph.initializer}
+    names = [n.name for n in model.graph.node]
     stats = compact(model)
-    assert stats["default_attributes"] == 3 and sum(stats.values()) == 3
+    assert stats["default_attributes"] == 5 and sum(stats.values()) == 5
     assert {t.name: t.SerializeToString() for t in model.graph.initializer} == before
+    assert [n.name for n in model.graph.node] == names
     check_model(model, full=True)
 
 

@@ -70,8 +70,9 @@ def fallback(args, model, static: PassResult) -> PassResult:
     Constant nodes as initializers), then every weight whose int8 form is smaller is stored in int8
     per channel as Cast and Mul, which ONNX Runtime folds back into a float weight when it loads
     the model: the float model's speed and math, rounded weights; then ``weight_storage.compact``
-    stores scales and biases in float16 (Cast at load too) and drops default attributes and
-    duplicate constants.  ``static`` is the static pass's
+    packs the int8 weights and the scales and biases by shape (float16 where it rounds little;
+    Cast, Mul and Split folded at load too), drops default attributes and duplicate constants and
+    gives every tensor but the graph's inputs and outputs a short name.  ``static`` is the static pass's
     result (``modified=False``); its stats are kept and the weight-only stats added under
     "fallback".  A model without quantizable weights stays as it was.
     """
@@ -85,7 +86,7 @@ def fallback(args, model, static: PassResult) -> PassResult:
     result = QuantizeWeightsPass(bits=8, source_dir=source_dir, folded=True)(prepared)
     if not result.modified:
         return static
-    # Scales and biases in float16, defaults and duplicates dropped: fewer bytes, same optimized graph.
+    # Packed float16 scales and biases, short names, no defaults: fewer bytes, the same optimized graph.
     compacted = {} if has_external_data(model) else compact(result.model)
     stats = dict(static.stats)
     stats["fallback"] = dict(result.stats, batchnorms_folded=folded, compacted=compacted)
@@ -120,8 +121,11 @@ def storage_form(model):
 def format_fallback(stats: dict) -> str:
     before, after = stats["float_bytes"], stats["quantized_bytes"]
     folded = f", {stats['batchnorms_folded']} BatchNormalization folded into Conv" if stats.get("batchnorms_folded") else ""
-    if stats.get("compacted", {}).get("float16_constants"):
-        folded += f", {stats['compacted']['float16_constants']} scales and biases in float16"
+    compacted = stats.get("compacted", {})
+    if compacted.get("float16_constants"):
+        folded += f", {compacted['float16_constants']} scales and biases in float16"
+    if compacted.get("renamed_tensors"):
+        folded += f", {compacted['renamed_tensors']} tensors renamed short (graph inputs and outputs kept)"
     line = (f"falling back to int8 weight-only storage: {stats['weights_quantized']} weights in int8 per channel{folded} "
             f"({before / 1e6:.3f} MB -> {after / 1e6:.3f} MB of weights, {before / max(after, 1):.1f}x smaller")
     if stats.get("model_bytes"):
