@@ -76,7 +76,7 @@ def test_nbits_packing_matches_onnxruntimes_kernel():
 def test_int4_matmulnbits_equals_dequantized_twin(block_size):
     model = _bert()
     feed = {"input_ids": _ids()}
-    result = QuantizeWeightsPass(bits=4, block_size=block_size, accuracy_level=0)(model)
+    result = QuantizeWeightsPass(bits=4, block_size=block_size, accuracy_level=0, int4_kernel="matmulnbits")(model)
     ops = {n.op_type for n in result.model.graph.node}
     assert {"MatMulNBits", "GatherBlockQuantized"} <= ops and "MatMul" in ops  # attention's MatMuls stay
     check_model(result.model, full=True)
@@ -108,7 +108,7 @@ def test_qdq_int4_when_the_runtime_has_no_matmulnbits(monkeypatch):
     monkeypatch.setattr(wo, "runtime_has", lambda kind: False if kind == "MatMulNBits" else real(kind))
     model = mlp(in_features=64, hidden=(96,), classes=10)  # opset < 21: the model is converted
     feed = {"input": np.random.default_rng(0).standard_normal((3, 64), np.float32)}
-    result = quantize_weights(model, bits=4)
+    result = quantize_weights(model, bits=4, int4_kernel="matmulnbits")  # (auto: the int8 form, no probe)
     check_model(result, full=True)
     assert next(i.version for i in result.opset_import if i.domain == "") == 21
     dq = [n for n in result.graph.node if n.op_type == "DequantizeLinear"]

@@ -45,9 +45,10 @@ def test_int4_from_external_data_matches_the_inline_run(tmp_path, capsys):
                     location="model.onnx.data", size_threshold=256)
     data_before = open(external + ".data", "rb").read()
     out_a, out_b, report = (str(tmp_path / n) for n in ("a.onnx", "b.onnx", "r.json"))
-    assert main(["quantize", inline, "-o", out_a, "--weights-only", "int4"]) == 0
+    pinned = ["--int4-kernel", "matmulnbits"]  # the default, auto, times both kernels (test_int4_kernel_choice)
+    assert main(["quantize", inline, "-o", out_a, "--weights-only", "int4", *pinned]) == 0
     assert main(["quantize", external, "-o", out_b, "--weights-only", "int4", "--block-size", "32",
-                 "--report", report]) == 0
+                 "--report", report, *pinned]) == 0
     printed = capsys.readouterr().out
     assert "weight-only int4 (block 32, rtn, matmulnbits kernel)" in printed and "wrote" in printed
     feed = {"input_ids": _ids()}

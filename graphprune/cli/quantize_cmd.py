@@ -61,9 +61,9 @@ def register(sub) -> None:
                    help="how int4 weights are chosen: rtn (round to nearest, default), awq (activation-aware "
                    "scales) or gptq (error compensation); awq and gptq need --data")
     p.add_argument("--int4-kernel", choices=INT4_KERNELS,
-                   help="the kernel int4 MatMul/Gemm weights are written for: matmulnbits (default; fastest for a "
-                   "few rows, e.g. decoding) or int8 (expanded to int8 at load for DynamicQuantizeMatMul; fastest "
-                   "for many rows, e.g. a prompt)")
+                   help="the kernel int4 MatMul/Gemm weights are written for: auto (default: both timed on one "
+                   "layer on this machine), matmulnbits (on x86 fastest for a few rows, e.g. decoding) or int8 "
+                   "(expanded to int8 at load for DynamicQuantizeMatMul; fastest for many rows, e.g. a prompt)")
     add_report_option(p, "the placement report")
     p.set_defaults(func=run)
 

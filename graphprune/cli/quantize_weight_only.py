@@ -51,7 +51,7 @@ def run(args) -> int:
     data, _, _ = read_inputs(args, model) if args.data else (None, None, None)
     source_dir = os.path.dirname(os.path.abspath(args.model))
     result = QuantizeWeightsPass(bits=bits, block_size=block_size, algorithm=algorithm, data=data,
-                                 source_dir=source_dir, int4_kernel=getattr(args, "int4_kernel", None) or "matmulnbits")(model)
+                                 source_dir=source_dir, int4_kernel=getattr(args, "int4_kernel", None) or "auto")(model)
     if not result.modified:
         raise UserError(f"--weights-only {args.weights_only}: the model has no MatMul, Gemm, Conv or embedding "
                         "weight to quantize (nothing written)")
@@ -141,6 +141,8 @@ def format_weights(stats: dict) -> str:
                 else " (per channel)")
              + f": {stats['weights_quantized']} weights ({formats}); {before / 1e6:.2f} MB -> {after / 1e6:.2f} MB "
              f"of weights ({before / max(after, 1):.2f}x smaller)"]
+    if stats.get("int4_kernel_choice"):
+        lines.append(f"  int4 kernel {stats['int4_kernel']} (--int4-kernel auto): {stats['int4_kernel_choice']['reason']}")
     for name, reason in list(stats["skipped"].items())[:6]:
         lines.append(f"  {name}: {reason}")
     if len(stats["skipped"]) > 6:

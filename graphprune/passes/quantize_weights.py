@@ -69,10 +69,12 @@ class QuantizeWeightsPass(Pass):
         embeddings: also quantize embedding tables.
         accuracy_level: ``MatMulNBits``' accuracy_level (4: int8 activations inside the kernel, the
             fast path on x86; 0: float activations).
-        int4_kernel: "matmulnbits" (int4 MatMul/Gemm weights as ``MatMulNBits``: fastest for a
-            few rows, e.g. decoding) or "int8" (int4 values with integer block multipliers,
-            expanded into int8 at load for ``DynamicQuantizeMatMul``: fastest for many rows, e.g.
-            prefill; see ``quantization/weight_int8_kernel.py``; RTN and AWQ only).
+        int4_kernel: "matmulnbits" (int4 MatMul/Gemm weights as ``MatMulNBits``: on x86 the
+            fastest for a few rows, e.g. decoding), "int8" (int4 values with integer block
+            multipliers, expanded into int8 at load for ``DynamicQuantizeMatMul``: fastest for
+            many rows, e.g. a prompt; see ``quantization/weight_int8_kernel.py``; RTN and AWQ
+            only) or "auto" (default: both timed on one layer of the model's shape on this
+            machine, ``quantization/int4_kernel_choice.py``; GPTQ takes ``MatMulNBits``).
         folded: every int8 weight as Cast and Mul, folded into a float weight when ONNX Runtime
             loads the model: a smaller file at float speed and with float math (static
             quantization's fallback), instead of 8-bit ``MatMulNBits`` kernels for MatMul/Gemm.
@@ -82,7 +84,7 @@ class QuantizeWeightsPass(Pass):
 
     def __init__(self, bits: int = 8, block_size: int = 32, algorithm: str = "rtn", data=None,
                  source_dir: Optional[str] = None, embeddings: bool = True, accuracy_level: int = 4,
-                 folded: bool = False, int4_kernel: str = "matmulnbits"):
+                 folded: bool = False, int4_kernel: str = "auto"):
         if bits not in (4, 8):
             raise UserError(f"weight-only quantization takes int8 or int4, not {bits} bits")
         if algorithm not in wo.ALGORITHMS:
@@ -91,7 +93,7 @@ class QuantizeWeightsPass(Pass):
             raise UserError(f"--algorithm {algorithm} chooses int4 weights; int8 per channel is rounded to nearest")
         if int4_kernel not in wo.INT4_KERNELS:
             raise UserError(f"--int4-kernel {int4_kernel!r}: choose one of {', '.join(wo.INT4_KERNELS)}")
-        if int4_kernel != "matmulnbits" and bits != 4:
+        if int4_kernel == "int8" and bits != 4:
             raise UserError("--int4-kernel applies to --weights-only int4")
         if int4_kernel == "int8" and algorithm == "gptq":
             raise UserError("--algorithm gptq chooses float block scales, which the int8 kernel's form cannot hold; "
@@ -120,16 +122,34 @@ class QuantizeWeightsPass(Pass):
                             "(int4 kernels exist for MatMul and embeddings only; use int8)")
         if not targets:
             return PassResult(model, False, {"weights_quantized": 0, "skipped": skipped})
+        kernel, choice = self._kernel(model, targets)
         scales = self._data_aware(model, targets) if self.algorithm != "rtn" else {}
-        rewriter = Rewriter(model, self.source_dir, self.block_size, self.accuracy_level, self.folded, self.int4_kernel)
+        rewriter = Rewriter(model, self.source_dir, self.block_size, self.accuracy_level, self.folded, kernel)
         for target in targets.values():
             rewriter.quantize(target, self.algorithm, scales.get(target.name))
         result = rewriter.build()
         stats = rewriter.stats()
         stats.update({"bits": self.bits, "block_size": self.block_size if self.bits == 4 else None,
-                      "int4_kernel": self.int4_kernel if self.bits == 4 else None,
+                      "int4_kernel": kernel if self.bits == 4 else None,
                       "algorithm": self.algorithm, "skipped": skipped})
+        if choice:
+            stats["int4_kernel_choice"] = choice
         return PassResult(result, True, stats)
+
+    def _kernel(self, model: onnx.ModelProto, targets: Dict[str, Target]):
+        """(the int4 kernel to write for, how "auto" decided it or None)."""
+        if self.bits != 4 or self.int4_kernel != "auto":
+            return self.int4_kernel, None
+        if self.algorithm == "gptq":
+            return "matmulnbits", {"reason": "GPTQ's float block scales fit MatMulNBits only"}
+        from graphprune.quantization.int4_kernel_choice import choose_int4_kernel, probe_shape
+        from graphprune.quantization.weight_nodes import constant_tensors
+
+        tensors = constant_tensors(model)
+        shapes = [(t.k, int(tensors[t.name].dims[0 if t.transposed else 1])) for t in targets.values()
+                  if t.bits == 4 and t.kind in ("matmul", "gemm")]
+        kernel, detail = choose_int4_kernel(*probe_shape(shapes, self.block_size), self.block_size, self.accuracy_level)
+        return kernel, detail
 
     def _data_aware(self, model: onnx.ModelProto, targets: Dict[str, Target]) -> Dict[str, dict]:
         """Per int4 weight: {"awq_scale": s} or {"hessian": H}, from one run over the data."""

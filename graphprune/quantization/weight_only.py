@@ -29,7 +29,7 @@ BLOCK_SIZES = (16, 32, 64, 128, 256)
 ALGORITHMS = ("rtn", "awq", "gptq")
 # Kernels int4 MatMul/Gemm weights are written for: MatMulNBits (fast with few rows: decoding) or
 # int8 DynamicQuantizeMatMul after an expansion at load (fast with many rows: prefill, batches).
-INT4_KERNELS = ("matmulnbits", "int8")
+INT4_KERNELS = ("auto", "matmulnbits", "int8")  # auto: timed on this machine (``int4_kernel_choice``)
 # AWQ's grid of exponents for the activation scale s = mean|x| ** alpha (0: plain RTN).
 _AWQ_GRID = (0.0, 0.125, 0.25, 0.375, 0.5, 0.625, 0.75)
 # GPTQ: dampening of the Hessian's diagonal (fraction of its mean) and the lazy-update width.

@@ -1,0 +1,108 @@
+"""``--int4-kernel auto``: which kernel int4 MatMul weights are written for, chosen by timing both on this machine.
+
+The two forms (``weight_nodes.Rewriter``) trade places with the CPU and the runtime.  On the x86
+Xeon of the benchmarks (onnxruntime 1.32, avx512_vnni / AMX), ``MatMulNBits`` is slightly faster
+for one row (1-token decoding: 3.1x fp32 against 2.6-3.0x) but slower than fp32 for 128 rows (a
+prompt: 0.77x), where the int8 form's ``DynamicQuantizeMatMul`` (folded to int8 at load, integer
+GEMM) runs 4-4.7x; other CPUs (ARM with KleidiAI, a later MLAS) may invert that.  So the choice is
+measured, never assumed: one layer of the model's most common int4 shape (capped, so the probe
+stays short) is written in both forms by the pass itself, and each is timed by CPU time of the
+calling thread (one intra-op thread: a busy machine cannot inflate it) at M = 1 and M = 128 rows,
+interleaved over a few rounds, median per form.  The int8 form wins when the geometric mean of its
+speedups over ``MatMulNBits`` at the two row counts is above 1: decoding and prompt processing
+weigh the same.
+
+Not timed: a runtime that lacks one of the kernels gets the other; GPTQ's float block scales only
+fit ``MatMulNBits``.  The int8 form's costs that timing does not see are in the README (its session
+holds int8 weights, twice the int4 bytes, and creating it folds the expansion).
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from typing import Dict, Iterable, Tuple
+
+import numpy as np
+
+__all__ = ["choose_int4_kernel", "probe_shape", "ROWS"]
+
+# Row counts timed: one token (weight-bound decoding) and a 128-token prompt (compute-bound).
+ROWS = (1, 128)
+# The probe layer's largest dimensions: a bigger layer says nothing more about the kernels.
+_MAX_K, _MAX_N = 4096, 4096
+_ROUNDS = 5
+# Runs per round and row count: enough CPU time per sample to rise above the timer's resolution.
+_RUNS = {1: 10, 128: 2}
+
+
+def probe_shape(shapes: Iterable[Tuple[int, int]], block_size: int) -> Tuple[int, int]:
+    """The (K, N) that holds the most int4 weight values among ``shapes`` (whole blocks only),
+    capped at 4096 x 4096; (1024, 1024) when there is none."""
+    totals: Dict[Tuple[int, int], int] = {}
+    for k, n in shapes:
+        if k % block_size == 0:
+            totals[(k, n)] = totals.get((k, n), 0) + k * n
+    if not totals:
+        return 1024, 1024
+    k, n = max(totals, key=lambda shape: (totals[shape], shape))
+    return min(k, _MAX_K - _MAX_K % block_size), min(n, _MAX_N)
+
+
+def choose_int4_kernel(k: int, n: int, block_size: int, accuracy_level: int = 4) -> Tuple[str, dict]:
+    """("int8" or "matmulnbits", what decided it) for int4 weights of shape [k, n] on this machine."""
+    from graphprune.quantization.weight_only import runtime_has
+
+    if not runtime_has("DynamicQuantizeMatMul"):
+        return "matmulnbits", {"reason": "the runtime has no DynamicQuantizeMatMul"}
+    if not runtime_has("MatMulNBits"):
+        return "int8", {"reason": "the runtime has no MatMulNBits"}
+    times = _timed(int(k), int(n), int(block_size), int(accuracy_level))
+    speedups = [times["matmulnbits"][m] / times["int8"][m] for m in ROWS]
+    mean = float(np.sqrt(np.prod(speedups)))
+    kernel = "int8" if mean > 1.0 else "matmulnbits"
+    detail = {"reason": f"timed on one [{k}, {n}] layer: int8 form {speedups[0]:.2f}x MatMulNBits at 1 row, "
+                        f"{speedups[1]:.2f}x at 128 (geometric mean {mean:.2f})",
+              "shape": [int(k), int(n)], "cpu_ms": {kind: {str(m): round(t, 4) for m, t in by_rows.items()}
+                                                  for kind, by_rows in times.items()}}
+    return kernel, detail
+
+
+@functools.lru_cache(maxsize=None)
+def _timed(k: int, n: int, block_size: int, accuracy_level: int) -> Dict[str, Dict[int, float]]:
+    """Median CPU ms per run of each form, {kind: {rows: ms}} (one probe per shape and process)."""
+    sessions = {kind: _session(k, n, block_size, accuracy_level, kind) for kind in ("matmulnbits", "int8")}
+    rng = np.random.default_rng(0)
+    feeds = {m: {"x": rng.standard_normal((m, k)).astype(np.float32)} for m in ROWS}
+    for session in sessions.values():  # warm-up: first runs allocate
+        for m in ROWS:
+            session.run(None, feeds[m])
+    samples = {kind: {m: [] for m in ROWS} for kind in sessions}
+    order = list(sessions)
+    for r in range(_ROUNDS):
+        for kind in order if r % 2 == 0 else order[::-1]:  # interleaved, each order as often
+            for m in ROWS:
+                start = time.thread_time()
+                for _ in range(_RUNS[m]):
+                    sessions[kind].run(None, feeds[m])
+                samples[kind][m].append((time.thread_time() - start) * 1e3 / _RUNS[m])
+    return {kind: {m: float(np.median(v)) for m, v in by_rows.items()} for kind, by_rows in samples.items()}
+
+
+def _session(k: int, n: int, block_size: int, accuracy_level: int, kind: str):
+    """A one-MatMul model [M, k] x [k, n] written by the pass in ``kind``'s form, in a 1-thread session."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from graphprune.passes.quantize_weights import QuantizeWeightsPass
+    from graphprune.runtime import make_session
+
+    w = (np.random.default_rng(1).standard_normal((k, n)) / np.sqrt(k)).astype(np.float32)
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"], name="probe")], "int4_probe",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["m", k])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["m", n])],
+                              [numpy_helper.from_array(w, "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    del w
+    written = QuantizeWeightsPass(bits=4, block_size=block_size, accuracy_level=accuracy_level, int4_kernel=kind,
+                                  embeddings=False)(model).model
+    return make_session(written, threads=1, spinning=False)

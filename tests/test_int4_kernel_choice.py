@@ -1,0 +1,89 @@
+"""--int4-kernel auto: the probe's shape, the decision rule, and the written form follows the decision."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import onnx
+import pytest
+
+from graphprune.cli import main
+from graphprune.model_io import check_model
+from graphprune.passes.quantize_weights import QuantizeWeightsPass
+from graphprune.quantization import int4_kernel_choice as choice
+from graphprune.quantization import weight_only as wo
+from graphprune.testing.fixtures_small import mlp
+
+_OPS = {"int8": "DynamicQuantizeMatMul", "matmulnbits": "MatMulNBits"}
+
+
+def _fake_timing(monkeypatch, nbits, int8):
+    """CPU ms per run at (1, 128) rows for each form, instead of timing them."""
+    monkeypatch.setattr(choice, "_timed", lambda *args: {"matmulnbits": dict(zip(choice.ROWS, nbits)),
+                                                         "int8": dict(zip(choice.ROWS, int8))})
+
+
+def test_probe_shape_is_the_shape_holding_most_int4_values():
+    shapes = [(1280, 3456)] * 2 + [(3456, 1280)] + [(1280, 1280)] * 8
+    assert choice.probe_shape(shapes, 32) == (1280, 1280)  # 8 x 1.6M values beat 2 x 4.4M
+    assert choice.probe_shape([(1280, 32000), (1280, 3456)], 32) == (1280, 4096)  # the LM head, N capped
+    assert choice.probe_shape([(70, 8), (64, 8)], 32) == (64, 8)  # K = 70: not whole blocks, never the int8 form
+    assert choice.probe_shape([(8192, 64)], 128) == (4096, 64)
+    assert choice.probe_shape([], 32) == (1024, 1024)
+
+
+@pytest.mark.parametrize("nbits, int8, expected", [
+    ((0.19, 10.3), (0.27, 1.19), "int8"),  # this Xeon: 0.72x at 1 row, 8.6x at 128
+    ((0.19, 1.20), (0.27, 1.19), "matmulnbits"),  # a CPU whose MatMulNBits keeps up with many rows
+])
+def test_the_form_faster_on_the_geometric_mean_of_both_row_counts_wins(monkeypatch, nbits, int8, expected):
+    _fake_timing(monkeypatch, nbits, int8)
+    kernel, detail = choice.choose_int4_kernel(1280, 3456, 32)
+    assert kernel == expected and "geometric mean" in detail["reason"] and detail["shape"] == [1280, 3456]
+
+
+def test_a_runtime_without_one_kernel_gets_the_other_untimed(monkeypatch):
+    monkeypatch.setattr(choice, "_timed", lambda *args: pytest.fail("timed although one kernel is missing"))
+    real = wo.runtime_has
+    monkeypatch.setattr(wo, "runtime_has", lambda kind: kind != "DynamicQuantizeMatMul" and real(kind))
+    assert choice.choose_int4_kernel(64, 64, 32)[0] == "matmulnbits"
+    monkeypatch.setattr(wo, "runtime_has", lambda kind: kind != "MatMulNBits" and real(kind))
+    assert choice.choose_int4_kernel(64, 64, 32)[0] == "int8"
+
+
+@pytest.mark.parametrize("timing, kernel", [(((0.19, 10.3), (0.27, 1.19)), "int8"),
+                                            (((0.19, 1.20), (0.27, 1.19)), "matmulnbits")])
+def test_the_pass_writes_the_form_auto_chose(monkeypatch, timing, kernel):
+    _fake_timing(monkeypatch, *timing)
+    model = mlp(in_features=64, hidden=(96,), classes=10)
+    result = QuantizeWeightsPass(bits=4)(model)  # auto is the default
+    check_model(result.model, full=True)
+    ops = [n.op_type for n in result.model.graph.node]
+    assert result.stats["int4_kernel"] == kernel and "reason" in result.stats["int4_kernel_choice"]
+    assert _OPS[kernel] in ops and not set(_OPS.values()) - {_OPS[kernel]} & set(ops)
+
+
+def test_gptq_takes_matmulnbits_without_timing(monkeypatch):
+    monkeypatch.setattr(choice, "_timed", lambda *args: pytest.fail("GPTQ needs no timing"))
+    model = mlp(in_features=64, hidden=(96,), classes=10)
+    data = [{"input": x} for x in np.random.default_rng(0).standard_normal((4, 8, 64)).astype(np.float32)]
+    result = QuantizeWeightsPass(bits=4, algorithm="gptq", data=data)(model)
+    assert result.stats["int4_kernel"] == "matmulnbits" and "GPTQ" in result.stats["int4_kernel_choice"]["reason"]
+
+
+def test_the_probe_really_times_both_forms():
+    """Unpatched, on a small layer: both forms built by the pass, run, and a positive CPU time each."""
+    kernel, detail = choice.choose_int4_kernel(128, 64, 32)
+    assert kernel in _OPS
+    assert all(t > 0 for by_rows in detail["cpu_ms"].values() for t in by_rows.values())
+
+
+def test_cli_default_says_which_kernel_and_why(tmp_path, capsys, monkeypatch):
+    _fake_timing(monkeypatch, (0.19, 10.3), (0.27, 1.19))
+    src, out = str(tmp_path / "m.onnx"), str(tmp_path / "q.onnx")
+    onnx.save(mlp(in_features=64, hidden=(96,), classes=10), src)
+    assert main(["quantize", src, "-o", out, "--weights-only", "int4"]) == 0
+    printed = capsys.readouterr().out
+    assert "(block 32, rtn, int8 kernel)" in printed and "int4 kernel int8 (--int4-kernel auto): timed" in printed
+    assert os.path.exists(out)
