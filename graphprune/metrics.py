@@ -11,7 +11,7 @@ import numpy as np
 import onnx
 
 from graphprune.ir import clone, count_params, get_attr, has_external_data, is_large, real_inputs, weight_bytes
-from graphprune.shapes import concrete_shapes
+from graphprune.shapes import checked_shapes, concrete_shapes
 
 __all__ = ["ModelStats", "model_stats", "count_macs", "MAC_RULES"]
 
@@ -85,10 +85,12 @@ def count_macs(
     ``external_dir`` is where the weights of a model loaded without its external data are read
     from, should shapes need one ORT run to resolve.
     """
-    shapes = concrete_shapes(model, input_shapes)
+    shapes = None if input_shapes else _checked_mac_shapes(model)
     if shapes is None:
-        return None
-    shapes = _complete_mac_shapes(model, shapes, input_shapes or {}, external_dir)
+        shapes = concrete_shapes(model, input_shapes)
+        if shapes is None:
+            return None
+        shapes = _complete_mac_shapes(model, shapes, input_shapes or {}, external_dir)
     total = 0
     for node in model.graph.node:
         rule = MAC_RULES.get(node.op_type)
@@ -98,6 +100,18 @@ def count_macs(
         if macs is not None:
             total += macs
     return total
+
+
+def _checked_mac_shapes(model: onnx.ModelProto) -> Optional[dict]:
+    """The shapes the full check of ``model`` inferred (``shapes.sharing_inference``) when they hold
+    every input and every tensor a MAC rule reads: then they are what ``concrete_shapes`` finds."""
+    shapes = checked_shapes(model)
+    if shapes is None or not all(vi.name in shapes for vi in real_inputs(model.graph)):
+        return None
+    for node in model.graph.node:
+        if node.op_type in MAC_RULES and not all(not n or n in shapes for n in list(node.input) + list(node.output)):
+            return None
+    return shapes
 
 
 def _complete_mac_shapes(

@@ -104,13 +104,18 @@ def check_model(model: onnx.ModelProto, full: bool = False) -> None:
     that past 2 GiB, and below it the bytes would be a second copy of every weight).
     """
     from graphprune import ir
+    from graphprune.shapes import sharing_active, strict_inference
 
+    keep = full and sharing_active()  # the full check's inference run by us: its shapes are wanted again
     try:
-        if ir.is_large(model):
+        light = ir.weightless_copy(model) if ir.is_large(model) else model
+        if light is not model:
             with tempfile.TemporaryDirectory(prefix="graphprune-check-") as tmp:
-                onnx.checker.check_model(ir.write_weightless(model, tmp), full_check=full)
+                onnx.checker.check_model(ir.write_weightless(light, tmp), full_check=full and not keep)
         else:
-            onnx.checker.check_model(model, full_check=full)
+            onnx.checker.check_model(model, full_check=full and not keep)
+        if keep:
+            strict_inference(light, model)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError, ValueError) as exc:
         # ValueError: the checker's verdict on values it cannot map (e.g. "Invalid tensor data type 33")
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

@@ -72,11 +72,14 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
+    from graphprune.shapes import sharing_inference
     from graphprune.weights_on_disk import files_kept_open
 
     # Without data, blocks or budgets nothing runs the input in ORT: the door's session check of it
-    # waits for the result's (validation.deferred_session_check; ~1 s a session on 20,000 nodes)
-    with files_kept_open():  # weights left on disk are read one at a time, twice each
+    # waits for the result's (validation.deferred_session_check; ~1 s a session on 20,000 nodes).
+    # The shapes the full checks infer serve the analysis and the MAC counts (nothing edits a model
+    # once checked); weights left on disk are read one at a time, twice each.
+    with sharing_inference(), files_kept_open():
         if args.data or wants_blocks(args) or any(getattr(args, f"target_{k}", None) for k in ("macs", "params", "latency")):
             return _run(args)
         with deferred_session_check():

@@ -232,6 +232,11 @@ def tensor_shapes(model: onnx.ModelProto) -> Dict[str, Optional[Tuple]]:
     onnx's inference first; a shape it leaves partly unknown is taken from onnxruntime's symbolic
     inference (``symbolic_shapes``) when that knows it at the same rank and in full.
     """
+    from graphprune.shapes import checked_shapes, covers
+
+    checked = checked_shapes(model)
+    if checked is not None and covers(checked, model):  # the full check found every shape: nothing to add
+        return dict(checked)
     shapes: Dict[str, Optional[Tuple]] = {}
     graph = model.graph
     for vi in list(graph.input) + infer_value_info(model, keep_value_info=True) + list(graph.output):

@@ -1,0 +1,70 @@
+"""Within ``shapes.sharing_inference`` the full check's strict inference serves the MAC counts and the
+dependency analysis: the same numbers as each inferring on its own, the same verdicts as the checker."""
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper, numpy_helper
+
+from graphprune import shapes
+from graphprune.dependency.shape_info import tensor_shapes
+from graphprune.errors import UserError
+from graphprune.metrics import count_macs
+from graphprune.model_io import check_model
+from tests.helpers import conv_model
+
+
+def _mlp(reshape_from_shape: bool = False) -> onnx.ModelProto:
+    """MatMul -> Relu -> MatMul; optionally a Reshape whose target is computed (Shape -> Reshape):
+    only data propagation resolves it, which the checker's inference does not run."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal(s).astype(np.float32), n)
+             for n, s in (("w1", (8, 16)), ("w2", (16, 4)))]
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"]), helper.make_node("Relu", ["h"], ["r"])]
+    if reshape_from_shape:
+        nodes += [helper.make_node("Shape", ["r"], ["s"]), helper.make_node("Reshape", ["r", "s"], ["q"])]
+    nodes.append(helper.make_node("MatMul", ["q" if reshape_from_shape else "r", "w2"], ["y"]))
+    graph = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2, 8])],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2, 4])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+@pytest.mark.parametrize("model", [_mlp(), _mlp(reshape_from_shape=True), conv_model(dynamic_batch=False)],
+                         ids=["mlp", "computed-reshape", "conv"])
+def test_shared_shapes_give_the_same_macs_and_analysis_shapes(model):
+    alone_macs, alone_shapes = count_macs(model), tensor_shapes(model)
+    assert alone_macs > 0
+    with shapes.sharing_inference():
+        check_model(model, full=True)
+        assert shapes.checked_shapes(model) is not None
+        assert count_macs(model) == alone_macs
+        assert tensor_shapes(model) == alone_shapes
+    assert shapes.checked_shapes(model) is None  # nothing outlives the block
+
+
+def test_computed_reshape_is_not_covered_so_each_infers_on_its_own():
+    model = _mlp(reshape_from_shape=True)
+    with shapes.sharing_inference():
+        check_model(model, full=True)
+        assert not shapes.covers(shapes.checked_shapes(model), model)  # "q" needs data propagation
+
+
+def test_edited_or_other_model_gets_no_shapes():
+    model = _mlp()
+    with shapes.sharing_inference():
+        check_model(model, full=True)
+        twin = onnx.ModelProto()
+        twin.CopyFrom(model)
+        assert shapes.checked_shapes(twin) is None  # keyed by the object checked, not by its content
+        model.graph.node.append(helper.make_node("Relu", ["y"], ["z"]))
+        assert shapes.checked_shapes(model) is None  # edited after its check
+
+
+def test_strict_inference_failure_is_the_checkers_verdict():
+    model = _mlp()
+    model.graph.value_info.append(helper.make_tensor_value_info("h", onnx.TensorProto.FLOAT, [2, 99]))
+    with pytest.raises(UserError) as outside:
+        check_model(model, full=True)
+    with shapes.sharing_inference(), pytest.raises(UserError) as inside:
+        check_model(model, full=True)
+    assert str(inside.value) == str(outside.value) and "invalid ONNX graph" in str(inside.value)
