@@ -240,28 +240,45 @@ def test_int4_with_block_multipliers_round_trip_and_error():
     from graphprune.quantization import weight_int8_kernel as ik
 
     w = np.random.default_rng(0).standard_normal((256, 48)).astype(np.float32)
-    packed, mult, unit = ik.int4_with_multipliers(w, 32)
-    assert packed.shape == (8, 16, 48) and mult.shape == (8, 48) and unit.shape == (48,)
+    q, mult, unit = ik.int4_with_multipliers(w, 32)
+    assert q.shape == (8, 32, 48) and mult.shape == (8, 48) and unit.shape == (48,)
+    assert q.min() == -8 and q.max() <= 7
+    packed = ik.nibbles(q)  # the uint8 form: a block's first half in the low nibbles, its second in the high
+    assert packed.shape == (8, 16, 48)
+    np.testing.assert_array_equal(np.concatenate([packed % 16, packed >> 4], axis=1).astype(np.int8) - 8, q)
     assert np.abs(mult).min() >= 1 and (np.abs(mult).max(axis=0) == 15).all()  # each column's widest block: 15
-    d = ik.dequantize(packed, mult, unit, 32)
+    d = ik.dequantize(q, mult, unit)
     assert np.abs(np.rint(d / unit)).max() <= 120  # q * r is an exact int8
     q, s = wo.int4_blocks_rtn(w, 32)
     float_scales = _rel(wo.dequantize_int4(q, s, 32), w)
     assert _rel(d, w) < 1.06 * float_scales  # 0.0897 against 0.0863
 
 
-@pytest.mark.parametrize("algorithm", ["rtn", "awq"])
-def test_int4_for_the_int8_kernel_equals_its_dequantized_twin(algorithm):
+def _stored_q(inits, name):
+    """The int8-kernel form's 4-bit values [K / block, block, N]: an INT4 tensor, or uint8 nibbles."""
+    if f"{name}_q4" in inits:
+        return inits[f"{name}_q4"].astype(np.int8)
+    packed = inits[f"{name}_q4_packed"]
+    return np.concatenate([packed % 16, packed >> 4], axis=1).astype(np.int8) - 8
+
+
+@pytest.mark.parametrize("algorithm, int4_cast", [("rtn", True), ("awq", True), ("rtn", False)])
+def test_int4_for_the_int8_kernel_equals_its_dequantized_twin(algorithm, int4_cast, monkeypatch):
     """--int4-kernel int8: the expansion is folded at load, only DynamicQuantizeMatMul runs, and the outputs
     match the float model whose weights are the stored form's values (activations quantized per run)."""
     from graphprune.quantization import weight_int8_kernel as ik
 
+    real = wo.runtime_has
+    monkeypatch.setattr(wo, "runtime_has", lambda kind: (int4_cast if kind == "CastInt4" else real(kind)))
     model = mlp(in_features=64, hidden=(96,), classes=10)  # MatMul 64 x 96, Gemm/MatMul 96 x 10
     feed = {"input": np.random.default_rng(0).standard_normal((4, 64), np.float32)}
     data = InputSet({"input": np.random.default_rng(1).standard_normal((16, 64), np.float32)})
     result = QuantizeWeightsPass(bits=4, int4_kernel="int8", algorithm=algorithm, data=data if algorithm == "awq" else None)(model)
     check_model(result.model, full=True)
     assert result.stats["int4_kernel"] == "int8"
+    opset = next(i.version for i in result.model.opset_import if i.domain == "")
+    assert (opset, {t.data_type for t in result.model.graph.initializer} >= {onnx.TensorProto.INT4}) == (
+        (21, True) if int4_cast else (opset, False))  # INT4 values: the model raised to opset 21
     session = make_session(result.model)
     got = session.run(None, feed)[0]
     twin = onnx.ModelProto()
@@ -271,7 +288,7 @@ def test_int4_for_the_int8_kernel_equals_its_dequantized_twin(algorithm):
     assert len(quantized) == sum(1 for n in model.graph.node if n.op_type in ("MatMul", "Gemm"))
     for node in quantized:
         name = node.input[1][: -len("_int8")]
-        d = ik.dequantize(inits[f"{name}_q4_packed"], inits[f"{name}_q4_multipliers"][:, 0, :], inits[node.input[2]], 32)
+        d = ik.dequantize(_stored_q(inits, name), inits[f"{name}_q4_multipliers"][:, 0, :], inits[node.input[2]])
         if node.input[0].endswith("_awq_scaled"):  # AWQ: the input is divided by s, the weight took the product
             d = d * inits[node.input[0][: -len("_scaled")] + "_inverse_scale"][:, None]
         for init in twin.graph.initializer:

@@ -3,13 +3,16 @@
 Usage:
     .venv/bin/python tools/bench_llm.py [--llm ~/.cache/graphprune-bench/llm/llama.onnx]
         [--dir ~/.cache/graphprune-bench/llm/out] [--rounds 7] [--threads 1,2]
-        [--variants int4,int4i8,int8,wanda50,wanda24,depth25] [--skip-bert] [--json out.json]
+        [--variants int4,int4nbits,int4i8,int8,wanda50,wanda24,depth25] [--skip-bert] [--json out.json]
     .venv/bin/python tools/bench_llm.py --kernels   # one FFN MatMul: fp32 vs MatMulNBits variants, M = 1 and 128
 
 The LLM is made by ``tools/make_llm_fixture.py`` (Llama-style, GQA, 0.5B parameters, 2.0 GB of
 fp32 weights in one external data file).  Every graphprune command runs in its own process under
 GNU time; its peak RSS is time's ``%M`` and "x size" is peak RSS over the input model's bytes on
-disk.  Sizes are the files on disk (model + data files).
+disk.  Sizes are the files on disk (model + data files).  Each written model's session is created
+once in a fresh process (1 thread): CPU seconds, peak RSS and RSS once built (``session_cost``).
+Variants: ``int4`` is the default ``--int4-kernel auto`` (timed on this machine), ``int4nbits`` and
+``int4i8`` pin ``MatMulNBits`` and the int8 kernel.
 
 Latency: batch 1, ``input_ids`` of 1 token (the weight-bound regime of decoding) and of 128 tokens,
 on ``--threads`` intra-op threads (no spinning); fp32 and the variant are timed alternately
@@ -39,7 +42,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLI = [os.path.join(os.path.dirname(sys.executable), "graphprune")]
 TIME = "/usr/bin/time"  # GNU time, for the commands' peak RSS
 VARIANTS = {
-    "int4": ["quantize", "--weights-only", "int4", "--block-size", "32"],
+    "int4": ["quantize", "--weights-only", "int4", "--block-size", "32"],  # --int4-kernel auto (the default)
+    "int4nbits": ["quantize", "--weights-only", "int4", "--block-size", "32", "--int4-kernel", "matmulnbits"],
     "int8": ["quantize", "--weights-only", "int8"],
     "int4i8": ["quantize", "--weights-only", "int4", "--block-size", "32", "--int4-kernel", "int8"],
     "wanda50": ["sparsify", "--criterion", "wanda", "--sparsity", "0.5", "--data", "{data}"],
@@ -70,6 +74,34 @@ def measured_command(argv: List[str]) -> Dict[str, object]:
     peak = int(kib[-1]) * 1024 if kib and kib[-1].isdigit() else None
     return {"exit": proc.returncode, "wall_s": round(time.perf_counter() - start, 1), "peak_rss": peak,
             "stdout": proc.stdout.strip().splitlines()[:3], "error": (proc.stderr.strip().splitlines() or [""])[-1]}
+
+
+_SESSION_COST = """
+import resource, sys, time
+import onnxruntime as ort
+options = ort.SessionOptions()
+options.intra_op_num_threads = 1
+options.log_severity_level = 3
+start = time.process_time()
+s = ort.InferenceSession(sys.argv[1], options, providers=["CPUExecutionProvider"])
+cpu = time.process_time() - start
+rss = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmRSS"))
+print(cpu, rss * 1024)
+"""
+
+
+def session_cost(path: str) -> Dict[str, object]:
+    """Creating a 1-thread session of ``path`` in a fresh process: CPU seconds, peak RSS (GNU time's
+    ``%M``: the constant folding of an expansion is held until the session is built) and the RSS
+    once it is built."""
+    with tempfile.NamedTemporaryFile("r", suffix=".rss") as rss:
+        proc = subprocess.run([TIME, "-f", "%M", "-o", rss.name, sys.executable, "-c", _SESSION_COST, path],
+                              capture_output=True, text=True)
+        kib = rss.read().strip().splitlines()
+    if proc.returncode != 0:
+        return {"error": (proc.stderr.strip().splitlines() or [""])[-1]}
+    cpu, held = proc.stdout.split()
+    return {"cpu_s": round(float(cpu), 2), "peak_rss": int(kib[-1]) * 1024, "rss_after": int(held)}
 
 
 def session(path: str, threads: int):
@@ -158,6 +190,11 @@ def bench_llm(llm: str, folder: str, variants: List[str], threads: List[int], ro
         if row["exit"] != 0:
             continue
         row.update(bytes=files_size(out), ratio=files_size(out) / size)
+        if "session" not in rows["fp32"]:
+            rows["fp32"]["session"] = session_cost(llm)
+            print(f"llm fp32 session: {json.dumps(rows['fp32']['session'])}", flush=True)
+        row["session"] = session_cost(out)
+        print(f"llm {name} session: {json.dumps(row['session'])}", flush=True)
         if reference is None:
             ref = session(llm, 2)
             reference = [ref.run(None, {"input_ids": ids})[0] for ids in _agreement_ids()]

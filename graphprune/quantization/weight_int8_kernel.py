@@ -11,9 +11,16 @@ takes an int8 weight with one scale per output column, so the file stores
 q as two 4-bit values a byte, the block multipliers r as int8 and the column scales u as float:
 0.53 bytes a weight for block 32 (``MatMulNBits``: 0.625), and about the error of int4 blocks with
 float scales (relative L2 0.0896 against 0.0859 on a Gaussian 1280 x 3456 weight).
-q * r is an exact int8 (|q * r| <= 120).  The expansion is made of standard ops on constants only
-(Mod, BitShift, Concat, Cast, Sub, Mul, Reshape), which ONNX Runtime folds into one int8 initializer
-when it creates the session; the session then holds int8 weights (twice the int4 file's bytes).
+q * r is an exact int8 (|q * r| <= 120).  The expansion is made of standard ops on constants only,
+which ONNX Runtime folds into one int8 initializer when it creates the session; the session then
+holds int8 weights (twice the int4 file's bytes).  Two forms of q and its expansion:
+
+- ``INT4`` tensor (opset 21, the model's import raised to it): Cast to int8, Mul, Reshape;
+- uint8 nibbles (any opset from 11, or a runtime that cannot Cast INT4): Mod, BitShift, Concat,
+  Cast, Sub, Mul, Reshape.
+
+ONNX Runtime's constant folding keeps every intermediate tensor until the session is built, so the
+expansion's length is the session's peak: 3 bytes a weight with INT4, 6 with nibbles.
 """
 
 from __future__ import annotations
@@ -23,7 +30,7 @@ from typing import List, Tuple
 import numpy as np
 from onnx import TensorProto, helper
 
-__all__ = ["fits", "int4_with_multipliers", "dequantize", "expansion_nodes", "rewrite", "SHARED_CONSTANTS"]
+__all__ = ["fits", "int4_with_multipliers", "nibbles", "dequantize", "expansion_nodes", "rewrite", "SHARED_CONSTANTS"]
 
 # Largest block multiplier: q * r stays within int8 (8 * 15 = 120).
 _MAX_MULTIPLIER = 15
@@ -43,16 +50,14 @@ def fits(k: int, block_size: int) -> bool:
 
 
 def int4_with_multipliers(w: np.ndarray, block_size: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(packed uint8 [K / block, block / 2, N], multipliers int8 [K / block, N], column scales float32
-    [N]) of a float [K, N] weight.
+    """(q int8 in [-8, 7], [K / block, block, N], multipliers int8 [K / block, N], column scales
+    float32 [N]) of a float [K, N] weight.
 
     As onnxruntime's own int4 blocks, the value of largest magnitude in a block maps to -8 (the sign
     of the multiplier flips the block), so the whole range [-8, 7] is used; the column's widest block
     gets |r| = 15.  Each block tries the smallest |r| that covers its range and the next two and
     keeps the one of least squared error (a Gaussian 1280 x 3456 weight: relative error 0.0896,
-    float block scales 0.0859).  Each value is stored as q + 8; a block's first half of rows in the
-    low nibbles, its second half in the high ones (so the expansion needs no reshape before the
-    multiply).
+    float block scales 0.0859).
     """
     w = np.asarray(w, dtype=np.float32)
     k, n = w.shape
@@ -78,31 +83,41 @@ def int4_with_multipliers(w: np.ndarray, block_size: int) -> Tuple[np.ndarray, n
             best_err = np.where(better, err, best_err)
             best_q = np.where(better[:, None, :], q, best_q)
             best_r = np.where(better, r, best_r)
-    nibbles = (best_q + 8).astype(np.uint8)  # [K / block, block, N]
-    half = block_size // 2
-    packed = nibbles[:, :half] | (nibbles[:, half:] << 4)
-    return packed, best_r.astype(np.int8), unit.astype(np.float32)
+    return best_q.astype(np.int8), best_r.astype(np.int8), unit.astype(np.float32)
 
 
-def dequantize(packed: np.ndarray, mult: np.ndarray, unit: np.ndarray, block_size: int) -> np.ndarray:
-    """The float [K, N] weight the stored form stands for (what the expansion computes, times ``unit``)."""
-    nibbles = np.concatenate([packed % 16, packed >> 4], axis=1).astype(np.int32) - 8  # [K / block, block, N]
-    q = nibbles * mult.reshape(mult.shape[0], 1, -1).astype(np.int32)
-    return q.reshape(-1, q.shape[-1]).astype(np.float32) * unit
+def nibbles(q: np.ndarray) -> np.ndarray:
+    """The uint8 form of q [K / block, block, N]: q + 8, a block's first half of rows in the low
+    nibbles and its second half in the high ones (the expansion needs no reshape before the multiply)."""
+    shifted = (q + 8).astype(np.uint8)
+    half = q.shape[1] // 2
+    return shifted[:, :half] | (shifted[:, half:] << 4)
 
 
-def expansion_nodes(name: str, names: Tuple[str, str, str, str]) -> List:
+def dequantize(q: np.ndarray, mult: np.ndarray, unit: np.ndarray) -> np.ndarray:
+    """The float [K, N] weight the stored form stands for (what the expansion computes, times ``unit``);
+    ``q`` [K / block, block, N] in [-8, 7] (an INT4 tensor's values)."""
+    blocks = q.astype(np.int32) * mult.reshape(mult.shape[0], 1, -1).astype(np.int32)
+    return blocks.reshape(-1, blocks.shape[-1]).astype(np.float32) * unit
+
+
+def expansion_nodes(name: str, names: Tuple[str, str, str, str], int4: bool = False) -> List:
     """Nodes computing the int8 [K, N] weight from the stored tensors.
 
-    ``names``: (packed [K / block, block / 2, N], multipliers [K / block, 1, N], weight shape [2],
-    output).  Every input is a constant, so ONNX Runtime folds the chain at load.  Its folding keeps
-    every intermediate tensor until the session is built, so the chain is as short and as narrow as
-    possible: 6 bytes a weight (two half-byte nibble tensors, then int8 throughout), not the 23 of
-    an int32 chain (the 0.5B LLM's session creation: measured in the README).
+    ``names``: (q [K / block, block, N] INT4 with ``int4``, else its nibbles [K / block, block / 2, N],
+    multipliers [K / block, 1, N], weight shape [2], output).  Every input is a constant, so ONNX
+    Runtime folds the chain at load.  Its folding keeps every intermediate tensor until the session
+    is built, so the chain is as short and as narrow as possible: 3 bytes a weight with INT4, 6 with
+    nibbles (two half-byte tensors, then int8 throughout), not the 23 of an int32 chain (the 0.5B
+    LLM's session creation: measured in the README).
     """
     packed, mult, shape2, out = names
     sixteen, four, eight = SHARED_CONSTANTS
     t = f"{name}_int4_int8"
+    if int4:
+        return [helper.make_node("Cast", [packed], [f"{t}_q"], name=f"{t}_q", to=TensorProto.INT8),
+                helper.make_node("Mul", [f"{t}_q", mult], [f"{t}_blocks"], name=f"{t}_blocks"),
+                helper.make_node("Reshape", [f"{t}_blocks", shape2], [out], name=f"{t}_kn")]
     return [
         helper.make_node("Mod", [packed, sixteen], [f"{t}_low"], name=f"{t}_low"),
         helper.make_node("BitShift", [packed, four], [f"{t}_high"], name=f"{t}_high", direction="RIGHT"),
@@ -121,16 +136,22 @@ def rewrite(rewriter, target, w: np.ndarray, awq) -> None:
     ``awq``: AWQ's input scale (the weight already took the product), or None."""
     k, n = w.shape
     b, name = rewriter.block_size, target.name
-    packed, mult, unit = int4_with_multipliers(w, b)
+    q, mult, unit = int4_with_multipliers(w, b)
     del w
-    names = (rewriter._add(f"{name}_q4_packed", packed),
-             rewriter._add(f"{name}_q4_multipliers", mult.reshape(k // b, 1, n)),
+    int4 = rewriter.int4_cast()
+    if int4:
+        stored = rewriter._add_int4(f"{name}_q4", q)
+        rewriter.needs.add("opset21")
+    else:
+        stored = rewriter._add(f"{name}_q4_packed", nibbles(q))
+        for constant, value in SHARED_CONSTANTS.items():
+            if constant not in rewriter._shared:
+                rewriter._shared.add(rewriter._add(constant, value))
+    del q
+    names = (stored, rewriter._add(f"{name}_q4_multipliers", mult.reshape(k // b, 1, n)),
              rewriter._add(f"{name}_q4_shape", np.array([k, n], np.int64)), f"{name}_int8")
     scale = rewriter._add(f"{name}_scale", unit)
-    for constant, value in SHARED_CONSTANTS.items():
-        if constant not in rewriter._shared:
-            rewriter._shared.add(rewriter._add(constant, value))
-    rewriter.before.setdefault(min(i for i, _ in target.uses), []).extend(expansion_nodes(name, names))
+    rewriter.before.setdefault(min(i for i, _ in target.uses), []).extend(expansion_nodes(name, names, int4))
     rewriter.needs.add("com.microsoft")
     activation = rewriter._awq_input(target, awq, np.float32) if awq is not None else None
     for i, _ in target.uses:

@@ -203,8 +203,8 @@ def ort_rtn_nbits(w: np.ndarray, block_size: int) -> Optional[Tuple[np.ndarray, 
 @functools.lru_cache(maxsize=None)
 def runtime_has(kind: str) -> bool:
     """Whether the installed onnxruntime runs ``kind`` on the CPU: "MatMulNBits",
-    "GatherBlockQuantized", "DynamicQuantizeMatMul" (com.microsoft) or "BlockedDequantize" (opset 21 DequantizeLinear with
-    block_size on int4).  Probed by running a tiny model (never assumed from the version)."""
+    "GatherBlockQuantized", "DynamicQuantizeMatMul" (com.microsoft), "BlockedDequantize" (opset 21 DequantizeLinear with
+    block_size on int4) or "CastInt4" (opset 21 Cast from INT4 to int8).  Probed by running a tiny model (never assumed from the version)."""
     from graphprune.runtime import ort
 
     rt = ort()
@@ -276,7 +276,22 @@ def _probe_dynamic_quantize_matmul():
     return model, {"x": np.ones((1, 8), np.float32)}
 
 
+def _probe_cast_int4():
+    """Cast from an INT4 initializer to int8 (opset 21): what the int8-kernel form's expansion folds."""
+    q = np.arange(-8, 8, dtype=np.int8).reshape(2, 8)
+    graph = helper.make_graph(
+        [helper.make_node("Cast", ["q"], ["q8"], to=TensorProto.INT8), helper.make_node("Cast", ["q8"], ["qf"], to=TensorProto.FLOAT),
+         helper.make_node("Mul", ["x", "qf"], ["y"])],
+        "probe", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [helper.make_tensor("q", TensorProto.INT4, [2, 8], pack_int4(q), raw=True)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    model.ir_version = 10
+    return model, {"x": np.ones((2, 8), np.float32)}
+
+
 _PROBES = {
+    "CastInt4": _probe_cast_int4,
     "DynamicQuantizeMatMul": _probe_dynamic_quantize_matmul,
     "MatMulNBits": _probe_matmul_nbits,
     "GatherBlockQuantized": _probe_gather_block_quantized,
