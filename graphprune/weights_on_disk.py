@@ -62,6 +62,10 @@ def read_tensor(tensor: onnx.TensorProto, source_dir: Optional[str]) -> np.ndarr
         return numpy_helper.to_array(loose)
     dtype = helper.tensor_dtype_to_np_dtype(tensor.data_type)
     offset = int(entries.get("offset") or 0)
+    key = (path, offset, count, tensor.data_type)
+    kept = _KEPT.get(key) if _KEPT is not None else None
+    if kept is not None:
+        return kept.reshape(tuple(tensor.dims))
     if _OPEN_FILES is None:
         value = np.fromfile(path, dtype=dtype, count=count, offset=offset)
         short = value.size != count
@@ -79,26 +83,36 @@ def read_tensor(tensor: onnx.TensorProto, source_dir: Optional[str]) -> np.ndarr
         short = done != value.nbytes
     if short:
         raise UserError(f"{path}: external data of {tensor.name!r} ends early (truncated while being read?)")
+    if _KEPT is not None and value.nbytes < _KEEP_BYTES:
+        value.flags.writeable = False  # handed out again: nobody may change it in place
+        _KEPT[key] = value
     return value.reshape(tuple(tensor.dims))
 
 
 _OPEN_FILES: Optional[Dict[str, int]] = None
+_KEPT: Optional[Dict[tuple, np.ndarray]] = None
+_KEEP_BYTES = 0
 
 
 @contextlib.contextmanager
-def files_kept_open() -> Iterator[None]:
+def files_kept_open(keep_below: int = 0) -> Iterator[None]:
     """``read_tensor`` keeps each data file open until the block ends (a pass reading thousands
     of small weights); outside such a block every read opens its file, so a file replaced
-    between two reads is read afresh."""
-    global _OPEN_FILES
+    between two reads is read afresh.
+
+    Args:
+        keep_below: tensors of fewer bytes are also kept once read and handed out again, read-only
+            (prune reads each weight for the finite check, then to score it).
+    """
+    global _OPEN_FILES, _KEPT, _KEEP_BYTES
     if _OPEN_FILES is not None:  # nested: the outer block owns the descriptors
         yield
         return
-    _OPEN_FILES = {}
+    _OPEN_FILES, _KEPT, _KEEP_BYTES = {}, ({} if keep_below > 0 else None), keep_below
     try:
         yield
     finally:
-        files, _OPEN_FILES = _OPEN_FILES, None
+        files, _OPEN_FILES, _KEPT, _KEEP_BYTES = _OPEN_FILES, None, None, 0
         for fd in files.values():
             os.close(fd)
 

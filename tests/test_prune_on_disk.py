@@ -175,3 +175,19 @@ def test_files_kept_open_read_the_same_values_and_report_a_short_file(tmp_path):
     for a, b in zip(alone[1:], kept[1:]):
         assert a.dtype == b.dtype and a.shape == b.shape
         np.testing.assert_array_equal(a, b)
+
+
+def test_files_kept_open_keeps_small_tensors_read_only(tmp_path, monkeypatch):
+    model_io.save(_stack(), tmp_path / "m.onnx", external_data=True)
+    model = model_io.load(tmp_path / "m.onnx", load_external_data=False)
+    small, large = (next(t for t in model.graph.initializer if t.name == n) for n in ("w2", "m1"))  # 18 KiB, 256 KiB
+    with on_disk.files_kept_open(keep_below=100_000):
+        first = on_disk.read_tensor(small, str(tmp_path))
+        reads, preadv = [], os.preadv
+        monkeypatch.setattr(on_disk.os, "preadv", lambda *a: reads.append(1) or preadv(*a))
+        again = on_disk.read_tensor(small, str(tmp_path))
+        assert not reads and np.shares_memory(first, again) and not again.flags.writeable
+        on_disk.read_tensor(large, str(tmp_path))
+        on_disk.read_tensor(large, str(tmp_path))
+        assert len(reads) == 2  # above the limit: read each time
+    assert on_disk.read_tensor(small, str(tmp_path)).flags.writeable  # outside the block: a fresh copy

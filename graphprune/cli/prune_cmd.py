@@ -78,8 +78,9 @@ def run(args) -> int:
     # Without data, blocks or budgets nothing runs the input in ORT: the door's session check of it
     # waits for the result's (validation.deferred_session_check; ~1 s a session on 20,000 nodes).
     # The shapes the full checks infer serve the analysis and the MAC counts (nothing edits a model
-    # once checked); weights left on disk are read one at a time, twice each.
-    with sharing_inference(), files_kept_open():
+    # once checked); weights left on disk are read one at a time, and those the dependency graph
+    # would cache anyway (below 1 MiB) once: the finite check's read serves the scoring.
+    with sharing_inference(), files_kept_open(keep_below=2**20):
         if args.data or wants_blocks(args) or any(getattr(args, f"target_{k}", None) for k in ("macs", "params", "latency")):
             return _run(args)
         with deferred_session_check():
