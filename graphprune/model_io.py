@@ -95,6 +95,10 @@ def _door_checks(model: onnx.ModelProto) -> bool:
     return True
 
 
+# Strict inference of a model holding more bytes of weights than this runs on its weightless copy.
+_INFER_WITH_WEIGHTS = 2**24
+
+
 def check_model(model: onnx.ModelProto, full: bool = False) -> None:
     """Run ``onnx.checker`` (and with ``full``, strict shape inference), raising ``UserError``.
 
@@ -114,8 +118,9 @@ def check_model(model: onnx.ModelProto, full: bool = False) -> None:
                 onnx.checker.check_model(ir.write_weightless(light, tmp), full_check=full and not keep)
         else:
             onnx.checker.check_model(model, full_check=full and not keep)
-        if keep:
-            strict_inference(light, model)
+        if keep:  # on the weights too only when few: the inferred copy comes back with all of them
+            few = light is not model or ir.weight_bytes(model) < _INFER_WITH_WEIGHTS
+            strict_inference(light if few else ir.weightless_copy(model), model)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError, ValueError) as exc:
         # ValueError: the checker's verdict on values it cannot map (e.g. "Invalid tensor data type 33")
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
