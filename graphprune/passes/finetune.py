@@ -9,20 +9,21 @@ from typing import Any, Dict, Optional, Sequence, Union
 import numpy as np
 import onnx
 
-from graphprune.data import InputSet, input_specs
+from graphprune.data import InputSet
 from graphprune.errors import UserError
 from graphprune.passes.base import Pass, PassResult, register_pass
 from graphprune.training.artifacts import TrainingSession, build_training_graph, prepare_for_training
 from graphprune.training.batchnorm import recalibrate_batchnorm, statistics_follow_reconstruction
+from graphprune.training.fold import FoldRecord, fold_batchnorms, unfold_values
+from graphprune.training.heads import probability_head, teacher_targets, top1_counter
 from graphprune.training.losses import BatchTargets, LossSpec, resolve_loss
 from graphprune.training.loop import TrainConfig, train_loop
 from graphprune.training.masks import apply_masks, read_masks
 from graphprune.training.qdq import requantize
+from graphprune.training.samples import ModelLike, check_data, read_labels, read_teacher
 from graphprune.training.trainable import write_back
 
-__all__ = ["FineTunePass", "finetune"]
-
-ModelLike = Union[onnx.ModelProto, str, "os.PathLike[str]"]
+__all__ = ["FineTunePass", "finetune", "probability_head"]
 
 # Integer-only operators have no gradient: their weights cannot train.
 _INTEGER_OPS = {"DynamicQuantizeLinear", "QLinearConv", "QLinearMatMul", "ConvInteger", "MatMulInteger",
@@ -46,7 +47,9 @@ class FineTunePass(Pass):
         (pruning changed the activations they describe; ``batchnorm="keep"`` skips this), then held
         *frozen* while scale and bias train.  Frozen statistics are the small-data choice: batch
         statistics of a few dozen samples are noisy, the per-channel affine absorbs any remaining
-        shift, and the trained function is exactly the one inference computes.
+        shift, and the trained function is exactly the one inference computes.  With
+        ``fold_batchnorm`` a BatchNorm right after a Conv trains folded into it (``training.fold``)
+        and is written back unfolded, the graph unchanged.
       - QDQ models (quantization-aware fine-tuning): int8 weights train as float weights behind a
         QuantizeLinear with the straight-through estimator, and are quantized again with their
         unchanged scales; activation scales and zero points stay as calibrated.
@@ -78,6 +81,9 @@ class FineTunePass(Pass):
         patience: early stopping: stop after this many epochs without a better validation loss.
         batchnorm: "recalibrate" (re-estimate BatchNorm statistics from ``data`` first), "keep", or
             "auto" (default): keep after ``reconstruct`` refit the layers, recalibrate otherwise.
+        fold_batchnorm: train each Conv + BatchNorm pair in its folded form, each channel's weights
+            times its BatchNorm gain over the layer's median gain (default False: the stored Conv
+            weights and the BatchNorm's scale and bias train).
         output: the output to train (default: the first float32 output).
         threads: intra-op threads for training (None: onnxruntime decides).
         providers: onnxruntime execution providers for training (default CPU), e.g.
@@ -108,6 +114,7 @@ class FineTunePass(Pass):
         max_features: int = 4,
         patience: Optional[int] = None,
         batchnorm: str = "auto",
+        fold_batchnorm: bool = False,
         output: Optional[str] = None,
         seed: int = 0,
         threads: Optional[int] = None,
@@ -115,8 +122,8 @@ class FineTunePass(Pass):
         providers: Optional[Sequence[str]] = None,
     ):
         self.data = data
-        self.labels = _read_labels(labels) if isinstance(labels, (str, os.PathLike)) else labels
-        self.teacher = _read_teacher(teacher)
+        self.labels = read_labels(labels) if isinstance(labels, (str, os.PathLike)) else labels
+        self.teacher = read_teacher(teacher)
         self.config = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, schedule=schedule, seed=seed,
                                   progress=progress, patience=patience)
         self.config.check()
@@ -127,6 +134,7 @@ class FineTunePass(Pass):
         if batchnorm not in ("auto", "recalibrate", "keep"):
             raise UserError(f"batchnorm {batchnorm!r}: choose auto, recalibrate or keep")
         self.batchnorm = batchnorm
+        self.fold_batchnorm = bool(fold_batchnorm)
         self.val_split = float(val_split)
         self.optimizer = optimizer
         self.weight_decay = float(weight_decay)
@@ -154,9 +162,9 @@ class FineTunePass(Pass):
         if integer_ops:
             raise UserError(f"the model computes in integers ({', '.join(integer_ops)}): only float and QDQ "
                             "models fine-tune (fine-tune before converting to integer operators)")
-        _check_data(model, self.data, "data")
+        check_data(model, self.data, "data")
         if self.teacher is not None:
-            _check_data(self.teacher, self.data, "data (for the teacher)")
+            check_data(self.teacher, self.data, "data (for the teacher)")
         if self.labels is not None and len(self.labels) != len(self.data):
             raise UserError(f"labels: {len(self.labels)} labels for {len(self.data)} samples")
 
@@ -168,8 +176,9 @@ class FineTunePass(Pass):
         if self.batchnorm == "recalibrate" or (self.batchnorm == "auto" and not auto_keep):
             base, recalibrated = recalibrate_batchnorm(model, self.data.subset(train_idx), self.threads)
         work, trainable = prepare_for_training(base)
+        folded = fold_batchnorms(work, trainable) if self.fold_batchnorm else FoldRecord([], [])
         spec, output_shape, out_names = self._loss_spec(model)
-        feature_teacher = self._feature_teacher(base, work, spec)
+        feature_teacher = self._feature_teacher(base, work, spec, exclude=folded.removed_tensors)
         classes = output_shape[-1] if output_shape else 1
         values = {init.name: onnx.numpy_helper.to_array(init) for init in work.graph.initializer
                   if init.name in set(trainable.names)}
@@ -177,6 +186,7 @@ class FineTunePass(Pass):
         stats: Dict[str, Any] = {
             "loss": spec.describe(),
             "batchnorm_recalibrated": recalibrated,
+            "batchnorm_folded": len(folded.folds),
             "trainable_params": trainable.count(work.graph),
             "masked_weights": len(masks),
             "features": list(spec.features),
@@ -188,7 +198,7 @@ class FineTunePass(Pass):
         # outputs are computed: a refusal comes in seconds, not after a pass over the data.
         with TrainingSession(graph, self.optimizer, self.weight_decay, threads=self.threads,
                              providers=self.providers) as session:
-            teacher_out = _as_teacher_targets(self._teacher_outputs(self._model_output, out_names, output_shape), spec)
+            teacher_out = teacher_targets(self._teacher_outputs(self._model_output, out_names, output_shape), spec)
             targets = BatchTargets(spec, self.labels, teacher_out, classes)
             arrays = self.data.arrays
 
@@ -201,7 +211,7 @@ class FineTunePass(Pass):
                                  fixed_batch=self.data.fixed_batch, loss_offset=targets.loss_offset)
         trained = apply_masks(outcome.weights, masks)
         changed = [n for n, v in trained.items() if not np.array_equal(v, values[n])]
-        new_values = requantize({n: trained[n] for n in changed}, trainable.fake_quant)
+        new_values = unfold_values(requantize({n: trained[n] for n in changed}, trainable.fake_quant), folded)
         result = write_back(base, new_values) if changed else base
         stats.update(_training_stats(graph, outcome, len(changed)))
         stats["seconds"] = round(time.perf_counter() - start, 3)
@@ -227,8 +237,9 @@ class FineTunePass(Pass):
         self._model_output = output
         return spec, output_shape, out_names
 
-    def _feature_teacher(self, student: onnx.ModelProto, work: onnx.ModelProto, spec: LossSpec):
-        """Pick the features to match (into ``spec``) and return their ``FeatureTeacher`` (None without)."""
+    def _feature_teacher(self, student: onnx.ModelProto, work: onnx.ModelProto, spec: LossSpec, exclude=()):
+        """Pick the features to match (into ``spec``) and return their ``FeatureTeacher`` (None without).
+        ``exclude``: tensors the training graph does not have (Conv outputs folded into their BatchNorm)."""
         if self.teacher is None or self.features == "none" or self.feature_weight == 0:
             return None
         from graphprune.training.features import FeatureTeacher, pick_features
@@ -236,7 +247,7 @@ class FineTunePass(Pass):
         probe = self.data.first_batch(min(len(self.data), 4) if not self.data.fixed_batch else self.data.fixed_batch)
         present = {o for node in work.graph.node for o in node.output}
         if self.features == "auto":
-            names = pick_features(student, self.teacher, probe, exclude=[spec.output, self._model_output],
+            names = pick_features(student, self.teacher, probe, exclude=[spec.output, self._model_output, *exclude],
                                   limit=self.max_features, threads=self.threads)
         else:
             missing = [n for n in self.features if n not in present]
@@ -282,7 +293,7 @@ class FineTunePass(Pass):
         is the one with the lowest validation loss.  (Top-1 agreement with the teacher cannot tell a
         collapsed model: an all-blank CTC recognizer agrees with its teacher on 80% of positions.)"""
         if spec.label_loss == "ce":
-            return _top1_counter(self.labels)
+            return top1_counter(self.labels)
         return lambda out, idx: None
 
 
@@ -308,90 +319,6 @@ def finetune(model: onnx.ModelProto, data: InputSet, labels: Optional[np.ndarray
              teacher: Optional[ModelLike] = None, **kwargs) -> onnx.ModelProto:
     """Functional form of ``FineTunePass`` (same arguments)."""
     return FineTunePass(data=data, labels=labels, teacher=teacher, **kwargs)(model).model
-
-
-def probability_head(model: onnx.ModelProto, output: str, rank: int):
-    """(the tensor to train, "softmax" | "sigmoid" | None): the logits feeding a Softmax (last axis) or
-    Sigmoid that produces ``output``, or ``output`` itself.  Identity nodes after the head (Paddle's
-    ``save_infer_model/scale`` outputs) are looked through."""
-    producers = {o: node for node in model.graph.node for o in node.output}
-    name = output
-    while name in producers and producers[name].op_type == "Identity" and producers[name].input:
-        name = producers[name].input[0]
-    for node in [producers[name]] if name in producers else []:
-        if name in node.output and node.domain in ("", "ai.onnx") and node.input and node.input[0]:
-            if node.op_type == "Sigmoid":
-                return node.input[0], "sigmoid"
-            if node.op_type == "Softmax":
-                axis = next((a.i for a in node.attribute if a.name == "axis"), -1)
-                opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 13)
-                last = axis in (-1, rank - 1) if opset >= 13 else axis in (-1, rank - 1) or rank <= 2
-                return (node.input[0], "softmax") if last else (output, None)
-    return output, None
-
-
-def _as_teacher_targets(values: Optional[np.ndarray], spec: LossSpec) -> Optional[np.ndarray]:
-    """The teacher's probabilities in the form the loss reads: log-probabilities for a softmax head
-    (logits up to a constant, which softmax ignores), logits for a sigmoid head distilled with MSE."""
-    if values is None or spec.head is None:
-        return values
-    p = np.clip(values.astype(np.float64), 1e-12, 1 - 1e-12)
-    if spec.head == "softmax":
-        return np.log(p).astype(np.float32)
-    if spec.distill_loss == "mse":
-        return (np.log(p) - np.log1p(-p)).astype(np.float32)
-    return values
-
-
-def _top1_counter(reference: np.ndarray):
-    """(outputs, indices) -> how many samples' argmax matches ``reference`` (averaged over tokens)."""
-
-    def count(out: np.ndarray, idx: np.ndarray) -> float:
-        hits = out.argmax(-1) == reference[idx]
-        return float(hits.reshape(len(idx), -1).mean(axis=1).sum())
-
-    return count
-
-
-def _read_teacher(teacher: Optional[ModelLike]) -> Optional[onnx.ModelProto]:
-    if teacher is None or isinstance(teacher, onnx.ModelProto):
-        return teacher
-    from graphprune.model_io import load
-
-    return load(teacher)
-
-
-def _read_labels(spec: "str | os.PathLike[str]") -> np.ndarray:
-    """``FILE.npz`` or ``FILE.npz:KEY`` (default key ``labels``) -> the array."""
-    path, _, key = os.fspath(spec).rpartition(":") if ":" in os.fspath(spec) else (os.fspath(spec), "", "labels")
-    key = key or "labels"
-    if not os.path.exists(path):
-        raise UserError(f"labels {spec}: no such file {path}")
-    try:
-        with np.load(path, allow_pickle=False) as npz:
-            if key not in npz.files:
-                raise UserError(f"labels {spec}: {path} has no array {key!r} (arrays: {', '.join(npz.files)})")
-            return npz[key]
-    except (OSError, ValueError) as exc:
-        raise UserError(f"labels {spec}: not a readable .npz file ({exc})") from None
-
-
-def _check_data(model: onnx.ModelProto, data: InputSet, what: str) -> None:
-    """The samples feed every model input with a compatible dtype, rank and fixed dims."""
-    for name, dtype, declared in input_specs(model):
-        if name not in data.arrays:
-            raise UserError(f"{what}: no samples for model input {name!r} (arrays: {', '.join(sorted(data.arrays))})")
-        value = data.arrays[name]
-        if value.dtype != dtype:
-            raise UserError(f"{what}: input {name!r} has dtype {value.dtype}, the model expects {dtype}")
-        if declared is not None:
-            if value.ndim != len(declared):
-                raise UserError(f"{what}: input {name!r} has shape {list(value.shape)}, the model expects rank "
-                                f"{len(declared)} {list(declared)}")
-            for axis, want in enumerate(declared):
-                if axis and isinstance(want, int) and want > 0 and value.shape[axis] != want:
-                    raise UserError(f"{what}: input {name!r} has shape {list(value.shape)}, the model expects "
-                                    f"{list(declared)}")
 
 
 def _finite(model: onnx.ModelProto) -> onnx.ModelProto:
