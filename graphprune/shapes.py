@@ -13,7 +13,7 @@ import onnx
 from graphprune.ir import clone, copy_fields, declare_as_input, is_large, real_inputs, value_shape, weightless_copy
 
 __all__ = ["infer_shapes", "concrete_shapes", "with_input_shapes", "observed_shapes", "name_negative_dims",
-           "sharing_inference", "sharing_active", "strict_inference", "checked_shapes", "covers"]
+           "sharing_inference", "sharing_active", "strict_inference", "checked_shapes", "checked_weightless", "covers"]
 
 
 def name_negative_dims(graph: onnx.GraphProto) -> int:
@@ -157,7 +157,8 @@ def strict_inference(checked: onnx.ModelProto, model: onnx.ModelProto) -> None:
     kept for ``model``."""
     inferred = onnx.shape_inference.infer_shapes(checked, check_type=True, strict_mode=True, data_prop=False)
     if _CHECKED is not None:
-        _CHECKED[id(model)] = (model, _signature(model), _concrete(model, inferred.graph))
+        light = checked if checked is not model else None
+        _CHECKED[id(model)] = (model, _signature(model), _concrete(model, inferred.graph), light)
 
 
 def checked_shapes(model: onnx.ModelProto) -> Optional[Dict[str, Tuple[int, ...]]]:
@@ -168,6 +169,15 @@ def checked_shapes(model: onnx.ModelProto) -> Optional[Dict[str, Tuple[int, ...]
     if entry is None or entry[0] is not model or entry[1] != _signature(model):
         return None
     return entry[2]
+
+
+def checked_weightless(model: onnx.ModelProto) -> Optional[onnx.ModelProto]:
+    """The weightless copy (``ir.weightless_copy``) the full check of ``model`` inferred, within
+    ``sharing_inference``; None when there is none (the session check builds its own)."""
+    entry = (_CHECKED or {}).get(id(model))
+    if entry is None or entry[0] is not model or entry[1] != _signature(model):
+        return None
+    return entry[3]
 
 
 def covers(shapes: Mapping[str, tuple], model: onnx.ModelProto) -> bool:

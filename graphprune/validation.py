@@ -308,6 +308,7 @@ def check_session(model: onnx.ModelProto) -> None:
     from graphprune.ir import weightless_copy, write_weightless
     from graphprune.model_io import for_ort
     from graphprune.runtime import ort
+    from graphprune.shapes import checked_weightless
 
     if any(imp.domain not in _RUNTIME_DOMAINS for imp in model.opset_import):
         return  # custom ops: see _RUNTIME_DOMAINS
@@ -318,7 +319,9 @@ def check_session(model: onnx.ModelProto) -> None:
     options.intra_op_num_threads = options.inter_op_num_threads = 1
     options.add_session_config_entry("session.disable_prepacking", "1")  # packing would read every weight
     try:
-        light = for_ort(weightless_copy(model))  # relabelling the copy: for_ort copies what it relabels
+        # the full check's copy when it made one (shapes.sharing_inference); for_ort copies what it relabels
+        light = checked_weightless(model)
+        light = for_ort(weightless_copy(model) if light is None else light)
         with tempfile.TemporaryDirectory(prefix="graphprune-check-") as tmp:
             session = rt.InferenceSession(write_weightless(light, tmp, sized=True), options,
                                           providers=["CPUExecutionProvider"])

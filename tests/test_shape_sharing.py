@@ -68,3 +68,17 @@ def test_strict_inference_failure_is_the_checkers_verdict():
     with shapes.sharing_inference(), pytest.raises(UserError) as inside:
         check_model(model, full=True)
     assert str(inside.value) == str(outside.value) and "invalid ONNX graph" in str(inside.value)
+
+
+def test_session_check_reuses_the_full_checks_weightless_copy(monkeypatch):
+    from graphprune import ir, validation
+
+    model = _mlp()
+    monkeypatch.setattr(ir, "LARGE_MODEL_BYTES", 16)  # checked as a weightless copy,
+    monkeypatch.setattr(ir, "_STRIP_MIN_BYTES", 16)  # its weights stripped
+    with shapes.sharing_inference():
+        check_model(model, full=True)
+        light = shapes.checked_weightless(model)
+        assert light is not None and ir.has_external_data(light)
+        monkeypatch.setattr(ir, "weightless_copy", lambda *a, **k: pytest.fail("copied again"))
+        validation.check_session(model)
