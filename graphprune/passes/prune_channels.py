@@ -27,7 +27,7 @@ from graphprune.pruning import (
 from graphprune.pruning.group_ratios import group_keys, select_by_group
 from graphprune.pruning.kind_ratios import KindRatios, select_by_kind
 
-__all__ = ["PruneChannelsPass", "prune_channels", "analyze", "criterion_stats"]
+__all__ = ["PruneChannelsPass", "prune_channels", "analyze", "criterion_stats", "gc_paused"]
 
 
 @register_pass
@@ -140,7 +140,7 @@ class PruneChannelsPass(Pass):
             raise UserError(f"prune: --exclude names no node of the model: {', '.join(missing)}")
 
     def call(self, model: onnx.ModelProto) -> PassResult:
-        with progress_bar(total=3, desc="prune", enabled=self.progress, unit="step") as bar, _gc_paused():
+        with progress_bar(total=3, desc="prune", enabled=self.progress, unit="step") as bar, gc_paused():
             return self._prune(model, bar)
 
     def _prune(self, model: onnx.ModelProto, bar) -> PassResult:
@@ -194,7 +194,7 @@ class PruneChannelsPass(Pass):
 
 
 @contextlib.contextmanager
-def _gc_paused() -> Iterator[None]:
+def gc_paused() -> Iterator[None]:
     """Python's cyclic collector off for the pass: the analysis allocates hundreds of thousands of
     long-lived objects (dims, couplings, members), and each collection of the older generations
     walks all of them again (0.7 s of a 20,000-node graph's prune).  Nothing the pass builds relies
