@@ -15,13 +15,16 @@ from graphprune.passes.prune_channels import PruneChannelsPass
 from graphprune.pruning.budget import DEFAULT_BUDGET_RATIOS, Allocation, allocate
 from graphprune.runtime import make_session, run_samples
 from graphprune.sensitivity.damage import call_metric, load_metric
-from graphprune.sensitivity.measure import cpu_latency, reference_outputs
+from graphprune.sensitivity.measure import cpu_latency_ratio, inner_runs, reference_outputs
 from graphprune.sensitivity.run import feed_shapes, sensitivity
 
 __all__ = ["BudgetResult", "prune_to_budget"]
 
-# Interleaved timing rounds (blocks of runs) when latency is the budget.
-_LATENCY_ROUNDS = 7
+# Interleaved timing rounds (blocks of runs) when latency is the budget: a whole plan is measured
+# once per build, so more rounds than a table entry (the median of 11 paired ratios).
+_LATENCY_ROUNDS = 11
+# Paired rounds per entry of the per-group latency table (one group pruned at one ratio).
+_TABLE_ROUNDS = 7
 # Bisection steps for the uniform ratio a per-group plan is checked against (0.95 / 2**10 ~ 0.001).
 _UNIFORM_STEPS = 10
 
@@ -73,7 +76,7 @@ def prune_to_budget(
                         "(no Conv/Gemm/MatMul with known shapes); use --target-params or --target-latency")
     if report is None:
         report = sensitivity(model, data, ratios=ratios, by="group", metric=metric, criterion=criterion, jobs=jobs,
-                             use_ray=use_ray, latency_rounds=5 if target == "latency" else 0, progress=progress,
+                             use_ray=use_ray, latency_rounds=_TABLE_ROUNDS if target == "latency" else 0, progress=progress,
                              round_to=round_to)
     else:
         check_reusable(report, model, target, criterion, round_to)
@@ -104,9 +107,10 @@ def prune_to_budget(
         if "base" not in latency:
             latency["base"] = make_session(model, threads=1, spinning=False)
         feed = data.first_batch(1)
-        t_base, t_pruned = cpu_latency([latency["base"], make_session(pruned, threads=1, spinning=False)], feed,
-                                       _LATENCY_ROUNDS, _inner_runs(latency["base"], feed))
-        return t_pruned / t_base
+        if "inner" not in latency:
+            latency["inner"] = inner_runs(latency["base"], feed)
+        return cpu_latency_ratio(latency["base"], make_session(pruned, threads=1, spinning=False), feed,
+                                 _LATENCY_ROUNDS, latency["inner"])
 
     blocked = report["blocked"]
     first = blocked[0]["reasons"][0] if blocked and blocked[0]["reasons"] else ""
@@ -172,9 +176,3 @@ def _against_uniform(allocation: Allocation, fraction: float, measure, damage, s
     allocation.checked = {"knapsack": mine, "uniform": theirs, "uniform_ratio": round(hi, 4), "uniform_cost": best[1]}
     if theirs < mine:
         allocation.plan, allocation.ratios, allocation.measured = "uniform", best[0], best[1]
-
-
-def _inner_runs(session, feed) -> int:
-    """Runs per timing block so that a block lasts about 2 ms (tiny models run in microseconds)."""
-    one = cpu_latency([session], feed, 3, 1)[0]
-    return max(1, min(200, int(0.002 / max(one, 1e-7))))

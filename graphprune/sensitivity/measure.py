@@ -10,7 +10,9 @@ then for each task:
 - **MACs and params**: the unit's channels *removed* and counted (``graphprune.metrics``);
 - **latency**: the removed model against the original on ONNX Runtime, one thread, batch 1,
   timed in turns by the calling thread's CPU time (ORT computes in it with one thread), which a
-  busy machine inflates less than wall time; the fraction pruned / original is what is kept.
+  busy machine inflates less than wall time; the fraction pruned / original is the median of the
+  per-round ratios (``cpu_latency_ratio``), each round timing both models back to back, so that
+  load which comes and goes between rounds cancels out of each ratio.
 """
 
 from __future__ import annotations
@@ -36,10 +38,12 @@ from graphprune.pruning.selection import select_channels
 from graphprune.runtime import make_session, run_samples
 from graphprune.sensitivity.damage import call_metric, load_metric
 
-__all__ = ["Analysis", "analyse", "reference_outputs", "run_tasks", "default_jobs"]
+__all__ = ["Analysis", "analyse", "reference_outputs", "run_tasks", "default_jobs", "cpu_latency",
+           "cpu_latency_ratio", "inner_runs"]
 
-# Each latency sample is a block of runs lasting about this long (tiny models run in microseconds).
-_BLOCK_SECONDS = 0.002
+# Each latency sample is a block of runs lasting about this long (tiny models run in microseconds;
+# thread CPU time is counted in scheduler ticks, and a block of a few ms is mostly tick noise).
+_BLOCK_SECONDS = 0.01
 # Below this estimated total, the default (adaptive) run measures everything in its own process.
 _LOCAL_SECONDS = 10.0
 
@@ -109,6 +113,36 @@ def cpu_latency(sessions: Sequence, feed: Dict[str, np.ndarray], rounds: int, in
     return [statistics.median(t) for t in times]
 
 
+def cpu_latency_ratio(base, other, feed: Dict[str, np.ndarray], rounds: int, inner: int) -> float:
+    """Median over ``rounds`` of CPU time ``other`` / ``base``, the two timed back to back in each round
+    (in alternating order: the second of a pair runs with the first one's data in cache).
+
+    A ratio of two medians taken over the whole run mixes rounds of different load: on a machine
+    shared with other jobs the budget's per-group table then promised savings that whole plans did
+    not show (or missed ones they did); a per-round ratio compares like with like.
+    """
+    for s in (base, other):
+        for _ in range(2):
+            s.run(None, feed)
+    ratios = []
+    for r in range(max(1, rounds)):
+        pair = {}
+        for key, s in (("base", base), ("other", other)) if r % 2 == 0 else (("other", other), ("base", base)):
+            start = time.thread_time()
+            for _ in range(inner):
+                s.run(None, feed)
+            pair[key] = time.thread_time() - start
+        if pair["base"] > 0:
+            ratios.append(pair["other"] / pair["base"])
+    return statistics.median(ratios) if ratios else 1.0
+
+
+def inner_runs(session, feed: Dict[str, np.ndarray]) -> int:
+    """Runs per timing block so that a block lasts about ``_BLOCK_SECONDS``."""
+    one = cpu_latency([session], feed, 3, 1)[0]
+    return max(1, min(200, int(_BLOCK_SECONDS / max(one, 1e-7))))
+
+
 class Worker:
     """Measures (unit, ratio) tasks; one per process, built from a picklable payload."""
 
@@ -127,8 +161,7 @@ class Worker:
         if self._base is None:
             session = make_session(self.model, threads=1, spinning=False)
             feed = self.data.first_batch(1)
-            one = cpu_latency([session], feed, 3, 1)[0]
-            self._base = (session, feed, max(1, min(200, int(_BLOCK_SECONDS / max(one, 1e-7)))))
+            self._base = (session, feed, inner_runs(session, feed))
         return self._base
 
     def measure(self, groups: Sequence[str], ratio: float) -> dict:
@@ -142,9 +175,8 @@ class Worker:
                  "latency_fraction": None}
         if self.latency_rounds > 0 and removed:
             base, feed, inner = self._base_session()
-            t_base, t_pruned = cpu_latency([base, make_session(smaller, threads=1, spinning=False)], feed,
-                                           self.latency_rounds, inner)
-            entry["latency_fraction"] = t_pruned / t_base if t_base > 0 else None
+            entry["latency_fraction"] = cpu_latency_ratio(base, make_session(smaller, threads=1, spinning=False),
+                                                          feed, self.latency_rounds, inner)
         elif removed == 0:
             entry["latency_fraction"] = 1.0
         return entry
