@@ -145,3 +145,21 @@ def test_kept_bindings_follow_swaps_and_reloaded_weights():
     assert second.train_step({"x": x}, 0.01)[0] == pytest.approx(first.eval_step({"x": x})[0], rel=1e-6)
     first.load_weights(second.weights())
     assert first.eval_step({"x": x})[0] == pytest.approx(second.eval_step({"x": x})[0], rel=1e-6)
+
+
+# ----- the loss graph ------------------------------------------------------------------------------
+@pytest.mark.parametrize("batch, expected", [("batch", "batch"), (4, "graphprune_batch")])
+def test_loss_targets_share_a_symbolic_batch_dim_so_the_loss_needs_no_runtime_reduction(batch, expected):
+    from graphprune.training.losses import LOSS_NAME, LossSpec, add_loss_graph
+
+    inits = [numpy_helper.from_array(RNG.standard_normal((3, 5)).astype(np.float32), "w")]
+    output = helper.make_tensor_value_info("logits", T.FLOAT, [batch, 5])
+    model = make_model([helper.make_node("MatMul", ["x", "w"], ["logits"])],
+                       [helper.make_tensor_value_info("x", T.FLOAT, [batch, 3])], [output], inits)
+    add_loss_graph(model.graph, LossSpec("logits", "ce", None, 0.0, 1.0), output, 17)
+    targets = next(vi for vi in model.graph.input if vi.name == "graphprune.train/targets")
+    assert targets.type.tensor_type.shape.dim[0].dim_param == expected
+    ops = [n.op_type for n in build_gradients(model, LOSS_NAME, ["w"]).nodes]
+    assert "NonZero" not in ops  # no run-time broadcast reduction (a renamed symbolic batch needed one)
+    x, labels = RNG.standard_normal((4, 3)).astype(np.float32), np.eye(5, dtype=np.float32)[[0, 2, 1, 4]]
+    check_gradients(model, {"x": x, "graphprune.train/targets": labels}, ["w"])

@@ -8,8 +8,9 @@ its [batch, seq, 4 * hidden] tensors per layer).  Node by node, the chain rule g
     dy/dx = h * (E + 2 / sqrt(pi) * u / exp(u^2))
 
 (``x / c`` is ``u`` itself, so no constant value is assumed: exact for any c, b, h), which is six
-passes.  A pattern is used only when its inner tensors feed nothing else; otherwise the per-op rules
-run as usual.
+passes.  Without the scaling (``x * (erf(x) + b) * h``, the form ``linear_gemm`` leaves) u is x.
+A pattern is used only when its inner tensors feed nothing else; otherwise the per-op rules run as
+usual.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ class GeluPattern:
     """One exported exact GELU: ``inner`` nodes are covered by the rule emitted at ``final``."""
 
     x: str
-    u: str  # x / c (or x * c)
+    u: str  # x / c (or x * c); x itself when the pattern has no scaling
     e: str  # erf(u) + b
     scale: Optional[str]  # the constant h, None when there is no final scaling
     final: onnx.NodeProto
@@ -71,20 +72,21 @@ def find_gelu_patterns(model: onnx.ModelProto, constants: Dict[str, np.ndarray])
             continue
         u = erf.input[0]
         scale_node = next((n for n in graph.node if u in n.output), None)
-        if scale_node is None or scale_node.op_type not in ("Div", "Mul") or u in outputs or len(consumers.get(u, [])) != 1:
-            continue
-        x, c = scale_node.input[0], scale_node.input[1]
-        if scale_node.op_type == "Mul" and _scalar(constants, x):
-            x, c = c, x
+        x, c = u, None  # x * (erf(x) + b) * h: u is x itself (linear_gemm moved 1 / c into a Gemm)
+        if (scale_node is not None and scale_node.op_type in ("Div", "Mul") and u not in outputs
+                and len(consumers.get(u, [])) == 1):
+            x, c = scale_node.input[0], scale_node.input[1]
+            if scale_node.op_type == "Mul" and _scalar(constants, x):
+                x, c = c, x
         add = only(erf.output[0], "Add")
-        if not _scalar(constants, c) or add is None or not _scalar(constants, _other(add, erf.output[0])):
+        if (c is not None and not _scalar(constants, c)) or add is None or not _scalar(constants, _other(add, erf.output[0])):
             continue
         e = add.output[0]
         product = only(e, "Mul")
         if product is None:
             continue
         partner = _other(product, e)
-        inner = [scale_node, erf, add]
+        inner = ([scale_node] if c is not None else []) + [erf, add]
         if partner == x:  # (x * E) [* h]
             scaled = only(product.output[0], "Mul")
             h = _other(scaled, product.output[0]) if scaled is not None else None

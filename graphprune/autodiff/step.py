@@ -20,6 +20,7 @@ from onnx import helper, numpy_helper
 
 from graphprune.autodiff.context import GradContext
 from graphprune.autodiff.gradient import build_gradients, forward_facts
+from graphprune.autodiff.linear_gemm import linear_layers_as_gemm
 from graphprune.autodiff.optimizers import OptimizerConfig, StepScalars, clip_by_global_norm, emit_update
 from graphprune.errors import UserError
 
@@ -134,6 +135,8 @@ def build_training_step(
     eval_forward.CopyFrom(forward)
     _expose_layer_norm_statistics(forward)
     facts = forward_facts(forward)
+    if linear_layers_as_gemm(forward, initial, facts):
+        facts = forward_facts(forward)
     grads = build_gradients(forward, loss, list(trainable), facts=facts)
     untouched = [name for name in trainable if grads.grads[name] is None]
     weights = [name for name in trainable if grads.grads[name] is not None]

@@ -209,7 +209,9 @@ def add_loss_graph(graph: onnx.GraphProto, spec: LossSpec, output_vi: onnx.Value
     float_like = onnx.ValueInfoProto()
     float_like.CopyFrom(output_vi)
     dims = float_like.type.tensor_type.shape.dim
-    if len(dims):
+    # Targets come in batches of any size.  A symbolic batch dim keeps the output's name: the two
+    # then count as equal, so the loss's gradient needs no run-time broadcast reduction over it.
+    if len(dims) and not dims[0].dim_param:
         dims[0].Clear()
         dims[0].dim_param = "graphprune_batch"
     float_like.type.tensor_type.elem_type = onnx.TensorProto.FLOAT
