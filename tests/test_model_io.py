@@ -6,7 +6,7 @@ import numpy as np
 import onnx
 import pytest
 
-from graphprune import external_data, model_io, runtime_support
+from graphprune import external_writes, model_io, runtime_support
 from graphprune.errors import UserError
 from graphprune.model_io import OrtLimits, for_ort, load, ort_limits, save
 from graphprune.runtime import make_session, run
@@ -69,7 +69,7 @@ def test_failed_save_leaves_nothing(tmp_path, monkeypatch):
     def boom(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(external_data, "_varint", boom)  # fails after the first bytes were written
+    monkeypatch.setattr(external_writes, "_varint", boom)  # fails after the first bytes were written
     with pytest.raises(OSError):
         save(conv_model(), tmp_path / "out.onnx")
     assert os.listdir(tmp_path) == []
