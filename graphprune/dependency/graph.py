@@ -148,6 +148,10 @@ class DependencyGraph:
     def info(self, dim: DimKey) -> DimInfo:
         return self._ensure(dim)
 
+    def known(self, dim: DimKey) -> Optional[DimInfo]:
+        """``dim``'s info when the analysis saw it, else None (nothing is added)."""
+        return self._infos.get(dim)
+
     def _ensure(self, dim: DimKey) -> DimInfo:
         info = self._infos.get(dim)
         if info is not None:

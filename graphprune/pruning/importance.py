@@ -35,8 +35,8 @@ class _AxisNorms:
             mag = np.abs(w) if self.power == 1 else np.square(w)
             for axis in range(mag.ndim):
                 key = DimKey(dim.tensor, axis)
-                node = self.dep.graph.nodes.get(key)
-                if key == dim or (node is not None and not node["info"].fixed):
+                info = self.dep.known(key)
+                if key == dim or (info is not None and not info.fixed):
                     other = tuple(a for a in range(mag.ndim) if a != axis)
                     self._cache[key] = mag.sum(axis=other) if other else mag
         return self._cache[dim]
@@ -53,7 +53,7 @@ def _aggregate(group: Group, members, per_index: Callable[[DimKey], np.ndarray])
     for m in members:
         values = per_index(m.dim)[m.positions]
         per_channel = np.bincount(m.atoms, weights=values, minlength=group.channels)
-        mean = per_channel.mean()
+        mean = per_channel.sum() / per_channel.size  # what ``mean()`` computes, without its Python layer
         if mean > 0:
             total += per_channel / mean
             used += 1
