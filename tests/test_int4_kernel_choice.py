@@ -87,3 +87,16 @@ def test_cli_default_says_which_kernel_and_why(tmp_path, capsys, monkeypatch):
     printed = capsys.readouterr().out
     assert "(block 32, rtn, int8 kernel)" in printed and "int4 kernel int8 (--int4-kernel auto): timed" in printed
     assert os.path.exists(out)
+
+
+def test_no_weight_in_whole_blocks_takes_matmulnbits_untimed(monkeypatch):
+    """K = 70 is no whole number of blocks of 32: the int8 kernel's form could hold none of them."""
+    monkeypatch.setattr(choice, "_timed", lambda *args: pytest.fail("timed although no weight fits the int8 form"))
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = numpy_helper.from_array(np.random.default_rng(0).standard_normal((70, 16)).astype(np.float32), "w")
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 70])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 16])], [w])
+    result = QuantizeWeightsPass(bits=4)(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    assert result.stats["int4_kernel"] == "matmulnbits" and "whole number of blocks" in result.stats["int4_kernel_choice"]["reason"]

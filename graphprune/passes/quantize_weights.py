@@ -6,7 +6,7 @@ what we write), not as a whole: it imports ``onnx_ir`` (not a dependency here), 
 model with every weight in memory and saves it through ``onnx.save`` (a 2 GB model needs several
 times its size, against our 1.5x goal), rewrites MatMul only (not Gemm with transB, nor Conv), and
 its GPTQ needs Intel's neural-compressor.  So the graph walk, the streaming of weights from external
-data, Gemm, int8 per channel, AWQ and GPTQ are ours (``quantization/weight_nodes.py``,
+data, Gemm, int8 per channel, AWQ and GPTQ are ours (``quantization/weight_targets.py``, ``weight_nodes.py``,
 ``quantization/weight_only.py``).
 """
 
@@ -22,7 +22,8 @@ from graphprune.errors import UserError
 from graphprune.passes.base import Pass, PassResult, register_pass
 from graphprune.quantization import weight_only as wo
 from graphprune.quantization.prepare import is_quantized
-from graphprune.quantization.weight_nodes import Rewriter, Target, find_targets
+from graphprune.quantization.weight_nodes import Rewriter
+from graphprune.quantization.weight_targets import Target, constant_tensors, find_targets
 
 __all__ = ["QuantizeWeightsPass", "quantize_weights"]
 
@@ -143,13 +144,14 @@ class QuantizeWeightsPass(Pass):
         if self.algorithm == "gptq":
             return "matmulnbits", {"reason": "GPTQ's float block scales fit MatMulNBits only"}
         from graphprune.quantization.int4_kernel_choice import choose_int4_kernel, probe_shape
-        from graphprune.quantization.weight_nodes import constant_tensors
 
         tensors = constant_tensors(model)
         shapes = [(t.k, int(tensors[t.name].dims[0 if t.transposed else 1])) for t in targets.values()
                   if t.bits == 4 and t.kind in ("matmul", "gemm")]
-        kernel, detail = choose_int4_kernel(*probe_shape(shapes, self.block_size), self.block_size, self.accuracy_level)
-        return kernel, detail
+        if not any(k % self.block_size == 0 for k, _ in shapes):
+            return "matmulnbits", {"reason": f"no weight's K is a whole number of blocks of {self.block_size} "
+                                             "(the int8 kernel's form needs it)"}
+        return choose_int4_kernel(*probe_shape(shapes, self.block_size), self.block_size, self.accuracy_level)
 
     def _data_aware(self, model: onnx.ModelProto, targets: Dict[str, Target]) -> Dict[str, dict]:
         """Per int4 weight: {"awq_scale": s} or {"hessian": H}, from one run over the data."""
