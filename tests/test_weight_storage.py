@@ -155,6 +155,16 @@ def test_a_graph_with_subgraphs_keeps_its_tensors_and_names():
     check_model(model, full=True)
 
 
+def test_a_graph_whose_annotations_name_tensors_keeps_them():
+    model = _storage_model()
+    note = model.graph.quantization_annotation.add()
+    note.tensor_name = "w2_bias"
+    before = {t.name: t.SerializeToString() for t in model.graph.initializer}
+    stats = compact(model)
+    assert sum(stats.values()) == stats["default_attributes"] == 5
+    assert {t.name: t.SerializeToString() for t in model.graph.initializer} == before
+
+
 @settings(max_examples=12, deadline=None)
 @given(channels=st.integers(4, 40), inputs=st.integers(1, 6), seed=st.integers(0, 2**16))
 def test_compact_keeps_outputs_and_the_runtime_graph(channels, inputs, seed):

@@ -21,7 +21,8 @@ what ONNX Runtime runs:
 
 Refused (left as they are): graph inputs and outputs, tensors on disk, float16 that overflows or
 rounds by more than ``REL_ERROR``; in a graph with subgraphs (If, Loop, Scan bodies may read any
-outer tensor by name) or sparse initializers only default attributes are dropped.
+outer tensor by name), sparse initializers, quantization annotations or training info (they name
+tensors too) only default attributes are dropped.
 """
 
 from __future__ import annotations
@@ -55,9 +56,9 @@ def compact(model: onnx.ModelProto) -> Dict[str, int]:
     graph = model.graph
     stats = {"default_attributes": _drop_conv_defaults(graph), "merged_constants": 0, "packed_constants": 0,
              "float16_constants": 0, "packed_weights": 0, "renamed_tensors": 0, "unnamed_nodes": 0}
-    if graph.sparse_initializer or any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
-                                       for n in graph.node for a in n.attribute):
-        return stats  # a subgraph may read any outer tensor by name: no tensor is retyped or renamed
+    if graph.sparse_initializer or graph.quantization_annotation or model.training_info or any(
+            a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in graph.node for a in n.attribute):
+        return stats  # a subgraph (or an annotation) may name any tensor: no tensor is retyped or renamed
     fixed = {i.name for i in graph.input} | {o.name for o in graph.output}
     stats["packed_weights"] = _pack_dequantized(graph, fixed, _opset(model))
     stats["packed_constants"], stats["float16_constants"] = _pack_constants(graph, fixed, _opset(model))
