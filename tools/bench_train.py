@@ -2,7 +2,8 @@
 on the newest onnxruntime against torch eager and onnxruntime-training 1.19.2.
 
     .venv/bin/python tools/bench_train.py [--models digits resnet18 bert] [--threads 1 2] [--rounds 9]
-        [--round-seconds 1.5] [--round-steps 100] [--max-rounds 60] [--profile] [--json out.json]
+        [--round-seconds 1.5] [--round-steps 100] [--max-rounds 60] [--ours-without-rewrites] [--profile]
+        [--json out.json]
 
 Models (each with a cross-entropy loss on its logits, added by ``losses.add_loss_graph``):
   - ``digits``: the digits CNN (``models/digits_cnn.onnx``, 8x8 images, 10 classes), batch 32;
@@ -15,7 +16,9 @@ MatMul weights and biases, normalization scale/bias; BatchNorm statistics and em
 BatchNorm runs in its inference form in all three).
 
 Columns:
-  - ours: ``autodiff.build_training_step`` + ``StepSession`` (one InferenceSession run per step);
+  - ours: ``autodiff.build_training_step`` + ``StepSession`` (one InferenceSession run per step;
+    ``--ours-without-rewrites`` leaves out the step's forward rewrites: ``gather_pushdown``, which
+    runs BERT's last layer for the pooled position only, and ``linear_gemm``);
   - torch: the same architecture written as a torch module here, the ONNX weights loaded by name,
     ``F.cross_entropy``, ``torch.optim.AdamW`` (its default, single-tensor implementation on CPU);
   - ORT-training: onnxruntime-training-cpu 1.19.2 (``generate_artifacts`` with the loss already the
@@ -77,6 +80,10 @@ def measure(name: str, threads: int, args, side_python: str) -> dict:
     """One row: the three frameworks on ``name`` at ``threads``, interleaved rounds."""
     workdir = tempfile.mkdtemp(prefix=f"bench-train-{name}-")
     meta = prepare(name, workdir)
+    if args.ours_without_rewrites:
+        meta["ours_without_rewrites"] = True
+        with open(os.path.join(workdir, "meta.json"), "w") as f:
+            json.dump(meta, f)
     row = {"model": name, "title": MODELS[name]["title"], "threads": threads, "batch": meta["batch"],
            "trainable_params": meta["trainable_params"], "frameworks": {}}
     pythons = {"ours": sys.executable, "torch": sys.executable, "ortt": side_python}
@@ -144,6 +151,8 @@ def main(argv=None) -> int:
     parser.add_argument("--side-venv", default=SIDE_VENV)
     parser.add_argument("--side-python", default="python3.11", help="python that builds the side venv")
     parser.add_argument("--profile", action="store_true", help="per-op profiles of ours and ORT-training")
+    parser.add_argument("--ours-without-rewrites", action="store_true",
+                        help="ours without the step's forward rewrites (gather_pushdown, linear_gemm): for A/B")
     parser.add_argument("--json")
     parser.add_argument("--worker", choices=list(FRAMEWORKS), help=argparse.SUPPRESS)
     parser.add_argument("--workdir", help=argparse.SUPPRESS)

@@ -19,6 +19,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from graphprune.autodiff.context import GradContext
+from graphprune.autodiff.gather_pushdown import gather_before_positionwise
 from graphprune.autodiff.gradient import build_gradients, forward_facts
 from graphprune.autodiff.linear_gemm import linear_layers_as_gemm
 from graphprune.autodiff.optimizers import OptimizerConfig, StepScalars, clip_by_global_norm, emit_update
@@ -133,6 +134,9 @@ def build_training_step(
     initial = _weights_as_inputs(forward, trainable)
     eval_forward = onnx.ModelProto()
     eval_forward.CopyFrom(forward)
+    # Positions the loss never reads are not computed (gather_pushdown), then exported linear layers
+    # become Gemms (linear_gemm); both rewrite the step's forward only, the eval model is as exported.
+    gather_before_positionwise(forward, forward_facts(forward))
     _expose_layer_norm_statistics(forward)
     facts = forward_facts(forward)
     if linear_layers_as_gemm(forward, initial, facts):

@@ -32,10 +32,13 @@ class _Ours:
         import numpy as np
         import onnx
 
+        from graphprune.autodiff import step as step_module
         from graphprune.autodiff.optimizers import OptimizerConfig
         from graphprune.autodiff.session import StepSession
         from graphprune.autodiff.step import build_training_step
 
+        if meta.get("ours_without_rewrites"):  # --ours-without-rewrites: the step as differentiated, for A/B
+            step_module.gather_before_positionwise = step_module.linear_layers_as_gemm = lambda *args: 0
         model = onnx.load(os.path.join(workdir, "model.onnx"))
         batch = np.load(os.path.join(workdir, "batch.npz"))
         self.feeds = {k: batch[k] for k in meta["feeds"]}
