@@ -10,6 +10,9 @@ row per run in ``--out``.  Fine-tuning is left out: on the recognizer it makes t
 
     PYTHONPATH=<pillow, opencv, pyclipper, shapely, six> .venv/bin/python tools/bench_real_reconstruct.py \\
         rec:0.6:128 rec:0.4:128 det:0.6:24 det:0.4:24 --out DIR
+
+A fourth field names a per-group ratios file (``prune --group-ratios``) to prune with instead of the
+uniform ratio (``det:0.6:24:plan.json --round-to 8``; the target then only labels the row).
 """
 
 from __future__ import annotations
@@ -37,16 +40,23 @@ def _clock():
     return time.perf_counter(), time.process_time()
 
 
-def run(kind: str, target: float, samples: int, out: str, threads: int) -> dict:
-    """One row: prune ``kind`` uniformly to ``target`` of the MACs, reconstruct on ``samples``."""
-    tag = os.path.join(out, f"{kind}_{int(target * 100)}_{samples}")
+def run(kind: str, target: float, samples: int, out: str, threads: int, plan: str = "", round_to: int = 1) -> dict:
+    """One row: prune ``kind`` uniformly to ``target`` of the MACs (or by the ratios file ``plan``),
+    reconstruct on ``samples``."""
+    tag = os.path.join(out, f"{kind}_{int(target * 100)}_{samples}" + (f"_{os.path.basename(plan)[:-5]}" if plan else ""))
     original_path = real_models.models()[kind]
     original, shape = onnx.load(original_path), bench_real.SHAPES[kind]
     data, _ = load_inputs(real_models.data(kind, "train")[0], original, [])
     data = data.subset(np.arange(min(samples, len(data))))
     wall, cpu = _clock()
-    ratio = bench_real._uniform_ratio(original, shape, target)
-    pruned = prune_channels(original, ratio=ratio)
+    if plan:
+        with open(plan) as fh:
+            ratio = json.load(fh)
+        ratio = ratio.get("groups", ratio)
+        pruned = prune_channels(original, ratio=0.0, group_ratios=ratio, round_to=round_to)
+    else:
+        ratio = bench_real._uniform_ratio(original, shape, target)
+        pruned = prune_channels(original, ratio=ratio, round_to=round_to)
     onnx.save(pruned, tag + "_pruned.onnx")
     wall2, cpu2 = _clock()
     result = ReconstructPass(original=original, data=data, threads=threads)(pruned)
@@ -68,14 +78,15 @@ def run(kind: str, target: float, samples: int, out: str, threads: int) -> dict:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("runs", nargs="+", help="KIND:TARGET:SAMPLES, e.g. rec:0.6:128 (kind rec, det or cls)")
+    parser.add_argument("runs", nargs="+", help="KIND:TARGET:SAMPLES[:RATIOS.json], e.g. rec:0.6:128 (kind rec, det or cls)")
+    parser.add_argument("--round-to", type=int, default=1, help="kept channel counts at multiples of N")
     parser.add_argument("--out", required=True, help="folder for the models and the JSON rows")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
     for spec in args.runs:
-        kind, target, samples = spec.split(":")
-        row = run(kind, float(target), int(samples), args.out, args.threads)
+        kind, target, samples, *plan = spec.split(":", 3)
+        row = run(kind, float(target), int(samples), args.out, args.threads, plan[0] if plan else "", args.round_to)
         print({k: v for k, v in row.items() if k != "per_layer"}, flush=True)
     return 0
 
