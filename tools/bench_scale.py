@@ -11,7 +11,8 @@ layer at a time, so generating a 6 GB model needs no 6 GB of memory):
   * ``conv``: 3x3 Conv -> Relu layers of 1024 or 2048 channels on an 8x8 feature map;
   * ``nodes``: a 20,000-node residual MLP of width 32, hidden 64 (MatMul, Relu, MatMul, Add per block).
 Commands: ``inspect``, ``prune --ratio 0.5``, ``sparsify --sparsity 0.5``, ``quantize`` (random
-calibration, 16 samples, ``--no-measure``) and ``canonicalize`` (the pass through the Python API:
+calibration, 16 samples, ``--no-measure``), ``quantize-timed`` (the same in the default timed mode,
+with ``--report``; not in the default list) and ``canonicalize`` (the pass through the Python API:
 load, ``graphprune.canonicalize``, save; it has no sub-command). Each runs in its own process;
 peak RSS is that process's ``ru_maxrss`` (from ``os.wait4``), wall time includes start-up (about 1 s
 of imports), CPU time is its user + system time (what the wall time would be on an idle core, for
@@ -155,6 +156,8 @@ def _command(name: str, model: str, out: str) -> List[str]:
         "prune": cli + ["prune", model, "--ratio", "0.5", "-o", out],
         "sparsify": cli + ["sparsify", model, "--sparsity", "0.5", "-o", out],
         "quantize": cli + ["quantize", model, "--calibration-samples", "16", "--no-measure", "-o", out],
+        # the default timed mode: each candidate placement timed against the float model
+        "quantize-timed": cli + ["quantize", model, "--calibration-samples", "16", "--report", out + ".json", "-o", out],
         "canonicalize": [sys.executable, "-c", _CANONICALIZE, model, out],
     }[name]
 
@@ -273,7 +276,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             out = os.path.join(args.dir, f"{name}.{command}.onnx")
             limit = int(args.rss_limit * size) if args.rss_limit else None
             result = measure(_command(command, path, out), args.timeout, limit, env)
-            for leftover in (out, out + ".data"):
+            for leftover in (out, out + ".data", out + ".json"):
                 if os.path.exists(leftover):
                     os.unlink(leftover)
             ratio = result["peak_rss"] / size if result["peak_rss"] else None
