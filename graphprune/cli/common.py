@@ -168,10 +168,11 @@ def write_report(args, data) -> None:
         atomic_write_text(args.report, json.dumps(data, indent=2, default=str))
 
 
-def write_model(args, model: onnx.ModelProto) -> str:
+def write_model(args, model: onnx.ModelProto, **save_options) -> str:
     """Check then atomically write the result: every model the CLI writes passes the full checker.
 
     A result that fails the checker is our bug (a pass broke the graph), not bad input: exit 1.
+    ``save_options`` go to ``model_io.save`` (``external_data``, ``source_dir``).
     """
     from graphprune.model_io import check_model
     from graphprune.passes.base import PassContractError
@@ -183,7 +184,7 @@ def write_model(args, model: onnx.ModelProto) -> str:
     from graphprune.validation import check_result
 
     check_result(model)  # NaN/Inf weights and what onnxruntime cannot load: refused, nothing written
-    return save(model, args.output, input_path=args.model, overwrite_input=args.overwrite_input)
+    return save(model, args.output, input_path=args.model, overwrite_input=args.overwrite_input, **save_options)
 
 
 def parse_number(text: str, what: str, low: float, high: float, high_inclusive: bool = False) -> float:
