@@ -78,8 +78,12 @@ def _reads(monkeypatch) -> list:
     return names
 
 
-@pytest.mark.parametrize("extra", [(), ("--global",), ("--criterion", "l1", "--round-to", "4")])
+@pytest.mark.parametrize("extra", [(), ("--global",), ("--criterion", "l1", "--round-to", "4"), ("--mode", "mask"),
+                                   ("--criterion", "activation", "--data", "DATA")])
 def test_weights_on_disk_give_the_in_memory_result_byte_for_byte(pair, monkeypatch, extra):
+    if "DATA" in extra:  # calibration samples for the activation criterion: its session maps the weights
+        np.savez(pair / "x.npz", x=np.random.default_rng(1).standard_normal((4, 3, 8, 8)).astype(np.float32))
+        extra = tuple(str(pair / "x.npz") if e == "DATA" else e for e in extra)
     reads = _reads(monkeypatch)
     on = _prune(pair / "on_disk_out", *extra)
     assert {"w1", "w2", "m1", "m2"} <= set(reads)  # scored and sliced from the data file
@@ -118,12 +122,14 @@ def test_nan_on_disk_refused_as_in_memory(tmp_path, capsys):
     bad[3, 5] = np.nan
     model.graph.initializer[7].CopyFrom(numpy_helper.from_array(bad, "m1"))
     model_io.save(model, tmp_path / "m.onnx", external_data=True)
+    (tmp_path / "inline").mkdir()
+    model_io.save(model, tmp_path / "inline" / "m.onnx", external_data=False)  # the door's in-memory check
     messages = []
-    for mode in ("remove", "mask"):  # mask loads the weights as before
-        assert main(["prune", str(tmp_path / "m.onnx"), "-o", str(tmp_path / "p.onnx"), "--ratio", "0.5",
+    for folder, mode in ((tmp_path, "remove"), (tmp_path, "mask"), (tmp_path / "inline", "remove")):
+        assert main(["prune", str(folder / "m.onnx"), "-o", str(tmp_path / "p.onnx"), "--ratio", "0.5",
                      "--mode", mode]) == 2
-        messages.append(capsys.readouterr().err.strip())
-    assert "'m1' holds NaN or Inf" in messages[0] and messages[0] == messages[1]
+        messages.append(capsys.readouterr().err.strip().replace(str(folder), "DIR"))
+    assert "'m1' holds NaN or Inf" in messages[0] and messages[0] == messages[1] == messages[2]
     assert not os.path.exists(tmp_path / "p.onnx")
 
 

@@ -116,9 +116,11 @@ def _run(args) -> int:
     if args.reconstruct and args.mode != "remove":
         raise UserError("--reconstruct refits layers whose channels were removed: not with --mode mask")
     check_output_path(args)
-    # Remove mode on weights alone reads each weight when it scores or slices it: the weights stay
-    # on disk (records) and the untouched ones are copied file to file when the result is written.
-    lazy = args.mode == "remove" and not (args.data or args.reconstruct or wants_blocks(args) or plan is not None)
+    # Channel pruning reads each weight when it scores, slices or masks it: the weights stay on disk
+    # (records) and the untouched ones are copied file to file when the result is written; the
+    # activation criterion's session maps them.  Depth pruning, budgets, reconstruction and the
+    # output/wanda criteria load them.
+    lazy = not (args.reconstruct or wants_blocks(args) or plan is not None or args.criterion in ("output", "wanda"))
     model, source_dir = _load_leaving_weights(args.model) if lazy else (load(args.model), None)
     data, shapes, _ = read_inputs(args, model)
     if with_budget(args):  # blocks first, then the budget (rescaled) or the ratios on what is left

@@ -161,7 +161,7 @@ class PruneChannelsPass(Pass):
             stats["note"] = "ratio 0: nothing to prune" if nothing else "nothing prunable: every group is blocked"
             return PassResult(model, False, stats)
         bar.set_postfix_str("importance")
-        stats_by_dim = criterion_stats(model, prunable, self.criterion, self.data, self.progress)
+        stats_by_dim = criterion_stats(model, prunable, self.criterion, self.data, self.progress, self.source_dir)
         scores = group_scores(dep, prunable, self.criterion, stats_by_dim)
         named, rest = {}, prunable
         if self.group_ratios:
@@ -210,12 +210,14 @@ def gc_paused() -> Iterator[None]:
 
 
 def criterion_stats(model: onnx.ModelProto, prunable: List[Group], criterion: str, data: Optional[InputSet],
-                    progress: bool = False):
+                    progress: bool = False, source_dir: Optional[str] = None):
     """What a data-aware criterion scores channels by (None for the weight criteria): mean
     |activation|, the output error of removing each channel, or Wanda's input norms on ``data``.
-    Shared with the sensitivity measurements, so that they rank channels exactly as the pass does."""
+    Shared with the sensitivity measurements, so that they rank channels exactly as the pass does.
+    ``source_dir``: where the weights ``model`` left on disk are (the activation criterion only)."""
     if criterion == "activation":
-        return activation_stats(model, [m.dim for g in prunable for m in g.members], data, progress=progress)
+        return activation_stats(model, [m.dim for g in prunable for m in g.members], data, progress=progress,
+                                source_dir=source_dir)
     if criterion == "output":
         from graphprune.pruning.output_error import output_error_stats
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Dict, Iterable, List
+from typing import Dict, Iterable, List, Optional
 
 import numpy as np
 import onnx
@@ -17,7 +17,8 @@ __all__ = ["activation_stats"]
 
 
 def activation_stats(
-    model: onnx.ModelProto, dims: Iterable[DimKey], data: InputSet, batch_size: int = 16, progress: bool = False
+    model: onnx.ModelProto, dims: Iterable[DimKey], data: InputSet, batch_size: int = 16, progress: bool = False,
+    source_dir: Optional[str] = None,
 ) -> Dict[DimKey, np.ndarray]:
     """(tensor, axis) -> mean |value| of each index over the samples and every other axis.
 
@@ -29,6 +30,7 @@ def activation_stats(
         data: calibration samples.
         batch_size: samples per run when the batch axis is dynamic.
         progress: show a progress bar over the batches.
+        source_dir: the folder of weights ``model`` left on disk (the session maps them from there).
     """
     constants = {i.name for i in model.graph.initializer}
     axes: Dict[str, List[int]] = defaultdict(list)
@@ -43,7 +45,12 @@ def activation_stats(
     for name in axes:
         if name not in present:
             probe.graph.output.append(onnx.ValueInfoProto(name=name))
-    session = make_session(probe, threads=None)
+    if source_dir is None:
+        session = make_session(probe, threads=None)
+    else:  # the probe holds records only: the runtime maps the weights from the input's file
+        from graphprune.weights_on_disk import session as session_on_disk
+
+        session = session_on_disk(probe, source_dir, threads=None)
     sums: Dict[DimKey, np.ndarray] = {}
     count = 0
     names = list(axes)
