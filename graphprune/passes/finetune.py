@@ -19,11 +19,15 @@ from graphprune.training.heads import probability_head, teacher_targets, top1_co
 from graphprune.training.losses import BatchTargets, LossSpec, resolve_loss
 from graphprune.training.loop import TrainConfig, train_loop
 from graphprune.training.masks import apply_masks, read_masks
+from graphprune.training.probe import overshooting_weights
 from graphprune.training.qdq import requantize
 from graphprune.training.samples import ModelLike, check_data, read_labels, read_teacher
 from graphprune.training.trainable import write_back
 
 __all__ = ["FineTunePass", "finetune", "probability_head"]
+
+# Samples of the probe step that finds the weights to freeze (``training.probe``).
+_PROBE_BATCH = 8
 
 # Integer-only operators have no gradient: their weights cannot train.
 _INTEGER_OPS = {"DynamicQuantizeLinear", "QLinearConv", "QLinearMatMul", "ConvInteger", "MatMulInteger",
@@ -54,6 +58,9 @@ class FineTunePass(Pass):
         QuantizeLinear with the straight-through estimator, and are quantized again with their
         unchanged scales; activation scales and zero points stay as calibrated.
       - Weights named by the sparsity mask record or the pruned-channel record keep their zeros.
+      - Weights whose own step overshoots (a probe step at ``lr`` raises the loss when applied to
+        them alone) are frozen: the reconstructed PP-OCRv3 recognizer's early stages, whose every
+        step otherwise raised the validation loss.
       - A held-out split is evaluated before training and after each epoch and the best is kept, so
         training never makes the validation metric worse than at its start.
 
@@ -84,6 +91,9 @@ class FineTunePass(Pass):
         fold_batchnorm: train each Conv + BatchNorm pair in its folded form, each channel's weights
             times its BatchNorm gain over the layer's median gain (default False: the stored Conv
             weights and the BatchNorm's scale and bias train).
+        freeze: "auto" (default): before training, one probe step at ``lr`` on a few training samples
+            names the weight tensors whose step alone raises that batch's loss (``training.probe``:
+            the loss is too curved along them for ``lr``); they keep their values.  "none" trains all.
         output: the output to train (default: the first float32 output).
         threads: intra-op threads for training (None: onnxruntime decides).
         providers: onnxruntime execution providers for training (default CPU), e.g.
@@ -115,6 +125,7 @@ class FineTunePass(Pass):
         patience: Optional[int] = None,
         batchnorm: str = "auto",
         fold_batchnorm: bool = False,
+        freeze: str = "auto",
         output: Optional[str] = None,
         seed: int = 0,
         threads: Optional[int] = None,
@@ -135,6 +146,9 @@ class FineTunePass(Pass):
             raise UserError(f"batchnorm {batchnorm!r}: choose auto, recalibrate or keep")
         self.batchnorm = batchnorm
         self.fold_batchnorm = bool(fold_batchnorm)
+        if freeze not in ("auto", "none"):
+            raise UserError(f"freeze {freeze!r}: choose auto or none")
+        self.freeze = freeze
         self.val_split = float(val_split)
         self.optimizer = optimizer
         self.weight_decay = float(weight_decay)
@@ -196,8 +210,9 @@ class FineTunePass(Pass):
         graph = build_training_graph(work, trainable.names, spec, masks)
         # The step model is built (and an op without a gradient rule refused) before the teacher's
         # outputs are computed: a refusal comes in seconds, not after a pass over the data.
-        with TrainingSession(graph, self.optimizer, self.weight_decay, threads=self.threads,
-                             providers=self.providers) as session:
+        session = TrainingSession(graph, self.optimizer, self.weight_decay, threads=self.threads,
+                                  providers=self.providers)
+        try:
             teacher_out = teacher_targets(self._teacher_outputs(self._model_output, out_names, output_shape), spec)
             targets = BatchTargets(spec, self.labels, teacher_out, classes)
             arrays = self.data.arrays
@@ -207,8 +222,17 @@ class FineTunePass(Pass):
                 extra = feature_teacher.feeds(inputs) if feature_teacher else {}
                 return {**inputs, **targets.feeds(idx), **extra}
 
+            frozen = self._probe(session, feeds, train_idx, graph.trainable)
+            if frozen:  # train the others from a fresh optimizer state
+                session.close()
+                graph = build_training_graph(work, [n for n in graph.trainable if n not in frozen], spec, masks)
+                session = TrainingSession(graph, self.optimizer, self.weight_decay, threads=self.threads,
+                                          providers=self.providers)
             outcome = train_loop(session, self.config, feeds, self._metric(spec, teacher_out), train_idx, val_idx,
                                  fixed_batch=self.data.fixed_batch, loss_offset=targets.loss_offset)
+        finally:
+            session.close()
+        stats["frozen_weights"] = frozen
         trained = apply_masks(outcome.weights, masks)
         changed = [n for n, v in trained.items() if not np.array_equal(v, values[n])]
         new_values = unfold_values(requantize({n: trained[n] for n in changed}, trainable.fake_quant), folded)
@@ -216,6 +240,15 @@ class FineTunePass(Pass):
         stats.update(_training_stats(graph, outcome, len(changed)))
         stats["seconds"] = round(time.perf_counter() - start, 3)
         return PassResult(_finite(result), bool(changed) or recalibrated > 0, stats)
+
+    def _probe(self, session, feeds, train_idx: np.ndarray, names) -> list:
+        """The weights to freeze (``training.probe``), with ``freeze="auto"``; all of them is none:
+        a model whose every step overshoots trains whole (the best epoch guards the result)."""
+        if self.freeze != "auto" or len(names) < 2:
+            return []
+        size = self.data.fixed_batch or min(_PROBE_BATCH, len(train_idx))
+        frozen = overshooting_weights(session, feeds(train_idx[:size]), self.config.lr)
+        return frozen if len(frozen) < len(names) else []
 
     def _loss_spec(self, model: onnx.ModelProto):
         """(LossSpec, the trained output's shape on a probe batch, the model's output names)."""

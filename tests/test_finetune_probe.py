@@ -1,0 +1,67 @@
+"""The probe step of FineTunePass (training.probe): a weight whose own step overshoots is frozen, and
+the others then train where training every weight made the loss worse."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from graphprune.data import InputSet
+from graphprune.passes import FineTunePass
+
+# The first layer's output is multiplied by this before the second: an Adam step of lr on its
+# weights moves the output ~GAIN * lr (the PP-OCRv3 recognizer's early stages after reconstruct).
+_GAIN = 300.0
+
+
+def _model(noise: float = 0.0):
+    rng = np.random.default_rng(0)
+    w1 = rng.normal(0, 1.0 / (4 * _GAIN), (8, 16)).astype(np.float32)
+    w2 = rng.normal(0, 0.3, (16, 4)).astype(np.float32)
+    if noise:
+        w2 = (w2 + noise * np.random.default_rng(1).normal(0, 0.3, w2.shape)).astype(np.float32)
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"]),
+             helper.make_node("Mul", ["h", "gain"], ["hg"]),
+             helper.make_node("Tanh", ["hg"], ["t"]),
+             helper.make_node("MatMul", ["t", "w2"], ["y"])]
+    inits = [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2"),
+             numpy_helper.from_array(np.array(_GAIN, np.float32), "gain")]
+    graph = helper.make_graph(nodes, "steep_first_layer", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def _data():
+    return InputSet({"x": np.random.default_rng(2).normal(0, 1, (160, 8)).astype(np.float32)})
+
+
+@pytest.mark.parametrize("freeze,improves", [("auto", True), ("none", False)])
+def test_overshooting_weight_is_frozen_and_the_rest_trains(freeze, improves):
+    teacher, student = _model(), _model(noise=0.5)
+    result = FineTunePass(data=_data(), teacher=teacher, epochs=2, batch_size=16, lr=1e-2, distill_loss="mse",
+                          features="none", schedule="constant", freeze=freeze)(student)
+    stats = result.stats
+    assert stats["frozen_weights"] == (["w1"] if freeze == "auto" else [])
+    first = stats["history"][1]["val_loss"]
+    if improves:
+        assert first < 0.5 * stats["val_loss_before"]
+        values = {i.name: numpy_helper.to_array(i) for i in result.model.graph.initializer}
+        np.testing.assert_array_equal(values["w1"], numpy_helper.to_array(student.graph.initializer[0]))
+    else:  # every step of w1 overshoots: the loss rises and the pass keeps the input's weights
+        assert first > stats["val_loss_before"] and stats["best_epoch"] == 0
+
+
+def test_nothing_frozen_on_a_model_far_from_its_target():
+    teacher, student = _model(), _model(noise=0.5)
+    student.graph.initializer[2].CopyFrom(numpy_helper.from_array(np.array(1.0, np.float32), "gain"))
+    result = FineTunePass(data=_data(), teacher=teacher, epochs=1, batch_size=16, lr=1e-2, distill_loss="mse",
+                          features="none")(student)
+    assert result.stats["frozen_weights"] == []
+
+
+def test_freeze_value_checked():
+    from graphprune.errors import UserError
+
+    with pytest.raises(UserError, match="freeze"):
+        FineTunePass(data=_data(), teacher=_model(), freeze="all")
