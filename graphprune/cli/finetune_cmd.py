@@ -44,6 +44,10 @@ def register(sub) -> None:
     p.add_argument("--batchnorm", choices=["auto", "recalibrate", "keep"], default="auto",
                    help="re-estimate BatchNorm statistics from --data before training, or keep them; auto "
                         "(default): keep them after prune --reconstruct, re-estimate otherwise")
+    p.add_argument("--freeze", choices=["auto", "none"], default="auto",
+                   help="auto (default): weights whose own probe step at --lr raises the loss keep their values")
+    p.add_argument("--fold-batchnorm", action="store_true",
+                   help="train each Conv + BatchNorm folded (written back unfolded)")
     p.add_argument("--output-name", metavar="NAME", help="the model output to train (default: the first)")
     p.add_argument("--seed", type=int, default=0, help="shuffling and split seed")
     p.add_argument("--threads", type=int, help="training threads (default: onnxruntime decides)")
@@ -88,6 +92,8 @@ def _training_args(args) -> dict:
         "loss": args.loss,
         "distill_loss": args.distill_loss,
         "batchnorm": args.batchnorm,
+        "freeze": args.freeze,
+        "fold_batchnorm": args.fold_batchnorm,
         "features": args.features if args.features in ("auto", "none")
         else [name.strip() for name in args.features.split(",") if name.strip()],
         "feature_weight": parse_number(args.feature_weight, "--feature-weight", 0.0, float("inf")),
@@ -157,6 +163,8 @@ def _print_summary(stats: dict) -> None:
           f"BatchNorm layers recalibrated: {stats['batchnorm_recalibrated']}")
     if stats.get("features"):
         print(f"features matched to the teacher: {', '.join(stats['features'])}")
+    if stats.get("frozen_weights"):
+        print(f"frozen (their probe step raised the loss): {len(stats['frozen_weights'])} weights")
     if "steps" not in stats:
         return
     metric = lambda v: "n/a" if v is None else f"{v * 100:.2f}%"  # noqa: E731
