@@ -34,12 +34,14 @@ class Member:
         info: what the graph knows about it (size, param, role).
         positions: the dim's indices that belong to the group (None when its size is dynamic).
         atoms: for each position, the group channel (0 .. channels-1) it belongs to.
+        identity: positions and atoms are both ``0 .. channels-1``: index k of the dim is channel k.
     """
 
     dim: DimKey
     info: DimInfo
     positions: Optional[np.ndarray]
     atoms: Optional[np.ndarray]
+    identity: bool = False
 
 
 @dataclasses.dataclass
@@ -140,7 +142,7 @@ def _add_identity_group(groups: List[Group], dims, infos, fixed: bool) -> None:
     """Fast path: every coupling is index i <-> index i between dims of one size."""
     n = infos[dims[0]].size
     idx = np.arange(n, dtype=np.int64)
-    members = [Member(d, infos[d], idx, idx) for d in dims]
+    members = [Member(d, infos[d], idx, idx, True) for d in dims]
     reasons = _dedupe(r for d in dims for r in infos[d].reasons)
     groups.append(Group(len(groups), n, members, reasons, fixed))
 

@@ -35,8 +35,8 @@ class _AxisNorms:
             mag = np.abs(w) if self.power == 1 else np.square(w)
             for axis in range(mag.ndim):
                 key = DimKey(dim.tensor, axis)
-                info = self.dep.known(key)
-                if key == dim or (info is not None and not info.fixed):
+                info = self.dep.known(key)  # blocked axes are never scored: not summed
+                if key == dim or (info is not None and not info.fixed and not info.reasons):
                     other = tuple(a for a in range(mag.ndim) if a != axis)
                     self._cache[key] = mag.sum(axis=other) if other else mag
         return self._cache[dim]
@@ -51,8 +51,10 @@ def _aggregate(group: Group, members, per_index: Callable[[DimKey], np.ndarray])
     total = np.zeros(group.channels, dtype=np.float64)
     used = 0
     for m in members:
-        values = per_index(m.dim)[m.positions]
-        per_channel = np.bincount(m.atoms, weights=values, minlength=group.channels)
+        if m.identity:  # what the bincount below gives when index k is channel k: the values themselves
+            per_channel = np.asarray(per_index(m.dim), dtype=np.float64)
+        else:
+            per_channel = np.bincount(m.atoms, weights=per_index(m.dim)[m.positions], minlength=group.channels)
         mean = per_channel.sum() / per_channel.size  # what ``mean()`` computes, without its Python layer
         if mean > 0:
             total += per_channel / mean
