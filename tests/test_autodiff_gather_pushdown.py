@@ -46,16 +46,17 @@ def _gather_inputs(model):
 
 def _attention_block(reshape_shape=(0, 0, 2, 2), seq="s"):
     """x [n, s, 4] -> q, k, v heads -> softmax(q k^T) v -> merged -> LayerNorm(. + x) -> tanh -> [:, 0]."""
-    nodes = [helper.make_node("MatMul", ["x", "wq"], ["q"]), helper.make_node("MatMul", ["x", "wk"], ["k"]),
-             helper.make_node("Reshape", ["q", "heads"], ["q4"]), helper.make_node("Transpose", ["q4"], ["qt"], perm=[0, 2, 1, 3]),
-             helper.make_node("Reshape", ["k", "heads"], ["k4"]), helper.make_node("Transpose", ["k4"], ["kt"], perm=[0, 2, 3, 1]),
-             helper.make_node("MatMul", ["qt", "kt"], ["scores"]), helper.make_node("Softmax", ["scores"], ["p"], axis=-1),
-             helper.make_node("Reshape", ["x", "heads"], ["v4"]), helper.make_node("Transpose", ["v4"], ["vt"], perm=[0, 2, 1, 3]),
-             helper.make_node("MatMul", ["p", "vt"], ["ctx"]), helper.make_node("Transpose", ["ctx"], ["ctx_t"], perm=[0, 2, 1, 3]),
-             helper.make_node("Reshape", ["ctx_t", "merge"], ["merged"]), helper.make_node("Add", ["merged", "x"], ["res"]),
-             helper.make_node("LayerNormalization", ["res", "ln_s", "ln_b"], ["normed"], axis=-1),
-             helper.make_node("Tanh", ["normed"], ["act"]), helper.make_node("Gather", ["act", "zero"], ["first"], axis=1),
-             helper.make_node("MatMul", ["first", "wo"], ["logits"])]
+    n = helper.make_node
+    nodes = [n("MatMul", ["x", "wq"], ["q"]), n("MatMul", ["x", "wk"], ["k"]),
+             n("Reshape", ["q", "heads"], ["q4"]), n("Transpose", ["q4"], ["qt"], perm=[0, 2, 1, 3]),
+             n("Reshape", ["k", "heads"], ["k4"]), n("Transpose", ["k4"], ["kt"], perm=[0, 2, 3, 1]),
+             n("MatMul", ["qt", "kt"], ["scores"]), n("Softmax", ["scores"], ["p"], axis=-1),
+             n("Reshape", ["x", "heads"], ["v4"]), n("Transpose", ["v4"], ["vt"], perm=[0, 2, 1, 3]),
+             n("MatMul", ["p", "vt"], ["ctx"]), n("Transpose", ["ctx"], ["ctx_t"], perm=[0, 2, 1, 3]),
+             n("Reshape", ["ctx_t", "merge"], ["merged"]), n("Add", ["merged", "x"], ["res"]),
+             n("LayerNormalization", ["res", "ln_s", "ln_b"], ["normed"], axis=-1),
+             n("Tanh", ["normed"], ["act"]), n("Gather", ["act", "zero"], ["first"], axis=1),
+             n("MatMul", ["first", "wo"], ["logits"])]
     inits = [_f("wq", (4, 4)), _f("wk", (4, 4)), _f("wo", (4, 3)), _f("ln_s", (4,)), _f("ln_b", (4,)),
              _i("heads", list(reshape_shape)), _i("merge", [0, 0, 4]), _i("zero", 0)]
     return make_model(nodes, [helper.make_tensor_value_info("x", T.FLOAT, ["n", seq, 4])],
@@ -83,7 +84,8 @@ def test_gather_stops_at_a_reshape_that_moves_the_axis_and_at_a_softmax_over_it(
     x = RNG.standard_normal((2, 5, 4)).astype(np.float32)
     assert reference_evaluator(pushed).run(None, {"x": x})[0] == pytest.approx(
         reference_evaluator(model).run(None, {"x": x})[0], rel=1e-5, abs=1e-6)
-    nodes = [helper.make_node("Softmax", ["x"], ["p"], axis=1), helper.make_node("Gather", ["p", "zero"], ["y"], axis=1)]
+    nodes = [helper.make_node("Softmax", ["x"], ["p"], axis=1),
+             helper.make_node("Gather", ["p", "zero"], ["y"], axis=1)]
     over_axis = make_model(nodes, [helper.make_tensor_value_info("x", T.FLOAT, ["n", "s", 4])],
                            [helper.make_tensor_value_info("y", T.FLOAT, ["n", 4])], [_i("zero", 0)])
     assert _pushed(over_axis)[1] == 0
@@ -100,7 +102,8 @@ def test_broadcast_operands_are_read_whole_and_an_unknown_dim_blocks():
     x = RNG.standard_normal((3, 4, 4)).astype(np.float32)
     assert reference_evaluator(pushed).run(None, {"x": x})[0] == pytest.approx(
         reference_evaluator(model).run(None, {"x": x})[0], rel=1e-6)
-    other = make_model([helper.make_node("Add", ["x", "t"], ["a"]), helper.make_node("Gather", ["a", "rows"], ["y"], axis=1)],
+    other = make_model([helper.make_node("Add", ["x", "t"], ["a"]),
+                        helper.make_node("Gather", ["a", "rows"], ["y"], axis=1)],
                        [helper.make_tensor_value_info("x", T.FLOAT, ["n", "s", 4]),
                         helper.make_tensor_value_info("t", T.FLOAT, ["n", "u", 4])],  # "u" may be 1: may broadcast
                        [helper.make_tensor_value_info("y", T.FLOAT, ["n", 2, 4])], [_i("rows", [0, 2])])

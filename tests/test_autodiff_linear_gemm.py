@@ -47,7 +47,8 @@ def _ffn(order: str = "xe_h", divide: bool = True, x_read_elsewhere: bool = Fals
         nodes.append(helper.make_node("ReduceSum", ["h"], ["hs"], keepdims=0))
         nodes.append(helper.make_node("Add", ["y", "hs"], ["y2"]))
     last = "y2" if x_read_elsewhere else "y"
-    nodes += [helper.make_node("Mul", [last, last], ["sq"]), helper.make_node("ReduceMean", ["sq"], ["loss"], keepdims=0)]
+    nodes += [helper.make_node("Mul", [last, last], ["sq"]),
+              helper.make_node("ReduceMean", ["sq"], ["loss"], keepdims=0)]
     inits = [_const("w1", RNG.standard_normal((HIDDEN, FFN))), _const("b1", RNG.standard_normal(FFN)),
              _const("w2", RNG.standard_normal((FFN, HIDDEN))), _const("b2", RNG.standard_normal(HIDDEN)),
              _const("root2", math.sqrt(2.0)), _const("inv_root2", 1 / math.sqrt(2.0)), _const("one", 1.0),
@@ -109,7 +110,8 @@ def test_training_step_with_the_rewrite_matches_the_step_without_it(monkeypatch)
     model = _ffn("xh_e")
     trainable = ["w1", "b1", "w2", "b2"]
     with_rewrite = build_training_step(model, "loss", trainable)
-    assert any(n.op_type == "Gemm" and n.name.startswith("graphprune.step/gemm/") for n in with_rewrite.step_model.graph.node)
+    assert any(n.op_type == "Gemm" and n.name.startswith("graphprune.step/gemm/")
+               for n in with_rewrite.step_model.graph.node)
     monkeypatch.setattr(step_module, "linear_layers_as_gemm", lambda *args: 0)
     without = build_training_step(model, "loss", trainable)
     assert not any(n.name.startswith("graphprune.step/gemm/") for n in without.step_model.graph.node)

@@ -170,7 +170,8 @@ class _Pushdown:
                 new_nodes.append(helper.make_node("Squeeze", [selected, self._ints([axis])], list(reader.output),
                                                   name=self.name("Squeeze")))
             elif reader.output[0] != selected and reader.output[0] in self.outputs:
-                new_nodes.append(helper.make_node("Identity", [selected], list(reader.output), name=self.name("Identity")))
+                new_nodes.append(helper.make_node("Identity", [selected], list(reader.output),
+                                                  name=self.name("Identity")))
             elif reader.output[0] != selected:  # one name for the rows (patterns such as GELU's see one tensor)
                 renamed[reader.output[0]] = selected
         gone = {id(producer)} | {id(r) for r in same}

@@ -99,7 +99,8 @@ class _Rewriter:
             ints = lambda v, hint: self.const(np.array(v, np.int64), hint)
             nodes += [
                 helper.make_node("Shape", [x], [full], name=self.name("Shape")),
-                helper.make_node("Slice", [full, ints([0], "start"), ints([-1], "end")], [lead], name=self.name("Slice")),
+                helper.make_node("Slice", [full, ints([0], "start"), ints([-1], "end")], [lead],
+                                 name=self.name("Slice")),
                 helper.make_node("Concat", [lead, ints([n], "width")], [shape], axis=0, name=self.name("Concat")),
                 helper.make_node("Reshape", [y2, shape], [out], name=self.name("Reshape")),
             ]

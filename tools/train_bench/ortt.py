@@ -1,4 +1,4 @@
-"""The onnxruntime-training 1.19.2 column: its side virtualenv, its artifacts and its step (never a graphprune dependency)."""
+"""The onnxruntime-training 1.19.2 column: its side venv, artifacts and step (never a graphprune dependency)."""
 
 from __future__ import annotations
 
