@@ -108,6 +108,10 @@ def test_broadcast_operands_are_read_whole_and_an_unknown_dim_blocks():
                         helper.make_tensor_value_info("t", T.FLOAT, ["n", "u", 4])],  # "u" may be 1: may broadcast
                        [helper.make_tensor_value_info("y", T.FLOAT, ["n", 2, 4])], [_i("rows", [0, 2])])
     assert _pushed(other)[1] == 0
+    grid = make_model([helper.make_node("Tanh", ["x"], ["a"]), helper.make_node("Gather", ["a", "grid"], ["y"], axis=1)],
+                      [helper.make_tensor_value_info("x", T.FLOAT, ["n", "s", 4])],
+                      [helper.make_tensor_value_info("y", T.FLOAT, ["n", 1, 2, 4])], [_i("grid", [[0, 2]])])
+    assert _pushed(grid)[1] == 0  # a 2-D index adds an axis: left where it is
 
 
 def test_bert_classifier_step_with_the_rewrite_matches_the_step_without_it(monkeypatch):

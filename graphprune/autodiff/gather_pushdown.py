@@ -123,8 +123,8 @@ class _Pushdown:
                 continue
             data, index = gather.input[0], self.indices(gather)
             producer, rank = producers.get(data), self.rank(data)
-            if index is None or producer is None or rank is None or data in self.outputs:
-                continue
+            if index is None or index.ndim > 1 or producer is None or rank is None or data in self.outputs:
+                continue  # (a 2-D index would add an axis: the moved ops' axes would no longer line up)
             axis = int(_attr(gather, "axis", 0)) % rank
             readers = consumers.get(data, [])
             same = [r for r in readers if r.op_type == "Gather" and self.indices(r) is not None
