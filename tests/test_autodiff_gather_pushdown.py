@@ -77,6 +77,17 @@ def test_gather_moves_through_the_last_attention_block_and_stops_where_all_posit
     check_gradients(pushed, {"x": x}, ["x", "wq", "wk", "ln_s", "ln_b"])
 
 
+def test_opset_12_scalar_index_squeezes_with_the_axes_attribute():
+    nodes = [helper.make_node("Tanh", ["x"], ["a"]), helper.make_node("Gather", ["a", "zero"], ["y"], axis=1)]
+    model = make_model(nodes, [helper.make_tensor_value_info("x", T.FLOAT, ["n", "s", 4])],
+                       [helper.make_tensor_value_info("y", T.FLOAT, ["n", 4])], [_i("zero", 0)], opset=12)
+    pushed, moves = _pushed(model)
+    assert moves == 1
+    onnx.checker.check_model(pushed, full_check=True)
+    x = RNG.standard_normal((2, 3, 4)).astype(np.float32)
+    assert reference_evaluator(pushed).run(None, {"x": x})[0] == pytest.approx(np.tanh(x[:, 0]), rel=1e-6)
+
+
 def test_gather_stops_at_a_reshape_that_moves_the_axis_and_at_a_softmax_over_it():
     model = _attention_block(reshape_shape=(-1, 5, 2, 2), seq=5)  # the sequence axis not copied (0): stop there
     pushed, _ = _pushed(model)

@@ -49,6 +49,7 @@ class _Pushdown:
         self.graph = model.graph
         self.facts = facts
         self.outputs = {vi.name for vi in self.graph.output}
+        self.opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 13)
         self._count = 0
 
     def name(self, hint: str) -> str:
@@ -166,7 +167,10 @@ class _Pushdown:
         axis = int(_attr(gather, "axis", 0)) % rank
         renamed: Dict[str, str] = {}
         for reader in same:  # the other former Gathers read the selected rows (a Squeeze for a scalar index)
-            if index.ndim == 0:
+            if index.ndim == 0 and self.opset < 13:  # Squeeze's axes were an attribute before opset 13
+                new_nodes.append(helper.make_node("Squeeze", [selected], list(reader.output), axes=[axis],
+                                                  name=self.name("Squeeze")))
+            elif index.ndim == 0:
                 new_nodes.append(helper.make_node("Squeeze", [selected, self._ints([axis])], list(reader.output),
                                                   name=self.name("Squeeze")))
             elif reader.output[0] != selected and reader.output[0] in self.outputs:
@@ -195,7 +199,7 @@ def gather_before_positionwise(model: onnx.ModelProto, facts: ForwardFacts, limi
     """Move constant-index Gathers upstream in ``model`` (in place), as described above.
 
     Args:
-        model: the step's forward model (opset 13 or newer: Squeeze takes its axes as an input).
+        model: the step's forward model.
         facts: ``forward_facts(model)`` before the rewrite (ranks, dims and their names, constants).
         limit: at most this many moves (a guard; each move removes one node from the unselected graph).
 
