@@ -3,7 +3,8 @@
 Usage:
     .venv/bin/python tools/bench_llm.py [--llm ~/.cache/graphprune-bench/llm/llama.onnx]
         [--dir ~/.cache/graphprune-bench/llm/out] [--rounds 7] [--threads 1,2]
-        [--variants int4,int4nbits,int4i8,int8,wanda50,wanda24,depth25] [--skip-bert] [--json out.json]
+        [--variants int4,int4nbits,int4i8,int8,int8dq,int8i8,wanda50,wanda24,depth25] [--skip-bert | --skip-llm]
+        [--bert-variants int4,int8,int4-awq,int4-gptq,int8dq] [--json out.json]
     .venv/bin/python tools/bench_llm.py --kernels   # one FFN MatMul: fp32 vs MatMulNBits variants, M = 1 and 128
 
 The LLM is made by ``tools/make_llm_fixture.py`` (Llama-style, GQA, 0.5B parameters, 2.0 GB of
@@ -11,8 +12,10 @@ fp32 weights in one external data file).  Every graphprune command runs in its o
 GNU time; its peak RSS is time's ``%M`` and "x size" is peak RSS over the input model's bytes on
 disk.  Sizes are the files on disk (model + data files).  Each written model's session is created
 once in a fresh process (1 thread): CPU seconds, peak RSS and RSS once built (``session_cost``).
-Variants: ``int4`` is the default ``--int4-kernel auto`` (timed on this machine), ``int4nbits`` and
-``int4i8`` pin ``MatMulNBits`` and the int8 kernel.
+Variants: ``int4`` and ``int8`` are the default ``--kernel auto`` (timed on this machine);
+``int4nbits`` / ``int8dq`` pin ``--kernel matmulnbits`` (int8: DequantizeLinear, fused by ONNX
+Runtime into 8-bit ``MatMulNBits``), ``int4i8`` / ``int8i8`` the int8 kernel
+(``DynamicQuantizeMatMul``).  A command's first stdout lines (the kernel chosen and why) are kept.
 
 Latency: batch 1, ``input_ids`` of 1 token (the weight-bound regime of decoding) and of 128 tokens,
 on ``--threads`` intra-op threads (no spinning); fp32 and the variant are timed alternately
@@ -42,10 +45,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLI = [os.path.join(os.path.dirname(sys.executable), "graphprune")]
 TIME = "/usr/bin/time"  # GNU time, for the commands' peak RSS
 VARIANTS = {
-    "int4": ["quantize", "--weights-only", "int4", "--block-size", "32"],  # --int4-kernel auto (the default)
-    "int4nbits": ["quantize", "--weights-only", "int4", "--block-size", "32", "--int4-kernel", "matmulnbits"],
-    "int8": ["quantize", "--weights-only", "int8"],
-    "int4i8": ["quantize", "--weights-only", "int4", "--block-size", "32", "--int4-kernel", "int8"],
+    "int4": ["quantize", "--weights-only", "int4", "--block-size", "32"],  # --kernel auto (the default)
+    "int4nbits": ["quantize", "--weights-only", "int4", "--block-size", "32", "--kernel", "matmulnbits"],
+    "int8": ["quantize", "--weights-only", "int8"],  # --kernel auto (the default)
+    "int8dq": ["quantize", "--weights-only", "int8", "--kernel", "matmulnbits"],
+    "int4i8": ["quantize", "--weights-only", "int4", "--block-size", "32", "--kernel", "int8"],
+    "int8i8": ["quantize", "--weights-only", "int8", "--kernel", "int8"],
     "wanda50": ["sparsify", "--criterion", "wanda", "--sparsity", "0.5", "--data", "{data}"],
     "wanda24": ["sparsify", "--criterion", "wanda", "--pattern", "2:4", "--data", "{data}"],
     "depth25": ["prune", "--blocks-ratio", "0.25", "--data", "{data}"],
@@ -146,7 +151,10 @@ def _agreement_ids() -> List[np.ndarray]:
     return [rng.integers(0, 32000, (1, 128)).astype(np.int64) for _ in range(2)]
 
 
-def bench_bert(folder: str) -> Dict[str, object]:
+BERT_VARIANTS = ("int4", "int8", "int4-awq", "int4-gptq")
+
+
+def bench_bert(folder: str, variants=BERT_VARIANTS) -> Dict[str, object]:
     import onnx
 
     from graphprune.testing.fixtures_transformer import bert_base_like
@@ -159,7 +167,7 @@ def bench_bert(folder: str) -> Dict[str, object]:
     np.savez(data, input_ids=np.random.default_rng(3).integers(0, 30522, (16, 128)).astype(np.int64))
     ref = session(src, 2).run(None, feed)
     rows = {"fp32": {"bytes": files_size(src)}}
-    for name in ("int4", "int8", "int4-awq", "int4-gptq"):
+    for name in variants:
         out = os.path.join(folder, f"bert_base_{name}.onnx")
         argv = VARIANTS[name.split("-")[0]] + (["--algorithm", name.split("-")[1], "--data", data] if "-" in name else [])
         row = measured_command(argv[:1] + [src, "-o", out] + argv[1:])
@@ -236,7 +244,7 @@ KERNEL_VARIANTS = [
     ("int8 MatMulNBits acc4 block 128", "nbits", {"acc": 4, "block": 128, "bits": 8}),
     ("int8 MatMulNBits acc4 block 32", "nbits", {"acc": 4, "bits": 8}),
     ("int8 DynamicQuantizeMatMul (per column)", "dynamic", {}),
-    ("int4 block 32 for the int8 kernel (--int4-kernel int8)", "int4i8", {}),
+    ("int4 block 32 for the int8 kernel (--kernel int8)", "int4i8", {}),
 ]
 
 
@@ -251,7 +259,7 @@ def _kernel_model(w: np.ndarray, kind: str, acc: int = 0, block: int = 32, bits:
     if kind == "int4i8":  # what graphprune writes: folded into int8 at load, then DynamicQuantizeMatMul
         from graphprune.passes.quantize_weights import quantize_weights
 
-        return quantize_weights(_kernel_model(w, "fp32"), bits=4, block_size=block, int4_kernel="int8")
+        return quantize_weights(_kernel_model(w, "fp32"), bits=4, block_size=block, kernel="int8")
     if kind == "fp32":
         nodes, inits = [helper.make_node("MatMul", ["x", "w"], ["y"])], [numpy_helper.from_array(w, "w")]
     elif kind == "dynamic":
@@ -333,6 +341,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--threads", default="1,2")
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--skip-bert", action="store_true")
+    parser.add_argument("--skip-llm", action="store_true")
+    parser.add_argument("--bert-variants", default=",".join(BERT_VARIANTS))
     parser.add_argument("--kernels", action="store_true", help="only the MatMul vs MatMulNBits micro-benchmark")
     parser.add_argument("--json")
     args = parser.parse_args(argv)
@@ -348,9 +358,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"load average at end: {result['loadavg_end']}", flush=True)
     else:
         if not args.skip_bert:
-            result["bert"] = bench_bert(args.dir)
-        result["llm"] = bench_llm(args.llm, args.dir, args.variants.split(","),
-                                  [int(t) for t in args.threads.split(",")], args.rounds)
+            result["bert"] = bench_bert(args.dir, args.bert_variants.split(","))
+        if not args.skip_llm:
+            result["llm"] = bench_llm(args.llm, args.dir, args.variants.split(","),
+                                      [int(t) for t in args.threads.split(",")], args.rounds)
         result["loadavg_end"] = os.getloadavg()
         print(f"load average at end: {result['loadavg_end']}", flush=True)
     if args.json:

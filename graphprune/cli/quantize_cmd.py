@@ -22,7 +22,7 @@ from graphprune.errors import UserError
 from graphprune.ir import has_external_data
 from graphprune.model_io import load
 from graphprune.quantization.config import ACTIVATION_TYPES, METHODS, QuantConfig, check_max_error
-from graphprune.quantization.weight_only import ALGORITHMS, INT4_KERNELS
+from graphprune.quantization.weight_only import ALGORITHMS, KERNELS
 
 # Reasons listing more layers than this print the first few and a count.
 _NAMES_SHOWN = 6
@@ -36,7 +36,7 @@ def register(sub) -> None:
         "int8 kernels pay for their borders, time the placements against float on ONNX Runtime (CPU time "
         "per run), write the fastest whose output error is not far above the best one's (int8 weight-only "
         "storage when int8 kernels do not pay).  With --weights-only, only the weights are stored in int8 or "
-        "int4 (MatMulNBits) and activations stay float.",
+        "int4 and activations stay float (--kernel: which kernel reads them).",
     )
     p.add_argument("model", help="the float ONNX model")
     add_output_options(p)
@@ -60,10 +60,12 @@ def register(sub) -> None:
     p.add_argument("--algorithm", choices=ALGORITHMS,
                    help="how int4 weights are chosen: rtn (round to nearest, default), awq (activation-aware "
                    "scales) or gptq (error compensation); awq and gptq need --data")
-    p.add_argument("--int4-kernel", choices=INT4_KERNELS,
-                   help="the kernel int4 MatMul/Gemm weights are written for: auto (default: both timed on one "
-                   "layer on this machine), matmulnbits (on x86 fastest for a few rows, e.g. decoding) or int8 "
-                   "(expanded to int8 at load for DynamicQuantizeMatMul; fastest for many rows, e.g. a prompt)")
+    p.add_argument("--kernel", choices=KERNELS,
+                   help="the kernel int4/int8 weight-only MatMul/Gemm weights are written for: auto (default: both "
+                   "timed on one layer on this machine), matmulnbits (int8 as DequantizeLinear, which ONNX Runtime "
+                   "fuses into 8-bit MatMulNBits; on x86 fastest for a few rows, e.g. decoding) or int8 "
+                   "(DynamicQuantizeMatMul, int4 expanded to int8 at load; fastest for many rows, e.g. a prompt)")
+    p.add_argument("--int4-kernel", choices=KERNELS, help="the old spelling of --kernel, int4 only")
     add_report_option(p, "the placement report")
     p.set_defaults(func=run)
 

@@ -16,10 +16,12 @@ _STATIC_ONLY = (("max_error", "--max-error"), ("exclude", "--exclude"), ("op_typ
 
 
 def refuse_weight_options(args) -> None:
-    """Static int8: --block-size and --algorithm belong to --weights-only."""
+    """Static int8: --block-size, --algorithm and the kernel options belong to --weights-only."""
     for attr, flag in (("block_size", "--block-size"), ("algorithm", "--algorithm"), ("int4_kernel", "--int4-kernel")):
         if getattr(args, attr, None) is not None:
             raise UserError(f"{flag} applies to --weights-only int4")
+    if getattr(args, "kernel", None) is not None:
+        raise UserError("--kernel applies to --weights-only int8|int4 (static int8 places its own QDQ kernels)")
 
 
 def _settings(args):
@@ -53,7 +55,8 @@ def run(args) -> int:
     data, _, _ = read_inputs(args, model) if args.data else (None, None, None)
     source_dir = os.path.dirname(os.path.abspath(args.model))
     result = QuantizeWeightsPass(bits=bits, block_size=block_size, algorithm=algorithm, data=data,
-                                 source_dir=source_dir, int4_kernel=getattr(args, "int4_kernel", None) or "auto")(model)
+                                 source_dir=source_dir, kernel=getattr(args, "kernel", None),
+                                 int4_kernel=getattr(args, "int4_kernel", None))(model)
     if not result.modified:
         raise UserError(f"--weights-only {args.weights_only}: the model has no MatMul, Gemm, Conv or embedding "
                         "weight to quantize (nothing written)")
@@ -141,12 +144,12 @@ def format_weights(stats: dict) -> str:
     before, after = stats["float_bytes"], stats["quantized_bytes"]
     formats = ", ".join(f"{kind} {n}" for kind, n in stats["formats"].items())
     lines = [f"weight-only int{stats['bits']}"
-             + (f" (block {stats['block_size']}, {stats['algorithm']}, {stats['int4_kernel']} kernel)" if stats["bits"] == 4
-                else " (per channel)")
+             + (f" (block {stats['block_size']}, {stats['algorithm']}, {stats['kernel']} kernel)" if stats["bits"] == 4
+                else f" (per channel, {stats['kernel']} kernel)")
              + f": {stats['weights_quantized']} weights ({formats}); {before / 1e6:.2f} MB -> {after / 1e6:.2f} MB "
              f"of weights ({before / max(after, 1):.2f}x smaller)"]
-    if stats.get("int4_kernel_choice"):
-        lines.append(f"  int4 kernel {stats['int4_kernel']} (--int4-kernel auto): {stats['int4_kernel_choice']['reason']}")
+    if stats.get("kernel_choice"):
+        lines.append(f"  kernel {stats['kernel']} (--kernel auto): {stats['kernel_choice']['reason']}")
     for name, reason in list(stats["skipped"].items())[:6]:
         lines.append(f"  {name}: {reason}")
     if len(stats["skipped"]) > 6:

@@ -70,35 +70,36 @@ class QuantizeWeightsPass(Pass):
         embeddings: also quantize embedding tables.
         accuracy_level: ``MatMulNBits``' accuracy_level (4: int8 activations inside the kernel, the
             fast path on x86; 0: float activations).
-        int4_kernel: "matmulnbits" (int4 MatMul/Gemm weights as ``MatMulNBits``: on x86 the
-            fastest for a few rows, e.g. decoding), "int8" (int4 values with integer block
-            multipliers, expanded into int8 at load for ``DynamicQuantizeMatMul``: fastest for
-            many rows, e.g. a prompt; see ``quantization/weight_int8_kernel.py``; RTN and AWQ
-            only) or "auto" (default: both timed on one layer of the model's shape on this
-            machine, ``quantization/int4_kernel_choice.py``; GPTQ takes ``MatMulNBits``).
+        kernel: the kernel MatMul/Gemm weights are written for.  "matmulnbits": int4 as
+            ``MatMulNBits``, int8 as DequantizeLinear (fused by ONNX Runtime into 8-bit
+            ``MatMulNBits``); on x86 the fastest for a few rows, e.g. decoding.  "int8": read by
+            com.microsoft ``DynamicQuantizeMatMul`` (integer GEMM, activations quantized per
+            tensor at run time): int8 weights as they are, int4 values with integer block
+            multipliers expanded into int8 at load (``quantization/weight_int8_kernel.py``; RTN
+            and AWQ only); fastest for many rows, e.g. a prompt.  "auto" (default): both timed on
+            one layer of the model's shape on this machine (``quantization/kernel_choice.py``;
+            GPTQ takes ``MatMulNBits``).
+        int4_kernel: the old name of ``kernel`` (int4 only).
         folded: every int8 weight as Cast and Mul, folded into a float weight when ONNX Runtime
             loads the model: a smaller file at float speed and with float math (static
-            quantization's fallback), instead of 8-bit ``MatMulNBits`` kernels for MatMul/Gemm.
+            quantization's fallback), instead of int8 kernels for MatMul/Gemm (``kernel`` unused).
     """
 
     name = "quantize_weights"
 
     def __init__(self, bits: int = 8, block_size: int = 32, algorithm: str = "rtn", data=None,
                  source_dir: Optional[str] = None, embeddings: bool = True, accuracy_level: int = 4,
-                 folded: bool = False, int4_kernel: str = "auto"):
+                 folded: bool = False, kernel: Optional[str] = None, int4_kernel: Optional[str] = None):
         if bits not in (4, 8):
             raise UserError(f"weight-only quantization takes int8 or int4, not {bits} bits")
         if algorithm not in wo.ALGORITHMS:
             raise UserError(f"--algorithm {algorithm!r}: choose one of {', '.join(wo.ALGORITHMS)}")
         if algorithm != "rtn" and bits != 4:
             raise UserError(f"--algorithm {algorithm} chooses int4 weights; int8 per channel is rounded to nearest")
-        if int4_kernel not in wo.INT4_KERNELS:
-            raise UserError(f"--int4-kernel {int4_kernel!r}: choose one of {', '.join(wo.INT4_KERNELS)}")
-        if int4_kernel == "int8" and bits != 4:
-            raise UserError("--int4-kernel applies to --weights-only int4")
-        if int4_kernel == "int8" and algorithm == "gptq":
+        kernel = _kernel_option(bits, kernel, int4_kernel)
+        if kernel == "int8" and algorithm == "gptq":
             raise UserError("--algorithm gptq chooses float block scales, which the int8 kernel's form cannot hold; "
-                            "use --int4-kernel matmulnbits or --algorithm rtn|awq")
+                            "use --kernel matmulnbits or --algorithm rtn|awq")
         if algorithm != "rtn" and data is None:
             raise UserError(f"--algorithm {algorithm} needs calibration data (--data FILE.npz)")
         self.bits = bits
@@ -109,7 +110,7 @@ class QuantizeWeightsPass(Pass):
         self.embeddings = embeddings
         self.accuracy_level = int(accuracy_level)
         self.folded = bool(folded)
-        self.int4_kernel = int4_kernel
+        self.kernel = kernel
 
     def requires(self, model: onnx.ModelProto) -> None:
         found = is_quantized(model)
@@ -131,27 +132,37 @@ class QuantizeWeightsPass(Pass):
         result = rewriter.build()
         stats = rewriter.stats()
         stats.update({"bits": self.bits, "block_size": self.block_size if self.bits == 4 else None,
-                      "int4_kernel": kernel if self.bits == 4 else None,
-                      "algorithm": self.algorithm, "skipped": skipped})
+                      "kernel": kernel, "algorithm": self.algorithm, "skipped": skipped})
         if choice:
-            stats["int4_kernel_choice"] = choice
+            stats["kernel_choice"] = choice
+        if self.bits == 4:  # the keys' old names, for readers of earlier reports
+            stats["int4_kernel"] = kernel
+            if choice:
+                stats["int4_kernel_choice"] = choice
         return PassResult(result, True, stats)
 
     def _kernel(self, model: onnx.ModelProto, targets: Dict[str, Target]):
-        """(the int4 kernel to write for, how "auto" decided it or None)."""
-        if self.bits != 4 or self.int4_kernel != "auto":
-            return self.int4_kernel, None
+        """(the kernel MatMul/Gemm weights are written for, how "auto" decided it or None; the kernel is
+        None when ``folded``: every int8 weight is then dequantized at load)."""
+        if self.folded:
+            return None, None
+        if self.kernel != "auto":
+            return self.kernel, None
         if self.algorithm == "gptq":
             return "matmulnbits", {"reason": "GPTQ's float block scales fit MatMulNBits only"}
-        from graphprune.quantization.int4_kernel_choice import choose_int4_kernel, probe_shape
+        from graphprune.quantization.kernel_choice import choose_kernel, probe_shape
 
         tensors = constant_tensors(model)
         shapes = [(t.k, int(tensors[t.name].dims[0 if t.transposed else 1])) for t in targets.values()
-                  if t.bits == 4 and t.kind in ("matmul", "gemm")]
-        if not any(k % self.block_size == 0 for k, _ in shapes):
+                  if t.bits == self.bits and t.kind in ("matmul", "gemm")
+                  and tensors[t.name].data_type == onnx.TensorProto.FLOAT]
+        if not shapes:  # nothing either kernel would read (Conv and embeddings only, float16 weights)
+            return "matmulnbits", None
+        block = self.block_size if self.bits == 4 else 1  # int4's int8 form needs K in whole blocks
+        if not any(k % block == 0 for k, _ in shapes):
             return "matmulnbits", {"reason": f"no weight's K is a whole number of blocks of {self.block_size} "
                                              "(the int8 kernel's form needs it)"}
-        return choose_int4_kernel(*probe_shape(shapes, self.block_size), self.block_size, self.accuracy_level)
+        return choose_kernel(self.bits, *probe_shape(shapes, block), self.block_size, self.accuracy_level)
 
     def _data_aware(self, model: onnx.ModelProto, targets: Dict[str, Target]) -> Dict[str, dict]:
         """Per int4 weight: {"awq_scale": s} or {"hessian": H}, from one run over the data."""
@@ -180,6 +191,21 @@ class QuantizeWeightsPass(Pass):
                 for t in group:
                     out[t.name] = {"awq_scale": s}
         return out
+
+
+def _kernel_option(bits: int, kernel: Optional[str], int4_kernel: Optional[str]) -> str:
+    """The kernel asked for (``--kernel``, or its old int4-only spelling ``--int4-kernel``), default "auto"."""
+    if int4_kernel is not None:
+        if bits != 4:
+            raise UserError("--int4-kernel applies to --weights-only int4 (use --kernel for int8)")
+        if kernel is not None and kernel != int4_kernel:
+            raise UserError(f"--kernel {kernel} and --int4-kernel {int4_kernel} disagree; give one (--int4-kernel is "
+                            "the old spelling of --kernel)")
+        kernel = int4_kernel
+    kernel = "auto" if kernel is None else kernel
+    if kernel not in wo.KERNELS:
+        raise UserError(f"--kernel {kernel!r}: choose one of {', '.join(wo.KERNELS)}")
+    return kernel
 
 
 def quantize_weights(model: onnx.ModelProto, bits: int = 8, **kwargs) -> onnx.ModelProto:

@@ -21,6 +21,9 @@ holds int8 weights (twice the int4 file's bytes).  Two forms of q and its expans
 
 ONNX Runtime's constant folding keeps every intermediate tensor until the session is built, so the
 expansion's length is the session's peak: 3 bytes a weight with INT4, 6 with nibbles.
+
+int8 weight-only's form for this kernel needs no expansion: its int8 per-column weight is what
+``DynamicQuantizeMatMul`` reads (``read_by_dynamic_matmul``, shared by both widths).
 """
 
 from __future__ import annotations
@@ -30,7 +33,8 @@ from typing import List, Tuple
 import numpy as np
 from onnx import TensorProto, helper
 
-__all__ = ["fits", "int4_with_multipliers", "nibbles", "dequantize", "expansion_nodes", "rewrite", "SHARED_CONSTANTS"]
+__all__ = ["fits", "int4_with_multipliers", "nibbles", "dequantize", "expansion_nodes", "rewrite",
+           "read_by_dynamic_matmul", "SHARED_CONSTANTS"]
 
 # Largest block multiplier: q * r stays within int8 (8 * 15 = 120).
 _MAX_MULTIPLIER = 15
@@ -152,14 +156,22 @@ def rewrite(rewriter, target, w: np.ndarray, awq) -> None:
              rewriter._add(f"{name}_q4_shape", np.array([k, n], np.int64)), f"{name}_int8")
     scale = rewriter._add(f"{name}_scale", unit)
     rewriter.before.setdefault(min(i for i, _ in target.uses), []).extend(expansion_nodes(name, names, int4))
-    rewriter.needs.add("com.microsoft")
     activation = rewriter._awq_input(target, awq, np.float32) if awq is not None else None
+    read_by_dynamic_matmul(rewriter, target, names[3], scale, activation, "_Q4I8")
+
+
+def read_by_dynamic_matmul(rewriter, target, weight: str, scale: str, activation=None, suffix: str = "_I8") -> None:
+    """Replace each reader of ``target`` by com.microsoft ``DynamicQuantizeMatMul`` on the int8 [K, N]
+    tensor ``weight`` with column scales ``scale`` (a Gemm's C added after; the int4 form's expanded
+    weight and the int8 weight alike).  ``activation``: the input to read instead of the node's."""
+    rewriter.needs.add("com.microsoft")
     for i, _ in target.uses:
         node = rewriter.model.graph.node[i]
         has_bias = node.op_type == "Gemm" and len(node.input) > 2 and node.input[2]
         out = f"{node.output[0]}_nobias" if has_bias else node.output[0]
-        nodes = [helper.make_node("DynamicQuantizeMatMul", [activation or node.input[0], names[3], scale], [out],
-                                  name=(node.name or name) + "_Q4I8", domain="com.microsoft")]
+        base = node.name or target.name
+        nodes = [helper.make_node("DynamicQuantizeMatMul", [activation or node.input[0], weight, scale], [out],
+                                  name=base + suffix, domain="com.microsoft")]
         if has_bias:
-            nodes.append(helper.make_node("Add", [out, node.input[2]], [node.output[0]], name=(node.name or name) + "_bias"))
+            nodes.append(helper.make_node("Add", [out, node.input[2]], [node.output[0]], name=base + "_bias"))
         rewriter.instead[i] = nodes

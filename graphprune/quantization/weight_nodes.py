@@ -17,7 +17,8 @@ from graphprune.errors import UserError
 from graphprune.ir import copy_fields
 from graphprune.quantization import weight_int8_kernel as ik
 from graphprune.quantization import weight_only as wo
-from graphprune.quantization.weight_targets import FLOAT_TYPES, NODE_BYTES, Target, constant_tensors, find_targets
+from graphprune.quantization.weight_targets import (FLOAT_TYPES, NODE_BYTES, Target, constant_tensors, find_targets,
+                                                     gemm_is_matmul)
 
 __all__ = ["Target", "find_targets", "constant_tensors", "Rewriter", "NODE_BYTES"]
 
@@ -30,10 +31,10 @@ class Rewriter:
     """
 
     def __init__(self, model: onnx.ModelProto, source_dir: Optional[str], block_size: int, accuracy_level: int,
-                 folded: bool = False, int4_kernel: str = "matmulnbits"):
+                 folded: bool = False, kernel: str = "matmulnbits"):
         self.model = model
         self.folded = folded  # every int8 weight as Cast and Mul (see ``_int8``)
-        self.int4_kernel = int4_kernel  # "matmulnbits" or "int8" (``weight_int8_kernel``)
+        self.kernel = kernel  # MatMul/Gemm weights for "matmulnbits" or "int8" (DynamicQuantizeMatMul)
         self.source_dir = source_dir
         self.block_size = block_size
         self.accuracy_level = accuracy_level
@@ -106,8 +107,14 @@ class Rewriter:
         into a float weight when the session is created, so the model runs at float speed with
         float math.  Conv weights always take the latter (a DequantizeLinear before a Conv runs at
         every inference and keeps the Conv out of the NCHWc layout: PP-OCR cls 1.7x slower), and so
-        does every weight with ``folded``.
+        does every weight with ``folded``.  With the "int8" kernel, a MatMul/Gemm weight that fits
+        (``_dynamic_fits``) is instead read as it is by ``DynamicQuantizeMatMul`` (integer GEMM).
         """
+        if self._dynamic_fits(target, tensor):
+            q, scale = wo.int8_per_channel(self.weight_kn(target), 1)  # [K, N], one scale per column
+            ik.read_by_dynamic_matmul(self, target, self._add(f"{target.name}_q8", q),
+                                      self._add(f"{target.name}_scale", scale))
+            return
         w = self.read(target.name)
         axis = 0 if target.kind == "conv" or target.transposed else 1
         q, scale = wo.int8_per_channel(w, axis)
@@ -224,10 +231,20 @@ class Rewriter:
             self._int4_cast = wo.runtime_has("CastInt4") and (self.opset >= 21 or _raises_to_21(self.model))
         return self._int4_cast
 
+    def _dynamic_fits(self, target: Target, tensor: TensorProto) -> bool:
+        """int8 weights read by ``DynamicQuantizeMatMul``: asked for (not ``folded``), a float32
+        MatMul/Gemm weight (the kernel's activations are float32), Gemms that are A @ B (+ C), a
+        runtime with the kernel."""
+        graph = self.model.graph
+        return (self.kernel == "int8" and not self.folded and target.kind in ("matmul", "gemm")
+                and tensor.data_type == TensorProto.FLOAT
+                and all(graph.node[i].op_type == "MatMul" or gemm_is_matmul(graph.node[i]) for i, _ in target.uses)
+                and wo.runtime_has("DynamicQuantizeMatMul"))
+
     def _int8_kernel_fits(self, k: int, tensor: TensorProto, extra: dict) -> bool:
         """The int8-kernel form: asked for, a float32 weight in whole blocks, RTN or AWQ (GPTQ picks
         float block scales), opset 11 (BitShift) and a runtime with DynamicQuantizeMatMul."""
-        return (self.int4_kernel == "int8" and tensor.data_type == TensorProto.FLOAT and "hessian" not in extra
+        return (self.kernel == "int8" and tensor.data_type == TensorProto.FLOAT and "hessian" not in extra
                 and self.opset >= 11 and ik.fits(k, self.block_size) and wo.runtime_has("DynamicQuantizeMatMul"))
 
     def _awq_input(self, target: Target, s: np.ndarray, dtype) -> str:

@@ -14,6 +14,7 @@ from graphprune.errors import UserError
 __all__ = [
     "BLOCK_SIZES",
     "ALGORITHMS",
+    "KERNELS",
     "INT4_KERNELS",
     "check_block_size",
     "int8_per_channel",
@@ -27,9 +28,11 @@ __all__ = [
 
 BLOCK_SIZES = (16, 32, 64, 128, 256)
 ALGORITHMS = ("rtn", "awq", "gptq")
-# Kernels int4 MatMul/Gemm weights are written for: MatMulNBits (fast with few rows: decoding) or
-# int8 DynamicQuantizeMatMul after an expansion at load (fast with many rows: prefill, batches).
-INT4_KERNELS = ("auto", "matmulnbits", "int8")  # auto: timed on this machine (``int4_kernel_choice``)
+# Kernels int4/int8 MatMul/Gemm weights are written for: MatMulNBits (int4 blocks; int8 as
+# DequantizeLinear, which ONNX Runtime fuses into 8-bit MatMulNBits: fast with few rows, decoding)
+# or int8 DynamicQuantizeMatMul (int4 after an expansion at load: fast with many rows, prefill).
+KERNELS = ("auto", "matmulnbits", "int8")  # auto: timed on this machine (``kernel_choice``)
+INT4_KERNELS = KERNELS  # the choices' old name (``--int4-kernel``)
 # AWQ's grid of exponents for the activation scale s = mean|x| ** alpha (0: plain RTN).
 _AWQ_GRID = (0.0, 0.125, 0.25, 0.375, 0.5, 0.625, 0.75)
 # GPTQ: dampening of the Hessian's diagonal (fraction of its mean) and the lazy-update width.

@@ -12,7 +12,7 @@ from onnx import TensorProto
 from graphprune.ir import get_attr
 from graphprune.quantization import weight_only as wo
 
-__all__ = ["Target", "find_targets", "constant_tensors", "NODE_BYTES", "FLOAT_TYPES"]
+__all__ = ["Target", "find_targets", "constant_tensors", "gemm_is_matmul", "NODE_BYTES", "FLOAT_TYPES"]
 
 # What a quantized weight costs in the file besides its values and scales: the dequantizing
 # nodes and their tensor names (measured: 80-150 bytes a weight on PP-OCR cls).  A weight whose
@@ -73,8 +73,9 @@ def _int8_pays(tensor: TensorProto, axis: int) -> bool:
     return count + channels * itemsize + NODE_BYTES < count * itemsize
 
 
-def _gemm_int4_ok(node: onnx.NodeProto) -> bool:
-    """MatMulNBits computes A @ B (+ C added after): only Gemm without transA, alpha 1 and beta 1 fits."""
+def gemm_is_matmul(node: onnx.NodeProto) -> bool:
+    """MatMulNBits and DynamicQuantizeMatMul compute A @ B (+ C added after): only Gemm without
+    transA, alpha 1 and beta 1 fits."""
     return (get_attr(node, "transA", 0) == 0 and get_attr(node, "alpha", 1.0) == 1.0
             and (len(node.input) < 3 or not node.input[2] or get_attr(node, "beta", 1.0) == 1.0))
 
@@ -115,7 +116,7 @@ def find_targets(model: onnx.ModelProto, bits: int, block_size: int, embeddings:
         width = bits
         if bits == 4 and kind == "conv":
             width = 8  # no int4 convolution kernel: int8 per channel still shrinks the file 4x
-        elif bits == 4 and kind == "gemm" and not all(_gemm_int4_ok(n) for n in nodes):
+        elif bits == 4 and kind == "gemm" and not all(gemm_is_matmul(n) for n in nodes):
             width = 8
             skipped[name] = "int8, not int4: Gemm with transA, alpha or beta (MatMulNBits computes A @ B only)"
         elif bits == 4 and kind == "embedding" and (k % block_size or not wo.runtime_has("GatherBlockQuantized")):

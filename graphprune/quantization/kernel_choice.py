@@ -1,20 +1,27 @@
-"""``--int4-kernel auto``: which kernel int4 MatMul weights are written for, chosen by timing both on this machine.
+"""``--kernel auto``: which kernel int4 or int8 MatMul weights are written for, chosen by timing both on this machine.
 
-The two forms (``weight_nodes.Rewriter``) trade places with the CPU and the runtime.  On the x86
-Xeon of the benchmarks (onnxruntime 1.32, avx512_vnni / AMX), ``MatMulNBits`` is slightly faster
-for one row (1-token decoding: 3.1x fp32 against 2.6-3.0x) but slower than fp32 for 128 rows (a
-prompt: 0.77x), where the int8 form's ``DynamicQuantizeMatMul`` (folded to int8 at load, integer
-GEMM) runs 4-4.7x; other CPUs (ARM with KleidiAI, a later MLAS) may invert that.  So the choice is
-measured, never assumed: one layer of the model's most common int4 shape (capped, so the probe
-stays short) is written in both forms by the pass itself, and each is timed by CPU time of the
-calling thread (one intra-op thread: a busy machine cannot inflate it) at M = 1 and M = 128 rows,
-interleaved over a few rounds, median per form.  The int8 form wins when the geometric mean of its
-speedups over ``MatMulNBits`` at the two row counts is above 1: decoding and prompt processing
-weigh the same.
+Each width has two forms (``weight_nodes.Rewriter``) that trade places with the CPU and the runtime:
+
+- int4: ``MatMulNBits`` (4-bit blocks) or the int8 kernel's form (4-bit values with integer block
+  multipliers, folded to int8 at load, ``weight_int8_kernel``);
+- int8: ``DequantizeLinear -> MatMul``, which ONNX Runtime fuses into 8-bit ``MatMulNBits``
+  ("matmulnbits"), or the int8 weight read directly by com.microsoft ``DynamicQuantizeMatMul``
+  ("int8").
+
+On the x86 Xeon of the benchmarks (onnxruntime 1.32, avx512_vnni / AMX), ``MatMulNBits`` is slightly
+faster for one row (1-token decoding) but no faster than fp32 for 128 rows (a prompt: 0.77-0.93x),
+where ``DynamicQuantizeMatMul``'s integer GEMM runs 4-6x; other CPUs (ARM with KleidiAI, a later
+MLAS) may invert that.  So the choice is measured, never assumed: one layer of the model's most
+common shape (capped, so the probe stays short) is written in both forms by the pass itself, and
+each is timed by CPU time of the calling thread (one intra-op thread: a busy machine cannot
+inflate it) at M = 1 and M = 128 rows, interleaved over a few rounds, median per form.  The int8
+form wins when the geometric mean of its speedups over ``MatMulNBits`` at the two row counts is
+above 1: decoding and prompt processing weigh the same.
 
 Not timed: a runtime that lacks one of the kernels gets the other; GPTQ's float block scales only
-fit ``MatMulNBits``.  The int8 form's costs that timing does not see are in the README (its session
-holds int8 weights, twice the int4 bytes, and creating it folds the expansion).
+fit ``MatMulNBits``.  Costs the timing does not see are in the README: ``DynamicQuantizeMatMul``
+quantizes the activations per tensor (uint8), a larger error than ``MatMulNBits``' per-block int8
+activations; the int4 int8-kernel form's session holds int8 weights (twice the int4 bytes).
 """
 
 from __future__ import annotations
@@ -25,7 +32,7 @@ from typing import Dict, Iterable, Tuple
 
 import numpy as np
 
-__all__ = ["choose_int4_kernel", "probe_shape", "ROWS"]
+__all__ = ["choose_kernel", "probe_shape", "ROWS", "KERNEL_NAMES"]
 
 # Row counts timed: one token (weight-bound decoding) and a 128-token prompt (compute-bound).
 ROWS = (1, 128)
@@ -34,11 +41,13 @@ _MAX_K, _MAX_N = 4096, 4096
 _ROUNDS = 5
 # Runs per round and row count: enough CPU time per sample to rise above the timer's resolution.
 _RUNS = {1: 10, 128: 2}
+# What the "matmulnbits" form is, per width, for the reasons printed.
+KERNEL_NAMES = {4: "MatMulNBits", 8: "DequantizeLinear (fused into 8-bit MatMulNBits)"}
 
 
-def probe_shape(shapes: Iterable[Tuple[int, int]], block_size: int) -> Tuple[int, int]:
-    """The (K, N) that holds the most int4 weight values among ``shapes`` (whole blocks only),
-    capped at 4096 x 4096; (1024, 1024) when there is none."""
+def probe_shape(shapes: Iterable[Tuple[int, int]], block_size: int = 1) -> Tuple[int, int]:
+    """The (K, N) that holds the most weight values among ``shapes`` (K in whole blocks only),
+    capped at 4096 x 4096; (1024, 1024) when there is none.  int8: ``block_size`` 1."""
     totals: Dict[Tuple[int, int], int] = {}
     for k, n in shapes:
         if k % block_size == 0:
@@ -49,19 +58,20 @@ def probe_shape(shapes: Iterable[Tuple[int, int]], block_size: int) -> Tuple[int
     return min(k, _MAX_K - _MAX_K % block_size), min(n, _MAX_N)
 
 
-def choose_int4_kernel(k: int, n: int, block_size: int, accuracy_level: int = 4) -> Tuple[str, dict]:
-    """("int8" or "matmulnbits", what decided it) for int4 weights of shape [k, n] on this machine."""
+def choose_kernel(bits: int, k: int, n: int, block_size: int = 32, accuracy_level: int = 4) -> Tuple[str, dict]:
+    """("int8" or "matmulnbits", what decided it) for ``bits``-bit weights of shape [k, n] on this machine."""
     from graphprune.quantization.weight_only import runtime_has
 
     if not runtime_has("DynamicQuantizeMatMul"):
         return "matmulnbits", {"reason": "the runtime has no DynamicQuantizeMatMul"}
-    if not runtime_has("MatMulNBits"):
+    if bits == 4 and not runtime_has("MatMulNBits"):
         return "int8", {"reason": "the runtime has no MatMulNBits"}
-    times = _timed(int(k), int(n), int(block_size), int(accuracy_level))
+    times = _timed(int(bits), int(k), int(n), int(block_size), int(accuracy_level))
     speedups = [times["matmulnbits"][m] / times["int8"][m] for m in ROWS]
     mean = float(np.sqrt(np.prod(speedups)))
     kernel = "int8" if mean > 1.0 else "matmulnbits"
-    detail = {"reason": f"timed on one [{k}, {n}] layer: int8 form {speedups[0]:.2f}x MatMulNBits at 1 row, "
+    other = KERNEL_NAMES[bits]
+    detail = {"reason": f"timed on one [{k}, {n}] layer: int8 form {speedups[0]:.2f}x {other} at 1 row, "
                         f"{speedups[1]:.2f}x at 128 (geometric mean {mean:.2f})",
               "shape": [int(k), int(n)], "cpu_ms": {kind: {str(m): round(t, 4) for m, t in by_rows.items()}
                                                   for kind, by_rows in times.items()}}
@@ -69,9 +79,9 @@ def choose_int4_kernel(k: int, n: int, block_size: int, accuracy_level: int = 4)
 
 
 @functools.lru_cache(maxsize=None)
-def _timed(k: int, n: int, block_size: int, accuracy_level: int) -> Dict[str, Dict[int, float]]:
+def _timed(bits: int, k: int, n: int, block_size: int, accuracy_level: int) -> Dict[str, Dict[int, float]]:
     """Median CPU ms per run of each form, {kind: {rows: ms}} (one probe per shape and process)."""
-    sessions = {kind: _session(k, n, block_size, accuracy_level, kind) for kind in ("matmulnbits", "int8")}
+    sessions = {kind: _session(bits, k, n, block_size, accuracy_level, kind) for kind in ("matmulnbits", "int8")}
     rng = np.random.default_rng(0)
     feeds = {m: {"x": rng.standard_normal((m, k)).astype(np.float32)} for m in ROWS}
     for session in sessions.values():  # warm-up: first runs allocate
@@ -89,7 +99,7 @@ def _timed(k: int, n: int, block_size: int, accuracy_level: int) -> Dict[str, Di
     return {kind: {m: float(np.median(v)) for m, v in by_rows.items()} for kind, by_rows in samples.items()}
 
 
-def _session(k: int, n: int, block_size: int, accuracy_level: int, kind: str):
+def _session(bits: int, k: int, n: int, block_size: int, accuracy_level: int, kind: str):
     """A one-MatMul model [M, k] x [k, n] written by the pass in ``kind``'s form, in a 1-thread session."""
     from onnx import TensorProto, helper, numpy_helper
 
@@ -97,12 +107,12 @@ def _session(k: int, n: int, block_size: int, accuracy_level: int, kind: str):
     from graphprune.runtime import make_session
 
     w = (np.random.default_rng(1).standard_normal((k, n)) / np.sqrt(k)).astype(np.float32)
-    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"], name="probe")], "int4_probe",
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"], name="probe")], "kernel_probe",
                               [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["m", k])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["m", n])],
                               [numpy_helper.from_array(w, "w")])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     del w
-    written = QuantizeWeightsPass(bits=4, block_size=block_size, accuracy_level=accuracy_level, int4_kernel=kind,
+    written = QuantizeWeightsPass(bits=bits, block_size=block_size, accuracy_level=accuracy_level, kernel=kind,
                                   embeddings=False)(model).model
     return make_session(written, threads=1, spinning=False)
