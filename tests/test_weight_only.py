@@ -91,7 +91,7 @@ def test_int8_equals_dequantized_twin_on_matmul_gemm_conv_and_embeddings():
     for model, feed in [(_bert(), {"input_ids": _ids()}),
                         (digits_cnn_like(), {"input": np.random.default_rng(0).standard_normal((2, 1, 8, 8), np.float32)})]:
         feed = {model.graph.input[0].name: feed[next(iter(feed))]}
-        result = quantize_weights(model, bits=8)
+        result = quantize_weights(model, bits=8, kernel="matmulnbits")  # the int8 kernel's: test_kernel_choice
         check_model(result, full=True)
         assert any(n.op_type == "DequantizeLinear" for n in result.graph.node)
         # basic: at "extended" ORT turns DequantizeLinear -> MatMul into 8-bit MatMulNBits, which
@@ -188,7 +188,7 @@ def test_weights_held_by_constant_nodes():
     model = conv_model(constant_weights=True, width=32)
     model.opset_import[0].version = 11
     feed = {"x": np.random.default_rng(0).standard_normal((2, 3, 8, 8)).astype(np.float32)}
-    result = QuantizeWeightsPass(bits=8)(model)
+    result = QuantizeWeightsPass(bits=8, kernel="matmulnbits")(model)
     assert result.stats["formats"] == {"conv int8": 1, "gemm int8": 1}
     check_model(result.model, full=True)
     constants = [n for n in result.model.graph.node if n.op_type == "Constant"]
@@ -224,7 +224,7 @@ def test_conv_weights_are_dequantized_at_load_and_matmuls_unless_folded(folded):
     every inference, outside the NCHWc Conv); MatMul/Gemm weights take DequantizeLinear (fused into
     8-bit MatMulNBits) unless ``folded`` asks for float speed and math everywhere."""
     model = conv_model(width=32)  # opset 17: per-axis DequantizeLinear exists
-    result = QuantizeWeightsPass(bits=8, folded=folded)(model)
+    result = QuantizeWeightsPass(bits=8, folded=folded, kernel="matmulnbits")(model)
     check_model(result.model, full=True)
     producers = {o: n.op_type for n in result.model.graph.node for o in n.output}
     assert producers["w"] == "Mul" and producers["fc"] == ("Mul" if folded else "DequantizeLinear")
@@ -273,9 +273,9 @@ def test_int4_for_the_int8_kernel_equals_its_dequantized_twin(algorithm, int4_ca
     model = mlp(in_features=64, hidden=(96,), classes=10)  # MatMul 64 x 96, Gemm/MatMul 96 x 10
     feed = {"input": np.random.default_rng(0).standard_normal((4, 64), np.float32)}
     data = InputSet({"input": np.random.default_rng(1).standard_normal((16, 64), np.float32)})
-    result = QuantizeWeightsPass(bits=4, int4_kernel="int8", algorithm=algorithm, data=data if algorithm == "awq" else None)(model)
+    result = QuantizeWeightsPass(bits=4, kernel="int8", algorithm=algorithm, data=data if algorithm == "awq" else None)(model)
     check_model(result.model, full=True)
-    assert result.stats["int4_kernel"] == "int8"
+    assert result.stats["kernel"] == result.stats["int4_kernel"] == "int8"
     opset = next(i.version for i in result.model.opset_import if i.domain == "")
     assert (opset, {t.data_type for t in result.model.graph.initializer} >= {onnx.TensorProto.INT4}) == (
         (21, True) if int4_cast else (opset, False))  # INT4 values: the model raised to opset 21
@@ -304,7 +304,7 @@ def test_int4_for_the_int8_kernel_is_folded_at_load(tmp_path):
 
     model = mlp(in_features=64, hidden=(96,), classes=10)
     path = str(tmp_path / "q.onnx")
-    onnx.save(QuantizeWeightsPass(bits=4, int4_kernel="int8")(model).model, path)
+    onnx.save(QuantizeWeightsPass(bits=4, kernel="int8")(model).model, path)
     options = ort.SessionOptions()
     options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
     ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
@@ -312,10 +312,15 @@ def test_int4_for_the_int8_kernel_is_folded_at_load(tmp_path):
     assert "DynamicQuantizeMatMul" in ops and not ops & {"Mod", "BitShift", "Concat", "Cast", "Reshape"}
 
 
-def test_int4_kernel_refusals():
-    with pytest.raises(UserError, match="int4-kernel 'int2'"):
-        QuantizeWeightsPass(bits=4, int4_kernel="int2")
+def test_kernel_refusals():
+    with pytest.raises(UserError, match="--kernel 'int2'"):
+        QuantizeWeightsPass(bits=4, kernel="int2")
+    with pytest.raises(UserError, match="--kernel 'int2'"):
+        QuantizeWeightsPass(bits=4, int4_kernel="int2")  # the old spelling, the same check
     with pytest.raises(UserError, match="applies to --weights-only int4"):
         QuantizeWeightsPass(bits=8, int4_kernel="int8")
+    with pytest.raises(UserError, match="disagree"):
+        QuantizeWeightsPass(bits=4, kernel="int8", int4_kernel="matmulnbits")
     with pytest.raises(UserError, match="gptq"):
-        QuantizeWeightsPass(bits=4, int4_kernel="int8", algorithm="gptq", data=[])
+        QuantizeWeightsPass(bits=4, kernel="int8", algorithm="gptq", data=[])
+    assert QuantizeWeightsPass(bits=4, kernel="int8", int4_kernel="int8").kernel == "int8"  # agreeing: fine

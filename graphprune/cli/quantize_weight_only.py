@@ -27,9 +27,11 @@ def refuse_weight_options(args) -> None:
 def _settings(args):
     bits = 4 if args.weights_only == "int4" else 8
     if bits == 8:
-        for attr, flag in (("block_size", "--block-size"), ("algorithm", "--algorithm"), ("int4_kernel", "--int4-kernel")):
+        for attr, flag in (("block_size", "--block-size"), ("algorithm", "--algorithm")):
             if getattr(args, attr, None) is not None:
                 raise UserError(f"{flag} applies to --weights-only int4 (int8 is per output channel, rounded to nearest)")
+        if getattr(args, "int4_kernel", None) is not None:
+            raise UserError("--int4-kernel applies to --weights-only int4 (use --kernel for int8)")
     for attr, flag in _STATIC_ONLY:
         if getattr(args, attr, None):
             raise UserError(f"{flag} applies to static int8 quantization, not --weights-only")
