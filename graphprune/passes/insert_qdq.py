@@ -134,6 +134,10 @@ class InsertQDQPass(Pass):
         check_names("--exclude node", self.exclude, [n.name for n in model.graph.node])
 
     def call(self, model: onnx.ModelProto) -> PassResult:
+        if self.measure and self.source_dir is not None:  # timed in turns: see return_large_buffers_at_once
+            from graphprune.quantization.measure import return_large_buffers_at_once
+
+            return_large_buffers_at_once()
         with progress_bar(total=5, desc="quantize", enabled=self.progress) as bar:
             bar.set_postfix_str("prepare")
             prepared = prepare(model, source_dir=self.source_dir)

@@ -241,6 +241,19 @@ def _measure_in_turns(models, feed, threads, budget_seconds, failures, source_di
     return {name: float(statistics.median(t)) for name, t in times.items()}
 
 
+def return_large_buffers_at_once() -> None:
+    """Have glibc hand freed buffers of 128 KiB or more back to the system at once (a fixed
+    ``M_MMAP_THRESHOLD``; its default rises with the buffers freed, and the runtime threads'
+    arenas then keep them).  Process-wide and from the first allocation it should cover: called
+    before calibration when a large model will be timed in turns (conv 0.5 GB: 0.77 -> 0.74 GB)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
 def _return_freed_memory() -> None:
     """Hand the heap's freed pages back to the system (glibc keeps them for reuse, and the next
     session's weights go to fresh mappings that cannot reuse them): a peak-memory concern only."""
