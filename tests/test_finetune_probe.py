@@ -56,7 +56,13 @@ def test_nothing_frozen_on_a_model_far_from_its_target():
     teacher, student = _model(), _model(noise=0.5)
     student.graph.initializer[2].CopyFrom(numpy_helper.from_array(np.array(1.0, np.float32), "gain"))
     result = FineTunePass(data=_data(), teacher=teacher, epochs=1, batch_size=16, lr=1e-2, distill_loss="mse",
-                          features="none")(student)
+                          features="none", freeze="auto")(student)
+    assert result.stats["frozen_weights"] == []
+
+
+def test_nothing_frozen_by_default():
+    result = FineTunePass(data=_data(), teacher=_model(), epochs=1, batch_size=16, lr=1e-2, distill_loss="mse",
+                          features="none")(_model(noise=0.5))
     assert result.stats["frozen_weights"] == []
 
 

@@ -44,8 +44,8 @@ def register(sub) -> None:
     p.add_argument("--batchnorm", choices=["auto", "recalibrate", "keep"], default="auto",
                    help="re-estimate BatchNorm statistics from --data before training, or keep them; auto "
                         "(default): keep them after prune --reconstruct, re-estimate otherwise")
-    p.add_argument("--freeze", choices=["auto", "none"], default="auto",
-                   help="auto (default): weights whose own probe step at --lr raises the loss keep their values")
+    p.add_argument("--freeze", choices=["auto", "none"], default="none",
+                   help="auto: weights whose own probe step at --lr raises the loss keep their values (default none)")
     p.add_argument("--fold-batchnorm", action="store_true",
                    help="train each Conv + BatchNorm folded (written back unfolded)")
     p.add_argument("--output-name", metavar="NAME", help="the model output to train (default: the first)")

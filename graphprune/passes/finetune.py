@@ -58,9 +58,8 @@ class FineTunePass(Pass):
         QuantizeLinear with the straight-through estimator, and are quantized again with their
         unchanged scales; activation scales and zero points stay as calibrated.
       - Weights named by the sparsity mask record or the pruned-channel record keep their zeros.
-      - Weights whose own step overshoots (a probe step at ``lr`` raises the loss when applied to
-        them alone) are frozen: the reconstructed PP-OCRv3 recognizer's early stages, whose every
-        step otherwise raised the validation loss.
+      - With ``freeze="auto"``, weights whose own step overshoots (a probe step at ``lr`` raises the
+        loss when applied to them alone) are frozen.
       - A held-out split is evaluated before training and after each epoch and the best is kept, so
         training never makes the validation metric worse than at its start.
 
@@ -91,9 +90,9 @@ class FineTunePass(Pass):
         fold_batchnorm: train each Conv + BatchNorm pair in its folded form, each channel's weights
             times its BatchNorm gain over the layer's median gain (default False: the stored Conv
             weights and the BatchNorm's scale and bias train).
-        freeze: "auto" (default): before training, one probe step at ``lr`` on a few training samples
-            names the weight tensors whose step alone raises that batch's loss (``training.probe``:
-            the loss is too curved along them for ``lr``); they keep their values.  "none" trains all.
+        freeze: "auto": before training, one probe step at ``lr`` on a few training samples names the
+            weight tensors whose step alone raises that batch's loss (``training.probe``: the loss is
+            too curved along them for ``lr``); they keep their values.  "none" (default) trains all.
         output: the output to train (default: the first float32 output).
         threads: intra-op threads for training (None: onnxruntime decides).
         providers: onnxruntime execution providers for training (default CPU), e.g.
@@ -125,7 +124,7 @@ class FineTunePass(Pass):
         patience: Optional[int] = None,
         batchnorm: str = "auto",
         fold_batchnorm: bool = False,
-        freeze: str = "auto",
+        freeze: str = "none",
         output: Optional[str] = None,
         seed: int = 0,
         threads: Optional[int] = None,
