@@ -71,3 +71,11 @@ def test_freeze_value_checked():
 
     with pytest.raises(UserError, match="freeze"):
         FineTunePass(data=_data(), teacher=_model(), freeze="all")
+
+
+def test_named_weights_frozen():
+    result = FineTunePass(data=_data(), teacher=_model(), epochs=1, batch_size=16, lr=1e-2, distill_loss="mse",
+                          features="none", freeze=["w2"])(_model(noise=0.5))
+    assert result.stats["frozen_weights"] == ["w2"]
+    values = {i.name: numpy_helper.to_array(i) for i in result.model.graph.initializer}
+    np.testing.assert_array_equal(values["w2"], numpy_helper.to_array(_model(noise=0.5).graph.initializer[1]))

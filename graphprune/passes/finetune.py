@@ -92,7 +92,8 @@ class FineTunePass(Pass):
             weights and the BatchNorm's scale and bias train).
         freeze: "auto": before training, one probe step at ``lr`` on a few training samples names the
             weight tensors whose step alone raises that batch's loss (``training.probe``: the loss is
-            too curved along them for ``lr``); they keep their values.  "none" (default) trains all.
+            too curved along them for ``lr``); they keep their values.  "none" (default) trains all;
+            a list of weight names freezes those.
         output: the output to train (default: the first float32 output).
         threads: intra-op threads for training (None: onnxruntime decides).
         providers: onnxruntime execution providers for training (default CPU), e.g.
@@ -124,7 +125,7 @@ class FineTunePass(Pass):
         patience: Optional[int] = None,
         batchnorm: str = "auto",
         fold_batchnorm: bool = False,
-        freeze: str = "none",
+        freeze: Union[str, Sequence[str]] = "none",
         output: Optional[str] = None,
         seed: int = 0,
         threads: Optional[int] = None,
@@ -145,9 +146,9 @@ class FineTunePass(Pass):
             raise UserError(f"batchnorm {batchnorm!r}: choose auto, recalibrate or keep")
         self.batchnorm = batchnorm
         self.fold_batchnorm = bool(fold_batchnorm)
-        if freeze not in ("auto", "none"):
-            raise UserError(f"freeze {freeze!r}: choose auto or none")
-        self.freeze = freeze
+        if isinstance(freeze, str) and freeze not in ("auto", "none"):
+            raise UserError(f"freeze {freeze!r}: choose auto, none or a list of weight names")
+        self.freeze = freeze if isinstance(freeze, str) else list(freeze)
         self.val_split = float(val_split)
         self.optimizer = optimizer
         self.weight_decay = float(weight_decay)
@@ -243,6 +244,11 @@ class FineTunePass(Pass):
     def _probe(self, session, feeds, train_idx: np.ndarray, names) -> list:
         """The weights to freeze (``training.probe``), with ``freeze="auto"``; all of them is none:
         a model whose every step overshoots trains whole (the best epoch guards the result)."""
+        if not isinstance(self.freeze, str):
+            unknown = sorted(set(self.freeze) - set(names))
+            if unknown:
+                raise UserError(f"freeze: {unknown[0]!r} is not a trainable weight of the model")
+            return list(self.freeze)
         if self.freeze != "auto" or len(names) < 2:
             return []
         size = self.data.fixed_batch or min(_PROBE_BATCH, len(train_idx))
