@@ -35,9 +35,11 @@ class QuantizeWeightsPass(Pass):
     Handles, in the main graph, constant weights of:
     - MatMul (input B, 2-D) and Gemm (input B; int4 only when ``transA`` is 0, ``alpha`` 1 and C, if
       any, is added with ``beta`` 1): int8 symmetric per output channel through DequantizeLinear
-      (ONNX Runtime fuses it with the MatMul into 8-bit ``MatMulNBits``), or Cast and Mul with ``folded``;
+      (ONNX Runtime fuses it with the MatMul into 8-bit ``MatMulNBits``) or read as it is by
+      com.microsoft ``DynamicQuantizeMatMul`` (``kernel``), or Cast and Mul with ``folded``;
       int4 symmetric in blocks of ``block_size`` along K as com.microsoft ``MatMulNBits`` when the
-      runtime runs it (probed), else as opset-21 blocked DequantizeLinear -> MatMul;
+      runtime runs it (probed), else as opset-21 blocked DequantizeLinear -> MatMul, or in the int8
+      kernel's form (``kernel``);
     - Conv (input W): int8 per output channel in both modes (no int4 convolution kernel exists), as
       Cast and Mul, which ONNX Runtime folds into a float weight at load (float speed);
     - embedding tables (Gather axis 0 on a 2-D initializer): int8 per row (Gather of the int8 rows
@@ -59,7 +61,8 @@ class QuantizeWeightsPass(Pass):
     float are read into the result too (it holds all its weights in memory).
 
     Refuses: a model already quantized; int4 when no MatMul/Gemm weight can take it; AWQ/GPTQ
-    without data or with int8; block sizes the kernels do not take.
+    without data or with int8; block sizes the kernels do not take; ``kernel`` and ``int4_kernel``
+    disagreeing, ``int4_kernel`` with int8, the int8 kernel with GPTQ.
 
     Args:
         bits: 8 or 4.
