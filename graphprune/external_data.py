@@ -36,17 +36,6 @@ __all__ = [
     "tensor_bytes",
 ]
 
-# The writers moved to graphprune.external_writes; these names are still read from here.
-_WRITERS = frozenset({"write_with_external_data", "write_inline", "free_data_name", "old_data_names", "INLINE_BELOW"})
-
-
-def __getattr__(name: str):
-    if name in _WRITERS:  # imported on first use: external_writes imports this module
-        from graphprune import external_writes
-
-        return getattr(external_writes, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
 # Bits per element of the fixed-width types; strings (variable width) are absent.  By name: older
 # onnx releases lack the newest types.
 _ELEM_BITS = {

@@ -10,6 +10,7 @@ import onnx
 from google.protobuf.message import DecodeError
 
 from graphprune import external_data as external_data_io
+from graphprune import external_writes
 from graphprune import tempfiles
 from graphprune.errors import UserError
 from graphprune.runtime_support import (
@@ -186,7 +187,7 @@ def save(
         external_data = not _all_inline(model) or _inline_bytes(model) >= EXTERNAL_DATA_THRESHOLD
     tempfiles.clean_beside(directory)
     name = os.path.basename(path)
-    location = external_data_io.free_data_name(directory, name) if external_data else None
+    location = external_writes.free_data_name(directory, name) if external_data else None
     with tempfiles.unwinding_signals():  # SIGTERM unwinds through the clean-up below
         tmp_dir = tempfiles.track(tempfile.mkdtemp(prefix=tempfiles.HIDDEN_PREFIX, dir=directory))
         placed = None  # the new data file once beside the model, until the model's rename commits it
@@ -214,7 +215,7 @@ def save(
 
 def _remove_old_data(directory: str, name: str, keep: Optional[str], input_path) -> None:
     """Step 4 of ``save``: the previous pair's data file and killed writes' leftovers, not an input's."""
-    old = external_data_io.old_data_names(directory, name, keep)
+    old = external_writes.old_data_names(directory, name, keep)
     if old and input_path is not None:
         inputs = {os.path.realpath(p) for p in external_data_io.data_files(os.fspath(input_path))}
         old = [n for n in old if os.path.realpath(os.path.join(directory, n)) not in inputs]
@@ -264,15 +265,15 @@ def _write(
     """Write ``model`` to ``path`` (a new file), with the IR label ``ir_version`` (default: its own).
 
     With ``external_data``, initializers of 1 KiB or more go to ``location`` beside ``path``
-    (default ``<name>.data``), streamed tensor by tensor (``external_data.write_with_external_data``);
-    without, the initializers are streamed into ``path`` itself (``external_data.write_inline``).
+    (default ``<name>.data``), streamed tensor by tensor (``external_writes.write_with_external_data``);
+    without, the initializers are streamed into ``path`` itself (``external_writes.write_inline``).
     """
     if external_data:
-        external_data_io.write_with_external_data(
+        external_writes.write_with_external_data(
             model, path, location or os.path.basename(path) + ".data", ir_version=ir_version, source_dir=source_dir
         )
         return
-    external_data_io.write_inline(model, path, ir_version=ir_version)
+    external_writes.write_inline(model, path, ir_version=ir_version)
 
 
 def atomic_write_text(path: "str | os.PathLike", text: str) -> str:
@@ -312,7 +313,7 @@ def model_files(path: "str | os.PathLike") -> List[str]:
     """The files a saved model occupies: the model and the existing data files it refers to."""
     path = os.fspath(path)
     folder, name = os.path.split(os.path.abspath(path))
-    if os.path.getsize(path) >= _PARSE_FOR_FILES_BELOW and not external_data_io.old_data_names(folder, name, None):
+    if os.path.getsize(path) >= _PARSE_FOR_FILES_BELOW and not external_writes.old_data_names(folder, name, None):
         return [path]
     return [path] + external_data_io.data_files(path)
 

@@ -12,7 +12,8 @@ import onnx
 
 from graphprune.data import InputSet, load_inputs, parse_input_shapes
 from graphprune.errors import UserError
-from graphprune.external_data import data_files, free_data_name, old_data_names
+from graphprune.external_data import data_files
+from graphprune.external_writes import free_data_name, old_data_names
 from graphprune.model_io import atomic_write_text, save
 from graphprune.tempfiles import HIDDEN_PREFIX, clean_beside
 

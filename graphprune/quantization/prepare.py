@@ -11,7 +11,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from graphprune.external_data import write_inline, write_with_external_data
+from graphprune.external_writes import write_inline, write_with_external_data
 from graphprune.ir import approx_bytes, consumer_map, copy_fields, get_attr, has_external_data, is_large, producer_map
 from graphprune.ir import clone as ir_clone
 from graphprune.model_io import EXTERNAL_DATA_THRESHOLD, default_opset, for_ort
