@@ -21,11 +21,13 @@ def _model(noise: float = 0.0):
     w2 = rng.normal(0, 0.3, (16, 4)).astype(np.float32)
     if noise:
         w2 = (w2 + noise * np.random.default_rng(1).normal(0, 0.3, w2.shape)).astype(np.float32)
-    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"]),
+    w0 = (np.eye(8) + rng.normal(0, 0.05, (8, 8))).astype(np.float32)  # before w1: feeds the steep layer
+    nodes = [helper.make_node("MatMul", ["x", "w0"], ["x0"]),
+             helper.make_node("MatMul", ["x0", "w1"], ["h"]),
              helper.make_node("Mul", ["h", "gain"], ["hg"]),
              helper.make_node("Tanh", ["hg"], ["t"]),
              helper.make_node("MatMul", ["t", "w2"], ["y"])]
-    inits = [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2"),
+    inits = [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2"), numpy_helper.from_array(w0, "w0"),
              numpy_helper.from_array(np.array(_GAIN, np.float32), "gain")]
     graph = helper.make_graph(nodes, "steep_first_layer", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])], inits)
@@ -37,12 +39,13 @@ def _data():
 
 
 @pytest.mark.parametrize("freeze,improves", [("auto", True), ("none", False)])
-def test_overshooting_weight_is_frozen_and_the_rest_trains(freeze, improves):
+def test_prefix_through_the_overshooting_weight_is_frozen_and_the_rest_trains(freeze, improves):
     teacher, student = _model(), _model(noise=0.5)
     result = FineTunePass(data=_data(), teacher=teacher, epochs=2, batch_size=16, lr=1e-2, distill_loss="mse",
                           features="none", schedule="constant", freeze=freeze)(student)
     stats = result.stats
-    assert stats["frozen_weights"] == (["w1"] if freeze == "auto" else [])
+    # w0 does not overshoot alone but feeds w1: the prefix through w1 is frozen
+    assert stats["frozen_weights"] == (["w0", "w1"] if freeze == "auto" else [])
     first = stats["history"][1]["val_loss"]
     if improves:
         assert first < 0.5 * stats["val_loss_before"]
@@ -54,7 +57,8 @@ def test_overshooting_weight_is_frozen_and_the_rest_trains(freeze, improves):
 
 def test_nothing_frozen_on_a_model_far_from_its_target():
     teacher, student = _model(), _model(noise=0.5)
-    student.graph.initializer[2].CopyFrom(numpy_helper.from_array(np.array(1.0, np.float32), "gain"))
+    gain = next(i for i in student.graph.initializer if i.name == "gain")
+    gain.CopyFrom(numpy_helper.from_array(np.array(1.0, np.float32), "gain"))
     result = FineTunePass(data=_data(), teacher=teacher, epochs=1, batch_size=16, lr=1e-2, distill_loss="mse",
                           features="none", freeze="auto")(student)
     assert result.stats["frozen_weights"] == []

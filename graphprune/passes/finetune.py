@@ -242,8 +242,9 @@ class FineTunePass(Pass):
         return PassResult(_finite(result), bool(changed) or recalibrated > 0, stats)
 
     def _probe(self, session, feeds, train_idx: np.ndarray, names) -> list:
-        """The weights to freeze (``training.probe``), with ``freeze="auto"``; all of them is none:
-        a model whose every step overshoots trains whole (the best epoch guards the result)."""
+        """The weights to freeze: the named ones, or with ``freeze="auto"`` every weight up to the last
+        one whose probe step overshoots (``training.probe``); all of them is none: a model whose
+        last weight overshoots trains whole (the best epoch guards the result)."""
         if not isinstance(self.freeze, str):
             unknown = sorted(set(self.freeze) - set(names))
             if unknown:
@@ -252,8 +253,11 @@ class FineTunePass(Pass):
         if self.freeze != "auto" or len(names) < 2:
             return []
         size = self.data.fixed_batch or min(_PROBE_BATCH, len(train_idx))
-        frozen = overshooting_weights(session, feeds(train_idx[:size]), self.config.lr)
-        return frozen if len(frozen) < len(names) else []
+        over = set(overshooting_weights(session, feeds(train_idx[:size]), self.config.lr))
+        # Every weight before an overshooting one (graph order) feeds it and is amplified with it:
+        # the prefix through the last one stays as it is, the layers after it train.
+        last = max((i for i, name in enumerate(names) if name in over), default=-1)
+        return list(names[: last + 1]) if last + 1 < len(names) else []
 
     def _loss_spec(self, model: onnx.ModelProto):
         """(LossSpec, the trained output's shape on a probe batch, the model's output names)."""
