@@ -4,6 +4,10 @@ Developer-only (needs ``tools/real_models.py``'s cached models and rendered data
 
     .venv/bin/python tools/bench_quantize_real.py [--kinds rec det cls] [--rounds 15] [--out /tmp/q-real]
 
+The detector's box F1 runs rapidocr's ``DBPostProcess``, which imports shapely, pyclipper, cv2 and
+six: not dependencies of graphprune, e.g. ``pip install --target DIR shapely pyclipper`` and
+``pip install --no-deps --target DIR opencv-python-headless six``, then ``PYTHONPATH=DIR``.
+
 For each model, these files side by side:
 
 - ``float``: the Paddle export as cached (opset 11/12, hard-swish written out as Add/Clip/Div/Mul);
