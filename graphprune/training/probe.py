@@ -5,15 +5,16 @@ step was computed on is in a region of the loss whose curvature along its gradie
 learning rate can follow (a step of size lr is stable only below curvature 2 / lr).  Adam gives
 every tensor a step of about lr whatever its gradient, so one such tensor undoes what the others
 win.  The PP-OCRv3 recognizer after ``reconstruct``: its early backbone (the 12-48-channel stages)
-is 10-30x more sensitive than the original's (a relative change of 1e-5 of ``conv2d_40.w_0`` moves
-the output probabilities by 0.01, 0.0004 on the original), and one AdamW step at lr 1e-4 on 8 lines
-raised their loss from 5.167 to 5.570 (freezing the first 80 of its 139 weight tensors, that step
-lowers it).  Frozen tensors keep their values; the rest train as before.  A model far from its
+is ~25x more sensitive than the original's (a relative change of 1e-5 of ``conv2d_40.w_0`` moves
+the output probabilities by 0.010, 0.0004 on the original); with its six most sensitive tensors
+held, one AdamW step at lr 1e-4 on 8 lines still raised their loss from 5.167 to 5.570, with the
+first 80 of its 139 weight tensors held it lowered it to 5.126.  Frozen tensors keep their values; the rest train as before.  A model far from its
 target (pruned, not refit) has no overshooting tensor and trains whole.
 
-Opt-in (``FineTunePass(freeze="auto")``): on that recognizer the probe freezes 8-14 early tensors,
-yet an epoch of AdamW at lr 3e-5 or 1e-4 still raised the validation loss (0.189 -> 0.333, 0.289):
-the steps of the others, harmless alone, overshoot together.
+Opt-in (``FineTunePass(freeze="auto")``, which freezes every tensor up to the last one named here):
+on that recognizer at lr 1e-4 the prefix is 42 of its 139 tensors and an epoch of 512 lines still
+raised the validation loss (0.189 -> 0.271); the first 80 frozen (given by name), it fell to 0.119
+and the line accuracy rose 87.6% -> 95.6% (2,000 lines, 2 epochs: 99.6%, the original 99.2%).
 """
 
 from __future__ import annotations
