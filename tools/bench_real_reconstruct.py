@@ -5,8 +5,9 @@ magnitude ratio that reaches the MAC target (the same bisection), ``prune_channe
 ``ReconstructPass`` on the first ``SAMPLES`` unlabelled train samples; the task metric (line
 accuracy / box F1, points) of the pruned and the reconstructed model on the test split, the
 latency ratio original/reconstructed (``bench_real._latency_ratio``), and the models and a JSON
-row per run in ``--out``.  Fine-tuning is left out: on the recognizer it makes the model worse
-(README), and the detector's takes ~1 s CPU per page-step.
+row per run in ``--out``.  Fine-tuning is left out: the README's fine-tuned recognizer rows run
+``FineTunePass(freeze=[the first 80 weight tensors])`` on the models written here (trained whole,
+the reconstructed recognizer gets worse); the detector's takes ~1 s CPU per page-step.
 
     PYTHONPATH=<pillow, opencv, pyclipper, shapely, six> .venv/bin/python tools/bench_real_reconstruct.py \\
         rec:0.6:128 rec:0.4:128 det:0.6:24 det:0.4:24 --out DIR
