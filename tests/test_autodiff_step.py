@@ -92,6 +92,20 @@ def test_load_weights_replaces_the_device_buffers():
     assert all(np.array_equal(start[k], v) for k, v in session.weights().items())
 
 
+def test_steps_leave_the_callers_arrays_alone():
+    step = build_training_step(_regression(), "loss", ["w", "b"])
+    initial = {k: v.copy() for k, v in step.initial.items()}
+    session = StepSession(step)
+    saved = session.weights()
+    kept = {k: v.copy() for k, v in saved.items()}
+    session.load_weights(saved)
+    for _ in range(3):  # the weights are double-buffered: two steps reach every buffer
+        session.train_step({"x": X, "t": Y}, 0.1)
+    assert all(np.array_equal(kept[k], saved[k]) for k in kept)
+    assert all(np.array_equal(initial[k], step.initial[k]) for k in initial)
+    assert not np.array_equal(session.weights()["w"], kept["w"])
+
+
 def test_op_without_rule_is_refused_by_name():
     model = _regression()
     # y -> Det (no gradient rule) -> added back onto y: the loss depends on the Det node.

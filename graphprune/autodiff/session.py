@@ -78,7 +78,9 @@ class StepSession:
             raise UserError(f"onnxruntime cannot run the training step: {first[-300:]}") from None
 
     def _on_device(self, value: np.ndarray):
-        return self._ortvalue.ortvalue_from_numpy(np.ascontiguousarray(value), self.device, self.device_id)
+        # A copy: on CPU an OrtValue shares the array's memory, and the steps write into these
+        # buffers, so the caller's arrays (step.initial, saved weights) would change under it.
+        return self._ortvalue.ortvalue_from_numpy(np.array(value, order="C", copy=True), self.device, self.device_id)
 
     def _binding(self, session, names: List[str], write_into: Optional[Dict[str, object]]):
         """The kept IOBinding reading the current weight set (and writing the spare one when training)."""
