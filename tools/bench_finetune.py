@@ -10,7 +10,7 @@ itself): building the training-step model and its session, and training steps pe
 
     .venv/bin/python tools/bench_finetune.py [--zoo squeezenet resnet50 ...] [--json out.json]
 
-Prints Markdown tables (the README's) and, with ``--json``, the raw numbers.
+Prints Markdown tables (docs/benchmarks.md's) and, with ``--json``, the raw numbers.
 """
 
 from __future__ import annotations

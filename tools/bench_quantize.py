@@ -9,7 +9,7 @@ pass) and then quantizes it.
 
     .venv/bin/python tools/bench_quantize.py [--models resnet50 mobilenet_v2 ...] [--json out.json]
 
-Prints a Markdown table (the README's) and, with ``--json``, the raw numbers.
+Prints a Markdown table (docs/benchmarks.md's) and, with ``--json``, the raw numbers.
 """
 
 from __future__ import annotations

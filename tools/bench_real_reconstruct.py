@@ -1,11 +1,11 @@
-"""Benchmark: reconstruction alone on the PP-OCRv3 recognizer and detector (README "Real trained models").
+"""Benchmark: reconstruction alone on the PP-OCRv3 recognizer and detector (docs/benchmarks.md, "Real trained models").
 
 What ``tools/bench_real.py --recipes recon`` does up to its fine-tuning, with CPU times: the uniform
 magnitude ratio that reaches the MAC target (the same bisection), ``prune_channels``, then
 ``ReconstructPass`` on the first ``SAMPLES`` unlabelled train samples; the task metric (line
 accuracy / box F1, points) of the pruned and the reconstructed model on the test split, the
 latency ratio original/reconstructed (``bench_real._latency_ratio``), and the models and a JSON
-row per run in ``--out``.  Fine-tuning is left out: the README's fine-tuned recognizer rows run
+row per run in ``--out``.  Fine-tuning is left out: docs/benchmarks.md's fine-tuned recognizer rows run
 ``FineTunePass(freeze=[the first 80 weight tensors])`` on the models written here (trained whole,
 the reconstructed recognizer gets worse); the detector's takes ~1 s CPU per page-step.
 

@@ -1,4 +1,4 @@
-"""Benchmark: reconstruction without training (issue 12, item 3), the README's "Reconstruction without training".
+"""Benchmark: reconstruction without training (issue 12, item 3), "Reconstruction without training" in docs/benchmarks.md.
 
 For each model, ratio (0.3, 0.5) and criterion (l2, output): the metric after plain pruning and
 after ``prune --reconstruct`` (the same pass objects the CLI uses), with the CPU and wall time of

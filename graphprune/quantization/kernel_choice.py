@@ -19,7 +19,7 @@ form wins when the geometric mean of its speedups over ``MatMulNBits`` at the tw
 above 1: decoding and prompt processing weigh the same.
 
 Not timed: a runtime that lacks one of the kernels gets the other; GPTQ's float block scales only
-fit ``MatMulNBits``.  Costs the timing does not see are in the README: ``DynamicQuantizeMatMul``
+fit ``MatMulNBits``.  Costs the timing does not see are in docs/benchmarks.md: ``DynamicQuantizeMatMul``
 quantizes the activations per tensor (uint8), a larger error than ``MatMulNBits``' per-block int8
 activations; the int4 int8-kernel form's session holds int8 weights (twice the int4 bytes).
 """

@@ -113,7 +113,7 @@ def expansion_nodes(name: str, names: Tuple[str, str, str, str], int4: bool = Fa
     Runtime folds the chain at load.  Its folding keeps every intermediate tensor until the session
     is built, so the chain is as short and as narrow as possible: 3 bytes a weight with INT4, 6 with
     nibbles (two half-byte tensors, then int8 throughout), not the 23 of an int32 chain (the 0.5B
-    LLM's session creation: measured in the README).
+    LLM's session creation: measured in docs/benchmarks.md).
     """
     packed, mult, shape2, out = names
     sixteen, four, eight = SHARED_CONSTANTS
