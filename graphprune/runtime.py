@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import statistics
 import tempfile
 import time
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, Iterator, List, Optional, Sequence
 
 import numpy as np
 import onnx
@@ -74,6 +75,19 @@ def session_options(threads: Optional[int] = DEFAULT_THREADS, optimization: str 
     return opts
 
 
+@contextlib.contextmanager
+def runtime_refusal() -> Iterator[None]:
+    """Creating a session: the runtime's refusal becomes one ``UserError`` line (its first line; ORT's
+    messages run to several, with the model's internals)."""
+    try:
+        yield
+    except UserError:
+        raise
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"onnxruntime cannot load the model: {first}") from None
+
+
 def make_session(
     model: onnx.ModelProto,
     threads: Optional[int] = DEFAULT_THREADS,
@@ -95,7 +109,7 @@ def make_session(
     if optimized_model_path:
         opts.optimized_model_filepath = optimized_model_path
     model = for_ort(model)
-    try:
+    with runtime_refusal():
         kwargs = dict(providers=["CPUExecutionProvider"], disabled_optimizers=list(DISABLED_OPTIMIZERS))
         if not is_large(model) and approx_bytes(model) < EXTERNAL_DATA_THRESHOLD:
             return rt.InferenceSession(model.SerializeToString(), opts, **kwargs)
@@ -107,11 +121,6 @@ def make_session(
         with tempfile.TemporaryDirectory() as tmp:
             path = save(model, os.path.join(tmp, "model.onnx"), external_data=True)
             return rt.InferenceSession(path, opts, **kwargs)
-    except Exception as exc:
-        if isinstance(exc, UserError):
-            raise
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"onnxruntime cannot load the model: {first}") from None
 
 
 def run(session, feeds: Dict[str, np.ndarray], output_names: Optional[Sequence[str]] = None) -> Dict[str, np.ndarray]:

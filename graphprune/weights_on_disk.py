@@ -134,7 +134,7 @@ def session(
     copy of every float weight (timing sessions turn it on, as deployment runs).
     """
     from graphprune.model_io import EXTERNAL_DATA_THRESHOLD, for_ort, save
-    from graphprune.runtime import DISABLED_OPTIMIZERS, make_session, ort, session_options
+    from graphprune.runtime import DISABLED_OPTIMIZERS, make_session, ort, runtime_refusal, session_options
 
     if source_dir is None or not has_weights_on_disk(model):
         return make_session(model, threads=threads, optimization=optimization, spinning=spinning)
@@ -142,7 +142,7 @@ def session(
     options = session_options(threads, optimization, spinning, prepacking)
     kwargs = dict(providers=["CPUExecutionProvider"], disabled_optimizers=list(DISABLED_OPTIMIZERS))
     model = for_ort(model)
-    try:
+    with runtime_refusal():
         if _inline_bytes(model) < EXTERNAL_DATA_THRESHOLD:
             options.add_session_config_entry("session.model_external_initializers_file_folder_path",
                                              os.fspath(source_dir))
@@ -151,11 +151,6 @@ def session(
         with tempfile.TemporaryDirectory(prefix="graphprune-session-") as tmp:
             path = save(model, os.path.join(tmp, "model.onnx"), external_data=True, source_dir=source_dir)
             return rt.InferenceSession(path, options, **kwargs)
-    except Exception as exc:
-        if isinstance(exc, UserError):
-            raise
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"onnxruntime cannot load the model: {first}") from None
 
 
 def _inline_bytes(model: onnx.ModelProto) -> int:
