@@ -83,3 +83,49 @@ def test_named_weights_frozen():
     assert result.stats["frozen_weights"] == ["w2"]
     values = {i.name: numpy_helper.to_array(i) for i in result.model.graph.initializer}
     np.testing.assert_array_equal(values["w2"], numpy_helper.to_array(_model(noise=0.5).graph.initializer[1]))
+
+
+def _split_model(gain: float, noise: float = 0.0, parts: int = 4):
+    """The steep layer split into ``parts`` summed MatMuls: each part's step alone stays below the
+    overshoot, their joint step (what training takes) crosses it."""
+    rng = np.random.default_rng(0)
+    w1 = rng.normal(0, 1.0 / (4 * gain), (8, 16)).astype(np.float32) / parts
+    w2 = rng.normal(0, 0.3, (16, 4)).astype(np.float32)
+    if noise:
+        w2 = (w2 + noise * np.random.default_rng(1).normal(0, 0.3, w2.shape)).astype(np.float32)
+    nodes = [helper.make_node("MatMul", ["x", f"w1{k}"], [f"h{k}"]) for k in range(parts)]
+    nodes += [helper.make_node("Sum", [f"h{k}" for k in range(parts)], ["h"]),
+              helper.make_node("Mul", ["h", "gain"], ["hg"]),
+              helper.make_node("Tanh", ["hg"], ["t"]),
+              helper.make_node("MatMul", ["t", "w2"], ["y"])]
+    inits = [numpy_helper.from_array(w1, f"w1{k}") for k in range(parts)]
+    inits += [numpy_helper.from_array(w2, "w2"), numpy_helper.from_array(np.array(gain, np.float32), "gain")]
+    graph = helper.make_graph(nodes, "split_steep_layer", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_joint_probe_finds_the_boundary_that_per_weight_probes_miss(monkeypatch):
+    import sys
+
+    from graphprune.training import probe
+
+    module = sys.modules["graphprune.passes.finetune"]  # graphprune.passes.finetune is the wrapper
+    seen = {}
+
+    def spy(session, batches, lr, names=None):
+        boundary = probe.freeze_boundary(session, batches, lr, names)
+        # the same first step (Adam's bias-corrected step is the same on the same batch and weights)
+        seen["per_weight"] = probe.overshooting_weights(session, batches[0], lr)
+        return boundary
+
+    monkeypatch.setattr(module, "freeze_boundary", spy)
+    teacher, student = _split_model(5.0), _split_model(5.0, noise=0.5)
+    runs = {freeze: FineTunePass(data=_data(), teacher=teacher, epochs=2, batch_size=16, lr=1e-2, distill_loss="mse",
+                                 features="none", schedule="constant", freeze=freeze)(student).stats
+            for freeze in ("auto", "none")}
+    assert seen["per_weight"] == []  # no part's own step raises the loss
+    frozen = runs["auto"]["frozen_weights"]
+    assert frozen and set(frozen) < {"w10", "w11", "w12", "w13"}  # the boundary lies among the parts
+    before = runs["auto"]["val_loss_before"]
+    assert runs["auto"]["history"][1]["val_loss"] < 0.3 * before < runs["none"]["history"][1]["val_loss"]

@@ -19,7 +19,7 @@ from graphprune.training.heads import probability_head, teacher_targets, top1_co
 from graphprune.training.losses import BatchTargets, LossSpec, resolve_loss
 from graphprune.training.loop import TrainConfig, train_loop
 from graphprune.training.masks import apply_masks, read_masks
-from graphprune.training.probe import overshooting_weights
+from graphprune.training.probe import freeze_boundary
 from graphprune.training.qdq import requantize
 from graphprune.training.samples import ModelLike, check_data, read_labels, read_teacher
 from graphprune.training.trainable import write_back
@@ -28,6 +28,8 @@ __all__ = ["FineTunePass", "finetune", "probability_head"]
 
 # Samples of the probe step that finds the weights to freeze (``training.probe``).
 _PROBE_BATCH = 8
+# Probe batches: the step is computed on the first and must lower the loss of each (held-out ones too).
+_PROBE_BATCHES = 3
 
 # Integer-only operators have no gradient: their weights cannot train.
 _INTEGER_OPS = {"DynamicQuantizeLinear", "QLinearConv", "QLinearMatMul", "ConvInteger", "MatMulInteger",
@@ -58,8 +60,10 @@ class FineTunePass(Pass):
         QuantizeLinear with the straight-through estimator, and are quantized again with their
         unchanged scales; activation scales and zero points stay as calibrated.
       - Weights named by the sparsity mask record or the pruned-channel record keep their zeros.
-      - With ``freeze="auto"``, weights whose own step overshoots (a probe step at ``lr`` raises the
-        loss when applied to them alone) are frozen.
+      - With ``freeze="auto"``, the early weights whose joint step overshoots are frozen: a probe
+        step at ``lr`` is applied to every suffix of the weights (graph order) in turn, and the
+        prefix left out where it lowers the loss of the probe batches most (and of each) keeps its
+        values; nothing when the full step already lowers them (``training.probe``).
       - A held-out split is evaluated before training and after each epoch and the best is kept, so
         training never makes the validation metric worse than at its start.
 
@@ -90,10 +94,11 @@ class FineTunePass(Pass):
         fold_batchnorm: train each Conv + BatchNorm pair in its folded form, each channel's weights
             times its BatchNorm gain over the layer's median gain (default False: the stored Conv
             weights and the BatchNorm's scale and bias train).
-        freeze: "auto": before training, one probe step at ``lr`` on a few training samples names the
-            weight tensors whose step alone raises that batch's loss (``training.probe``: the loss is
-            too curved along them for ``lr``); they keep their values.  "none" (default) trains all;
-            a list of weight names freezes those.
+        freeze: "auto": before training, one probe step at ``lr`` on 8 training samples, applied to
+            the weight tensors after a boundary (graph order), must lower the loss of that batch and of
+            2 held-out ones; the boundary where it lowers them most keeps the tensors before it
+            (``training.probe``: the loss is too curved along them for ``lr``), none when the full
+            step lowers them.  "none" (default) trains all; a list of weight names freezes those.
         output: the output to train (default: the first float32 output).
         threads: intra-op threads for training (None: onnxruntime decides).
         providers: onnxruntime execution providers for training (default CPU), e.g.
@@ -223,7 +228,7 @@ class FineTunePass(Pass):
                 return {**inputs, **targets.feeds(idx), **extra}
 
             frozen = self._probe(session, feeds, train_idx, graph.trainable)
-            if frozen:  # train the others from a fresh optimizer state
+            if self.freeze == "auto" or frozen:  # train from a fresh optimizer state (the probe used it)
                 session.close()
                 graph = build_training_graph(work, [n for n in graph.trainable if n not in frozen], spec, masks)
                 session = TrainingSession(graph, self.optimizer, self.weight_decay, threads=self.threads,
@@ -253,11 +258,10 @@ class FineTunePass(Pass):
         if self.freeze != "auto" or len(names) < 2:
             return []
         size = self.data.fixed_batch or min(_PROBE_BATCH, len(train_idx))
-        over = set(overshooting_weights(session, feeds(train_idx[:size]), self.config.lr))
-        # Every weight before an overshooting one (graph order) feeds it and is amplified with it:
-        # the prefix through the last one stays as it is, the layers after it train.
-        last = max((i for i, name in enumerate(names) if name in over), default=-1)
-        return list(names[: last + 1]) if last + 1 < len(names) else []
+        count = max(1, min(_PROBE_BATCHES, len(train_idx) // size))
+        batches = [feeds(train_idx[i * size:(i + 1) * size]) for i in range(count)]
+        # The prefix stays as it is, the layers after it train (training.probe).
+        return list(names[: freeze_boundary(session, batches, self.config.lr, names)])
 
     def _loss_spec(self, model: onnx.ModelProto):
         """(LossSpec, the trained output's shape on a probe batch, the model's output names)."""
