@@ -64,10 +64,10 @@ def test_nothing_frozen_on_a_model_far_from_its_target():
     assert result.stats["frozen_weights"] == []
 
 
-def test_nothing_frozen_by_default():
+def test_auto_by_default():
     result = FineTunePass(data=_data(), teacher=_model(), epochs=1, batch_size=16, lr=1e-2, distill_loss="mse",
                           features="none")(_model(noise=0.5))
-    assert result.stats["frozen_weights"] == []
+    assert result.stats["frozen_weights"] == ["w0", "w1"]
 
 
 def test_freeze_value_checked():
@@ -85,21 +85,23 @@ def test_named_weights_frozen():
     np.testing.assert_array_equal(values["w2"], numpy_helper.to_array(_model(noise=0.5).graph.initializer[1]))
 
 
-def _split_model(gain: float, noise: float = 0.0, parts: int = 4):
-    """The steep layer split into ``parts`` summed MatMuls: each part's step alone stays below the
-    overshoot, their joint step (what training takes) crosses it."""
+def _split_model(gain: float, noise: float = 0.0, parts: int = 4, steep: float = 3.0):
+    """The steep layer split into ``parts`` summed MatMuls, the first fed ``steep`` times the input:
+    its step alone overshoots, each other part's stays below, their joint step crosses it."""
     rng = np.random.default_rng(0)
     w1 = rng.normal(0, 1.0 / (4 * gain), (8, 16)).astype(np.float32) / parts
     w2 = rng.normal(0, 0.3, (16, 4)).astype(np.float32)
     if noise:
         w2 = (w2 + noise * np.random.default_rng(1).normal(0, 0.3, w2.shape)).astype(np.float32)
-    nodes = [helper.make_node("MatMul", ["x", f"w1{k}"], [f"h{k}"]) for k in range(parts)]
+    nodes = [helper.make_node("Mul", ["x", "steep"], ["xs"]), helper.make_node("MatMul", ["xs", "w10"], ["h0"])]
+    nodes += [helper.make_node("MatMul", ["x", f"w1{k}"], [f"h{k}"]) for k in range(1, parts)]
     nodes += [helper.make_node("Sum", [f"h{k}" for k in range(parts)], ["h"]),
               helper.make_node("Mul", ["h", "gain"], ["hg"]),
               helper.make_node("Tanh", ["hg"], ["t"]),
               helper.make_node("MatMul", ["t", "w2"], ["y"])]
-    inits = [numpy_helper.from_array(w1, f"w1{k}") for k in range(parts)]
-    inits += [numpy_helper.from_array(w2, "w2"), numpy_helper.from_array(np.array(gain, np.float32), "gain")]
+    inits = [numpy_helper.from_array(w1 / (steep if k == 0 else 1), f"w1{k}") for k in range(parts)]
+    inits += [numpy_helper.from_array(w2, "w2"), numpy_helper.from_array(np.array(gain, np.float32), "gain"),
+              numpy_helper.from_array(np.array(steep, np.float32), "steep")]
     graph = helper.make_graph(nodes, "split_steep_layer", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])], inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
@@ -123,9 +125,11 @@ def test_joint_probe_finds_the_boundary_that_per_weight_probes_miss(monkeypatch)
     teacher, student = _split_model(5.0), _split_model(5.0, noise=0.5)
     runs = {freeze: FineTunePass(data=_data(), teacher=teacher, epochs=2, batch_size=16, lr=1e-2, distill_loss="mse",
                                  features="none", schedule="constant", freeze=freeze)(student).stats
-            for freeze in ("auto", "none")}
-    assert seen["per_weight"] == []  # no part's own step raises the loss
+            for freeze in ("auto", "none", ("w10",))}
+    assert seen["per_weight"] == ["w10"]  # only the first part's own step raises the loss
     frozen = runs["auto"]["frozen_weights"]
-    assert frozen and set(frozen) < {"w10", "w11", "w12", "w13"}  # the boundary lies among the parts
+    assert frozen[0] == "w10" and len(frozen) > 1 and set(frozen) < {"w10", "w11", "w12", "w13"}
     before = runs["auto"]["val_loss_before"]
     assert runs["auto"]["history"][1]["val_loss"] < 0.3 * before < runs["none"]["history"][1]["val_loss"]
+    # the per-weight prefix alone (the former auto) is not enough
+    assert runs["auto"]["history"][1]["val_loss"] < 0.5 * runs[("w10",)]["history"][1]["val_loss"]

@@ -44,8 +44,9 @@ def register(sub) -> None:
     p.add_argument("--batchnorm", choices=["auto", "recalibrate", "keep"], default="auto",
                    help="re-estimate BatchNorm statistics from --data before training, or keep them; auto "
                         "(default): keep them after prune --reconstruct, re-estimate otherwise")
-    p.add_argument("--freeze", choices=["auto", "none"], default="none",
-                   help="auto: weights whose own probe step at --lr raises the loss keep their values (default none)")
+    p.add_argument("--freeze", choices=["auto", "none"], default="auto",
+                   help="auto (default): the early weights whose joint probe step at --lr raises the loss keep "
+                        "their values (none on a model whose full step lowers it); none: train every weight")
     p.add_argument("--fold-batchnorm", action="store_true",
                    help="train each Conv + BatchNorm folded (written back unfolded)")
     p.add_argument("--output-name", metavar="NAME", help="the model output to train (default: the first)")
@@ -164,7 +165,7 @@ def _print_summary(stats: dict) -> None:
     if stats.get("features"):
         print(f"features matched to the teacher: {', '.join(stats['features'])}")
     if stats.get("frozen_weights"):
-        print(f"frozen (their probe step raised the loss): {len(stats['frozen_weights'])} weights")
+        print(f"frozen (the probe step through them raised the loss): {len(stats['frozen_weights'])} weights")
     if "steps" not in stats:
         return
     metric = lambda v: "n/a" if v is None else f"{v * 100:.2f}%"  # noqa: E731

@@ -98,7 +98,7 @@ class FineTunePass(Pass):
             the weight tensors after a boundary (graph order), must lower the loss of that batch and of
             2 held-out ones; the boundary where it lowers them most keeps the tensors before it
             (``training.probe``: the loss is too curved along them for ``lr``), none when the full
-            step lowers them.  "none" (default) trains all; a list of weight names freezes those.
+            step lowers them (default).  "none" trains all; a list of weight names freezes those.
         output: the output to train (default: the first float32 output).
         threads: intra-op threads for training (None: onnxruntime decides).
         providers: onnxruntime execution providers for training (default CPU), e.g.
@@ -130,7 +130,7 @@ class FineTunePass(Pass):
         patience: Optional[int] = None,
         batchnorm: str = "auto",
         fold_batchnorm: bool = False,
-        freeze: Union[str, Sequence[str]] = "none",
+        freeze: Union[str, Sequence[str]] = "auto",
         output: Optional[str] = None,
         seed: int = 0,
         threads: Optional[int] = None,
