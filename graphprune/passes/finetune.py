@@ -60,10 +60,11 @@ class FineTunePass(Pass):
         QuantizeLinear with the straight-through estimator, and are quantized again with their
         unchanged scales; activation scales and zero points stay as calibrated.
       - Weights named by the sparsity mask record or the pruned-channel record keep their zeros.
-      - With ``freeze="auto"``, the early weights whose joint step overshoots are frozen: a probe
-        step at ``lr`` is applied to every suffix of the weights (graph order) in turn, and the
-        prefix left out where it lowers the loss of the probe batches most (and of each) keeps its
-        values; nothing when the full step already lowers them (``training.probe``).
+      - With ``freeze="auto"`` (default), the early weights whose joint step overshoots are frozen:
+        when some tensor's probe step at ``lr`` alone raises its batch's loss, the step is applied to
+        the suffixes of the weights (graph order) after candidate boundaries, and the prefix left
+        out where it lowers the loss of each probe batch, and most, keeps its values; nothing when
+        the full step already lowers them (``training.probe``).
       - A held-out split is evaluated before training and after each epoch and the best is kept, so
         training never makes the validation metric worse than at its start.
 
@@ -94,11 +95,12 @@ class FineTunePass(Pass):
         fold_batchnorm: train each Conv + BatchNorm pair in its folded form, each channel's weights
             times its BatchNorm gain over the layer's median gain (default False: the stored Conv
             weights and the BatchNorm's scale and bias train).
-        freeze: "auto": before training, one probe step at ``lr`` on 8 training samples, applied to
-            the weight tensors after a boundary (graph order), must lower the loss of that batch and of
-            2 held-out ones; the boundary where it lowers them most keeps the tensors before it
-            (``training.probe``: the loss is too curved along them for ``lr``), none when the full
-            step lowers them (default).  "none" trains all; a list of weight names freezes those.
+        freeze: "auto" (default): before training, one probe step at ``lr`` on 8 training samples,
+            applied to the weight tensors after a boundary (graph order), must lower the loss of that
+            batch and of 2 held-out ones; the boundary where it lowers them most keeps the tensors
+            before it (``training.probe``: the loss is too curved along them for ``lr``); none when
+            the full step lowers them or no tensor's step alone raises its batch's loss.  "none"
+            trains all; a list of weight names freezes those.
         output: the output to train (default: the first float32 output).
         threads: intra-op threads for training (None: onnxruntime decides).
         providers: onnxruntime execution providers for training (default CPU), e.g.
