@@ -33,11 +33,6 @@ __all__ = ["freeze_boundary", "overshooting_weights"]
 _TOLERANCE = 1e-5
 
 
-def _copies(values: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
-    # The session may keep the arrays it is given as its buffers (no copy): hand it its own.
-    return {name: np.array(value, copy=True) for name, value in values.items()}
-
-
 def _overshoots(session, feeds, before: float, start, stepped, name: str) -> bool:
     """Whether ``name``'s step alone (the others at ``start``) raises the loss of ``feeds``."""
     return not np.array_equal(stepped[name], start[name]) and max(
@@ -49,14 +44,14 @@ def overshooting_weights(session, feeds: Dict[str, np.ndarray], lr: float) -> Li
     applied alone, raises the loss on ``feeds`` (a diagnostic: ``FineTunePass`` uses
     ``freeze_boundary``).  The session is left with its starting weights but a used optimizer
     state: build a new one to train."""
-    start = _copies(session.weights())
+    start = session.weights()  # copies; load_weights copies too
     before = session.eval_step(feeds)[0]
     session.train_step(feeds, lr)
     stepped = session.weights()
     try:
         return [name for name in start if _overshoots(session, feeds, before, start, stepped, name)]
     finally:
-        session.load_weights(_copies(start))
+        session.load_weights(start)
 
 
 # Candidate boundaries per probe: this many, evenly spread over the trainable tensors.
@@ -65,7 +60,7 @@ _CANDIDATES = 16
 
 def _changes(session, batches, before, values) -> List[float]:
     """Relative loss change of each probe batch at the weights ``values`` (inf when not finite)."""
-    session.load_weights(_copies(values))
+    session.load_weights(values)
     changes = []
     for feeds, start in zip(batches, before):
         after = session.eval_step(feeds)[0]
@@ -95,7 +90,7 @@ def freeze_boundary(session, batches: Sequence[Dict[str, np.ndarray]], lr: float
     left with its starting weights but a used optimizer state: build a new one to train.
     ``names``: the trainable tensors in graph order."""
     names = list(names if names is not None else session.weights())
-    start = _copies(session.weights())
+    start = session.weights()  # copies; load_weights copies too
     before = [session.eval_step(feeds)[0] for feeds in batches]
     session.train_step(batches[0], lr)
     stepped = session.weights()
@@ -120,4 +115,4 @@ def freeze_boundary(session, batches: Sequence[Dict[str, np.ndarray]], lr: float
                 best, deepest = boundary, float(np.mean(change))
         return best
     finally:
-        session.load_weights(_copies(start))
+        session.load_weights(start)
