@@ -27,6 +27,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from graphprune import ir
 from graphprune.autodiff.gradient import ForwardFacts
 
 __all__ = ["gather_before_positionwise"]
@@ -35,13 +36,6 @@ _PREFIX = "graphprune.step/select/"
 _UNARY = {"Abs", "Cast", "Cos", "Elu", "Erf", "Exp", "Gelu", "HardSigmoid", "HardSwish", "Identity", "LeakyRelu",
           "Log", "Mish", "Neg", "Reciprocal", "Relu", "Selu", "Sigmoid", "Sin", "Softplus", "Sqrt", "Tanh"}
 _BINARY = {"Add", "Sub", "Mul", "Div", "Pow", "Where", "PRelu"}
-
-
-def _attr(node: onnx.NodeProto, name: str, default=None):
-    for attribute in node.attribute:
-        if attribute.name == name:
-            return helper.get_attribute_value(attribute)
-    return default
 
 
 class _Pushdown:
@@ -97,15 +91,15 @@ class _Pushdown:
                     return None
             return axes if any(a is not None for a in axes) else None
         if op in ("Softmax", "LogSoftmax"):  # over the last axis only (before opset 13 it meant a 2-D view)
-            return [axis] if int(_attr(node, "axis", -1)) % rank == rank - 1 != axis else None
+            return [axis] if int(ir.get_attr(node, "axis", -1)) % rank == rank - 1 != axis else None
         if op == "LayerNormalization":
-            return [axis, None, None][: len(node.input)] if axis < int(_attr(node, "axis", -1)) % rank else None
+            return [axis, None, None][: len(node.input)] if axis < int(ir.get_attr(node, "axis", -1)) % rank else None
         if op == "Transpose":
-            perm = _attr(node, "perm") or list(reversed(range(rank)))
+            perm = ir.get_attr(node, "perm") or list(reversed(range(rank)))
             return [perm[axis]]
         if op == "Reshape":
             shape = self.facts.constants.get(node.input[1])
-            if shape is None or _attr(node, "allowzero", 0) or len(shape) <= axis or any(shape[: axis + 1] != 0):
+            if shape is None or ir.get_attr(node, "allowzero", 0) or len(shape) <= axis or any(shape[: axis + 1] != 0):
                 return None
             return [axis, None]
         if op == "MatMul" and rank >= 2 and axis == rank - 2 and (self.rank(node.input[0]) or 0) >= 2:
@@ -126,10 +120,10 @@ class _Pushdown:
             producer, rank = producers.get(data), self.rank(data)
             if index is None or index.ndim > 1 or producer is None or rank is None or data in self.outputs:
                 continue  # (a 2-D index would add an axis: the moved ops' axes would no longer line up)
-            axis = int(_attr(gather, "axis", 0)) % rank
+            axis = int(ir.get_attr(gather, "axis", 0)) % rank
             readers = consumers.get(data, [])
             same = [r for r in readers if r.op_type == "Gather" and self.indices(r) is not None
-                    and int(_attr(r, "axis", 0)) % rank == axis and np.array_equal(self.indices(r), index)]
+                    and int(ir.get_attr(r, "axis", 0)) % rank == axis and np.array_equal(self.indices(r), index)]
             if len(same) != len(readers):
                 continue
             axes = self.input_axes(producer, data, axis)
@@ -164,7 +158,7 @@ class _Pushdown:
         moved.output[0] = selected
         new_nodes.append(moved)
         rank = self.rank(gather.input[0])
-        axis = int(_attr(gather, "axis", 0)) % rank
+        axis = int(ir.get_attr(gather, "axis", 0)) % rank
         renamed: Dict[str, str] = {}
         for reader in same:  # the other former Gathers read the selected rows (a Squeeze for a scalar index)
             if index.ndim == 0 and self.opset < 13:  # Squeeze's axes were an attribute before opset 13

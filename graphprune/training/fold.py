@@ -61,15 +61,11 @@ class FoldRecord:
         return [n for f in self.folds for n in (f.weight, f.bias)]
 
 
-def _attr(node: onnx.NodeProto, name: str, default):
-    return next((onnx.helper.get_attribute_value(a) for a in node.attribute if a.name == name), default)
-
-
 def _foldable(bn: onnx.NodeProto, producers, consumers, values, trainable: set) -> Optional[Tuple]:
     """(conv, s, W, b, gamma, beta, mean) when ``bn`` folds into the Conv before it, else None."""
     if bn.op_type != "BatchNormalization" or bn.domain not in ("", "ai.onnx") or len(bn.input) != 5:
         return None
-    if any(bn.output[1:]) or _attr(bn, "training_mode", 0):
+    if any(bn.output[1:]) or ir.get_attr(bn, "training_mode", 0):
         return None
     conv = producers.get(bn.input[0])
     if conv is None or conv.op_type != "Conv" or conv.domain not in ("", "ai.onnx"):
@@ -84,7 +80,7 @@ def _foldable(bn: onnx.NodeProto, producers, consumers, values, trainable: set) 
     if any(len(consumers.get(n, [])) != 1 for n in bn.input[1:3]):
         return None  # a gamma/beta shared with another node cannot take this layer's bias alone
     gamma, beta, mean, var = (values[n].astype(np.float64) for n in bn.input[1:])
-    s = gamma / np.sqrt(var + float(_attr(bn, "epsilon", 1e-5)))
+    s = gamma / np.sqrt(var + float(ir.get_attr(bn, "epsilon", 1e-5)))
     weight = values[conv.input[1]]
     if s.ndim != 1 or s.shape[0] != weight.shape[0] or not np.all(np.isfinite(s)) or np.any(np.abs(s) < 1e-30):
         return None
