@@ -190,3 +190,33 @@ def test_compact_keeps_outputs_and_the_runtime_graph(channels, inputs, seed):
     x = {"x": rng.standard_normal((1, inputs, 6, 6)).astype(np.float32)}
     want, got = _session(before).run(None, x)[0], _session(after).run(None, x)[0]
     np.testing.assert_allclose(got, want, rtol=2e-3, atol=2e-3 * np.abs(want).max())
+
+
+def test_records_that_name_weights_follow_the_short_names():
+    """The mask and removal records finetune reads back name weights: after renaming they must name the
+    same tensors, and the reconstruction mark must still match the removal record it copied."""
+    import json
+
+    from graphprune.pruning.apply import PRUNED_CHANNELS_KEY, REMOVED_CHANNELS_KEY, pruned_channels
+    from graphprune.training.batchnorm import mark_reconstructed, statistics_follow_reconstruction
+    from graphprune.training.masks import WEIGHT_MASKS_KEY
+
+    model = _storage_model()
+    model.metadata_props.add(key=PRUNED_CHANNELS_KEY, value=json.dumps({"w2_bias": {"0": [1, 3]}}))
+    model.metadata_props.add(key=REMOVED_CHANNELS_KEY, value=json.dumps({"w1": {"0": [2]}}, sort_keys=True))
+    model.metadata_props.add(key=WEIGHT_MASKS_KEY, value=json.dumps({"version": 1, "weights": {"w1": {"sparsity": 0.5}}}))
+    mark_reconstructed(model)
+
+    compact(model)
+    names = {t.name for t in model.graph.initializer} | {o for n in model.graph.node for o in n.output}
+    props = {p.key: json.loads(p.value) for p in model.metadata_props if p.key != "graphprune.reconstructed_after"}
+    (bias_name,) = props[PRUNED_CHANNELS_KEY]
+    (removed_name,) = props[REMOVED_CHANNELS_KEY]
+    (masked_name,) = props[WEIGHT_MASKS_KEY]["weights"]
+    assert {bias_name, removed_name, masked_name} <= names and "w1" not in names
+    assert removed_name == masked_name
+    conv1, conv2 = [n for n in model.graph.node if n.op_type == "Conv"]
+    assert conv1.input[1] == removed_name and conv2.input[2] == bias_name  # the same tensors as before
+    assert props[PRUNED_CHANNELS_KEY][bias_name] == {"0": [1, 3]}
+    assert statistics_follow_reconstruction(model)
+    assert pruned_channels(model) == {bias_name: {"0": [1, 3]}}

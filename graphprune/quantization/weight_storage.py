@@ -17,7 +17,8 @@ what ONNX Runtime runs:
   tensor header each: ONNX Runtime folds both at load like the dequantization;
 - every tensor except the graph's inputs and outputs gets a short name (``0``, ``1``... ``a``...,
   base 62, in graph order) and nodes lose their names: on a small CNN the names were 30% of what
-  is not int8 values, and ONNX Runtime names the nodes of the graph it runs itself.
+  is not int8 values, and ONNX Runtime names the nodes of the graph it runs itself; the metadata
+  records graphprune reads back (masked channels, sparse weights, removals) follow the new names.
 
 Refused (left as they are): graph inputs and outputs, tensors on disk, float16 that overflows or
 rounds by more than ``REL_ERROR``; in a graph with subgraphs (If, Loop, Scan bodies may read any
@@ -63,7 +64,9 @@ def compact(model: onnx.ModelProto) -> Dict[str, int]:
     stats["packed_weights"] = _pack_dequantized(graph, fixed, _opset(model))
     stats["packed_constants"], stats["float16_constants"] = _pack_constants(graph, fixed, _opset(model))
     stats["merged_constants"] = _merge_duplicates(graph, fixed)  # after packing: equal Split sizes too
-    stats["renamed_tensors"], stats["unnamed_nodes"] = _shorten_names(graph, fixed)
+    renamed, stats["unnamed_nodes"] = _shorten_names(graph, fixed)
+    stats["renamed_tensors"] = sum(1 for old, short in renamed.items() if old != short)
+    _rename_records(model, renamed)
     return stats
 
 
@@ -270,9 +273,9 @@ def _is_default(attr: onnx.AttributeProto, weight: Optional[tuple]) -> bool:
     return default is not None and attr.type == onnx.AttributeProto.INTS and all(v == default for v in attr.ints)
 
 
-def _shorten_names(graph: onnx.GraphProto, fixed: Set[str]) -> Tuple[int, int]:
+def _shorten_names(graph: onnx.GraphProto, fixed: Set[str]) -> Tuple[Dict[str, str], int]:
     """Every tensor but the graph's inputs and outputs renamed in base 62, in graph order (initializers
-    first); every node name cleared.  Returns (tensors renamed, nodes unnamed)."""
+    first); every node name cleared.  Returns (old name -> new name, nodes unnamed)."""
     renamed: Dict[str, str] = {}
     counter = 0
 
@@ -300,4 +303,40 @@ def _shorten_names(graph: onnx.GraphProto, fixed: Set[str]) -> Tuple[int, int]:
             node.output[j] = new(name)
     for info in graph.value_info:
         info.name = new(info.name)
-    return sum(1 for old, short in renamed.items() if old != short), unnamed
+    return renamed, unnamed
+
+
+def _rename_records(model: onnx.ModelProto, renamed: Dict[str, str]) -> None:
+    """The metadata records graphprune reads back name weights: they follow the new names.
+
+    Otherwise a later ``finetune`` would find none of its masked channels or sparse weights, and the
+    mark that the statistics follow a reconstruction would no longer match the removal record it
+    copies.  A record that is not valid JSON is left as it is (its readers warn and ignore it).
+    """
+    import json
+
+    from graphprune.pruning.apply import PRUNED_CHANNELS_KEY, REMOVED_CHANNELS_KEY
+    from graphprune.training.batchnorm import RECONSTRUCTED_KEY
+    from graphprune.training.masks import WEIGHT_MASKS_KEY
+
+    def by_name(record):
+        return {renamed.get(k, k): v for k, v in record.items()} if isinstance(record, dict) else record
+
+    props = {p.key: p for p in model.metadata_props}
+    removed = props.get(REMOVED_CHANNELS_KEY)
+    mark = props.get(RECONSTRUCTED_KEY)
+    mark_matches = mark is not None and removed is not None and mark.value == removed.value
+    for key in (PRUNED_CHANNELS_KEY, REMOVED_CHANNELS_KEY, WEIGHT_MASKS_KEY):
+        if key not in props:
+            continue
+        try:
+            record = json.loads(props[key].value)
+        except (ValueError, RecursionError):
+            continue
+        if key == WEIGHT_MASKS_KEY and isinstance(record, dict):
+            record["weights"] = by_name(record.get("weights"))
+        else:
+            record = by_name(record)
+        props[key].value = json.dumps(record, sort_keys=True)
+    if mark_matches:
+        mark.value = removed.value
