@@ -14,6 +14,7 @@ from graphprune.metrics import count_macs
 from graphprune.passes.prune_channels import PruneChannelsPass
 from graphprune.pruning.budget import DEFAULT_BUDGET_RATIOS, Allocation, allocate
 from graphprune.runtime import make_session, run_samples
+from graphprune.sensitivity.cost_model import modeled_cost
 from graphprune.sensitivity.damage import call_metric, load_metric
 from graphprune.sensitivity.measure import cpu_latency_ratio, inner_runs, reference_outputs
 from graphprune.sensitivity.run import feed_shapes, sensitivity
@@ -116,7 +117,11 @@ def prune_to_budget(
     first = blocked[0]["reasons"][0] if blocked and blocked[0]["reasons"] else ""
     allocation = allocate(report, target, fraction, measure, analysis_blocked=len(blocked), first_reason=first)
     if target != "latency" and any(allocation.ratios.values()):
-        _against_uniform(allocation, fraction, measure, lambda ratios: damage(build(ratios, "mask")))
+        timed = None
+        if allocation.modeled is not None:  # the speed tie-break chose the plan: uniform must not be slower
+            base = modeled_cost(model, shapes)
+            timed = lambda ratios: modeled_cost(build(ratios, "remove"), shapes) / base  # noqa: E731
+        _against_uniform(allocation, fraction, measure, lambda ratios: damage(build(ratios, "mask")), timed)
     result = build(allocation.ratios, mode)
     removed = result if mode == "remove" else build(allocation.ratios, "remove")  # mask keeps shapes: count removed
     stats = {
@@ -152,13 +157,15 @@ def check_reusable(report: dict, model: onnx.ModelProto, target: str, criterion:
         raise UserError("--sensitivity: the report has no latency (measured with --latency-rounds 0)")
 
 
-def _against_uniform(allocation: Allocation, fraction: float, measure, damage, steps: int = _UNIFORM_STEPS) -> None:
+def _against_uniform(allocation: Allocation, fraction: float, measure, damage, timed=None,
+                     steps: int = _UNIFORM_STEPS) -> None:
     """Keep the per-group plan only if it beats one uniform ratio at the same budget on the calibration data.
 
     One-group damages add up only roughly (errors compound through a residual stream), so the plan
     is checked: the smallest uniform ratio over the groups the plan may prune that meets the budget
     (bisection, ``steps`` builds) and both plans' damage measured on the whole calibration set; the
-    lower damage wins and ``allocation`` is updated in place.
+    lower damage wins and ``allocation`` is updated in place.  With ``timed`` (ratios -> modeled time
+    fraction; the speed tie-break chose the plan) the uniform plan must also be modeled no slower.
     """
     allowed = [k for k in allocation.ratios if k not in allocation.blocked]
     lo, hi, best = 0.0, 0.95, None
@@ -174,5 +181,11 @@ def _against_uniform(allocation: Allocation, fraction: float, measure, damage, s
         return
     mine, theirs = damage(allocation.ratios), damage(best[0])
     allocation.checked = {"knapsack": mine, "uniform": theirs, "uniform_ratio": round(hi, 4), "uniform_cost": best[1]}
-    if theirs < mine:
+    slower = False
+    if timed is not None:
+        allocation.checked["knapsack_modeled"], allocation.checked["uniform_modeled"] = timed(allocation.ratios), timed(best[0])
+        slower = allocation.checked["uniform_modeled"] > allocation.checked["knapsack_modeled"] + 1e-9
+    if theirs < mine and not slower:
         allocation.plan, allocation.ratios, allocation.measured = "uniform", best[0], best[1]
+        if timed is not None:
+            allocation.modeled = allocation.checked["uniform_modeled"]

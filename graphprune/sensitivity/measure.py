@@ -7,7 +7,8 @@ then for each task:
 
 - **damage**: the unit's channels *masked* (zeroed, shapes kept: one fast edit) and the outputs on
   the calibration samples compared with the original's by the metric (``damage.py``);
-- **MACs and params**: the unit's channels *removed* and counted (``graphprune.metrics``);
+- **MACs and params**: the unit's channels *removed* and counted (``graphprune.metrics``), and the
+  removed model's modeled time (``cost_model``: MACs in the runtime's channel blocks, elementwise work);
 - **latency**: the removed model against the original on ONNX Runtime, one thread, batch 1,
   timed in turns by the calling thread's CPU time (ORT computes in it with one thread), which a
   busy machine inflates less than wall time; the fraction pruned / original is the median of the
@@ -36,6 +37,7 @@ from graphprune.pruning import apply_selection, group_scores, removal_masks
 from graphprune.pruning.group_ratios import group_keys
 from graphprune.pruning.selection import select_channels
 from graphprune.runtime import make_session, run_samples
+from graphprune.sensitivity.cost_model import modeled_cost
 from graphprune.sensitivity.damage import call_metric, load_metric
 
 __all__ = ["Analysis", "analyse", "reference_outputs", "run_tasks", "default_jobs", "cpu_latency",
@@ -172,7 +174,7 @@ class Worker:
         smaller, _ = self.analysis.pruned(ratios, "remove")
         entry = {"ratio": ratio, "channels_removed": removed, "damage": damage,
                  "macs": count_macs(smaller, self.input_shapes or None), "params": ir.count_params(smaller),
-                 "latency_fraction": None}
+                 "modeled": modeled_cost(smaller, self.input_shapes or None), "latency_fraction": None}
         if self.latency_rounds > 0 and removed:
             base, feed, inner = self._base_session()
             entry["latency_fraction"] = cpu_latency_ratio(base, make_session(smaller, threads=1, spinning=False),

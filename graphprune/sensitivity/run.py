@@ -11,6 +11,7 @@ from graphprune import ir
 from graphprune.data import InputSet
 from graphprune.errors import UserError
 from graphprune.metrics import count_macs
+from graphprune.sensitivity.cost_model import modeled_cost
 from graphprune.sensitivity.damage import check_metric
 from graphprune.sensitivity.measure import analyse, default_jobs, reference_outputs, run_tasks
 from graphprune.sensitivity.units import build_units
@@ -77,7 +78,7 @@ def sensitivity(
             cost ONNX Runtime its blocked-layout kernels and make a group's removal slower).
 
     Returns the report: ``units`` (each with ``entries`` per ratio: ``damage``, ``macs``, ``params``,
-    ``latency_fraction``, ``channels_removed``), ``original`` totals and ``blocked`` groups.
+    ``modeled`` (``cost_model.modeled_cost``), ``latency_fraction``, ``channels_removed``), ``original`` totals and ``blocked`` groups.
     """
     start = time.perf_counter()
     ratios = check_ratios(ratios)
@@ -97,8 +98,9 @@ def sensitivity(
     adaptive = jobs is None  # an explicit job count is obeyed; the default spares small models the start-up
     jobs = default_jobs() if jobs is None else max(1, int(jobs))
     measured = run_tasks(payload, tasks, jobs=jobs, use_ray=use_ray, progress=progress, adaptive=adaptive)
+    modeled = modeled_cost(model, shapes)
     baseline = {"ratio": 0.0, "channels_removed": 0, "damage": self_damage, "macs": macs, "params": params,
-                "latency_fraction": 1.0}
+                "modeled": modeled, "latency_fraction": 1.0}
     report_units = []
     for i, unit in enumerate(units):
         entries = [dict(baseline)] + [measured[i * len(ratios) + j] for j in range(len(ratios))]
@@ -112,7 +114,7 @@ def sensitivity(
         "round_to": int(round_to),
         "samples": len(data),
         "input_shapes": {k: list(v) for k, v in shapes.items()},
-        "original": {"macs": macs, "params": params, "metric_on_itself": self_damage},
+        "original": {"macs": macs, "params": params, "modeled": modeled, "metric_on_itself": self_damage},
         "units": report_units,
         "blocked": [{"kind": g.kind, "channels": g.channels, "params": g.param_names()[:4], "reasons": g.reasons[:3]}
                     for g in analysis.blocked],
