@@ -33,9 +33,10 @@ __all__ = ["modeled_cost", "CHANNEL_BLOCK", "ELEMENT_MACS", "REORDER_ELEMENTS"]
 # ONNX Runtime's NCHWc block on AVX-512 (the widest common x86 CPU; on AVX2 it is 8, which a
 # multiple of 16 also fills).
 CHANNEL_BLOCK = 16
-# One element of elementwise work costs about this many MACs of a blocked convolution: fitted on
-# the classifier's plans at 1 thread (the original, 60% and 40% budgets, the hand plan, timed in
-# turns with HardSwish fused), where 8-24 ranked them as measured.
+# One element of elementwise work (or of a conv's output, written with its fused activation) costs
+# about this many MACs of a blocked convolution: a least-squares fit of the classifier's NCHWc conv
+# kernel times (ONNX Runtime's profiler, 1 thread) to padded MACs and output elements gave ~50.  The
+# classifier's plans (60% budget, hand plan, 40% budget) rank alike from 16 to 96.
 ELEMENT_MACS = 48.0
 # A broadcast scaling outside the blocked layout: the op itself and a reorder on either side.
 REORDER_ELEMENTS = 3.0
