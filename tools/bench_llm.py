@@ -3,7 +3,8 @@
 Usage:
     .venv/bin/python tools/bench_llm.py [--llm ~/.cache/graphprune-bench/llm/llama.onnx]
         [--dir ~/.cache/graphprune-bench/llm/out] [--rounds 7] [--threads 1,2]
-        [--variants int4,int4nbits,int4i8,int8,int8dq,int8i8,wanda50,wanda24,depth25] [--skip-bert | --skip-llm]
+        [--variants int4,int4nbits,int4i8,int4dispatch,int8,int8dq,int8i8,wanda50,wanda24,depth25] [--interleave]
+        [--skip-bert | --skip-llm]
         [--bert-variants int4,int8,int4-awq,int4-gptq,int8dq] [--json out.json]
     .venv/bin/python tools/bench_llm.py --kernels   # one FFN MatMul: fp32 vs MatMulNBits variants, M = 1 and 128
 
@@ -15,12 +16,17 @@ once in a fresh process (1 thread): CPU seconds, peak RSS and RSS once built (``
 Variants: ``int4`` and ``int8`` are the default ``--kernel auto`` (timed on this machine);
 ``int4nbits`` / ``int8dq`` pin ``--kernel matmulnbits`` (int8: DequantizeLinear, fused by ONNX
 Runtime into 8-bit ``MatMulNBits``), ``int4i8`` / ``int8i8`` the int8 kernel
-(``DynamicQuantizeMatMul``).  A command's first stdout lines (the kernel chosen and why) are kept.
+(``DynamicQuantizeMatMul``), ``int4dispatch`` both int4 kernels behind one ``If`` on the row count
+(``--kernel dispatch``).  A command's first stdout lines (the kernel chosen and why) are kept.
 
 Latency: batch 1, ``input_ids`` of 1 token (the weight-bound regime of decoding) and of 128 tokens,
 on ``--threads`` intra-op threads (no spinning); fp32 and the variant are timed alternately
 (``--rounds`` rounds, several runs each), CPU time (``time.process_time``) and wall time per run,
-medians; the speedup is fp32 / variant.  Agreement on 2 sequences of 128 seeded random tokens:
+medians; the speedup is fp32 / variant.  With ``--interleave`` fp32 and every variant are timed
+alternately in one group per thread count and row count instead (a machine whose load changes
+during the run then changes all of them alike).  ``session_cost`` also reports the RSS after
+glibc's ``malloc_trim`` (what the session holds; ONNX Runtime's freed constant-folding
+intermediates otherwise stay in the process's heap).  Agreement on 2 sequences of 128 seeded random tokens:
 relative L2 of the logits and top-1 agreement of the next-token prediction at every position.
 BERT: ``graphprune.testing.bert_base_like()`` (110M parameters), int4 (block 32; RTN, AWQ and GPTQ
 on 16 seeded random sequences) and int8 weight-only, file size and output rel L2 on 4 other
@@ -50,6 +56,7 @@ VARIANTS = {
     "int8": ["quantize", "--weights-only", "int8"],  # --kernel auto (the default)
     "int8dq": ["quantize", "--weights-only", "int8", "--kernel", "matmulnbits"],
     "int4i8": ["quantize", "--weights-only", "int4", "--block-size", "32", "--kernel", "int8"],
+    "int4dispatch": ["quantize", "--weights-only", "int4", "--block-size", "32", "--kernel", "dispatch"],
     "int8i8": ["quantize", "--weights-only", "int8", "--kernel", "int8"],
     "wanda50": ["sparsify", "--criterion", "wanda", "--sparsity", "0.5", "--data", "{data}"],
     "wanda24": ["sparsify", "--criterion", "wanda", "--pattern", "2:4", "--data", "{data}"],
@@ -90,8 +97,12 @@ options.log_severity_level = 3
 start = time.process_time()
 s = ort.InferenceSession(sys.argv[1], options, providers=["CPUExecutionProvider"])
 cpu = time.process_time() - start
-rss = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmRSS"))
-print(cpu, rss * 1024)
+def rss():
+    return 1024 * next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmRSS"))
+held = rss()
+import ctypes
+ctypes.CDLL("libc.so.6").malloc_trim(0)
+print(cpu, held, rss())
 """
 
 
@@ -105,8 +116,9 @@ def session_cost(path: str) -> Dict[str, object]:
         kib = rss.read().strip().splitlines()
     if proc.returncode != 0:
         return {"error": (proc.stderr.strip().splitlines() or [""])[-1]}
-    cpu, held = proc.stdout.split()
-    return {"cpu_s": round(float(cpu), 2), "peak_rss": int(kib[-1]) * 1024, "rss_after": int(held)}
+    cpu, held, trimmed = proc.stdout.split()
+    return {"cpu_s": round(float(cpu), 2), "peak_rss": int(kib[-1]) * 1024, "rss_after": int(held),
+            "rss_after_trim": int(trimmed)}
 
 
 def session(path: str, threads: int):
@@ -182,7 +194,8 @@ def bench_bert(folder: str, variants=BERT_VARIANTS) -> Dict[str, object]:
     return rows
 
 
-def bench_llm(llm: str, folder: str, variants: List[str], threads: List[int], rounds: int) -> Dict[str, object]:
+def bench_llm(llm: str, folder: str, variants: List[str], threads: List[int], rounds: int,
+              together: bool = False) -> Dict[str, object]:
     data = os.path.join(folder, "calib.npz")
     np.savez(data, input_ids=np.random.default_rng(2).integers(0, 32000, (8, 128)).astype(np.int64))
     size = files_size(llm)
@@ -208,6 +221,9 @@ def bench_llm(llm: str, folder: str, variants: List[str], threads: List[int], ro
             reference = [ref.run(None, {"input_ids": ids})[0] for ids in _agreement_ids()]
             del ref
         row["agreement"] = agreement(reference, out)
+        row["path"] = out
+        if together:
+            continue
         row["latency"] = {}
         for t in threads:
             pair = {"fp32": session(llm, t), name: session(out, t)}
@@ -220,7 +236,29 @@ def bench_llm(llm: str, folder: str, variants: List[str], threads: List[int], ro
                 print(f"llm {name} {t} thread(s) {seq} token(s): {json.dumps(timed)}", flush=True)
             del pair
         print(f"llm {name}: {json.dumps({k: v for k, v in row.items() if k != 'latency'})}", flush=True)
+    if together:
+        timed_together(llm, rows, threads, rounds)
     return rows
+
+
+def timed_together(llm: str, rows: Dict[str, Dict[str, object]], threads: List[int], rounds: int) -> None:
+    """fp32 and every written variant timed alternately in one group (``--interleave``); each row's
+    ``latency`` as in the pairwise timing, the speedups over the fp32 of the same group."""
+    written = [name for name, row in rows.items() if name != "fp32" and row.get("path")]
+    for name in written:
+        rows[name]["latency"] = {}
+    for t in threads:
+        group = {"fp32": session(llm, t), **{name: session(rows[name]["path"], t) for name in written}}
+        for seq, runs in ((1, 5), (128, 1)):
+            feed = {"input_ids": (np.arange(seq, dtype=np.int64)[None] * 7 + 3) % 32000}
+            timed = interleaved(group, feed, rounds, runs)
+            for name in written:
+                rows[name]["latency"][f"{t}t_{seq}tok"] = {
+                    "fp32": timed["fp32"], name: timed[name],
+                    "speedup_cpu": timed["fp32"]["cpu_ms"] / timed[name]["cpu_ms"],
+                    "speedup_wall": timed["fp32"]["wall_ms"] / timed[name]["wall_ms"]}
+            print(f"llm together {t} thread(s) {seq} token(s): {json.dumps(timed)}", flush=True)
+        del group
 
 
 # The micro-benchmark's variants: (label, kind, settings).  kind "fp32" is MatMul; "nbits" is
@@ -340,6 +378,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--threads", default="1,2")
     parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--interleave", action="store_true",
+                        help="time fp32 and all LLM variants alternately in one group (not pairwise)")
     parser.add_argument("--skip-bert", action="store_true")
     parser.add_argument("--skip-llm", action="store_true")
     parser.add_argument("--bert-variants", default=",".join(BERT_VARIANTS))
@@ -361,7 +401,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             result["bert"] = bench_bert(args.dir, args.bert_variants.split(","))
         if not args.skip_llm:
             result["llm"] = bench_llm(args.llm, args.dir, args.variants.split(","),
-                                      [int(t) for t in args.threads.split(",")], args.rounds)
+                                      [int(t) for t in args.threads.split(",")], args.rounds, args.interleave)
         result["loadavg_end"] = os.getloadavg()
         print(f"load average at end: {result['loadavg_end']}", flush=True)
     if args.json:

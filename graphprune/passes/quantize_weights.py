@@ -62,7 +62,8 @@ class QuantizeWeightsPass(Pass):
 
     Refuses: a model already quantized; int4 when no MatMul/Gemm weight can take it; AWQ/GPTQ
     without data or with int8; block sizes the kernels do not take; ``kernel`` and ``int4_kernel``
-    disagreeing, ``int4_kernel`` with int8, the int8 kernel with GPTQ.
+    disagreeing, ``int4_kernel`` with int8, the int8 or dispatch kernel with GPTQ, dispatch with int8
+    or on a runtime without its kernels.
 
     Args:
         bits: 8 or 4.
@@ -79,9 +80,12 @@ class QuantizeWeightsPass(Pass):
             com.microsoft ``DynamicQuantizeMatMul`` (integer GEMM, activations quantized per
             tensor at run time): int8 weights as they are, int4 values with integer block
             multipliers expanded into int8 at load (``quantization/weight_int8_kernel.py``; RTN
-            and AWQ only); fastest for many rows, e.g. a prompt.  "auto" (default): both timed on
-            one layer of the model's shape on this machine (``quantization/kernel_choice.py``;
-            GPTQ takes ``MatMulNBits``).
+            and AWQ only); fastest for many rows, e.g. a prompt.  "dispatch" (int4, RTN and AWQ):
+            both, behind one ``If`` on "the input holds one row", from one stored copy of the
+            weights (``quantization/weight_dispatch.py``; the model raised to opset 21).  "auto"
+            (default): both timed on one layer of the model's shape on this machine
+            (``quantization/kernel_choice.py``; "dispatch" when they trade places; GPTQ takes
+            ``MatMulNBits``).
         int4_kernel: the old name of ``kernel`` (int4 only).
         folded: every int8 weight as Cast and Mul, folded into a float weight when ONNX Runtime
             loads the model: a smaller file at float speed and with float math (static
@@ -100,9 +104,11 @@ class QuantizeWeightsPass(Pass):
         if algorithm != "rtn" and bits != 4:
             raise UserError(f"--algorithm {algorithm} chooses int4 weights; int8 per channel is rounded to nearest")
         kernel = _kernel_option(bits, kernel, int4_kernel)
-        if kernel == "int8" and algorithm == "gptq":
-            raise UserError("--algorithm gptq chooses float block scales, which the int8 kernel's form cannot hold; "
+        if kernel in ("int8", "dispatch") and algorithm == "gptq":
+            raise UserError(f"--algorithm gptq chooses float block scales, which the {kernel} kernel's form cannot hold; "
                             "use --kernel matmulnbits or --algorithm rtn|awq")
+        if kernel == "dispatch" and bits != 4:
+            raise UserError("--kernel dispatch applies to --weights-only int4 (int8's two kernels are as fast at one row)")
         if algorithm != "rtn" and data is None:
             raise UserError(f"--algorithm {algorithm} needs calibration data (--data FILE.npz)")
         self.bits = bits
@@ -128,6 +134,9 @@ class QuantizeWeightsPass(Pass):
         if not targets:
             return PassResult(model, False, {"weights_quantized": 0, "skipped": skipped})
         kernel, choice = self._kernel(model, targets)
+        if kernel == "dispatch":
+            model = _for_dispatch(model)
+            targets, skipped = find_targets(model, self.bits, self.block_size, self.embeddings)
         scales = self._data_aware(model, targets) if self.algorithm != "rtn" else {}
         rewriter = Rewriter(model, self.source_dir, self.block_size, self.accuracy_level, self.folded, kernel)
         for target in targets.values():
@@ -165,7 +174,8 @@ class QuantizeWeightsPass(Pass):
         if not any(k % block == 0 for k, _ in shapes):
             return "matmulnbits", {"reason": f"no weight's K is a whole number of blocks of {self.block_size} "
                                              "(the int8 kernel's form needs it)"}
-        return choose_kernel(self.bits, *probe_shape(shapes, block), self.block_size, self.accuracy_level)
+        return choose_kernel(self.bits, *probe_shape(shapes, block), self.block_size, self.accuracy_level,
+                             dispatch=self.bits == 4 and _dispatch_fits(model))
 
     def _data_aware(self, model: onnx.ModelProto, targets: Dict[str, Target]) -> Dict[str, dict]:
         """Per int4 weight: {"awq_scale": s} or {"hessian": H}, from one run over the data."""
@@ -209,6 +219,29 @@ def _kernel_option(bits: int, kernel: Optional[str], int4_kernel: Optional[str])
     if kernel not in wo.KERNELS:
         raise UserError(f"--kernel {kernel!r}: choose one of {', '.join(wo.KERNELS)}")
     return kernel
+
+
+def _dispatch_fits(model: onnx.ModelProto) -> bool:
+    """Whether "auto" may choose the dispatch form: the runtime runs its kernels and the model has
+    an input and can be raised to opset 21 (checked on a copy without weights)."""
+    from graphprune.quantization.weight_nodes import _raises_to_21
+
+    kernels = all(wo.runtime_has(k) for k in ("MatMulNBits", "DynamicQuantizeMatMul", "CastInt4"))
+    opset = next((i.version for i in model.opset_import if i.domain in ("", "ai.onnx")), 1)
+    return kernels and len(model.graph.input) > 0 and (opset >= 21 or _raises_to_21(model))
+
+
+def _for_dispatch(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` raised to opset 21 (the dispatch form's INT4 casts; raised before the rewrite, since
+    its nodes then move into the ``If``'s branches), or ``UserError`` when the runtime or the model
+    cannot take the form."""
+    from graphprune.quantization.weight_nodes import _upgrade_opset
+
+    missing = [k for k in ("MatMulNBits", "DynamicQuantizeMatMul", "CastInt4") if not wo.runtime_has(k)]
+    if missing:
+        raise UserError(f"--kernel dispatch needs the runtime to run {', '.join(missing)}; use --kernel matmulnbits|int8")
+    opset = next((i.version for i in model.opset_import if i.domain in ("", "ai.onnx")), 1)
+    return _upgrade_opset(model, 21) if opset < 21 else model
 
 
 def quantize_weights(model: onnx.ModelProto, bits: int = 8, **kwargs) -> onnx.ModelProto:

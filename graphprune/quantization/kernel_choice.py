@@ -16,7 +16,10 @@ common shape (capped, so the probe stays short) is written in both forms by the 
 each is timed by CPU time of the calling thread (one intra-op thread: a busy machine cannot
 inflate it) at M = 1 and M = 128 rows, interleaved over a few rounds, median per form.  The int8
 form wins when the geometric mean of its speedups over ``MatMulNBits`` at the two row counts is
-above 1: decoding and prompt processing weigh the same.
+above 1: decoding and prompt processing weigh the same.  For int4, when the two trade places, each
+winning at its row count by more than ``DISPATCH_MARGIN``, and the model can take it, the choice is
+"dispatch" (``weight_dispatch``: both forms, chosen per run by the row count; the same file, but
+its session holds both kernels' weights and folds more at load).
 
 Not timed: a runtime that lacks one of the kernels gets the other; GPTQ's float block scales only
 fit ``MatMulNBits``.  Costs the timing does not see are in docs/benchmarks.md: ``DynamicQuantizeMatMul``
@@ -32,7 +35,7 @@ from typing import Dict, Iterable, Tuple
 
 import numpy as np
 
-__all__ = ["choose_kernel", "probe_shape", "ROWS", "KERNEL_NAMES"]
+__all__ = ["choose_kernel", "probe_shape", "ROWS", "KERNEL_NAMES", "DISPATCH_MARGIN"]
 
 # Row counts timed: one token (weight-bound decoding) and a 128-token prompt (compute-bound).
 ROWS = (1, 128)
@@ -41,6 +44,9 @@ _MAX_K, _MAX_N = 4096, 4096
 _ROUNDS = 5
 # Runs per round and row count: enough CPU time per sample to rise above the timer's resolution.
 _RUNS = {1: 10, 128: 2}
+# "dispatch" only when each kernel beats the other at its row count by more than this: below, the
+# gain is within the probe's noise and does not pay for the session's second copy of the weights.
+DISPATCH_MARGIN = 1.1
 # What the "matmulnbits" form is, per width, for the reasons printed.
 KERNEL_NAMES = {4: "MatMulNBits", 8: "DequantizeLinear (fused into 8-bit MatMulNBits)"}
 
@@ -58,8 +64,10 @@ def probe_shape(shapes: Iterable[Tuple[int, int]], block_size: int = 1) -> Tuple
     return min(k, _MAX_K - _MAX_K % block_size), min(n, _MAX_N)
 
 
-def choose_kernel(bits: int, k: int, n: int, block_size: int = 32, accuracy_level: int = 4) -> Tuple[str, dict]:
-    """("int8" or "matmulnbits", what decided it) for ``bits``-bit weights of shape [k, n] on this machine."""
+def choose_kernel(bits: int, k: int, n: int, block_size: int = 32, accuracy_level: int = 4,
+                  dispatch: bool = False) -> Tuple[str, dict]:
+    """("int8", "matmulnbits" or, with ``dispatch`` (the model and runtime can take that form),
+    "dispatch"; what decided it) for ``bits``-bit weights of shape [k, n] on this machine."""
     from graphprune.quantization.weight_only import runtime_has
 
     if not runtime_has("DynamicQuantizeMatMul"):
@@ -71,8 +79,12 @@ def choose_kernel(bits: int, k: int, n: int, block_size: int = 32, accuracy_leve
     mean = float(np.sqrt(np.prod(speedups)))
     kernel = "int8" if mean > 1.0 else "matmulnbits"
     other = KERNEL_NAMES[bits]
+    traded = speedups[0] * DISPATCH_MARGIN < 1.0 and speedups[1] > DISPATCH_MARGIN
+    if bits == 4 and dispatch and traded:
+        kernel = "dispatch"
     detail = {"reason": f"timed on one [{k}, {n}] layer: int8 form {speedups[0]:.2f}x {other} at 1 row, "
-                        f"{speedups[1]:.2f}x at 128 (geometric mean {mean:.2f})",
+                        f"{speedups[1]:.2f}x at 128 (geometric mean {mean:.2f})"
+                        + ("; each wins at its row count: both, dispatched by rows" if kernel == "dispatch" else ""),
               "shape": [int(k), int(n)], "cpu_ms": {kind: {str(m): round(t, 4) for m, t in by_rows.items()}
                                                   for kind, by_rows in times.items()}}
     return kernel, detail

@@ -15,6 +15,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from graphprune.errors import UserError
 from graphprune.ir import copy_fields
+from graphprune.quantization import weight_dispatch as wd
 from graphprune.quantization import weight_int8_kernel as ik
 from graphprune.quantization import weight_only as wo
 from graphprune.quantization.weight_targets import (FLOAT_TYPES, NODE_BYTES, Target, constant_tensors, find_targets,
@@ -34,7 +35,7 @@ class Rewriter:
                  folded: bool = False, kernel: str = "matmulnbits"):
         self.model = model
         self.folded = folded  # every int8 weight as Cast and Mul (see ``_int8``)
-        self.kernel = kernel  # MatMul/Gemm weights for "matmulnbits" or "int8" (DynamicQuantizeMatMul)
+        self.kernel = kernel  # MatMul/Gemm weights for "matmulnbits", "int8" (DynamicQuantizeMatMul) or "dispatch"
         self.source_dir = source_dir
         self.block_size = block_size
         self.accuracy_level = accuracy_level
@@ -49,6 +50,9 @@ class Rewriter:
         self._scaled_inputs: Dict[str, str] = {}
         self._shared = set()  # shared constants of the int8-kernel form, added once
         self._int4_cast: Optional[bool] = None  # see ``int4_cast``
+        # "dispatch" (``weight_dispatch``): main-graph derivations, and the readers' MatMulNBits form
+        self.hoisted: List[onnx.NodeProto] = []
+        self.instead_then: Dict[int, List[onnx.NodeProto]] = {}
 
     # -- reading ------------------------------------------------------------------------------
     def read(self, name: str) -> np.ndarray:
@@ -123,7 +127,8 @@ class Rewriter:
         qname = self._add(f"{name}_q8", q)
         first = min(i for i, _ in target.uses)
         per_axis = self.opset >= 13 and (tensor.data_type == TensorProto.FLOAT or self.opset >= 19)
-        if per_axis and not self.folded and target.kind != "conv":
+        # (no DequantizeLinear in a dispatch branch: ORT's fusion of it fails on outer-scope weights)
+        if per_axis and not self.folded and target.kind != "conv" and self.kernel != "dispatch":
             nodes = [helper.make_node("DequantizeLinear", [qname, self._add(f"{name}_scale", scale)], [name],
                                       name=f"{name}_DequantizeLinear", axis=axis)]
         else:
@@ -170,6 +175,9 @@ class Rewriter:
         s = extra.get("awq_scale")
         if s is not None:
             w = w * s[:, None]
+        if self.kernel == "dispatch" and self._int8_kernel_fits(w.shape[0], tensor, extra):
+            wd.rewrite(self, target, w, s)  # both kernels' forms from one stored form (``weight_dispatch``)
+            return
         if self._int8_kernel_fits(w.shape[0], tensor, extra):
             ik.rewrite(self, target, w, s)  # int4 for the int8 kernel (``weight_int8_kernel``)
             return
@@ -236,7 +244,7 @@ class Rewriter:
         MatMul/Gemm weight (the kernel's activations are float32), Gemms that are A @ B (+ C), a
         runtime with the kernel."""
         graph = self.model.graph
-        return (self.kernel == "int8" and not self.folded and target.kind in ("matmul", "gemm")
+        return (self.kernel in ("int8", "dispatch") and not self.folded and target.kind in ("matmul", "gemm")
                 and tensor.data_type == TensorProto.FLOAT
                 and all(graph.node[i].op_type == "MatMul" or gemm_is_matmul(graph.node[i]) for i, _ in target.uses)
                 and wo.runtime_has("DynamicQuantizeMatMul"))
@@ -244,7 +252,7 @@ class Rewriter:
     def _int8_kernel_fits(self, k: int, tensor: TensorProto, extra: dict) -> bool:
         """The int8-kernel form: asked for, a float32 weight in whole blocks, RTN or AWQ (GPTQ picks
         float block scales), opset 11 (BitShift) and a runtime with DynamicQuantizeMatMul."""
-        return (self.kernel == "int8" and tensor.data_type == TensorProto.FLOAT and "hessian" not in extra
+        return (self.kernel in ("int8", "dispatch") and tensor.data_type == TensorProto.FLOAT and "hessian" not in extra
                 and self.opset >= 11 and ik.fits(k, self.block_size) and wo.runtime_has("DynamicQuantizeMatMul"))
 
     def _awq_input(self, target: Target, s: np.ndarray, dtype) -> str:
@@ -266,14 +274,7 @@ class Rewriter:
         copy_fields(model, out, skip={"graph"})
         copy_fields(graph, out.graph, skip={"initializer", "node", "input"})
         out.graph.input.extend(i for i in graph.input if i.name not in self.replaced)
-        for i, node in enumerate(graph.node):
-            out.graph.node.extend(self.before.get(i, ()))
-            if node.op_type == "Constant" and node.output and node.output[0] in self.replaced:
-                continue  # a weight held by a Constant node: its quantized form replaces it
-            if i in self.instead:
-                out.graph.node.extend(self.instead[i])
-                continue
-            out.graph.node.add().CopyFrom(node)
+        out.graph.node.extend(self._nodes(self.instead))
         for tensor in graph.initializer:
             if tensor.name in self.replaced:
                 continue
@@ -289,7 +290,19 @@ class Rewriter:
             out.ir_version = max(out.ir_version, 10)  # INT4 tensors exist from IR 10
         if "opset21" in self.needs and self.opset < 21:
             out = _upgrade_opset(out, 21)
+        if self.hoisted:  # the pass raised a dispatch model's opset before: its branches need none
+            wd.assemble(out, self.hoisted, self._nodes({**self.instead, **self.instead_then}), list(out.graph.node))
         return out
+
+    def _nodes(self, instead: Dict[int, List[onnx.NodeProto]]) -> List[onnx.NodeProto]:
+        """The graph's nodes with those in ``instead`` replaced and ``before`` inserted."""
+        nodes: List[onnx.NodeProto] = []
+        for i, node in enumerate(self.model.graph.node):
+            nodes.extend(self.before.get(i, ()))
+            if node.op_type == "Constant" and node.output and node.output[0] in self.replaced:
+                continue  # a weight held by a Constant node: its quantized form replaces it
+            nodes.extend(instead.get(i, [node]))
+        return nodes
 
     def stats(self) -> dict:
         before = sum(self.replaced.values())

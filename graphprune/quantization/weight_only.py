@@ -31,7 +31,8 @@ ALGORITHMS = ("rtn", "awq", "gptq")
 # Kernels int4/int8 MatMul/Gemm weights are written for: MatMulNBits (int4 blocks; int8 as
 # DequantizeLinear, which ONNX Runtime fuses into 8-bit MatMulNBits: fast with few rows, decoding)
 # or int8 DynamicQuantizeMatMul (int4 after an expansion at load: fast with many rows, prefill).
-KERNELS = ("auto", "matmulnbits", "int8")  # auto: timed on this machine (``kernel_choice``)
+# "dispatch" (int4): both, chosen per run by the row count (``weight_dispatch``).
+KERNELS = ("auto", "matmulnbits", "int8", "dispatch")  # auto: timed on this machine (``kernel_choice``)
 INT4_KERNELS = KERNELS  # the choices' old name (``--int4-kernel``)
 # AWQ's grid of exponents for the activation scale s = mean|x| ** alpha (0: plain RTN).
 _AWQ_GRID = (0.0, 0.125, 0.25, 0.375, 0.5, 0.625, 0.75)
