@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from typing import List, Optional
+from typing import Callable, List, Optional
 
 import onnx
 from google.protobuf.message import DecodeError
@@ -96,36 +96,69 @@ def _door_checks(model: onnx.ModelProto) -> bool:
     return True
 
 
-# Strict inference of a model holding more bytes of weights than this runs on its weightless copy.
-_INFER_WITH_WEIGHTS = 2**24
-
-
-def check_model(model: onnx.ModelProto, full: bool = False) -> None:
+def check_model(model: onnx.ModelProto, full: bool = False,
+                on_written: Optional[Callable[[onnx.ModelProto, str], None]] = None) -> None:
     """Run ``onnx.checker`` (and with ``full``, strict shape inference), raising ``UserError``.
 
     Large models (``ir.is_large``: external data left on disk, or many bytes of weights) are
     checked as a weightless copy written beside an empty stand-in for their weights: the
     checker reads only structure, and the whole proto is never serialized (protobuf refuses
-    that past 2 GiB, and below it the bytes would be a second copy of every weight).
+    that past 2 GiB, and below it the bytes would be a second copy of every weight).  The
+    tensors the copy leaves out are checked one by one (``onnx.checker.check_tensor``: their
+    value fields against their dims, as the whole-model checker would).  Within
+    ``shapes.sharing_inference`` a full check always works so, on one copy written once, kept for
+    the session check (``shapes.checked_file``).
+
+    Args:
+        on_written: within ``sharing_inference``, called with that copy and its file before the
+            checker reads it (``validation.result_check`` starts the session check there).
     """
     from graphprune import ir
-    from graphprune.shapes import sharing_active, strict_inference
+    from graphprune.shapes import sharing_active
 
     keep = full and sharing_active()  # the full check's inference run by us: its shapes are wanted again
     try:
+        if keep:
+            _check_shared(model, on_written)
+            return
         light = ir.weightless_copy(model) if ir.is_large(model) else model
         if light is not model:
+            _check_left_out(model)
             with tempfile.TemporaryDirectory(prefix="graphprune-check-") as tmp:
-                onnx.checker.check_model(ir.write_weightless(light, tmp), full_check=full and not keep)
+                onnx.checker.check_model(ir.write_weightless(light, tmp), full_check=full)
         else:
-            onnx.checker.check_model(model, full_check=full and not keep)
-        if keep:  # on the weights too only when few: the inferred copy comes back with all of them
-            few = light is not model or ir.weight_bytes(model) < _INFER_WITH_WEIGHTS
-            strict_inference(light if few else ir.weightless_copy(model), model)
+            onnx.checker.check_model(model, full_check=full)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError, ValueError) as exc:
         # ValueError: the checker's verdict on values it cannot map (e.g. "Invalid tensor data type 33")
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(f"invalid ONNX graph: {first}") from None
+
+
+def _check_shared(model: onnx.ModelProto, on_written) -> None:
+    """The full check within ``shapes.sharing_inference``: the weightless copy is serialized once,
+    beside the sized stand-in the session check maps; the checker reads that file, strict
+    inference its bytes, and the copy and file stay for the session check and the shapes' users."""
+    from graphprune import ir
+    from graphprune.shapes import sharing_folder, strict_inference
+
+    light = ir.weightless_copy(model)
+    _check_left_out(model)
+    path = ir.write_weightless(light, sharing_folder(), sized=True)
+    if on_written is not None:
+        on_written(light, path)
+    onnx.checker.check_model(path, full_check=False)
+    with open(path, "rb") as f:
+        serialized = f.read()
+    strict_inference(light, model, serialized=serialized, path=path)
+
+
+def _check_left_out(model: onnx.ModelProto) -> None:
+    """``onnx.checker.check_tensor`` on the main graph's initializers held in memory (what a weightless
+    copy leaves out: the checker sees only their records there); each is serialized alone."""
+    context = onnx.checker.DEFAULT_CONTEXT
+    for init in model.graph.initializer:
+        if init.data_location != onnx.TensorProto.EXTERNAL:
+            onnx.checker.check_tensor(init, context)
 
 
 def save(
@@ -136,6 +169,7 @@ def save(
     overwrite_input: bool = False,
     external_data: Optional[bool] = None,
     source_dir: "Optional[str | os.PathLike]" = None,
+    before_commit: Optional[Callable[[], None]] = None,
 ) -> str:
     """Write ``model`` to ``path`` atomically; with external data, the model and its data switch together.
 
@@ -168,6 +202,8 @@ def save(
             weights are still on disk, or the model would exceed protobuf's 2 GiB limit.
         source_dir: the folder ``model`` was loaded from, when it was loaded without its external
             data (those tensors are copied from there); default ``input_path``'s folder.
+        before_commit: called once everything is written, before step 2; what it raises leaves the
+            old pair untouched and nothing new behind (``validation.result_check``'s verdict).
 
     Returns the path written.
     """
@@ -195,6 +231,8 @@ def save(
             tmp_model = os.path.join(tmp_dir, name)
             _write(model, tmp_model, external_data=external_data, location=location, ir_version=ir_version,
                    source_dir=None if source_dir is None else os.fspath(source_dir))
+            if before_commit is not None:
+                before_commit()
             if location and os.path.exists(os.path.join(tmp_dir, location)):  # absent if all tensors are tiny
                 placed = tempfiles.track(os.path.join(directory, location))
                 os.replace(os.path.join(tmp_dir, location), placed)

@@ -13,7 +13,8 @@ import onnx
 from graphprune.ir import clone, copy_fields, declare_as_input, is_large, real_inputs, value_shape, weightless_copy
 
 __all__ = ["infer_shapes", "concrete_shapes", "with_input_shapes", "observed_shapes", "name_negative_dims",
-           "sharing_inference", "sharing_active", "strict_inference", "checked_shapes", "checked_weightless", "covers"]
+           "sharing_inference", "sharing_active", "sharing_folder", "strict_inference", "checked_shapes",
+           "checked_weightless", "checked_file", "covers"]
 
 
 def name_negative_dims(graph: onnx.GraphProto) -> int:
@@ -119,8 +120,11 @@ def _concrete(model: onnx.ModelProto, g: onnx.GraphProto) -> Dict[str, Tuple[int
 
 
 # Within ``sharing_inference``: id(model) -> (model, its size signature, the concrete shapes the
-# full check's strict inference found); the model is held so that its id is not reused.
+# full check's strict inference found, the weightless copy it checked or None, that copy's file or
+# None); the model is held so that its id is not reused.
 _CHECKED: Optional[Dict[int, tuple]] = None
+# The folder holding those files (``sharing_folder``), made on first use within the block.
+_FOLDER: Optional[str] = None
 
 
 @contextlib.contextmanager
@@ -128,8 +132,10 @@ def sharing_inference() -> Iterator[None]:
     """Within the block, the full check (``model_io.check_model(full=True)``) keeps the concrete
     shapes its strict inference finds, for ``checked_shapes``: a command that checks a model and
     then counts its MACs or analyses it infers its shapes once, not three times (0.2-0.3 s each
-    on a 20,000-node graph).  Only for code that does not edit a model after checking it."""
-    global _CHECKED
+    on a 20,000-node graph).  The weightless copy it checked and that copy's file stay too, for
+    the session check (``checked_weightless``, ``checked_file``): one copy and one serialization
+    per model.  Only for code that does not edit a model after checking it."""
+    global _CHECKED, _FOLDER
     if _CHECKED is not None:
         yield
         return
@@ -138,6 +144,11 @@ def sharing_inference() -> Iterator[None]:
         yield
     finally:
         _CHECKED = None
+        folder, _FOLDER = _FOLDER, None
+        if folder is not None:
+            import shutil
+
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def sharing_active() -> bool:
@@ -145,39 +156,70 @@ def sharing_active() -> bool:
     return _CHECKED is not None
 
 
+def sharing_folder() -> str:
+    """A new empty folder that lives as long as the active ``sharing_inference`` block."""
+    import tempfile
+
+    global _FOLDER
+    if _CHECKED is None:
+        raise RuntimeError("sharing_folder() outside sharing_inference()")
+    if _FOLDER is None:
+        _FOLDER = tempfile.mkdtemp(prefix="graphprune-check-")
+    return tempfile.mkdtemp(dir=_FOLDER)
+
+
 def _signature(model: onnx.ModelProto) -> tuple:
     g = model.graph
     return len(g.node), len(g.initializer), len(g.input), len(g.output), len(g.value_info)
 
 
-def strict_inference(checked: onnx.ModelProto, model: onnx.ModelProto) -> None:
+def strict_inference(checked: onnx.ModelProto, model: onnx.ModelProto, serialized: Optional[bytes] = None,
+                     path: Optional[str] = None) -> None:
     """Run what the full checker adds to the basic one on ``checked`` (``model`` or its weightless
     copy): onnx's shape inference with type checks, strict (``check_model(full_check=True)`` runs
     exactly this), raising its ``InferenceError``; within ``sharing_inference`` the shapes are
-    kept for ``model``."""
-    inferred = onnx.shape_inference.infer_shapes(checked, check_type=True, strict_mode=True, data_prop=False)
+    kept for ``model``.
+
+    Args:
+        serialized: ``checked``'s bytes when the caller has them (inferred from them: no second
+            serialization).
+        path: the file ``checked`` was written to (kept for ``checked_file``).
+    """
+    source = serialized if serialized is not None else checked
+    inferred = onnx.shape_inference.infer_shapes(source, check_type=True, strict_mode=True, data_prop=False)
     if _CHECKED is not None:
         light = checked if checked is not model else None
-        _CHECKED[id(model)] = (model, _signature(model), _concrete(model, inferred.graph), light)
+        _CHECKED[id(model)] = (model, _signature(model), _concrete(model, inferred.graph), light, path)
+
+
+def _entry(model: onnx.ModelProto) -> Optional[tuple]:
+    entry = (_CHECKED or {}).get(id(model))
+    if entry is None or entry[0] is not model or entry[1] != _signature(model):
+        return None
+    return entry
 
 
 def checked_shapes(model: onnx.ModelProto) -> Optional[Dict[str, Tuple[int, ...]]]:
     """The concrete shapes the full check of ``model`` inferred (within ``sharing_inference``),
     or None.  A tensor whose shape is not concrete there is absent: callers fall back to their
     own inference unless every shape they need is present."""
-    entry = (_CHECKED or {}).get(id(model))
-    if entry is None or entry[0] is not model or entry[1] != _signature(model):
-        return None
-    return entry[2]
+    entry = _entry(model)
+    return None if entry is None else entry[2]
 
 
 def checked_weightless(model: onnx.ModelProto) -> Optional[onnx.ModelProto]:
     """The weightless copy (``ir.weightless_copy``) the full check of ``model`` inferred, within
     ``sharing_inference``; None when there is none (the session check builds its own)."""
-    entry = (_CHECKED or {}).get(id(model))
-    if entry is None or entry[0] is not model or entry[1] != _signature(model):
-        return None
-    return entry[3]
+    entry = _entry(model)
+    return None if entry is None else entry[3]
+
+
+def checked_file(model: onnx.ModelProto) -> Optional[str]:
+    """The file the full check of ``model`` checked: ``checked_weightless(model)`` written beside a
+    sized stand-in for its weights (``ir.write_weightless(sized=True)``), within
+    ``sharing_inference``; None when there is none."""
+    entry = _entry(model)
+    return None if entry is None else entry[4]
 
 
 def covers(shapes: Mapping[str, tuple], model: onnx.ModelProto) -> bool:

@@ -26,9 +26,10 @@ the user's input from our bug (on a 20,000-node graph each session costs about a
 from __future__ import annotations
 
 import contextlib
-import math
 import contextvars
-from typing import Iterator, Optional
+import math
+import threading
+from typing import Callable, Iterator, Optional
 
 import numpy as np
 import onnx
@@ -36,7 +37,7 @@ from onnx import helper
 
 from graphprune.errors import UserError
 
-__all__ = ["validate_model", "check_finite", "check_session", "check_result", "door", "door_policy",
+__all__ = ["validate_model", "check_finite", "check_session", "check_result", "result_check", "door", "door_policy",
            "deferred_session_check"]
 
 # What the CLI asks of every model it loads: None (no door checks) or {"need_session": bool}.
@@ -145,6 +146,62 @@ def check_result(model: onnx.ModelProto) -> None:
     except UserError:
         check_deferred()  # an input the runtime refuses is the user's problem, named as the door names it
         raise
+
+
+@contextlib.contextmanager
+def result_check(model: onnx.ModelProto) -> Iterator[Callable[[], None]]:
+    """What a result must pass before it is written, with the runtime's session built on a thread.
+
+    On entry: the attributes that crash kernels and the full checker (a failure is our bug:
+    ``PassContractError``), then finite weights.  The runtime builds the session outside the GIL
+    (a second on 20,000 nodes) from the full check's weightless file as soon as it is written
+    (within ``shapes.sharing_inference``; else after the checker), while the checker and the
+    caller's block (its summary, the file written to its temporary place) run.  Yields
+    ``verdict``, which waits for the session and raises what ``check_result`` would: call it before
+    the write is committed (``model_io.save(before_commit=verdict)``); leaving the block calls it
+    (or, on an exception, only waits).
+    """
+    from graphprune.model_io import check_model
+    from graphprune.passes.base import PassContractError
+
+    outcome: dict = {}
+    threads = []
+
+    def build(light: Optional[onnx.ModelProto], path: Optional[str]) -> None:
+        try:
+            check_session(model, light, path)
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread by verdict()
+            outcome["error"] = exc
+
+    def start(light: Optional[onnx.ModelProto] = None, path: Optional[str] = None) -> None:
+        thread = threading.Thread(target=contextvars.copy_context().run, args=(build, light, path), daemon=True,
+                                  name="graphprune-session-check")
+        thread.start()
+        threads.append(thread)
+
+    def verdict() -> None:
+        for thread in threads:
+            thread.join()
+        error = outcome.pop("error", None)
+        if isinstance(error, UserError):
+            check_deferred()  # an input the runtime refuses is the user's problem (see check_result)
+        if error is not None:
+            raise error
+
+    try:
+        try:
+            _check_attributes(model.graph)  # before anything parses the graph: some crash the inference
+            check_model(model, full=True, on_written=start)
+        except UserError as exc:
+            raise PassContractError(f"refusing to write an invalid result: {exc}") from None
+        if not threads:
+            start()
+        check_finite(model, what="result")
+        yield verdict
+        verdict()
+    finally:
+        for thread in threads:
+            thread.join()
 
 
 def _check_opset(model: onnx.ModelProto) -> None:
@@ -292,7 +349,7 @@ def check_finite(model: onnx.ModelProto, what: str = "model") -> None:
             raise UserError(f"{what} weight {name!r} holds NaN or Inf values")
 
 
-def check_session(model: onnx.ModelProto) -> None:
+def check_session(model: onnx.ModelProto, light: Optional[onnx.ModelProto] = None, path: Optional[str] = None) -> None:
     """Raise ``UserError`` when ONNX Runtime cannot create a session for ``model`` (message on one line).
 
     The session is built from the model's weightless copy (``ir.write_weightless``: large tensors
@@ -301,14 +358,18 @@ def check_session(model: onnx.ModelProto) -> None:
     plus the runtime's own (2-3x the model before), and works past protobuf's 2 GiB.  What the
     runtime checks at load (ops, types, shapes, attributes) does not depend on those values; the
     small and integer tensors some kernels read at creation (shapes, axes) keep theirs.
+
+    Args:
+        light: ``model``'s weightless copy when the caller has one (default: the full check's, within
+            ``shapes.sharing_inference``, else a new one).
+        path: ``light`` written beside a sized stand-in (``ir.write_weightless(sized=True)``).
     """
-    import os
     import tempfile
 
     from graphprune.ir import weightless_copy, write_weightless
     from graphprune.model_io import for_ort
     from graphprune.runtime import ort
-    from graphprune.shapes import checked_weightless
+    from graphprune.shapes import checked_file, checked_weightless
 
     if any(imp.domain not in _RUNTIME_DOMAINS for imp in model.opset_import):
         return  # custom ops: see _RUNTIME_DOMAINS
@@ -319,12 +380,14 @@ def check_session(model: onnx.ModelProto) -> None:
     options.intra_op_num_threads = options.inter_op_num_threads = 1
     options.add_session_config_entry("session.disable_prepacking", "1")  # packing would read every weight
     try:
-        # the full check's copy when it made one (shapes.sharing_inference); for_ort copies what it relabels
-        light = checked_weightless(model)
-        light = for_ort(weightless_copy(model) if light is None else light)
+        # the full check's copy and its file when it made them (shapes.sharing_inference); for_ort
+        # copies what it relabels, and that copy is written anew
+        checked, written = (light, path) if light is not None else (checked_weightless(model), checked_file(model))
+        light = for_ort(weightless_copy(model) if checked is None else checked)
+        written = written if light is checked else None
         with tempfile.TemporaryDirectory(prefix="graphprune-check-") as tmp:
-            session = rt.InferenceSession(write_weightless(light, tmp, sized=True), options,
-                                          providers=["CPUExecutionProvider"])
+            path = written or write_weightless(light, tmp, sized=True)
+            session = rt.InferenceSession(path, options, providers=["CPUExecutionProvider"])
             del session  # the stand-in is mapped until the session goes
     except UserError:
         raise

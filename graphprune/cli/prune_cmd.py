@@ -3,15 +3,16 @@ is also what ``graphprune inspect --groups`` prints."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
-from typing import List
+from typing import Callable, List, Optional
 
 import numpy as np
 import onnx
 
 from graphprune.cli.budget_opts import add_budget_options, budget_plan, run_budget
-from graphprune.cli.common import add_data_options, add_output_options, check_output_path, parse_number, read_inputs, write_model
+from graphprune.cli.common import add_data_options, add_output_options, check_output_path, parse_number, read_inputs
 from graphprune.cli.prune_blocks import add_block_options, remove_blocks_first, run_blocks, wants_blocks, with_budget
 from graphprune.dependency import Group
 from graphprune.errors import UserError
@@ -79,16 +80,19 @@ def run(args) -> int:
     # waits for the result's (validation.deferred_session_check; ~1 s a session on 20,000 nodes).
     # The shapes the full checks infer serve the analysis and the MAC counts (nothing edits a model
     # once checked); weights left on disk are read one at a time, and those the dependency graph
-    # would cache anyway (below 1 MiB) once: the finite check's read serves the scoring. The
-    # cyclic collector waits for the end, as in the pass (0.14 s of collections around it).
-    with sharing_inference(), files_kept_open(keep_below=2**20), gc_paused():
+    # would cache anyway (below 1 MiB) once: the finite check's read serves the scoring, until the
+    # pass is done (``done_reading``: the result holds what it keeps, and the runtime's session of
+    # it reuses that memory). The cyclic collector waits for the end, as in the pass (0.14 s of
+    # collections around it).
+    with sharing_inference(), gc_paused(), contextlib.ExitStack() as reading:
+        reading.enter_context(files_kept_open(keep_below=2**20))
         if args.data or wants_blocks(args) or any(getattr(args, f"target_{k}", None) for k in ("macs", "params", "latency")):
-            return _run(args)
+            return _run(args, reading.close)
         with deferred_session_check():
-            return _run(args)
+            return _run(args, reading.close)
 
 
-def _run(args) -> int:
+def _run(args, done_reading: Callable[[], None]) -> int:
     if wants_blocks(args) and not with_budget(args):  # depth pruning: graphprune/cli/prune_blocks.py
         if args.reconstruct:
             raise UserError("--reconstruct refits layers after channel pruning: not with --blocks/--blocks-ratio")
@@ -146,6 +150,7 @@ def _run(args) -> int:
     )
     prune.requires(model)  # --exclude names are checked before the (possibly long) analysis
     result = prune(model)
+    done_reading()
     asked = not prune.ratios.nothing or bool(plan and any(plan.group_ratios.values()))
     if not result.modified and asked:
         # a ratio was asked for and nothing at all could be pruned: say why instead of copying the model
@@ -156,12 +161,8 @@ def _run(args) -> int:
         refit = ReconstructPass(original=model, data=data, progress=sys.stderr.isatty())(result.model)
         result.stats["reconstruct"] = refit.stats
         result = type(result)(refit.model, result.modified or refit.modified, result.stats)
-    if source_dir is not None:
-        _write_from_disk(args, result.model, source_dir)
-    else:
-        write_model(args, result.model)
     stats = result.stats
-    print(_summary(stats, model, result.model, shapes))
+    print(_write_checked(args, result.model, source_dir, lambda: _summary(stats, model, result.model, shapes)))
     if args.reconstruct:
         print(describe(stats["reconstruct"]))
     if args.stats:
@@ -201,27 +202,32 @@ def _load_leaving_weights(path: str):
     return model, source_dir
 
 
-def _write_from_disk(args, model, source_dir: str) -> None:
-    """Write a result whose untouched weights are still records in the input's data file, as
-    ``write_model`` writes the same result loaded in memory: below protobuf's limit those records
-    are read in and the model written inline; above, they are copied file to file."""
+def _write_checked(args, model, source_dir: Optional[str], describe: Callable[[], str]) -> str:
+    """Check and write the result as ``write_model`` does, and return ``describe()`` (the summary).
+
+    ``validation.result_check`` runs the same checks (the full checker: exit 1 on failure; finite
+    weights and an ORT session: exit 2); while the runtime builds its session on another thread
+    (a second on 20,000 nodes), the checker runs, the summary is computed and the file written
+    to its temporary place; it replaces ``-o`` only after the session's verdict.  A result whose untouched weights are still records in the input's data
+    file (``source_dir``) is written as the same result loaded in memory would be: below
+    protobuf's limit those records are read in and the model written inline; above, they are
+    copied file to file.
+    """
     from graphprune import ir
     from graphprune.external_data import load_external_data
-    from graphprune.model_io import EXTERNAL_DATA_THRESHOLD, _inline_bytes, check_model, save
-    from graphprune.passes.base import PassContractError
-    from graphprune.validation import check_result
+    from graphprune.model_io import EXTERNAL_DATA_THRESHOLD, _inline_bytes, save
+    from graphprune.validation import result_check
 
-    if _inline_bytes(model) < EXTERNAL_DATA_THRESHOLD:
-        if ir.has_external_data(model):  # the untouched weights (few: most are sliced), by the load's reader
-            load_external_data(model, args.model)
-        write_model(args, model)
-        return
-    try:
-        check_model(model, full=True)
-    except UserError as exc:
-        raise PassContractError(f"refusing to write an invalid result: {exc}") from None
-    check_result(model)
-    save(model, args.output, input_path=args.model, overwrite_input=args.overwrite_input, source_dir=source_dir)
+    options = {}
+    if source_dir is not None and _inline_bytes(model) >= EXTERNAL_DATA_THRESHOLD:
+        options["source_dir"] = source_dir
+    elif source_dir is not None and ir.has_external_data(model):  # the untouched weights (few: most are sliced)
+        load_external_data(model, args.model)
+    with result_check(model) as verdict:
+        text = describe()
+        save(model, args.output, input_path=args.model, overwrite_input=args.overwrite_input,
+             before_commit=verdict, **options)
+    return text
 
 
 def nothing_pruned(stats: dict, ratios=None, reason_chars: int = 80) -> str:
