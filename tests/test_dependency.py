@@ -140,6 +140,24 @@ def test_concat_inputs_keep_separate_groups_with_offsets():
     assert wy_b.positions.tolist() == [4, 5, 6, 7, 8, 9]
 
 
+def test_components_are_networkx_components_of_the_same_graph():
+    """The analysis keeps its own adjacency; ``dep.graph`` (networkx) holds the same dims, infos
+    and links, and ``components`` yields networkx's components in networkx's order (group ids
+    follow that order)."""
+    import networkx as nx
+
+    nodes = [conv("x", "a", "wa"), conv("x", "b", "wb"), helper.make_node("Concat", ["a", "b"], ["c"], axis=1),
+             helper.make_node("Flatten", ["c"], ["f"], axis=1), helper.make_node("Gemm", ["f", "wf"], ["y"], transB=1)]
+    inits = {"wa": w(4, 3, 3, 3), "wb": w(6, 3, 3, 3), "wf": w(5, 10 * 5 * 5)}
+    dep = build_dependency_graph(make_model(nodes, [("x", [1, 3, 5, 5])], [("y", [1, 5])], inits))
+    graph = dep.graph
+    assert list(graph.nodes) == list(dep.dims()) and len(graph) > 10
+    assert all(graph.nodes[d]["info"] is dep.info(d) for d in dep.dims())
+    assert all(graph.edges[a, b]["links"] is dep.neighbors(a)[b] for a, b in graph.edges)
+    assert [sorted(c) for c in dep.components()] == [sorted(c) for c in nx.connected_components(graph)]
+    assert len(list(dep.components())) > 3
+
+
 def test_flatten_to_gemm_expands_each_channel_to_its_features():
     nodes = [
         conv("x", "a", "wa"),

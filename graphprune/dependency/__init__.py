@@ -1,6 +1,6 @@
 """Coupled-channel dependency analysis of an ONNX graph: which channels must be pruned together.
 
-The graph (``graph.DependencyGraph``, a networkx graph) has one node per channel dimension, a
+The graph (``graph.DependencyGraph``) has one node per channel dimension, a
 (tensor, axis) pair (``dims.DimKey``), and an edge wherever pruning index i of one dim means pruning
 index f(i) of another (``index_mapping``: identity, concat/split/slice offsets, flatten/group
 expansion).  Small per-op rules (``rules/``) add those edges.  ``group.find_groups`` turns the graph

@@ -26,7 +26,7 @@ class DimKey(NamedTuple):
         return f"{self.tensor}[{self.axis}]"
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(slots=True)  # no __dict__: tens of thousands of dims per model
 class DimInfo:
     """What the graph knows about a dim.
 

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Iterator, List, Optional, Set, Tuple
 
-import networkx as nx
 import numpy as np
 import onnx
 from onnx import numpy_helper
@@ -58,8 +57,9 @@ class DependencyGraph:
 
     Attributes:
         model: the analysed model.
-        graph: ``networkx.Graph``; nodes are ``DimKey``s with attribute ``info`` (``DimInfo``),
-            edges carry ``links``: a list of (source dim, target dim, ``IndexMapping``).
+        graph: the same as a ``networkx.Graph`` (built when asked for; the analysis keeps its own
+            adjacency): nodes are ``DimKey``s with attribute ``info`` (``DimInfo``), edges carry
+            ``links``: a list of (source dim, target dim, ``IndexMapping``).
         shapes: tensor name -> inferred shape.
         fixups: (node index, fn) rewrites registered by rules, applied when channels are removed.
         roles: constant name -> role (see ``graphprune.dependency.rules.ROLES``).
@@ -73,7 +73,6 @@ class DependencyGraph:
         self.model = model
         self.source_dir = source_dir
         self.options = options or AnalysisOptions()
-        self.graph = nx.Graph()
         self.shapes = shapes
         self.fixups: List[Tuple[int, object]] = []
         self.roles: Dict[str, str] = {}
@@ -93,9 +92,11 @@ class DependencyGraph:
         self.graph_outputs = {vi.name for vi in model.graph.output}
         self._producers = ir.producer_map(model.graph)
         self._derived: Dict[str, bool] = {}
-        # dim -> its info, beside the networkx node attribute: looking a node up through
-        # ``graph.nodes`` (a Mapping view) cost a third of the analysis of a 20,000-node graph
+        # dim -> its info, and dim -> neighbour -> the links between them (a networkx graph's own
+        # dicts without its node and edge attribute dicts: two dicts fewer per dim and per edge,
+        # 20 MB and a tenth of the analysis of a 20,000-node graph); in the order dims were seen
         self._infos: Dict[DimKey, DimInfo] = {}
+        self._adj: Dict[DimKey, Dict[DimKey, list]] = {}
 
     # -- constants -------------------------------------------------------------------------
     def is_const(self, name: str) -> bool:
@@ -162,10 +163,7 @@ class DependencyGraph:
             shape = self.shapes.get(dim.tensor)
             size = shape[dim.axis] if shape is not None and dim.axis < len(shape) else None
         info = DimInfo(size=size, param=self.is_const(dim.tensor), role=self.roles.get(dim.tensor))
-        # networkx's own storage, filled as ``add_node`` fills it: its per-call checks and cache
-        # clearing were a tenth of the analysis of a 20,000-node graph
-        self.graph._node[dim] = {"info": info}
-        self.graph._adj[dim] = {}
+        self._adj[dim] = {}
         self._infos[dim] = info
         return info
 
@@ -179,12 +177,12 @@ class DependencyGraph:
                 for d in (a, b):
                     self.add_reason(d, f"{where}{mapping!r} does not fit {a} and {b}: {exc}")
                 return
-        adj = self.graph._adj  # the adjacency dict itself: the ``adj`` view costs a call per lookup
-        data = adj[a].get(b)
-        if data is None:  # as ``add_edge`` stores it: one attribute dict shared by both directions
-            adj[a][b] = adj[b][a] = {"links": [(a, b, mapping)]}
+        adj = self._adj
+        links = adj[a].get(b)
+        if links is None:  # one list shared by both directions
+            adj[a][b] = adj[b][a] = [(a, b, mapping)]
         else:
-            data["links"].append((a, b, mapping))
+            links.append((a, b, mapping))
         self._groups = None
 
     def add_reason(self, dim: DimKey, reason: str) -> None:
@@ -215,6 +213,48 @@ class DependencyGraph:
         self._factors.append((merged, factors, prefer, label))
 
     # -- results ---------------------------------------------------------------------------
+    def dims(self) -> Iterator[DimKey]:
+        """Every dim the analysis saw, in the order it saw them."""
+        return iter(self._infos)
+
+    def neighbors(self, dim: DimKey) -> Dict[DimKey, list]:
+        """Neighbour -> the links (source dim, target dim, ``IndexMapping``) between it and ``dim``."""
+        return self._adj[dim]
+
+    def components(self) -> Iterator[Set[DimKey]]:
+        """The connected components (sets of dims), in the order of their first dim (as
+        ``networkx.connected_components`` yields them)."""
+        adj = self._adj
+        seen: Set[DimKey] = set()
+        for start in adj:
+            if start in seen:
+                continue
+            component = {start}
+            frontier = [start]
+            while frontier:
+                reached = []
+                for dim in frontier:
+                    for other in adj[dim]:
+                        if other not in component:
+                            component.add(other)
+                            reached.append(other)
+                frontier = reached
+            seen |= component
+            yield component
+
+    @property
+    def graph(self):
+        """The dependency graph as a ``networkx.Graph`` (see the class docstring), built at each call."""
+        import networkx as nx
+
+        graph = nx.Graph()
+        for dim, info in self._infos.items():
+            graph.add_node(dim, info=info)
+        for a, neighbours in self._adj.items():
+            for b, links in neighbours.items():
+                graph.add_edge(a, b, links=links)
+        return graph
+
     def groups(self):
         """The coupled groups (computed once; see ``graphprune.dependency.group``)."""
         if self._groups is None:
@@ -270,22 +310,22 @@ class DependencyGraph:
         # periodic merges first: the axes they size become known before components are judged
         firsts: Dict[int, Optional[int]] = {}
         for k, (merged, factors, _, _) in enumerate(self._factors):
-            infos = [self.graph.nodes[f]["info"] for f in factors]
-            if not self.graph.nodes[merged]["info"].concrete or not all(i.concrete for i in infos):
+            infos = [self._infos[f] for f in factors]
+            if not self._infos[merged].concrete or not all(i.concrete for i in infos):
                 firsts[k] = self._periodic_merge(merged, infos)
         comp_of: Dict[DimKey, int] = {}
         blocked: Dict[int, bool] = {}
-        for i, comp in enumerate(nx.connected_components(self.graph)):
-            infos = [self.graph.nodes[d]["info"] for d in comp]
+        for i, comp in enumerate(self.components()):
+            infos = [self._infos[d] for d in comp]
             blocked[i] = any(x.reasons or x.fixed or not x.concrete for x in infos)
             comp_of.update(dict.fromkeys(comp, i))
-        union = nx.utils.UnionFind(blocked)
+        union = _UnionFind()
 
         def is_blocked(dim: DimKey) -> bool:
             return blocked[union[comp_of[dim]]]
 
         for k, (merged, factors, prefer, label) in enumerate(self._factors):
-            infos = [self.graph.nodes[f]["info"] for f in factors]
+            infos = [self._infos[f] for f in factors]
             first = firsts.get(k, 0)
             if first is None:
                 for d in [merged, *factors]:
@@ -328,7 +368,7 @@ class DependencyGraph:
         period = math.prod(info.size for info in infos[first:])
         if period <= 1:
             return None
-        info = self.graph.nodes[merged]["info"]
+        info = self._infos[merged]
         if info.concrete:  # made periodic by an earlier merge (split back here)
             return first if info.size == period else None
         symbol = info.size
@@ -337,10 +377,9 @@ class DependencyGraph:
         frontier, seen = [merged], {merged}
         while frontier:  # the axes tied 1:1 to it (Transpose, the batched MatMul, Softmax...)
             dim = frontier.pop()
-            self.graph.nodes[dim]["info"].size = period
-            for other in self.graph.neighbors(dim):
-                links = self.graph.edges[dim, other]["links"]
-                if (other not in seen and self.graph.nodes[other]["info"].size == symbol
+            self._infos[dim].size = period
+            for other, links in self._adj[dim].items():
+                if (other not in seen and self._infos[other].size == symbol
                         and all(isinstance(m, Identity) for _, _, m in links)):
                     seen.add(other)
                     frontier.append(other)
@@ -382,5 +421,27 @@ def build_dependency_graph(
         dep._apply_rule(index, node)
     dep._pin_boundary()
     dep._resolve_factors()
-    nx.utils.misc._clear_cache(dep.graph)  # what add_node/add_edge would have done (no cache exists while building)
     return dep
+
+
+class _UnionFind:
+    """Disjoint sets of hashable items, by path halving (``union[x]`` is x's root; x joins as its
+    own set when new), as ``networkx.utils.UnionFind`` is used here."""
+
+    def __init__(self) -> None:
+        self._parent: Dict[object, object] = {}
+
+    def __getitem__(self, item):
+        parent = self._parent
+        if item not in parent:
+            parent[item] = item
+            return item
+        while parent[item] != item:
+            parent[item] = parent[parent[item]]
+            item = parent[item]
+        return item
+
+    def union(self, a, b) -> None:
+        root_a, root_b = self[a], self[b]
+        if root_a != root_b:
+            self._parent[root_b] = root_a

@@ -1,6 +1,6 @@
 """Groups: the channels that must be pruned together, and why a group cannot be pruned.
 
-The networkx graph links dims; its connected components are found by networkx.  Inside a
+The dependency graph links dims; its connected components are its dims coupled together.  Inside a
 component every coupling edge becomes paired index arrays, and a vectorized union-find over
 (dim, index) pairs labels each index with the channel ("atom") it belongs to.  Atoms touching
 exactly the same dims form one group: the two inputs of a Concat share the Concat's output dim but
@@ -13,7 +13,6 @@ import dataclasses
 import functools
 from typing import TYPE_CHECKING, Dict, List, Optional
 
-import networkx as nx
 import numpy as np
 
 from graphprune.dependency.dims import DimInfo, DimKey
@@ -113,11 +112,8 @@ def _dedupe(items) -> List[str]:
 
 def find_groups(dep: "DependencyGraph") -> List[Group]:
     """Every group of the dependency graph (channel groups and trivial ones alike)."""
-    graph: nx.Graph = dep.graph
-    adj = graph._adj
     groups: List[Group] = []
-    # every edge's links, bucketed by component below (one pass over the edges)
-    for comp in nx.connected_components(graph):
+    for comp in dep.components():
         dims = sorted(comp)
         infos = {d: dep.info(d) for d in dims}
         fixed = any(i.fixed for i in infos.values())
@@ -128,8 +124,8 @@ def find_groups(dep: "DependencyGraph") -> List[Group]:
             members = [Member(d, infos[d], None, None) for d in dims]
             groups.append(Group(len(groups), None, members, reasons, fixed))
             continue
-        # each edge once (from its smaller end); networkx's ``edges(dims)`` view was a third of this function
-        links = [link for d in dims for other, data in adj[d].items() if other >= d for link in data["links"]]
+        # each edge once (from its smaller end)
+        links = [link for d in dims for other, between in dep.neighbors(d).items() if other >= d for link in between]
         sizes = {infos[d].size for d in dims}
         if len(sizes) == 1 and all(m.is_identity for _, _, m in links):
             _add_identity_group(groups, dims, infos, fixed)
