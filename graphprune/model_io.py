@@ -142,10 +142,10 @@ def _check_shared(model: onnx.ModelProto, on_written) -> None:
     from graphprune.shapes import sharing_folder, strict_inference
 
     light = ir.weightless_copy(model)
-    _check_left_out(model)
     path = ir.write_weightless(light, sharing_folder(), sized=True)
     if on_written is not None:
         on_written(light, path)
+    _check_left_out(model)
     onnx.checker.check_model(path, full_check=False)
     with open(path, "rb") as f:
         serialized = f.read()

@@ -18,6 +18,7 @@ from graphprune.model_io import EXTERNAL_DATA_THRESHOLD, for_ort
 
 __all__ = [
     "ort",
+    "share_malloc_arena",
     "make_session",
     "session_options",
     "run",
@@ -36,6 +37,26 @@ DEFAULT_THREADS = 1
 DISABLED_OPTIMIZERS = ("WeightBiasQuantization",)
 # Severity of the runtime's own log lines (3: errors; the command line sets 4, fatal only, and reports errors itself).
 LOG_SEVERITY = 3
+
+
+# glibc's mallopt parameter: how many malloc arenas threads may create.
+_M_ARENA_MAX = -8
+
+
+def share_malloc_arena() -> bool:
+    """Make the threads started from now on allocate from the main thread's malloc arena.
+
+    glibc gives each thread an arena of its own, so memory the main thread freed (the weights a
+    pass read) cannot serve a thread: a session built on one (``validation.result_check``) took
+    fresh memory beside the freed, 0.1 GB more peak memory and the page faults of a 20,000-node
+    graph's runtime structures.  Returns whether the setting took (glibc only; a no-op elsewhere).
+    """
+    import ctypes
+
+    try:
+        return bool(ctypes.CDLL(None).mallopt(_M_ARENA_MAX, 1))
+    except (OSError, AttributeError, TypeError):
+        return False
 
 
 def ort():

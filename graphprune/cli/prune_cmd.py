@@ -73,8 +73,11 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
+    from graphprune.runtime import share_malloc_arena
     from graphprune.shapes import sharing_inference
     from graphprune.weights_on_disk import files_kept_open
+
+    share_malloc_arena()  # the result's session check (a thread) reuses the memory the pass freed
 
     # Without data, blocks or budgets nothing runs the input in ORT: the door's session check of it
     # waits for the result's (validation.deferred_session_check; ~1 s a session on 20,000 nodes).
