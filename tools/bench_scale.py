@@ -13,7 +13,9 @@ layer at a time, so generating a 6 GB model needs no 6 GB of memory):
 Commands: ``inspect``, ``prune --ratio 0.5``, ``sparsify --sparsity 0.5``, ``quantize`` (random
 calibration, 16 samples, ``--no-measure``), ``quantize-timed`` (the same in the default timed mode,
 with ``--report``; not in the default list) and ``canonicalize`` (the pass through the Python API:
-load, ``graphprune.canonicalize``, save; it has no sub-command). Each runs in its own process;
+load, ``graphprune.canonicalize``, save; it has no sub-command).  ``floor``, ``floor-cli`` and
+``floor-session`` (not in the default list) measure what commands cost at least: the imports and
+every weight read once, or the runtime session every written result needs (see ``_FLOORS``). Each runs in its own process;
 peak RSS is that process's ``ru_maxrss`` (from ``os.wait4``), wall time includes start-up (about 1 s
 of imports), CPU time is its user + system time (what the wall time would be on an idle core, for
 the single-threaded parts). "x size" is peak RSS over the model's bytes on disk; the issue's goal
@@ -48,6 +50,33 @@ _CANONICALIZE = (
     "import sys, graphprune; from graphprune.model_io import load, save; "
     "save(graphprune.canonicalize(load(sys.argv[1])), sys.argv[2], input_path=sys.argv[1])"
 )
+# The floors (not graphprune commands): what any command on the model costs at least.  ``floor``
+# imports numpy, onnx and onnxruntime and reads every weight once, keeping them (as a magnitude
+# criterion holds them while it scores and slices); ``floor-cli`` imports graphprune's command line
+# first (what every sub-command imports); ``floor-session`` imports the command line and creates
+# the session that proves onnxruntime loads a model of this structure, reading no weight
+# (``validation.check_session``: the weightless copy, as every written result is checked).
+_FLOOR = (
+    "import os, sys, numpy as np, onnx, onnxruntime\n"
+    "{imports}"
+    "model = onnx.load(sys.argv[1], load_external_data=False)\n"
+    "kept = []\n"
+    "for init in model.graph.initializer if {read} else ():\n"
+    "    where = {{e.key: e.value for e in init.external_data}}\n"
+    "    if not where:\n"
+    "        kept.append(onnx.numpy_helper.to_array(init))\n"
+    "        continue\n"
+    "    path = os.path.join(os.path.dirname(os.path.abspath(sys.argv[1])), where['location'])\n"
+    "    kept.append(np.fromfile(path, dtype=np.uint8, count=int(where['length']), offset=int(where.get('offset', 0))))\n"
+    "{after}"
+)
+_CLI = "import graphprune.cli; graphprune.cli.build_parser()\n"
+_FLOORS = {
+    "floor": _FLOOR.format(imports="", read=True, after=""),
+    "floor-cli": _FLOOR.format(imports=_CLI, read=True, after=""),
+    "floor-session": _FLOOR.format(imports=_CLI, read=False,
+                                   after="from graphprune.validation import check_session; check_session(model)\n"),
+}
 
 
 class _Weights:
@@ -159,6 +188,7 @@ def _command(name: str, model: str, out: str) -> List[str]:
         # the default timed mode: each candidate placement timed against the float model
         "quantize-timed": cli + ["quantize", model, "--calibration-samples", "16", "--report", out + ".json", "-o", out],
         "canonicalize": [sys.executable, "-c", _CANONICALIZE, model, out],
+        **{floor: [sys.executable, "-c", script, model] for floor, script in _FLOORS.items()},
     }[name]
 
 
