@@ -24,7 +24,7 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = ["Member", "Group", "find_groups", "reported_groups"]
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(slots=True)  # no __dict__: one per dim of every group
 class Member:
     """One dim of a group.
 
