@@ -22,7 +22,8 @@ Runtime into 8-bit ``MatMulNBits``), ``int4i8`` / ``int8i8`` the int8 kernel
 Latency: batch 1, ``input_ids`` of 1 token (the weight-bound regime of decoding) and of 128 tokens,
 on ``--threads`` intra-op threads (no spinning); fp32 and the variant are timed alternately
 (``--rounds`` rounds, several runs each), CPU time (``time.process_time``) and wall time per run,
-medians; the speedup is fp32 / variant.  With ``--interleave`` fp32 and every variant are timed
+medians; the speedup is fp32 / variant; agreement also on 32 seeded single tokens (a form whose
+kernels depend on the row count, ``--kernel dispatch``, runs its other kernel there).  With ``--interleave`` fp32 and every variant are timed
 alternately in one group per thread count and row count instead (a machine whose load changes
 during the run then changes all of them alike).  ``session_cost`` also reports the RSS after
 glibc's ``malloc_trim`` (what the session holds; ONNX Runtime's freed constant-folding
@@ -148,9 +149,11 @@ def interleaved(sessions: Dict[str, object], feed, rounds: int, runs: int) -> Di
     return {k: {"cpu_ms": float(np.median(cpu[k])), "wall_ms": float(np.median(wall[k]))} for k in sessions}
 
 
-def agreement(reference: List[np.ndarray], path: str) -> Dict[str, float]:
+def agreement(reference: List[np.ndarray], path: str, ids: Optional[List[np.ndarray]] = None) -> Dict[str, float]:
+    """Logits rel L2 and top-1 agreement against ``reference`` (fp32's logits on ``ids``, by default
+    ``_agreement_ids()``)."""
     s = session(path, 2)
-    got = [s.run(None, {"input_ids": ids})[0] for ids in _agreement_ids()]
+    got = [s.run(None, {"input_ids": x})[0] for x in (ids or _agreement_ids())]
     del s
     num = sum(float(np.square(g - r).sum()) for g, r in zip(got, reference))
     den = sum(float(np.square(r).sum()) for r in reference)
@@ -161,6 +164,11 @@ def agreement(reference: List[np.ndarray], path: str) -> Dict[str, float]:
 def _agreement_ids() -> List[np.ndarray]:
     rng = np.random.default_rng(1)
     return [rng.integers(0, 32000, (1, 128)).astype(np.int64) for _ in range(2)]
+
+
+def _one_token_ids() -> List[np.ndarray]:
+    """32 seeded single tokens: what a form that runs other kernels for one row computes there."""
+    return [np.array([[t]], np.int64) for t in np.random.default_rng(4).integers(0, 32000, 32)]
 
 
 BERT_VARIANTS = ("int4", "int8", "int4-awq", "int4-gptq")
@@ -200,7 +208,7 @@ def bench_llm(llm: str, folder: str, variants: List[str], threads: List[int], ro
     np.savez(data, input_ids=np.random.default_rng(2).integers(0, 32000, (8, 128)).astype(np.int64))
     size = files_size(llm)
     rows: Dict[str, Dict[str, object]] = {"fp32": {"bytes": size}}
-    reference = None
+    reference = reference_1 = None
     for name in variants:
         out = os.path.join(folder, f"llama_{name}.onnx")
         argv = [a.replace("{data}", data) for a in VARIANTS[name]]
@@ -219,8 +227,10 @@ def bench_llm(llm: str, folder: str, variants: List[str], threads: List[int], ro
         if reference is None:
             ref = session(llm, 2)
             reference = [ref.run(None, {"input_ids": ids})[0] for ids in _agreement_ids()]
+            reference_1 = [ref.run(None, {"input_ids": ids})[0] for ids in _one_token_ids()]
             del ref
         row["agreement"] = agreement(reference, out)
+        row["agreement_1_token"] = agreement(reference_1, out, _one_token_ids())
         row["path"] = out
         if together:
             continue
