@@ -113,6 +113,17 @@ def test_a_float_input_counts_rows_over_all_dims_but_the_last(op):
                                    rtol=1e-5, atol=1e-5)
 
 
+def test_rows_are_counted_on_a_fed_input_not_on_an_initializer_listed_as_input():
+    """Before IR 4 the graph's inputs list its initializers too: an int64 one listed first is no row source."""
+    model = _decoder()
+    graph = model.graph
+    positions = next(t for t in graph.initializer if t.name == "model.position_ids")  # int64 [1, 128]
+    graph.input.insert(0, helper.make_tensor_value_info(positions.name, positions.data_type, list(positions.dims)))
+    dispatch = QuantizeWeightsPass(bits=4, kernel="dispatch")(model).model
+    shape = next(n for n in dispatch.graph.node if n.op_type == "Shape")
+    assert shape.input[0] == "input_ids" and not shape.attribute  # token ids: every dim counts
+
+
 def test_auto_dispatches_only_when_the_kernels_trade_places(monkeypatch):
     def timed(nbits_ms, int8_ms):
         monkeypatch.setattr(kernel_choice, "_timed", lambda *a: {"matmulnbits": dict(zip(kernel_choice.ROWS, nbits_ms)),

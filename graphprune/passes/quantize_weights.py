@@ -228,7 +228,9 @@ def _dispatch_fits(model: onnx.ModelProto) -> bool:
 
     kernels = all(wo.runtime_has(k) for k in ("MatMulNBits", "DynamicQuantizeMatMul", "CastInt4"))
     opset = next((i.version for i in model.opset_import if i.domain in ("", "ai.onnx")), 1)
-    return kernels and len(model.graph.input) > 0 and (opset >= 21 or _raises_to_21(model))
+    constants = {t.name for t in model.graph.initializer}
+    fed = any(i.name not in constants for i in model.graph.input)
+    return kernels and fed and (opset >= 21 or _raises_to_21(model))
 
 
 def _for_dispatch(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -174,10 +174,12 @@ def assemble(model: onnx.ModelProto, hoisted: List[onnx.NodeProto], then_nodes: 
 
 def _row_count_nodes(graph: onnx.GraphProto) -> List[onnx.NodeProto]:
     """Nodes computing the bool "dispatch_one_row_input": the rows the MatMuls will see are 1."""
-    if not graph.input:
+    constants = {t.name for t in graph.initializer}  # before IR 4 the inputs list the initializers too
+    fed = [i for i in graph.input if i.name not in constants]
+    if not fed:
         raise UserError("--kernel dispatch: the model has no input to count rows from")
-    ids = [i for i in graph.input if i.type.tensor_type.elem_type in _INTEGER_INPUTS]
-    source = (ids or list(graph.input))[0]
+    ids = [i for i in fed if i.type.tensor_type.elem_type in _INTEGER_INPUTS]
+    source = (ids or fed)[0]
     attrs: Dict[str, int] = {} if ids else {"end": -1}  # token ids: every dim; features: all but the last
     return [helper.make_node("Shape", [source.name], ["dispatch_input_shape"], name="dispatch_input_shape", **attrs),
             helper.make_node("ReduceProd", ["dispatch_input_shape"], ["dispatch_rows"], name="dispatch_rows",
