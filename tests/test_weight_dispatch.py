@@ -1,4 +1,4 @@
-"""--weights-only int4 --kernel dispatch: one If on the row count, MatMulNBits for one row and the int8 kernel for more, one stored copy."""
+"""--weights-only int4 --kernel dispatch: one If on the row count, MatMulNBits for one row, the int8 kernel for more."""
 
 from __future__ import annotations
 
@@ -79,8 +79,9 @@ def test_the_form_one_if_both_kernels_one_stored_copy_and_everything_folded_at_l
     graph = dispatch.graph
     assert _ops(graph)[-4:] == ["Shape", "ReduceProd", "Equal", "If"] and _ops(graph).count("If") == 1
     branch = {a.name: a.g for a in graph.node[-1].attribute}
-    assert _ops(branch["then_branch"]).count("MatMulNBits") == 15 and "DynamicQuantizeMatMul" not in _ops(branch["then_branch"])
-    assert _ops(branch["else_branch"]).count("DynamicQuantizeMatMul") == 15 and "MatMulNBits" not in _ops(branch["else_branch"])
+    then_ops, else_ops = _ops(branch["then_branch"]), _ops(branch["else_branch"])
+    assert then_ops.count("MatMulNBits") == 15 and "DynamicQuantizeMatMul" not in then_ops
+    assert else_ops.count("DynamicQuantizeMatMul") == 15 and "MatMulNBits" not in else_ops
     assert not branch["then_branch"].initializer and not branch["else_branch"].initializer
     assert "DequantizeLinear" not in _ops(branch["then_branch"]) + _ops(branch["else_branch"])
     stored = sum(len(t.raw_data) for t in graph.initializer)  # the int8 kernel's form's bytes, plus per weight
@@ -146,6 +147,16 @@ def test_gptq_and_int8_with_dispatch_are_refused(tmp_path, capsys):
     onnx.save(_decoder(), src)
     assert main(["quantize", src, "-o", out, "--weights-only", "int8", "--kernel", "dispatch"]) == 2
     assert "dispatch applies to --weights-only int4" in capsys.readouterr().err and not os.path.exists(out)
+
+
+def test_a_runtime_without_int4_casts_refuses_dispatch_and_auto_does_not_choose_it(monkeypatch):
+    real = wo.runtime_has
+    monkeypatch.setattr(wo, "runtime_has", lambda kind: kind != "CastInt4" and real(kind))
+    monkeypatch.setattr(kernel_choice, "_timed", lambda *a: {"matmulnbits": {1: 0.2, 128: 12.0},
+                                                             "int8": {1: 0.3, 128: 1.2}})  # they trade places
+    with pytest.raises(UserError, match="needs the runtime to run CastInt4"):
+        QuantizeWeightsPass(bits=4, kernel="dispatch")(_decoder())
+    assert QuantizeWeightsPass(bits=4)(_decoder()).stats["kernel"] == "int8"
 
 
 def test_the_cli_writes_a_model_that_loads(tmp_path):

@@ -105,10 +105,11 @@ class QuantizeWeightsPass(Pass):
             raise UserError(f"--algorithm {algorithm} chooses int4 weights; int8 per channel is rounded to nearest")
         kernel = _kernel_option(bits, kernel, int4_kernel)
         if kernel in ("int8", "dispatch") and algorithm == "gptq":
-            raise UserError(f"--algorithm gptq chooses float block scales, which the {kernel} kernel's form cannot hold; "
-                            "use --kernel matmulnbits or --algorithm rtn|awq")
+            raise UserError(f"--algorithm gptq chooses float block scales, which the {kernel} kernel's form cannot "
+                            "hold; use --kernel matmulnbits or --algorithm rtn|awq")
         if kernel == "dispatch" and bits != 4:
-            raise UserError("--kernel dispatch applies to --weights-only int4 (int8's two kernels are as fast at one row)")
+            raise UserError("--kernel dispatch applies to --weights-only int4 "
+                            "(int8's two kernels are as fast at one row)")
         if algorithm != "rtn" and data is None:
             raise UserError(f"--algorithm {algorithm} needs calibration data (--data FILE.npz)")
         self.bits = bits
@@ -241,7 +242,8 @@ def _for_dispatch(model: onnx.ModelProto) -> onnx.ModelProto:
 
     missing = [k for k in ("MatMulNBits", "DynamicQuantizeMatMul", "CastInt4") if not wo.runtime_has(k)]
     if missing:
-        raise UserError(f"--kernel dispatch needs the runtime to run {', '.join(missing)}; use --kernel matmulnbits|int8")
+        raise UserError(f"--kernel dispatch needs the runtime to run {', '.join(missing)}; "
+                        "use --kernel matmulnbits|int8")
     opset = next((i.version for i in model.opset_import if i.domain in ("", "ai.onnx")), 1)
     return _upgrade_opset(model, 21) if opset < 21 else model
 

@@ -1,4 +1,4 @@
-"""``--kernel dispatch``: int4 MatMul weights stored once, read by ``MatMulNBits`` for one row and by the int8 kernel for more.
+"""``--kernel dispatch``: int4 MatMul weights stored once, read by ``MatMulNBits`` for one row, the int8 kernel for more.
 
 On the benchmarks' x86 CPU neither int4 kernel wins at every row count (``kernel_choice``):
 ``MatMulNBits`` (4-bit B, int8 activations per block) is the fastest at one row (decoding is
