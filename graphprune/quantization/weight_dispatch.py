@@ -30,8 +30,9 @@ Llama.  ONNX Runtime keeps every folded intermediate until the session is built,
 derivations are short chains of narrow types: about 7 bytes a weight at load against 3 for the
 int8 kernel's form alone.
 
-Which rows count: the first integer graph input (token ids: all its dims) or else the first input
-(all dims but the last, the features).  Refused by the pass (``UserError``): int8 weights, GPTQ
+Which rows count: the first integer graph input that is no initializer (token ids: all its dims)
+or else the first such input (all dims but the last, the features).  Weights this form cannot
+hold (K not in whole blocks) take ``MatMulNBits`` in both branches, as with ``--kernel int8``.  Refused by the pass (``UserError``): int8 weights, GPTQ
 (float block scales), a runtime without ``MatMulNBits``, ``DynamicQuantizeMatMul`` or INT4 casts,
 a model that cannot be raised to opset 21, a graph without inputs.
 """
@@ -47,7 +48,7 @@ from onnx import TensorProto, helper
 from graphprune.errors import UserError
 from graphprune.quantization import weight_int8_kernel as ik
 
-__all__ = ["fits", "rewrite", "assemble", "SHARED_CONSTANTS"]
+__all__ = ["rewrite", "assemble", "derivation_nodes", "SHARED_CONSTANTS"]
 
 # Constants every derivation reads, created once per model.
 SHARED_CONSTANTS = {
@@ -57,11 +58,6 @@ SHARED_CONSTANTS = {
 }
 _INTEGER_INPUTS = {TensorProto.INT64, TensorProto.INT32, TensorProto.INT16, TensorProto.INT8,
                    TensorProto.UINT64, TensorProto.UINT32, TensorProto.UINT16, TensorProto.UINT8}
-
-
-def fits(k: int, block_size: int) -> bool:
-    """Whether a weight with reduction length ``k`` takes this form (whole blocks, as the int8 kernel's)."""
-    return ik.fits(k, block_size)
 
 
 def rewrite(rewriter, target, w: np.ndarray, awq) -> None:
