@@ -168,10 +168,13 @@ class DependencyGraph:
         return info
 
     def add_coupling(self, a: DimKey, b: DimKey, mapping: IndexMapping, ctx: Optional[RuleContext] = None) -> None:
-        info_a, info_b = self._ensure(a), self._ensure(b)
-        if info_a.concrete and info_b.concrete:
+        # the lookups and ``concrete`` inlined: called for every coupling (60,000 on a 20,000-node graph)
+        infos = self._infos
+        size_a = (infos.get(a) or self._ensure(a)).size
+        size_b = (infos.get(b) or self._ensure(b)).size
+        if isinstance(size_a, int) and isinstance(size_b, int) and size_a >= 0 and size_b >= 0:
             try:
-                mapping.check(info_a.size, info_b.size)
+                mapping.check(size_a, size_b)
             except MappingError as exc:
                 where = f"{ctx.label}: " if ctx else ""
                 for d in (a, b):
