@@ -1,5 +1,7 @@
 """The cost model a MAC budget's speed tie-break uses, and the tie-break itself."""
 
+import os
+
 import numpy as np
 import onnx
 import pytest
@@ -81,24 +83,44 @@ def test_speed_tie_break_takes_the_faster_plan_within_the_damage_bound():
     # 'wide' (an expansion at high resolution) saves the same MACs as 'stream' (channels inside one
     # block) with 1.5x the damage, and 15x the modeled time
     report = _report({"stream": (0.10, 70, 98.0), "wide": (0.15, 70, 70.0), "other": (0.5, 60, 60.0)})
-    allocation = allocate(report, "macs", 0.7, _additive(report))
+    allocation = allocate(report, "macs", 0.7, _additive(report), speed=True)
     assert allocation.ratios == {"stream": 0.0, "wide": 0.5, "other": 0.0}
     assert allocation.modeled == pytest.approx(0.7) and allocation.measured == pytest.approx(0.7)
     # past SPEED_DAMAGE times the least damage, the least damage wins as before
     report = _report({"stream": (0.10, 70, 98.0), "wide": (0.10 * SPEED_DAMAGE + 0.01, 70, 70.0)})
-    allocation = allocate(report, "macs", 0.7, _additive(report))
+    allocation = allocate(report, "macs", 0.7, _additive(report), speed=True)
     assert allocation.ratios == {"stream": 0.5, "wide": 0.0} and allocation.modeled == pytest.approx(0.98)
 
 
 def test_no_tie_break_without_modeled_times_or_for_params():
     groups = {"stream": (0.10, 70, 98.0), "wide": (0.15, 70, 70.0)}
     old = _report(groups, with_model=False)  # a report from before the cost model (--sensitivity)
-    allocation = allocate(old, "macs", 0.7, _additive(old))
+    allocation = allocate(old, "macs", 0.7, _additive(old), speed=True)
     assert allocation.ratios == {"stream": 0.5, "wide": 0.0} and allocation.modeled is None
     report = _report(groups)
     report["original"]["params"] = 100
     for u in report["units"]:
         for e in u["entries"]:
             e["params"] = e["macs"]
-    allocation = allocate(report, "params", 0.7, _additive(report))
+    allocation = allocate(report, "params", 0.7, _additive(report), speed=True)
     assert allocation.ratios == {"stream": 0.5, "wide": 0.0} and allocation.modeled is None
+
+
+def test_prune_to_budget_breaks_ties_for_speed_with_round_to():
+    from graphprune.data import load_inputs
+    from graphprune.model_io import load
+    from graphprune.sensitivity import prune_to_budget
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    model = load(os.path.join(root, "models", "digits_cnn.onnx"))
+    data = load_inputs(os.path.join(root, "models", "digits_test.npz"), model, [])[0].subset(range(64))
+    run = lambda **kw: prune_to_budget(model, data, "macs", 0.6, ratios=(0.25, 0.5), metric="top1",  # noqa: E731
+                                       jobs=1, **kw).allocation
+    # channel counts for the runtime's blocks: the tie-break is on, and the uniform check compares modeled times
+    blocked = run(round_to=4)
+    assert blocked.modeled is not None and 0 < blocked.modeled < 1
+    assert {"knapsack_modeled", "uniform_modeled"} <= set(blocked.checked)
+    # without --round-to the least damage is all (an unrecovered model pays for every point of it)
+    plain = run()
+    assert plain.modeled is None and "uniform_modeled" not in plain.checked
+    assert run(speed=True).modeled is not None

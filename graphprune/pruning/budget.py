@@ -21,8 +21,8 @@ Rounding: a group at ratio r loses ``floor(r * channels)`` channels (at least on
 rounding the sensitivity measurements used, and the final check counts the model as built
 (``round_to`` included).
 
-**Speed tie-break** (MAC budgets, when the report has ``graphprune.sensitivity.cost_model``'s
-modeled times): plans of the same MACs differ in speed (channel counts inside one of the runtime's
+**Speed tie-break** (``speed``: MAC budgets built with ``round_to`` > 1, for the runtime's blocked
+kernels, when the report has ``graphprune.sensitivity.cost_model``'s modeled times): plans of the same MACs differ in speed (channel counts inside one of the runtime's
 16-channel blocks, elementwise and squeeze-excitation work that MACs do not count), and one-group
 damages rank plans only roughly, so among the plans that meet the budget (saving at most
 ``_SPEED_OVER`` more) with at most ``SPEED_DAMAGE`` times the least summed damage, the one of least
@@ -166,7 +166,8 @@ def dominating_groups(report: dict, dominance: float = DOMINANCE) -> Dict[str, s
 
 
 def allocate(report: dict, target: str, fraction: float, measure: Callable[[Dict[str, float]], float],
-             tolerance: Optional[float] = None, analysis_blocked: int = 0, first_reason: str = "") -> Allocation:
+             tolerance: Optional[float] = None, analysis_blocked: int = 0, first_reason: str = "",
+             speed: bool = False) -> Allocation:
     """Per-group ratios meeting ``target <= fraction`` of the original, checked by ``measure``.
 
     Args:
@@ -177,6 +178,7 @@ def allocate(report: dict, target: str, fraction: float, measure: Callable[[Dict
         tolerance: how far above ``fraction`` the measured cost may end (default 0, or
             ``LATENCY_TOLERANCE`` for latency).
         analysis_blocked, first_reason: groups the dependency analysis blocked, for the message.
+        speed: the speed tie-break (MAC budgets, reports with modeled times; ``SPEED_DAMAGE``).
     """
     if target not in TARGETS:
         raise UserError(f"budget: unknown target {target!r} (choose from {', '.join(TARGETS)})")
@@ -192,7 +194,7 @@ def allocate(report: dict, target: str, fraction: float, measure: Callable[[Dict
     power = 2 if report.get("metric") == "rel-l2" else 1
     damage = {n: [float(e["damage"]) ** power for e in entries[n]] for n in names}
     allowed = {n: (1 if n in blocked else len(entries[n])) for n in names}  # blocked: ratio 0 only
-    faster = _time_saved(report, names) if target == "macs" else None
+    faster = _time_saved(report, names) if speed and target == "macs" else None
     need = 1.0 - fraction  # fraction of the original cost to save (estimated), tightened by misses
     measured, rounds = 1.0, 0
     while rounds < _MAX_ROUNDS:
