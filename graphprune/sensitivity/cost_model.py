@@ -40,12 +40,15 @@ CHANNEL_BLOCK = 16
 ELEMENT_MACS = 48.0
 # A broadcast scaling outside the blocked layout: the op itself and a reorder on either side.
 REORDER_ELEMENTS = 3.0
-# Ops the runtime fuses into the convolution before them (or that copy nothing).
-_FREE = {"BatchNormalization", "Relu", "Clip", "LeakyRelu", "HardSwish", "HardSigmoid", "Identity", "Shape", "Constant", "Cast", "Slice",
-         "Concat", "Gather", "Unsqueeze", "Squeeze", "Flatten", "Reshape", "Dropout"}
+# Ops the runtime fuses into the convolution before them (BatchNormalization and activations: the
+# classifier's optimized graph has no HardSwish kernel left), or that move no data (shape ops, views).
+_FREE = {"BatchNormalization", "Relu", "Clip", "LeakyRelu", "HardSwish", "HardSigmoid", "Identity", "Shape",
+         "Constant", "Cast", "Slice", "Concat", "Gather", "Unsqueeze", "Squeeze", "Flatten", "Reshape", "Dropout"}
 
 
 def _padded(channels: int, block: int) -> int:
+    """Channels as the blocked layout computes them; below half a block (a stem conv's 3 input
+    channels) the runtime reads the plain layout, unpadded."""
     return int(math.ceil(channels / block) * block) if channels >= block // 2 else channels
 
 
