@@ -83,6 +83,10 @@ def test_the_form_one_if_both_kernels_one_stored_copy_and_everything_folded_at_l
     assert then_ops.count("MatMulNBits") == 15 and "DynamicQuantizeMatMul" not in then_ops
     assert else_ops.count("DynamicQuantizeMatMul") == 15 and "MatMulNBits" not in else_ops
     assert not branch["then_branch"].initializer and not branch["else_branch"].initializer
+    # the opset was raised on a weightless copy: every tensor written is the real one
+    assert not any(t.external_data for t in graph.initializer)
+    floats = {t.name for t in model.graph.initializer if t.data_type == TensorProto.FLOAT and len(t.dims) == 1}
+    assert floats and all(t.raw_data or t.float_data for t in graph.initializer if t.name in floats)
     assert "DequantizeLinear" not in _ops(branch["then_branch"]) + _ops(branch["else_branch"])
     stored = sum(len(t.raw_data) for t in graph.initializer)  # the int8 kernel's form's bytes, plus per weight
     assert 0 <= stored - sum(len(t.raw_data) for t in int8_form.graph.initializer) <= 15 * 16 + 16  # a 2-d shape

@@ -18,6 +18,7 @@ from typing import Dict, List, Optional
 import numpy as np
 import onnx
 
+from graphprune import ir
 from graphprune.errors import UserError
 from graphprune.passes.base import Pass, PassResult, register_pass
 from graphprune.quantization import weight_only as wo
@@ -135,11 +136,13 @@ class QuantizeWeightsPass(Pass):
         if not targets:
             return PassResult(model, False, {"weights_quantized": 0, "skipped": skipped})
         kernel, choice = self._kernel(model, targets)
+        original = model
         if kernel == "dispatch":
             model = _for_dispatch(model)
             targets, skipped = find_targets(model, self.bits, self.block_size, self.embeddings)
-        scales = self._data_aware(model, targets) if self.algorithm != "rtn" else {}
-        rewriter = Rewriter(model, self.source_dir, self.block_size, self.accuracy_level, self.folded, kernel)
+        scales = self._data_aware(original, targets) if self.algorithm != "rtn" else {}
+        originals = ir.initializer_map(original.graph) if model is not original else None
+        rewriter = Rewriter(model, self.source_dir, self.block_size, self.accuracy_level, self.folded, kernel, originals)
         for target in targets.values():
             rewriter.quantize(target, self.algorithm, scales.get(target.name))
         result = rewriter.build()
@@ -236,7 +239,8 @@ def _dispatch_fits(model: onnx.ModelProto) -> bool:
 
 def _for_dispatch(model: onnx.ModelProto) -> onnx.ModelProto:
     """``model`` raised to opset 21 (the dispatch form's INT4 casts; raised before the rewrite, since
-    its nodes then move into the ``If``'s branches), or ``UserError`` when the runtime or the model
+    its nodes then move into the ``If``'s branches) as a copy whose large initializers carry no data
+    (the ``Rewriter`` reads them from ``model``), or ``UserError`` when the runtime or the model
     cannot take the form."""
     from graphprune.quantization.weight_nodes import _upgrade_opset
 
@@ -245,7 +249,7 @@ def _for_dispatch(model: onnx.ModelProto) -> onnx.ModelProto:
         raise UserError(f"--kernel dispatch needs the runtime to run {', '.join(missing)}; "
                         "use --kernel matmulnbits|int8")
     opset = next((i.version for i in model.opset_import if i.domain in ("", "ai.onnx")), 1)
-    return _upgrade_opset(model, 21) if opset < 21 else model
+    return _upgrade_opset(ir.weightless_copy(model), 21) if opset < 21 else model
 
 
 def quantize_weights(model: onnx.ModelProto, bits: int = 8, **kwargs) -> onnx.ModelProto:

@@ -32,14 +32,19 @@ class Rewriter:
     """
 
     def __init__(self, model: onnx.ModelProto, source_dir: Optional[str], block_size: int, accuracy_level: int,
-                 folded: bool = False, kernel: str = "matmulnbits"):
+                 folded: bool = False, kernel: str = "matmulnbits",
+                 originals: Optional[Dict[str, TensorProto]] = None):
+        """``originals``: name -> initializer with its data, for a ``model`` whose initializers of
+        those names carry none (a weightless copy raised to a new opset: no second copy of the weights)."""
         self.model = model
+        self._originals = originals or {}
         self.folded = folded  # every int8 weight as Cast and Mul (see ``_int8``)
         self.kernel = kernel  # MatMul/Gemm weights for "matmulnbits", "int8" (DynamicQuantizeMatMul) or "dispatch"
         self.source_dir = source_dir
         self.block_size = block_size
         self.accuracy_level = accuracy_level
         self.inits = constant_tensors(model)
+        self.inits.update((name, self._originals[name]) for name in list(self.inits) if name in self._originals)
         self.opset = next((i.version for i in model.opset_import if i.domain in ("", "ai.onnx")), 1)
         self.new_inits: List[TensorProto] = []
         self.replaced: Dict[str, int] = {}  # weight -> its float bytes
@@ -278,6 +283,7 @@ class Rewriter:
         for tensor in graph.initializer:
             if tensor.name in self.replaced:
                 continue
+            tensor = self._originals.get(tensor.name, tensor)
             target = out.graph.initializer.add()
             if tensor.data_location == TensorProto.EXTERNAL:  # stays float: read it in (small next to the rest)
                 target.CopyFrom(numpy_helper.from_array(self._read_tensor(tensor), tensor.name))
