@@ -63,8 +63,10 @@ def register(sub) -> None:
     p.add_argument("--kernel", choices=KERNELS,
                    help="the kernel int4/int8 weight-only MatMul/Gemm weights are written for: auto (default: both "
                    "timed on one layer on this machine), matmulnbits (int8 as DequantizeLinear, which ONNX Runtime "
-                   "fuses into 8-bit MatMulNBits; on x86 fastest for a few rows, e.g. decoding) or int8 "
-                   "(DynamicQuantizeMatMul, int4 expanded to int8 at load; fastest for many rows, e.g. a prompt)")
+                   "fuses into 8-bit MatMulNBits; on x86 fastest for a few rows, e.g. decoding), int8 "
+                   "(DynamicQuantizeMatMul, int4 expanded to int8 at load; fastest for many rows, e.g. a prompt) "
+                   "or dispatch (int4 only: one If runs MatMulNBits for a one-row input and the int8 kernel "
+                   "otherwise, the weights stored once; its session needs more memory while it loads)")
     p.add_argument("--int4-kernel", choices=KERNELS, help="the old spelling of --kernel, int4 only")
     add_report_option(p, "the placement report")
     p.set_defaults(func=run)
