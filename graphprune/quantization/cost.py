@@ -20,7 +20,6 @@ import dataclasses
 import math
 from typing import Dict, Iterable, Mapping, Optional, Set, Tuple
 
-import networkx as nx
 import numpy as np
 import onnx
 
@@ -208,6 +207,8 @@ def place(
         shapes: concrete tensor shapes (border costs scale with tensor size).
         constants: names of constant tensors (weights cross no border).
     """
+    import networkx as nx  # here: every command imports this module, only placement needs networkx (0.15 s)
+
     constants = set(constants)
     graph = model.graph
     g = nx.DiGraph()
