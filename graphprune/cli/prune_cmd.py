@@ -26,6 +26,10 @@ __all__ = ["register", "run", "format_groups", "groups_json", "nothing_pruned"]
 
 _FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16)
 _CHUNK = 1 << 22  # finite checks in chunks of this many values: no second weight-sized array
+# Attribute types that can hold tensors (Constant values, subgraphs' initializers).
+_HOLDING_ATTRIBUTES = frozenset({onnx.AttributeProto.TENSOR, onnx.AttributeProto.TENSORS, onnx.AttributeProto.GRAPH,
+                                 onnx.AttributeProto.GRAPHS, onnx.AttributeProto.SPARSE_TENSOR,
+                                 onnx.AttributeProto.SPARSE_TENSORS})
 
 
 def register(sub) -> None:
@@ -187,10 +191,15 @@ def _load_leaving_weights(path: str):
         model = load(path, load_external_data=False)
     except UserError:  # e.g. the door's checker on a Constant's unread record: load it as before, its own verdict
         return load(path), None
-    records = sum(1 for _ in external_tensors(model))
+    in_initializers = sum(1 for i in model.graph.initializer if i.data_location == onnx.TensorProto.EXTERNAL)
+    # records can be elsewhere only in sparse initializers, functions and tensor or graph attributes:
+    # without any, the whole-model walk (0.04 s on 20,000 nodes) has nothing more to find
+    plain = not model.functions and not model.graph.sparse_initializer and not any(
+        attr.type in _HOLDING_ATTRIBUTES for node in model.graph.node if node.attribute for attr in node.attribute)
+    records = in_initializers if plain else sum(1 for _ in external_tensors(model))
     if not records:
         return model, None
-    if records != sum(1 for i in model.graph.initializer if i.data_location == onnx.TensorProto.EXTERNAL):
+    if records != in_initializers:
         return load(path), None
     check_direct_paths(model, path)
     source_dir = os.path.dirname(os.path.abspath(path))
