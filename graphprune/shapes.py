@@ -14,7 +14,7 @@ from graphprune.ir import clone, copy_fields, declare_as_input, is_large, real_i
 
 __all__ = ["infer_shapes", "concrete_shapes", "with_input_shapes", "observed_shapes", "name_negative_dims",
            "sharing_inference", "sharing_active", "sharing_folder", "strict_inference", "checked_shapes",
-           "checked_weightless", "checked_file", "covers"]
+           "checked_file", "covers"]
 
 
 def name_negative_dims(graph: onnx.GraphProto) -> int:
@@ -120,8 +120,9 @@ def _concrete(model: onnx.ModelProto, g: onnx.GraphProto) -> Dict[str, Tuple[int
 
 
 # Within ``sharing_inference``: id(model) -> (model, its size signature, the concrete shapes the
-# full check's strict inference found, the weightless copy it checked or None, that copy's file or
-# None); the model is held so that its id is not reused.
+# full check's strict inference found, the file of the weightless copy it checked or None); the
+# model is held so that its id is not reused.  The copy itself is not kept (12 MB of a 20,000-node
+# graph, for the whole command): the session check reads its file.
 _CHECKED: Optional[Dict[int, tuple]] = None
 # The folder holding those files (``sharing_folder``), made on first use within the block.
 _FOLDER: Optional[str] = None
@@ -132,9 +133,9 @@ def sharing_inference() -> Iterator[None]:
     """Within the block, the full check (``model_io.check_model(full=True)``) keeps the concrete
     shapes its strict inference finds, for ``checked_shapes``: a command that checks a model and
     then counts its MACs or analyses it infers its shapes once, not three times (0.2-0.3 s each
-    on a 20,000-node graph).  The weightless copy it checked and that copy's file stay too, for
-    the session check (``checked_weightless``, ``checked_file``): one copy and one serialization
-    per model.  Only for code that does not edit a model after checking it."""
+    on a 20,000-node graph).  The file of the weightless copy it checked stays too, for the session
+    check (``checked_file``): one copy and one serialization per model.  Only for code that does
+    not edit a model after checking it."""
     global _CHECKED, _FOLDER
     if _CHECKED is not None:
         yield
@@ -188,8 +189,7 @@ def strict_inference(checked: onnx.ModelProto, model: onnx.ModelProto, serialize
     source = serialized if serialized is not None else checked
     inferred = onnx.shape_inference.infer_shapes(source, check_type=True, strict_mode=True, data_prop=False)
     if _CHECKED is not None:
-        light = checked if checked is not model else None
-        _CHECKED[id(model)] = (model, _signature(model), _concrete(model, inferred.graph), light, path)
+        _CHECKED[id(model)] = (model, _signature(model), _concrete(model, inferred.graph), path)
 
 
 def _entry(model: onnx.ModelProto) -> Optional[tuple]:
@@ -207,19 +207,12 @@ def checked_shapes(model: onnx.ModelProto) -> Optional[Dict[str, Tuple[int, ...]
     return None if entry is None else entry[2]
 
 
-def checked_weightless(model: onnx.ModelProto) -> Optional[onnx.ModelProto]:
-    """The weightless copy (``ir.weightless_copy``) the full check of ``model`` inferred, within
-    ``sharing_inference``; None when there is none (the session check builds its own)."""
+def checked_file(model: onnx.ModelProto) -> Optional[str]:
+    """The file the full check of ``model`` checked, within ``sharing_inference``: its weightless
+    copy (``ir.weightless_copy``) written beside a sized stand-in for its weights
+    (``ir.write_weightless(sized=True)``); None when there is none."""
     entry = _entry(model)
     return None if entry is None else entry[3]
-
-
-def checked_file(model: onnx.ModelProto) -> Optional[str]:
-    """The file the full check of ``model`` checked: ``checked_weightless(model)`` written beside a
-    sized stand-in for its weights (``ir.write_weightless(sized=True)``), within
-    ``sharing_inference``; None when there is none."""
-    entry = _entry(model)
-    return None if entry is None else entry[4]
 
 
 def covers(shapes: Mapping[str, tuple], model: onnx.ModelProto) -> bool:

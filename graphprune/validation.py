@@ -360,16 +360,17 @@ def check_session(model: onnx.ModelProto, light: Optional[onnx.ModelProto] = Non
     small and integer tensors some kernels read at creation (shapes, axes) keep theirs.
 
     Args:
-        light: ``model``'s weightless copy when the caller has one (default: the full check's, within
-            ``shapes.sharing_inference``, else a new one).
-        path: ``light`` written beside a sized stand-in (``ir.write_weightless(sized=True)``).
+        light: ``model``'s weightless copy when the caller has one (default: a new one, unless a file
+            of it exists).
+        path: such a copy written beside a sized stand-in (``ir.write_weightless(sized=True)``;
+            default: the full check's, within ``shapes.sharing_inference``).
     """
     import tempfile
 
     from graphprune.ir import weightless_copy, write_weightless
     from graphprune.model_io import for_ort
     from graphprune.runtime import ort
-    from graphprune.shapes import checked_file, checked_weightless
+    from graphprune.shapes import checked_file
 
     if any(imp.domain not in _RUNTIME_DOMAINS for imp in model.opset_import):
         return  # custom ops: see _RUNTIME_DOMAINS
@@ -380,13 +381,14 @@ def check_session(model: onnx.ModelProto, light: Optional[onnx.ModelProto] = Non
     options.intra_op_num_threads = options.inter_op_num_threads = 1
     options.add_session_config_entry("session.disable_prepacking", "1")  # packing would read every weight
     try:
-        # the full check's copy and its file when it made them (shapes.sharing_inference); for_ort
-        # copies what it relabels, and that copy is written anew
-        checked, written = (light, path) if light is not None else (checked_weightless(model), checked_file(model))
-        light = for_ort(weightless_copy(model) if checked is None else checked)
-        written = written if light is checked else None
+        # the weightless file made by the caller or the full check (shapes.sharing_inference) serves
+        # as it is unless the runtime needs other labels: for_ort relabels a copy, written anew
+        path = path if path is not None else checked_file(model)
+        labels = onnx.ModelProto(ir_version=model.ir_version, opset_import=model.opset_import)
+        if path is None or for_ort(labels) is not labels:  # for_ort also refuses an opset too new
+            path, light = None, for_ort(weightless_copy(model) if light is None else light)
         with tempfile.TemporaryDirectory(prefix="graphprune-check-") as tmp:
-            path = written or write_weightless(light, tmp, sized=True)
+            path = path or write_weightless(light, tmp, sized=True)
             session = rt.InferenceSession(path, options, providers=["CPUExecutionProvider"])
             del session  # the stand-in is mapped until the session goes
     except UserError:

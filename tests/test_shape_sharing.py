@@ -70,15 +70,18 @@ def test_strict_inference_failure_is_the_checkers_verdict():
     assert str(inside.value) == str(outside.value) and "invalid ONNX graph" in str(inside.value)
 
 
-def test_session_check_reuses_the_full_checks_weightless_copy(monkeypatch):
+def test_session_check_reuses_the_full_checks_weightless_file(monkeypatch):
     from graphprune import ir, validation
 
     model = _mlp()
-    monkeypatch.setattr(ir, "LARGE_MODEL_BYTES", 16)  # checked as a weightless copy,
     monkeypatch.setattr(ir, "_STRIP_MIN_BYTES", 16)  # its weights stripped
     with shapes.sharing_inference():
         check_model(model, full=True)
-        light = shapes.checked_weightless(model)
-        assert light is not None and ir.has_external_data(light)
+        path = shapes.checked_file(model)
+        assert path is not None and ir.has_external_data(onnx.load(path, load_external_data=False))
         monkeypatch.setattr(ir, "weightless_copy", lambda *a, **k: pytest.fail("copied again"))
+        monkeypatch.setattr(ir, "write_weightless", lambda *a, **k: pytest.fail("written again"))
         validation.check_session(model)
+        model.ir_version = 99  # a label the runtime does not load: a relabelled copy, written anew
+        with pytest.raises(pytest.fail.Exception, match="copied again"):
+            validation.check_session(model)
