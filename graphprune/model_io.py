@@ -103,11 +103,11 @@ def check_model(model: onnx.ModelProto, full: bool = False,
     Large models (``ir.is_large``: external data left on disk, or many bytes of weights) are
     checked as a weightless copy written beside an empty stand-in for their weights: the
     checker reads only structure, and the whole proto is never serialized (protobuf refuses
-    that past 2 GiB, and below it the bytes would be a second copy of every weight).  The
-    tensors the copy leaves out are checked one by one (``onnx.checker.check_tensor``: their
-    value fields against their dims, as the whole-model checker would).  Within
+    that past 2 GiB, and below it the bytes would be a second copy of every weight).  Within
     ``shapes.sharing_inference`` a full check always works so, on one copy written once, kept for
-    the session check (``shapes.checked_file``).
+    the session check (``shapes.checked_file``); the tensors the copy leaves out of a model that
+    is not large are checked one by one (``onnx.checker.check_tensor``: their value fields against
+    their dims, as the whole-model checker did).
 
     Args:
         on_written: within ``sharing_inference``, called with that copy and its file before the
@@ -123,7 +123,6 @@ def check_model(model: onnx.ModelProto, full: bool = False,
             return
         light = ir.weightless_copy(model) if ir.is_large(model) else model
         if light is not model:
-            _check_left_out(model)
             with tempfile.TemporaryDirectory(prefix="graphprune-check-") as tmp:
                 onnx.checker.check_model(ir.write_weightless(light, tmp), full_check=full)
         else:
@@ -141,11 +140,13 @@ def _check_shared(model: onnx.ModelProto, on_written) -> None:
     from graphprune import ir
     from graphprune.shapes import sharing_folder, strict_inference
 
+    large = ir.is_large(model)
     light = ir.weightless_copy(model)
     path = ir.write_weightless(light, sharing_folder(), sized=True)
     if on_written is not None:
         on_written(light, path)
-    _check_left_out(model)
+    if not large:  # as the whole-model checker did; a large model's tensors are left out as outside sharing
+        _check_left_out(model)
     onnx.checker.check_model(path, full_check=False)
     with open(path, "rb") as f:
         serialized = f.read()
@@ -154,7 +155,8 @@ def _check_shared(model: onnx.ModelProto, on_written) -> None:
 
 def _check_left_out(model: onnx.ModelProto) -> None:
     """``onnx.checker.check_tensor`` on the main graph's initializers held in memory (what a weightless
-    copy leaves out: the checker sees only their records there); each is serialized alone."""
+    copy leaves out: the checker sees only their records there); each is serialized alone (a copy
+    of each weight in turn: only for models that are not large)."""
     context = onnx.checker.DEFAULT_CONTEXT
     for init in model.graph.initializer:
         if init.data_location != onnx.TensorProto.EXTERNAL:
