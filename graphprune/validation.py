@@ -152,20 +152,18 @@ def check_result(model: onnx.ModelProto) -> None:
 def result_check(model: onnx.ModelProto) -> Iterator[Callable[[], None]]:
     """What a result must pass before it is written, with the runtime's session built on a thread.
 
-    On entry: the attributes that crash kernels and the full checker (a failure is our bug:
+    On entry: the attributes that crash kernels and the full checker (failing is our bug:
     ``PassContractError``), then finite weights.  The runtime builds the session outside the GIL
-    (a second on 20,000 nodes) from the full check's weightless file as soon as it is written
-    (within ``shapes.sharing_inference``; else after the checker), while the checker and the
-    caller's block (its summary, the file written to its temporary place) run.  Yields
-    ``verdict``, which waits for the session and raises what ``check_result`` would: call it before
-    the write is committed (``model_io.save(before_commit=verdict)``); leaving the block calls it
-    (or, on an exception, only waits).
+    (a second on 20,000 nodes) from the full check's weightless file once written, while the checker
+    and the caller's block (its summary, the file written to its temporary place) run.  Yields
+    ``verdict``: it waits for the session and raises what ``check_result`` would; call it before the
+    write is committed (``model_io.save(before_commit=verdict)``); leaving the block calls it.
     """
     from graphprune.model_io import check_model
     from graphprune.passes.base import PassContractError
 
     outcome: dict = {}
-    threads = []
+    threads: list = []
 
     def build(light: Optional[onnx.ModelProto], path: Optional[str]) -> None:
         try:
@@ -360,10 +358,9 @@ def check_session(model: onnx.ModelProto, light: Optional[onnx.ModelProto] = Non
     small and integer tensors some kernels read at creation (shapes, axes) keep theirs.
 
     Args:
-        light: ``model``'s weightless copy when the caller has one (default: a new one, unless a file
-            of it exists).
-        path: such a copy written beside a sized stand-in (``ir.write_weightless(sized=True)``;
-            default: the full check's, within ``shapes.sharing_inference``).
+        light: ``model``'s weightless copy, when the caller has one.
+        path: such a copy written beside a sized stand-in (default: the full check's, within
+            ``shapes.sharing_inference``).
     """
     import tempfile
 
@@ -381,8 +378,8 @@ def check_session(model: onnx.ModelProto, light: Optional[onnx.ModelProto] = Non
     options.intra_op_num_threads = options.inter_op_num_threads = 1
     options.add_session_config_entry("session.disable_prepacking", "1")  # packing would read every weight
     try:
-        # the weightless file made by the caller or the full check (shapes.sharing_inference) serves
-        # as it is unless the runtime needs other labels: for_ort relabels a copy, written anew
+        # the caller's or the full check's weightless file serves unless the runtime needs other
+        # labels: for_ort relabels a copy, written anew
         path = path if path is not None else checked_file(model)
         labels = onnx.ModelProto(ir_version=model.ir_version, opset_import=model.opset_import)
         if path is None or for_ort(labels) is not labels:  # for_ort also refuses an opset too new

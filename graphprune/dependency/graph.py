@@ -10,6 +10,7 @@ import onnx
 from onnx import numpy_helper
 
 from graphprune import ir
+from graphprune.dependency.components import UnionFind, as_networkx, connected_components
 from graphprune.dependency.dims import DimInfo, DimKey
 from graphprune.dependency.index_mapping import Expand, Identity, IndexMapping, MappingError
 from graphprune.dependency.options import AnalysisOptions
@@ -92,9 +93,8 @@ class DependencyGraph:
         self.graph_outputs = {vi.name for vi in model.graph.output}
         self._producers = ir.producer_map(model.graph)
         self._derived: Dict[str, bool] = {}
-        # dim -> its info, and dim -> neighbour -> the links between them (a networkx graph's own
-        # dicts without its node and edge attribute dicts: two dicts fewer per dim and per edge,
-        # 20 MB and a tenth of the analysis of a 20,000-node graph); in the order dims were seen
+        # dim -> its info, and dim -> neighbour -> the links between them, in the order dims were seen
+        # (no networkx graph: see graphprune.dependency.components)
         self._infos: Dict[DimKey, DimInfo] = {}
         self._adj: Dict[DimKey, Dict[DimKey, list]] = {}
 
@@ -227,36 +227,12 @@ class DependencyGraph:
     def components(self) -> Iterator[Set[DimKey]]:
         """The connected components (sets of dims), in the order of their first dim (as
         ``networkx.connected_components`` yields them)."""
-        adj = self._adj
-        seen: Set[DimKey] = set()
-        for start in adj:
-            if start in seen:
-                continue
-            component = {start}
-            frontier = [start]
-            while frontier:
-                reached = []
-                for dim in frontier:
-                    for other in adj[dim]:
-                        if other not in component:
-                            component.add(other)
-                            reached.append(other)
-                frontier = reached
-            seen |= component
-            yield component
+        return connected_components(self._adj)
 
     @property
     def graph(self):
         """The dependency graph as a ``networkx.Graph`` (see the class docstring), built at each call."""
-        import networkx as nx
-
-        graph = nx.Graph()
-        for dim, info in self._infos.items():
-            graph.add_node(dim, info=info)
-        for a, neighbours in self._adj.items():
-            for b, links in neighbours.items():
-                graph.add_edge(a, b, links=links)
-        return graph
+        return as_networkx(self._infos, self._adj)
 
     def groups(self):
         """The coupled groups (computed once; see ``graphprune.dependency.group``)."""
@@ -322,7 +298,7 @@ class DependencyGraph:
             infos = [self._infos[d] for d in comp]
             blocked[i] = any(x.reasons or x.fixed or not x.concrete for x in infos)
             comp_of.update(dict.fromkeys(comp, i))
-        union = _UnionFind()
+        union = UnionFind()
 
         def is_blocked(dim: DimKey) -> bool:
             return blocked[union[comp_of[dim]]]
@@ -426,25 +402,3 @@ def build_dependency_graph(
     dep._resolve_factors()
     return dep
 
-
-class _UnionFind:
-    """Disjoint sets of hashable items, by path halving (``union[x]`` is x's root; x joins as its
-    own set when new), as ``networkx.utils.UnionFind`` is used here."""
-
-    def __init__(self) -> None:
-        self._parent: Dict[object, object] = {}
-
-    def __getitem__(self, item):
-        parent = self._parent
-        if item not in parent:
-            parent[item] = item
-            return item
-        while parent[item] != item:
-            parent[item] = parent[parent[item]]
-            item = parent[item]
-        return item
-
-    def union(self, a, b) -> None:
-        root_a, root_b = self[a], self[b]
-        if root_a != root_b:
-            self._parent[root_b] = root_a
