@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import functools
 import importlib
 from typing import Dict, Iterator, List, Mapping
 
 import onnx
-from onnxruntime.quantization.onnx_model import ONNXModel
 
 __all__ = ["IndexedModel", "indexed_quantizer"]
 
@@ -65,8 +65,10 @@ class _Readers(Mapping):
         return sum(1 for nodes in self._index.values() if nodes)
 
 
-class IndexedModel(ONNXModel):
-    """``ONNXModel`` whose reader, writer and initializer lookups are indexed (same results).
+class _IndexedMethods:
+    """``IndexedModel``'s methods: ``ONNXModel`` whose reader, writer and initializer lookups are
+    indexed (same results).  The class itself is made on first use (``_indexed_model_class``) so
+    that importing this module does not import ORT's quantizer (0.06 s of every command's start).
 
     Nodes are keyed by identity: under upb a node of the graph keeps its Python object while it
     is referenced, and the quantizer hands back the objects it got from iterating the graph.
@@ -164,7 +166,7 @@ class IndexedModel(ONNXModel):
         return {name: next(reversed(nodes.values())) for name, nodes in self._writers.items() if nodes}
 
     def replace_node_input(self, node, old_input_name, new_input_name):
-        ONNXModel.replace_node_input(node, old_input_name, new_input_name)
+        super().replace_node_input(node, old_input_name, new_input_name)
         if old_input_name not in node.input:
             self._readers.get(old_input_name, {}).pop(id(node), None)
         if new_input_name in node.input:
@@ -180,7 +182,7 @@ class IndexedModel(ONNXModel):
                 self.replace_node_input(node, old_input_name, new_input_name)
 
     def replace_node_output(self, node, old_output_name, new_output_name):
-        ONNXModel.replace_node_output(node, old_output_name, new_output_name)
+        super().replace_node_output(node, old_output_name, new_output_name)
         if old_output_name not in node.output:
             self._writers.get(old_output_name, {}).pop(id(node), None)
         if new_output_name in node.output:
@@ -194,6 +196,21 @@ class IndexedModel(ONNXModel):
         for node in list(self._writers.get(old_output_name, {}).values()):
             if node.name in node_names_set:
                 self.replace_node_output(node, old_output_name, new_output_name)
+
+
+@functools.lru_cache(maxsize=None)
+def _indexed_model_class() -> type:
+    from onnxruntime.quantization.onnx_model import ONNXModel  # lazy: see _IndexedMethods
+
+    return type("IndexedModel", (_IndexedMethods, ONNXModel),
+                {"__doc__": _IndexedMethods.__doc__, "__module__": __name__, "__qualname__": "IndexedModel"})
+
+
+def __getattr__(name: str):
+    """``IndexedModel``, made on first access (PEP 562)."""
+    if name == "IndexedModel":
+        return _indexed_model_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @contextlib.contextmanager
@@ -213,7 +230,7 @@ def indexed_quantizer() -> Iterator[None]:
         return original(item_name, item_list)
 
     try:
-        base.ONNXModel = IndexedModel
+        base.ONNXModel = _indexed_model_class()
         for module, previous in saved:
             if previous is not None:
                 module.find_by_name = find_by_name
