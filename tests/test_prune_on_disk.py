@@ -193,6 +193,15 @@ def test_files_kept_open_keeps_small_tensors_read_only(tmp_path, monkeypatch):
         monkeypatch.setattr(on_disk.os, "preadv", lambda *a: reads.append(1) or preadv(*a))
         again = on_disk.read_tensor(small, str(tmp_path))
         assert not reads and np.shares_memory(first, again) and not again.flags.writeable
+        copy = onnx.TensorProto()
+        copy.CopyFrom(small)  # another object holding the same record: kept (the key is the record)
+        assert np.shares_memory(first, on_disk.read_tensor(copy, str(tmp_path))) and not reads
+        offset = next(e for e in copy.external_data if e.key == "offset")
+        offset.value = str(int(offset.value) + 4)
+        moved = on_disk.read_tensor(copy, str(tmp_path))  # another span: read, not the kept value
+        assert len(reads) == 1 and not np.shares_memory(first, moved)
+        np.testing.assert_array_equal(moved.reshape(-1)[:-1], first.reshape(-1)[1:])
+        reads.clear()
         on_disk.read_tensor(large, str(tmp_path))
         on_disk.read_tensor(large, str(tmp_path))
         assert len(reads) == 2  # above the limit: read each time
