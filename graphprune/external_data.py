@@ -55,11 +55,36 @@ _SHOWN_CHARS = 80
 
 def external_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
     """Every tensor of ``model`` stored outside the file: initializers, sparse tensors and attribute
-    tensors, in subgraphs and functions too."""
-    for graph in _graphs(model):
-        for tensor in _tensors(graph):
-            if tensor.data_location == onnx.TensorProto.EXTERNAL:
+    tensors, in subgraphs and functions too.
+
+    One walk over each graph's nodes finds both its attribute tensors and its subgraphs (two walks,
+    through nested generators, were 0.06 s a call on a 20,000-node graph; a command calls it 2-3
+    times).  Order: each graph's own tensors, then its subgraphs depth first, last found first.
+    """
+    external = onnx.TensorProto.EXTERNAL
+    stack: list = [model.graph, *model.functions]
+    while stack:
+        graph = stack.pop()
+        for tensor in getattr(graph, "initializer", ()):
+            if tensor.data_location == external:
                 yield tensor
+        for sparse in getattr(graph, "sparse_initializer", ()):
+            yield from _if_external((sparse.values, sparse.indices))
+        subgraphs: list = []
+        for node in graph.node:
+            if not node.attribute:  # most nodes: skip building an attribute iterator
+                continue
+            for attr in node.attribute:
+                yield from _if_external(_attribute_tensors(attr))
+                if attr.type == onnx.AttributeProto.GRAPH:
+                    subgraphs.append(attr.g)
+                elif attr.type == onnx.AttributeProto.GRAPHS:
+                    subgraphs.extend(attr.graphs)
+        stack.extend(subgraphs)
+
+
+def _if_external(tensors) -> Iterator[onnx.TensorProto]:
+    return (t for t in tensors if t.data_location == onnx.TensorProto.EXTERNAL)
 
 
 def check_external_data(model: onnx.ModelProto, model_path: "str | os.PathLike") -> List[str]:
@@ -73,9 +98,10 @@ def check_external_data(model: onnx.ModelProto, model_path: "str | os.PathLike")
     sizes: Dict[str, int] = {}  # real path -> size, so each file is resolved once
     resolved: Dict[str, str] = {}  # location -> real path (10k tensors share one file: one realpath)
     for tensor in external_tensors(model):
-        location = _entries(tensor).get("location", "")
+        entries = _entries(tensor)  # decoded once per record (10,000 on a 20,000-node graph)
+        location = entries.get("location", "")
         try:
-            location, offset, length = _record(tensor)
+            location, offset, length = _record(tensor, entries)
             real = resolved.get(location)
             if real is None:
                 real = resolved[location] = _resolve(folder, location)
@@ -157,9 +183,11 @@ def _entries(tensor: onnx.TensorProto) -> Dict[str, str]:
     return {entry.key: entry.value for entry in tensor.external_data}
 
 
-def _record(tensor: onnx.TensorProto) -> Tuple[str, int, Optional[int]]:
-    """(location, offset, length or None), each checked for form."""
-    entries = _entries(tensor)
+def _record(tensor: onnx.TensorProto, entries: Optional[Dict[str, str]] = None) -> Tuple[str, int, Optional[int]]:
+    """(location, offset, length or None), each checked for form (``entries``: the tensor's, when
+    the caller decoded them already)."""
+    if entries is None:
+        entries = _entries(tensor)
     location = entries.get("location", "")
     if not location:
         raise _Refused("has no location")
@@ -232,38 +260,17 @@ def tensor_bytes(tensor: onnx.TensorProto) -> Optional[int]:
     return (count * bits + 7) // 8
 
 
-def _graphs(model: onnx.ModelProto) -> Iterator[onnx.GraphProto]:
-    """The main graph, every subgraph, and the node lists of functions (as pseudo-graphs)."""
-    stack: list = [model.graph, *model.functions]
-    while stack:
-        graph = stack.pop()
-        yield graph
-        for node in graph.node:
-            for attr in node.attribute:
-                if attr.type == onnx.AttributeProto.GRAPH:
-                    stack.append(attr.g)
-                elif attr.type == onnx.AttributeProto.GRAPHS:
-                    stack.extend(attr.graphs)
-
-
-def _tensors(graph) -> Iterator[onnx.TensorProto]:
-    """Tensors held directly by a graph (or function): initializers, sparse parts, attribute values."""
-    for tensor in getattr(graph, "initializer", ()):
-        yield tensor
-    for sparse in getattr(graph, "sparse_initializer", ()):
+def _attribute_tensors(attr: onnx.AttributeProto) -> Iterator[onnx.TensorProto]:
+    """Tensors an attribute holds: its value, its list, the parts of its sparse tensors."""
+    if attr.HasField("t"):
+        yield attr.t
+    yield from attr.tensors
+    if attr.HasField("sparse_tensor"):
+        yield attr.sparse_tensor.values
+        yield attr.sparse_tensor.indices
+    for sparse in attr.sparse_tensors:
         yield sparse.values
         yield sparse.indices
-    for node in graph.node:
-        for attr in node.attribute:
-            if attr.HasField("t"):
-                yield attr.t
-            yield from attr.tensors
-            if attr.HasField("sparse_tensor"):
-                yield attr.sparse_tensor.values
-                yield attr.sparse_tensor.indices
-            for sparse in attr.sparse_tensors:
-                yield sparse.values
-                yield sparse.indices
 
 
 def load_external_data(model: onnx.ModelProto, model_path: "str | os.PathLike", read: bool = True) -> None:
