@@ -220,8 +220,9 @@ class FineTunePass(Pass):
         session = TrainingSession(graph, self.optimizer, self.weight_decay, threads=self.threads,
                                   providers=self.providers)
         try:
-            teacher_out = teacher_targets(self._teacher_outputs(self._model_output, out_names, output_shape), spec)
-            targets = BatchTargets(spec, self.labels, teacher_out, classes)
+            # No reference to the teacher's outputs is kept beside the targets made of them (2.1 GB
+            # each for the PP-OCRv3 recognizer's 2,000 lines).
+            targets = BatchTargets(spec, self.labels, self._teacher_targets(out_names, output_shape, spec), classes)
             arrays = self.data.arrays
 
             def feeds(idx):
@@ -235,7 +236,7 @@ class FineTunePass(Pass):
                 graph = build_training_graph(work, [n for n in graph.trainable if n not in frozen], spec, masks)
                 session = TrainingSession(graph, self.optimizer, self.weight_decay, threads=self.threads,
                                           providers=self.providers)
-            outcome = train_loop(session, self.config, feeds, self._metric(spec, teacher_out), train_idx, val_idx,
+            outcome = train_loop(session, self.config, feeds, self._metric(spec), train_idx, val_idx,
                                  fixed_batch=self.data.fixed_batch, loss_offset=targets.loss_offset)
         finally:
             session.close()
@@ -310,19 +311,28 @@ class FineTunePass(Pass):
         spec.feature_scales, spec.feature_weight = teacher.scales, self.feature_weight
         return teacher
 
-    def _teacher_outputs(self, output: str, out_names, output_shape) -> Optional[np.ndarray]:
+    def _teacher_targets(self, out_names, output_shape, spec: LossSpec) -> Optional[np.ndarray]:
+        """The teacher's outputs on every sample, as the loss reads them (``teacher_targets``), in one array:
+        each batch is written into it (not gathered then concatenated) and converted in place."""
         if self.teacher is None:
             return None
-        from graphprune.runtime import make_session, run_samples
+        from graphprune.runtime import make_session
 
+        output = self._model_output
         session = make_session(self.teacher, threads=self.threads)
         names = [o.name for o in session.get_outputs()]
         name = output if output in names else names[min(out_names.index(output), len(names) - 1)]
-        values = run_samples(session, self.data)[name]
-        if tuple(values.shape[1:]) != tuple(output_shape[1:]):
-            raise UserError(f"teacher output {name!r} has shape {list(values.shape)}, the student's "
-                            f"{output!r} has {list(output_shape)}")
-        return values
+        values, done = None, 0
+        for feed in self.data.batches(32):
+            batch = session.run([name], feed)[0]
+            if tuple(batch.shape[1:]) != tuple(output_shape[1:]):
+                raise UserError(f"teacher output {name!r} has shape {list(batch.shape)}, the student's "
+                                f"{output!r} has {list(output_shape)}")
+            if values is None:
+                values = np.empty((len(self.data), *batch.shape[1:]), batch.dtype)
+            values[done:done + len(batch)] = batch
+            done += len(batch)
+        return teacher_targets(values, spec, out=values if values.dtype == np.float32 else None)
 
     def _split(self):
         """Seeded shuffle of the sample indices into (train, validation)."""
@@ -336,7 +346,7 @@ class FineTunePass(Pass):
             raise UserError(f"validation split {self.val_split} leaves no training samples out of {n}")
         return np.sort(order[held:]), np.sort(order[:held])
 
-    def _metric(self, spec: LossSpec, teacher_out: Optional[np.ndarray]):
+    def _metric(self, spec: LossSpec):
         """Correct-sample counter: label accuracy with class labels, else none, so that the best epoch
         is the one with the lowest validation loss.  (Top-1 agreement with the teacher cannot tell a
         collapsed model: an all-blank CTC recognizer agrees with its teacher on 80% of positions.)"""

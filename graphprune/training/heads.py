@@ -7,7 +7,7 @@ from typing import Optional
 import numpy as np
 import onnx
 
-from graphprune.training.losses import LossSpec
+from graphprune.training.losses import LossSpec, sample_chunks
 
 __all__ = ["probability_head", "teacher_targets", "top1_counter"]
 
@@ -32,17 +32,18 @@ def probability_head(model: onnx.ModelProto, output: str, rank: int):
     return output, None
 
 
-def teacher_targets(values: Optional[np.ndarray], spec: LossSpec) -> Optional[np.ndarray]:
+def teacher_targets(values: Optional[np.ndarray], spec: LossSpec, out: Optional[np.ndarray] = None) -> Optional[np.ndarray]:
     """The teacher's probabilities in the form the loss reads: log-probabilities for a softmax head
-    (logits up to a constant, which softmax ignores), logits for a sigmoid head distilled with MSE."""
-    if values is None or spec.head is None:
+    (logits up to a constant, which softmax ignores), logits for a sigmoid head distilled with MSE.
+    Computed a chunk of samples at a time (float64 copies of all outputs would be 2x their size each);
+    ``out``: the float32 array to write into, which may be ``values`` itself (no second copy)."""
+    if values is None or spec.head is None or (spec.head == "sigmoid" and spec.distill_loss != "mse"):
         return values
-    p = np.clip(values.astype(np.float64), 1e-12, 1 - 1e-12)
-    if spec.head == "softmax":
-        return np.log(p).astype(np.float32)
-    if spec.distill_loss == "mse":
-        return (np.log(p) - np.log1p(-p)).astype(np.float32)
-    return values
+    out = np.empty(values.shape, np.float32) if out is None else out
+    for part in sample_chunks(values):
+        p = np.clip(values[part].astype(np.float64), 1e-12, 1 - 1e-12)
+        out[part] = np.log(p) if spec.head == "softmax" else np.log(p) - np.log1p(-p)
+    return out
 
 
 def top1_counter(reference: np.ndarray):
