@@ -68,3 +68,14 @@ def test_teacher_targets_in_place_equal_the_copy(small_chunks, head, distill):
     assert result is values  # written over the outputs: no second copy of them
     np.testing.assert_array_equal(values, expected)
     assert peak < 0.3 * values.nbytes
+
+
+def test_kl_targets_overwrite_their_input(small_chunks):
+    spec = LossSpec("out", None, "kl", 1.0, 2.0, head="softmax")
+    log_p = teacher_targets(_probabilities((120, 10, 300), seed=3), spec)
+    expected = BatchTargets(spec, None, log_p.copy(), 300)
+    targets, peak = _peak(lambda: BatchTargets(spec, None, log_p, 300, overwrite=True))
+    assert targets.teacher is log_p  # the pass's only copy of the teacher's outputs
+    np.testing.assert_array_equal(targets.teacher, expected.teacher)
+    np.testing.assert_array_equal(targets.teacher_plogp, expected.teacher_plogp)
+    assert peak < 0.3 * log_p.nbytes

@@ -222,7 +222,8 @@ class FineTunePass(Pass):
         try:
             # No reference to the teacher's outputs is kept beside the targets made of them (2.1 GB
             # each for the PP-OCRv3 recognizer's 2,000 lines).
-            targets = BatchTargets(spec, self.labels, self._teacher_targets(out_names, output_shape, spec), classes)
+            targets = BatchTargets(spec, self.labels, self._teacher_targets(out_names, output_shape, spec), classes,
+                                   overwrite=True)
             arrays = self.data.arrays
 
             def feeds(idx):

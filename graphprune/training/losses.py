@@ -270,10 +270,12 @@ class BatchTargets:
     """Builds the target feeds of a batch (one-hot labels, softened teacher outputs) from sample indices.
 
     Teacher probabilities are computed once for all samples; the constant part of the KL
-    (sum p log p) is kept per sample so the reported distillation loss is the true KL (>= 0).
+    (sum p log p) is kept per sample so the reported distillation loss is the true KL (>= 0).  With
+    ``overwrite`` the KL probabilities are written over a float32 ``teacher`` (no second copy).
     """
 
-    def __init__(self, spec: LossSpec, labels: Optional[np.ndarray], teacher: Optional[np.ndarray], classes: int):
+    def __init__(self, spec: LossSpec, labels: Optional[np.ndarray], teacher: Optional[np.ndarray], classes: int,
+                 overwrite: bool = False):
         self.spec = spec
         self.labels = labels
         self.classes = classes
@@ -282,7 +284,9 @@ class BatchTargets:
         if spec.distill_loss == "kl":
             # Chunk by chunk of samples: the float64 temporaries of the whole set at once were ~10x the
             # teacher's outputs (the PP-OCRv3 recognizer's [2000, 40, 6625]: 21 GB of RSS).
-            self.teacher = np.empty(teacher.shape, np.float32)
+            # overwrite: the probabilities replace a float32 ``teacher`` the caller no longer needs
+            in_place = overwrite and teacher.dtype == np.float32
+            self.teacher = teacher if in_place else np.empty(teacher.shape, np.float32)
             self.teacher_plogp = np.empty(len(teacher), np.float64)
             for part in sample_chunks(teacher):
                 z = teacher[part].astype(np.float64) / spec.temperature
