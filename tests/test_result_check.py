@@ -122,19 +122,24 @@ class _nothing:
         return False
 
 
-def test_a_thread_reuses_the_memory_the_main_thread_freed():
+@pytest.mark.parametrize("shared", [True, False])
+def test_a_thread_reuses_the_memory_the_main_thread_freed(shared):
     """``runtime.share_malloc_arena``: after it, a thread's allocations come from the main heap,
-    where 64 MB just freed are waiting (glibc gives each thread a fresh arena otherwise)."""
+    where 64 MB just freed are waiting (glibc gives each thread a fresh arena otherwise: the
+    negative control, where the thread's 64 MB are new memory)."""
     import subprocess
     import sys
 
     script = (
-        "import threading, numpy as np\n"
+        "import sys, threading, numpy as np\n"
         "from graphprune.runtime import share_malloc_arena\n"
-        "assert share_malloc_arena()\n"
+        "assert sys.argv[1] == '0' or share_malloc_arena()\n"
         "def rss():\n"
         "    return next(int(l.split()[1]) * 1024 for l in open('/proc/self/status') if l.startswith('VmRSS'))\n"
         "kept = [np.ones(2048, np.float32) for _ in range(8192)]\n"
+        # Held above the freed arrays: free() returns the top of the heap to the system at once,
+        # and whether the freed block ends at the top depends on what was allocated before.
+        "pin = np.ones(2048, np.float32)\n"
         "del kept\n"
         "before = rss()\n"
         "out = []\n"
@@ -144,5 +149,10 @@ def test_a_thread_reuses_the_memory_the_main_thread_freed():
     )
     if not sys.platform.startswith("linux"):
         pytest.skip("glibc's malloc arenas")
-    grown = int(subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout)
-    assert grown < 16 * 2**20  # the thread's 64 MB of arrays came from the freed memory
+    run = subprocess.run([sys.executable, "-c", script, "1" if shared else "0"], capture_output=True, text=True,
+                         check=True)
+    grown = int(run.stdout)
+    if shared:
+        assert grown < 16 * 2**20  # the thread's 64 MB of arrays came from the freed memory
+    else:
+        assert grown > 48 * 2**20
