@@ -111,7 +111,7 @@ def check_model(model: onnx.ModelProto, full: bool = False,
 
     Args:
         on_written: within ``sharing_inference``, called with that copy and its file before the
-            checker reads it (``validation.result_check`` starts the session check there).
+            checker reads it (``result_check.result_check`` starts the session check there).
     """
     from graphprune import ir
     from graphprune.shapes import sharing_active
@@ -205,7 +205,7 @@ def save(
         source_dir: the folder ``model`` was loaded from, when it was loaded without its external
             data (those tensors are copied from there); default ``input_path``'s folder.
         before_commit: called once everything is written, before step 2; what it raises leaves the
-            old pair untouched and nothing new behind (``validation.result_check``'s verdict).
+            old pair untouched and nothing new behind (``result_check.result_check``'s verdict).
 
     Returns the path written.
     """

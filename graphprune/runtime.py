@@ -47,7 +47,7 @@ def share_malloc_arena() -> bool:
     """Make the threads started from now on allocate from the main thread's malloc arena.
 
     glibc gives each thread an arena of its own, so memory the main thread freed (the weights a
-    pass read) cannot serve a thread: a session built on one (``validation.result_check``) took
+    pass read) cannot serve a thread: a session built on one (``result_check.result_check``) took
     fresh memory beside the freed, 0.1 GB more peak memory and the page faults of a 20,000-node
     graph's runtime structures.  Returns whether the setting took (glibc only; a no-op elsewhere).
     """

@@ -28,8 +28,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import math
-import threading
-from typing import Callable, Iterator, Optional
+from typing import Iterator, Optional
 
 import numpy as np
 import onnx
@@ -37,7 +36,7 @@ from onnx import helper
 
 from graphprune.errors import UserError
 
-__all__ = ["validate_model", "check_finite", "check_session", "check_result", "result_check", "door", "door_policy",
+__all__ = ["validate_model", "check_finite", "check_session", "check_result", "check_attributes", "door", "door_policy",
            "deferred_session_check"]
 
 # What the CLI asks of every model it loads: None (no door checks) or {"need_session": bool}.
@@ -124,7 +123,7 @@ def validate_model(model: onnx.ModelProto, need_session: bool, defer_session: bo
     _check_opset(model)
     _check_declared_dims(model.graph)
     _check_initializers(model.graph)
-    _check_attributes(model.graph)
+    check_attributes(model.graph)
     check_model(model, full=True)
     check_finite(model)
     deferred = _DEFERRED.get()
@@ -146,60 +145,6 @@ def check_result(model: onnx.ModelProto) -> None:
     except UserError:
         check_deferred()  # an input the runtime refuses is the user's problem, named as the door names it
         raise
-
-
-@contextlib.contextmanager
-def result_check(model: onnx.ModelProto) -> Iterator[Callable[[], None]]:
-    """What a result must pass before it is written, with the runtime's session built on a thread.
-
-    On entry: the attributes that crash kernels and the full checker (failing is our bug:
-    ``PassContractError``), then finite weights.  The runtime builds the session outside the GIL
-    (a second on 20,000 nodes) from the full check's weightless file once written, while the checker
-    and the caller's block (its summary, the file written to its temporary place) run.  Yields
-    ``verdict``: it waits for the session and raises what ``check_result`` would; call it before the
-    write is committed (``model_io.save(before_commit=verdict)``); leaving the block calls it.
-    """
-    from graphprune.model_io import check_model
-    from graphprune.passes.base import PassContractError
-
-    outcome: dict = {}
-    threads: list = []
-
-    def build(light: Optional[onnx.ModelProto], path: Optional[str]) -> None:
-        try:
-            check_session(model, light, path)
-        except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread by verdict()
-            outcome["error"] = exc
-
-    def start(light: Optional[onnx.ModelProto] = None, path: Optional[str] = None) -> None:
-        thread = threading.Thread(target=contextvars.copy_context().run, args=(build, light, path), daemon=True,
-                                  name="graphprune-session-check")
-        thread.start()
-        threads.append(thread)
-
-    def verdict() -> None:
-        for thread in threads:
-            thread.join()
-        error = outcome.pop("error", None)
-        if isinstance(error, UserError):
-            check_deferred()  # an input the runtime refuses is the user's problem (see check_result)
-        if error is not None:
-            raise error
-
-    try:
-        try:
-            _check_attributes(model.graph)  # before anything parses the graph: some crash the inference
-            check_model(model, full=True, on_written=start)
-        except UserError as exc:
-            raise PassContractError(f"refusing to write an invalid result: {exc}") from None
-        if not threads:
-            start()
-        check_finite(model, what="result")
-        yield verdict
-        verdict()
-    finally:
-        for thread in threads:
-            thread.join()
 
 
 def _check_opset(model: onnx.ModelProto) -> None:
@@ -260,7 +205,7 @@ def _ints(node: onnx.NodeProto, name: str) -> Optional[list]:
     return None
 
 
-def _check_attributes(graph: onnx.GraphProto) -> None:
+def check_attributes(graph: onnx.GraphProto) -> None:
     shapes = {init.name: list(init.dims) for init in graph.initializer}
     declared = {}
     for vi in list(graph.input) + list(graph.value_info):

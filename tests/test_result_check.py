@@ -1,4 +1,4 @@
-"""``validation.result_check``: a result is checked (attributes, full checker, finite weights, an ORT
+"""``result_check.result_check``: a result is checked (attributes, full checker, finite weights, an ORT
 session built on a thread) before ``model_io.save`` commits it; the full check within
 ``shapes.sharing_inference`` serializes one weightless copy that the session check reuses."""
 
@@ -17,7 +17,7 @@ from graphprune.model_io import check_model, save
 from graphprune.passes.base import PassContractError
 from graphprune.testing import fuzz
 from graphprune.testing.fuzz import defects
-from graphprune.validation import result_check
+from graphprune.result_check import result_check
 
 
 def _erf_branch(parts):

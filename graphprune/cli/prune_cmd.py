@@ -217,7 +217,7 @@ def _load_leaving_weights(path: str):
 def _write_checked(args, model, source_dir: Optional[str], describe: Callable[[], str]) -> str:
     """Check and write the result as ``write_model`` does, and return ``describe()`` (the summary).
 
-    ``validation.result_check`` runs the same checks (the full checker: exit 1 on failure; finite
+    ``result_check.result_check`` runs the same checks (the full checker: exit 1 on failure; finite
     weights and an ORT session: exit 2); while the runtime builds its session on another thread
     (a second on 20,000 nodes), the checker runs, the summary is computed and the file written
     to its temporary place; it replaces ``-o`` only after the session's verdict.  A result whose untouched weights are still records in the input's data
@@ -228,7 +228,7 @@ def _write_checked(args, model, source_dir: Optional[str], describe: Callable[[]
     from graphprune import ir
     from graphprune.external_data import load_external_data
     from graphprune.model_io import EXTERNAL_DATA_THRESHOLD, _inline_bytes, save
-    from graphprune.validation import result_check
+    from graphprune.result_check import result_check
 
     options = {}
     if source_dir is not None and _inline_bytes(model) >= EXTERNAL_DATA_THRESHOLD:
