@@ -170,22 +170,20 @@ def write_report(args, data) -> None:
 
 
 def write_model(args, model: onnx.ModelProto, **save_options) -> str:
-    """Check then atomically write the result: every model the CLI writes passes the full checker.
+    """Check then atomically write the result: every model the CLI writes passes the full checker,
+    holds finite weights and loads in onnxruntime.
 
-    A result that fails the checker is our bug (a pass broke the graph), not bad input: exit 1.
+    The checks are ``result_check.result_check``'s, as ``prune`` runs them: a result that fails the
+    checker is our bug (a pass broke the graph), not bad input: exit 1; non-finite weights and a
+    session the runtime refuses are exit 2.  The session is built on a thread while the checker
+    runs and the file is written to its temporary place; ``-o`` is replaced only after its verdict.
     ``save_options`` go to ``model_io.save`` (``external_data``, ``source_dir``).
     """
-    from graphprune.model_io import check_model
-    from graphprune.passes.base import PassContractError
+    from graphprune.result_check import result_check
 
-    try:
-        check_model(model, full=True)
-    except UserError as exc:
-        raise PassContractError(f"refusing to write an invalid result: {exc}") from None
-    from graphprune.validation import check_result
-
-    check_result(model)  # NaN/Inf weights and what onnxruntime cannot load: refused, nothing written
-    return save(model, args.output, input_path=args.model, overwrite_input=args.overwrite_input, **save_options)
+    with result_check(model) as verdict:
+        return save(model, args.output, input_path=args.model, overwrite_input=args.overwrite_input,
+                    before_commit=verdict, **save_options)
 
 
 def parse_number(text: str, what: str, low: float, high: float, high_inclusive: bool = False) -> float:
