@@ -54,6 +54,29 @@ def test_streamed_selection_matches_the_stable_sort(sizes, dtype, levels, fracti
     assert _streamed(weights, count, owned=owned) == _reference(weights, count)
 
 
+@settings(max_examples=40, deadline=None)
+@given(
+    sizes=st.lists(st.integers(0, 60), min_size=1, max_size=8),
+    small=st.sampled_from([1, 20, 2**16]),
+    gather=st.sampled_from([1, 70, 2**20]),
+    keep_limit=st.sampled_from([0, 2**24]),
+    fraction=st.floats(0, 1),
+    seed=st.integers(0, 2**16),
+)
+def test_weights_keyed_together_or_alone_select_alike(sizes, small, gather, keep_limit, fraction, seed):
+    """Small weights are gathered and keyed as one (``_SMALL``/``_GATHER``), large ones alone, empty
+    ones too: every mix gives the stable sort's counts, also when the last pass keeps nothing."""
+    rng = np.random.default_rng(seed)
+    weights = [(np.round(rng.standard_normal(n) * 4) / 4).astype(rng.choice([np.float16, np.float32])) for n in sizes]
+    count = int(round(fraction * sum(sizes)))
+    saved = selection._SMALL, selection._GATHER, selection._KEEP_LIMIT
+    selection._SMALL, selection._GATHER, selection._KEEP_LIMIT = small, gather, keep_limit
+    try:
+        assert _streamed(weights, count) == _streamed(weights, count, owned=True) == _reference(weights, count)
+    finally:
+        selection._SMALL, selection._GATHER, selection._KEEP_LIMIT = saved
+
+
 def test_ties_negative_zero_inf_and_nan_order_as_the_stable_sort():
     a = np.array([0.0, -0.0, np.inf, np.nan, 1.0, -1.0], dtype=np.float32)
     b = np.array([np.nan, -np.inf, 0.0, 1.0, -np.nan], dtype=np.float32)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import os
+import math
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
@@ -21,6 +21,7 @@ from graphprune.sparsity.selection import LazyWeights
 from graphprune.sparsity.report import overall_sparsity, sparsity_row
 from graphprune.sparsity.storage import MIN_OPSET, compact_initializers
 from graphprune.sparsity.targets import SkippedWeight, WeightTarget, find_weights, parse_op_types
+from graphprune.weights_on_disk import read_tensor
 
 __all__ = ["SparsifyWeightsPass", "sparsify_weights"]
 
@@ -226,20 +227,12 @@ class SparsifyWeightsPass(Pass):
 
     def _read(self, tensor: onnx.TensorProto) -> np.ndarray:
         """A weight's value, from memory or (one tensor's bytes) from its external data file; the
-        array is the caller's own (writable)."""
-        if tensor.data_location != onnx.TensorProto.EXTERNAL:
-            value = numpy_helper.to_array(tensor)
-            return value if value.flags.writeable else value.copy()  # raw_data arrays view read-only bytes
-        if self.source_dir is None:
+        array is the caller's own (writable).  Within ``weights_on_disk.files_kept_open`` (the
+        command line) the data file stays open across the reads (two or three a weight)."""
+        if tensor.data_location == onnx.TensorProto.EXTERNAL and self.source_dir is None:
             raise ValueError(f"weight {tensor.name!r} has its data on disk; the pass needs source_dir")
-        entries = {e.key: e.value for e in tensor.external_data}
-        path = os.path.join(self.source_dir, entries["location"])
-        count = int(np.prod(tensor.dims, dtype=np.int64))
-        value = np.fromfile(path, dtype=onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type), count=count,
-                            offset=int(entries.get("offset") or 0))
-        if value.size != count:
-            raise UserError(f"{path}: external data of {tensor.name!r} ends early (truncated?)")
-        return value.reshape(tuple(tensor.dims))
+        value = read_tensor(tensor, self.source_dir)
+        return value if value.flags.writeable else value.copy()  # raw_data arrays view read-only bytes
 
     def _drop_unfitting(self, targets: List[WeightTarget], skipped: List[SkippedWeight]) -> List[WeightTarget]:
         """Layers the N:M groups do not fit are reported and left dense."""
@@ -262,11 +255,11 @@ class SparsifyWeightsPass(Pass):
         if self.pattern is None and self.sparsity > 0 and targets:
             if self.scope == "global":
                 # Weights read one at a time (and again per pass of the ranking), never all held.
-                lazy = LazyWeights([int(np.prod(t.shape, dtype=np.int64)) for t in targets],
+                lazy = LazyWeights([math.prod(t.shape) for t in targets],
                                    [np.dtype(d) for d in dtypes], lambda i: load(targets[i].name), owned=True)
                 counts = masks_mod.global_prune_counts(lazy, self.sparsity, self.max_layer_sparsity)
             else:
-                counts = [int(round(self.sparsity * int(np.prod(t.shape)))) for t in targets]
+                counts = [int(round(self.sparsity * math.prod(t.shape))) for t in targets]
         with progress_bar(total=len(targets), desc="sparsify", enabled=self.progress, unit="layer") as bar:
             for i, target in enumerate(targets):
                 w = load(target.name)

@@ -30,6 +30,8 @@ IN_MEMORY_LIMIT = 2**24
 _DIGIT_BITS = 16
 _KEEP_LIMIT = 2**24  # digits kept by the last pass (32 MB) before it falls back to a counting pass
 _BUFFER = 2**22  # digits of small weights are histogrammed together: one bincount per 4M, not per weight
+_SMALL = 2**16  # weights below this many items are keyed together, up to _GATHER items at once
+_GATHER = 2**20
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,35 +143,94 @@ def _digit_histogram(weights: LazyWeights, layers: Sequence[int], dtype: np.dtyp
     With ``kept`` (a list, at levels > 0) each layer's (count of keys whose higher bits are below
     ``prefix``, its digits) is appended, up to ``_KEEP_LIMIT`` digits in all; past it the list is
     emptied and left short of the layers.
+
+    Small weights (below ``_SMALL`` items) are gathered into one buffer and their digits found
+    together: a few numpy calls per weight cost more than its arithmetic (a 20,000-node graph's
+    10,000 weights of 2,048: half of the ranking's time).
     """
     hist = np.zeros(2**_DIGIT_BITS, dtype=np.int64)
-    pending: List[np.ndarray] = []
-    buffered, keeping, kept_size = 0, kept is not None, 0
-    udtype = _unsigned(dtype)
+    state = {"pending": [], "buffered": 0, "keeping": kept is not None, "kept_size": 0}
+
+    def add(digit_groups: List[Tuple[int, np.ndarray]]) -> None:
+        nonlocal hist
+        for under, digits in digit_groups:
+            if state["keeping"]:
+                kept.append((under, digits))
+                state["kept_size"] += digits.size
+                if state["kept_size"] > _KEEP_LIMIT:
+                    kept.clear()
+                    state["keeping"] = False
+            state["pending"].append(digits)
+            state["buffered"] += digits.size
+        if state["buffered"] >= _BUFFER:
+            hist += _bincount(state["pending"])
+            state["pending"], state["buffered"] = [], 0
+
+    batch: List[np.ndarray] = []  # small weights waiting, at most _GATHER items in all
+    batched = 0
     for i in layers:
-        keys = _keys(weights.load(i), dtype, weights.owned)
-        if level:
-            high = keys >> udtype.type(shift + _DIGIT_BITS)
-            under = int(np.count_nonzero(high < udtype.type(prefix))) if keeping else 0
-            keys = keys[high == udtype.type(prefix)]
-            del high
-        np.right_shift(keys, udtype.type(shift), out=keys)  # keys are ours: no second array
-        digits = keys.astype(np.uint16)  # the cast drops the higher bits
-        del keys
-        if keeping:
-            kept.append((under, digits))
-            kept_size += digits.size
-            if kept_size > _KEEP_LIMIT:
-                kept.clear()
-                keeping = False
-        pending.append(digits)
-        buffered += digits.size
-        if buffered >= _BUFFER:
-            hist += _bincount(pending)
-            pending, buffered = [], 0
-    if pending:
-        hist += _bincount(pending)
+        size = int(weights.sizes[i])
+        if size >= _SMALL:
+            if batch:
+                add(_digits(batch, dtype, prefix, level, shift, state["keeping"]))
+                batch, batched = [], 0
+            add(_digits([weights.load(i)], dtype, prefix, level, shift, state["keeping"], weights.owned))
+            continue
+        if batch and batched + size > _GATHER:
+            add(_digits(batch, dtype, prefix, level, shift, state["keeping"]))
+            batch, batched = [], 0
+        batch.append(weights.load(i))
+        batched += size
+    if batch:
+        add(_digits(batch, dtype, prefix, level, shift, state["keeping"]))
+    if state["pending"]:
+        hist += _bincount(state["pending"])
     return hist
+
+
+def _digits(arrays: List[np.ndarray], dtype: np.dtype, prefix: int, level: int, shift: int, counting: bool,
+            owned: bool = False) -> List[Tuple[int, np.ndarray]]:
+    """For each array: (its count of keys whose bits above this digit are below ``prefix`` when
+    ``counting`` at levels > 0, else 0; its digits at ``shift`` among the keys with bits ``prefix``
+    above).  Several arrays are keyed as one (their magnitudes gathered into one buffer)."""
+    udtype = _unsigned(dtype)
+    if len(arrays) == 1:
+        keys = _keys(arrays[0], dtype, owned)
+    else:
+        magnitudes = np.empty(sum(int(a.size) for a in arrays), dtype=dtype)
+        at = 0
+        for a in arrays:
+            np.abs(np.asarray(a).reshape(-1), out=magnitudes[at:at + a.size])  # casts (float16 up) as _keys does
+            at += a.size
+        keys = _keys(magnitudes, dtype, owned=True)
+    sizes = [int(a.size) for a in arrays]
+    unders = [0] * len(arrays)
+    if level:
+        high = keys >> udtype.type(shift + _DIGIT_BITS)
+        if counting:
+            unders = _per_array(high < udtype.type(prefix), sizes)
+        selected = high == udtype.type(prefix)
+        del high
+        sizes = _per_array(selected, sizes)  # each array's share of the selected keys, in order
+        keys = keys[selected]
+        del selected
+    np.right_shift(keys, udtype.type(shift), out=keys)  # keys are ours: no second array
+    digits = keys.astype(np.uint16)  # the cast drops the higher bits
+    del keys
+    if len(arrays) == 1:
+        return [(unders[0], digits)]
+    ends = np.cumsum(sizes)
+    return [(under, digits[end - size:end]) for under, size, end in zip(unders, sizes, ends.tolist())]
+
+
+def _per_array(flags: np.ndarray, sizes: List[int]) -> List[int]:
+    """How many of ``flags`` are set within each consecutive run of ``sizes`` items (a count per
+    run: faster than a cumulative sum or ``reduceat`` over the whole batch)."""
+    counts, at = [], 0
+    for size in sizes:
+        counts.append(int(np.count_nonzero(flags[at:at + size])))
+        at += size
+    return counts
 
 
 def _bincount(digits: List[np.ndarray]) -> np.ndarray:
