@@ -7,7 +7,7 @@ import os
 import statistics
 import tempfile
 import time
-from typing import Dict, Iterator, List, Optional, Sequence
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import onnx
@@ -23,6 +23,7 @@ __all__ = [
     "session_options",
     "run",
     "run_samples",
+    "iter_outputs",
     "measure_latency",
     "interleaved_latencies",
     "DEFAULT_THREADS",
@@ -151,17 +152,68 @@ def run(session, feeds: Dict[str, np.ndarray], output_names: Optional[Sequence[s
     return dict(zip(names, values))
 
 
-def run_samples(session, samples, batch_size: int = 32, progress: bool = False) -> Dict[str, np.ndarray]:
-    """Run every sample of a ``graphprune.data.InputSet`` (in batches its shapes allow); outputs stacked on axis 0."""
+def iter_outputs(session, samples, batch_size: int = 32, progress: bool = False
+                 ) -> Iterator[Tuple[int, Dict[str, np.ndarray]]]:
+    """Run every sample of a ``graphprune.data.InputSet`` batch by batch, yielding (samples in the
+    batch, its outputs by name): callers that only reduce over samples (agreement, accuracy,
+    statistics) hold one batch of outputs, never all of them."""
     from graphprune.progress import progress_bar
 
-    chunks: Dict[str, List[np.ndarray]] = {}
     with progress_bar(total=len(samples), desc="inference", enabled=progress, unit="sample") as bar:
         for feed in samples.batches(batch_size):
-            for name, value in run(session, feed).items():
-                chunks.setdefault(name, []).append(value)
-            bar.update(len(next(iter(feed.values()))))
-    return {name: np.concatenate(parts, axis=0) for name, parts in chunks.items()}
+            batched = [v for v in feed.values() if v.ndim]
+            count = len(batched[0]) if batched else 1  # only scalar inputs: one sample
+            yield count, run(session, feed)
+            bar.update(count)
+
+
+def run_samples(session, samples, batch_size: int = 32, progress: bool = False) -> Dict[str, np.ndarray]:
+    """Run every sample of a ``graphprune.data.InputSet`` (in batches its shapes allow); outputs stacked on axis 0.
+
+    Each batch's outputs are written into arrays allocated at the first batch (sized for every
+    sample), so the outputs are held once: collecting the batches and concatenating them held
+    them twice (GBs for a text recognizer's per-step scores).  An output whose first axis does
+    not follow the batch's samples is collected and concatenated as before.
+    """
+    stacks: Dict[str, _Stack] = {}
+    for count, outputs in iter_outputs(session, samples, batch_size, progress):
+        for name, value in outputs.items():
+            if name not in stacks:
+                stacks[name] = _Stack(value, count, len(samples))
+            else:
+                stacks[name].add(value, count)
+    return {name: stack.result() for name, stack in stacks.items()}
+
+
+class _Stack:
+    """One output's batches stacked on axis 0: written into one array allocated at the first batch
+    when every batch's first axis is ``rows`` per sample (the same result as ``np.concatenate``)."""
+
+    def __init__(self, first: np.ndarray, count: int, total: int):
+        self.filled, self.parts, self.whole = 0, None, None
+        rows, exact = divmod(first.shape[0], count) if first.ndim and count else (0, 1)
+        if count >= total or exact or not rows:  # one batch (kept as it is), or no per-sample rows
+            self.parts = [first]
+            return
+        self.rows = rows
+        self.whole = np.empty((rows * total,) + first.shape[1:], dtype=first.dtype)
+        self.add(first, count)
+
+    def add(self, value: np.ndarray, count: int) -> None:
+        if self.whole is not None:
+            end = self.filled + self.rows * count
+            fits = value.dtype == self.whole.dtype and value.shape == (self.rows * count,) + self.whole.shape[1:]
+            if fits and end <= len(self.whole):
+                self.whole[self.filled:end] = value
+                self.filled = end
+                return
+            self.parts, self.whole = [self.whole[:self.filled]], None  # not per sample after all
+        self.parts.append(value)
+
+    def result(self) -> np.ndarray:
+        if self.whole is not None:
+            return self.whole if self.filled == len(self.whole) else self.whole[:self.filled]
+        return self.parts[0] if len(self.parts) == 1 else np.concatenate(self.parts, axis=0)
 
 
 def measure_latency(session, feed: Dict[str, np.ndarray], warmup: int = 3, runs: int = 20) -> float:

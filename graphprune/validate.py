@@ -12,7 +12,7 @@ import onnx
 from graphprune.data import InputSet, random_inputs
 from graphprune.errors import UserError
 from graphprune.metrics import ModelStats, model_stats
-from graphprune.runtime import DEFAULT_THREADS, make_session, measure_latency, run_samples
+from graphprune.runtime import DEFAULT_THREADS, iter_outputs, make_session, measure_latency
 
 __all__ = ["OutputComparison", "ValidationReport", "validate", "compare_outputs", "accuracy"]
 
@@ -96,6 +96,81 @@ def compare_outputs(name: str, reference: np.ndarray, candidate: np.ndarray) -> 
     )
 
 
+class _Agreement:
+    """``compare_outputs`` summed batch by batch: one batch of each model's outputs is held, never all
+    of them.  The sums of squares and products give the norms (the whole arrays' numbers up to
+    float64 rounding); the maximum and the top-1 agreement are exact."""
+
+    def __init__(self, name: str, first: np.ndarray):
+        self.name, self.rest, self.rows = name, first.shape[1:], [0, 0]
+        self.top1 = first.ndim == 2 and first.shape[1] > 1 and np.issubdtype(first.dtype, np.floating)
+        self.sums = np.zeros(4)  # |r|^2, |c|^2, |c - r|^2, r.c
+        self.max_abs, self.agree, self.matched, self.scalar = 0.0, 0, True, first.ndim == 0
+
+    def add(self, reference: np.ndarray, candidate: np.ndarray) -> None:
+        self.rows[0] += reference.shape[0] if reference.ndim else 1
+        self.rows[1] += candidate.shape[0] if candidate.ndim else 1
+        self.matched = self.matched and reference.shape == candidate.shape
+        if not self.matched:
+            return  # reported with the whole shapes once every batch has run
+        r = reference.astype(np.float64).ravel()  # copies (astype): ours to overwrite
+        c = candidate.astype(np.float64).ravel()
+        products = (r @ r, c @ c, r @ c)
+        diff = np.subtract(c, r, out=c)
+        self.sums += (products[0], products[1], diff @ diff, products[2])
+        if diff.size:
+            self.max_abs = max(self.max_abs, float(np.max(np.abs(diff, out=diff))))
+        if self.top1:
+            self.agree += int(np.count_nonzero(reference.argmax(axis=1) == candidate.argmax(axis=1)))
+
+    def result(self) -> OutputComparison:
+        shapes = [[] if self.scalar else [rows, *self.rest] for rows in self.rows]
+        if not self.matched:
+            raise UserError(f"output {self.name!r}: candidate shape {shapes[1]} differs from original {shapes[0]}")
+        norm_r, norm_c, norm_d = (float(np.sqrt(v)) for v in self.sums[:3])
+        return OutputComparison(
+            name=self.name,
+            shape=shapes[0],
+            max_abs_diff=self.max_abs,
+            rel_l2=norm_d / norm_r if norm_r > 0 else norm_d,
+            cosine=float(self.sums[3] / (norm_r * norm_c)) if norm_r > 0 and norm_c > 0 else float(norm_r == norm_c),
+            top1_agreement=self.agree / self.rows[0] if self.top1 and self.rows[0] else None,
+        )
+
+
+def _compare_streamed(sess_a, sess_b, data: InputSet, labels: Optional[np.ndarray], progress: bool):
+    """(comparisons, accuracy of a, accuracy of b): both models run on the same batches, each batch
+    compared and dropped (``runtime.iter_outputs``), never all outputs held."""
+    agreements: dict = {}
+    pairs: dict = {}
+    correct, start, row = [0, 0], 0, None
+    batches = zip(iter_outputs(sess_a, data, progress=progress), iter_outputs(sess_b, data))
+    for (count, out_a), (_, out_b) in batches:
+        if not agreements:
+            if len(out_a) != len(out_b):
+                raise UserError(f"the models have different outputs: original {list(out_a)}, candidate {list(out_b)}")
+            names_b = list(out_b)  # outputs pair by name; a renamed output pairs by position
+            pairs = {name: name if name in out_b else names_b[i] for i, name in enumerate(out_a)}
+            agreements = {name: _Agreement(name, value) for name, value in out_a.items()}
+        for name, value in out_a.items():
+            agreements[name].add(value, out_b[pairs[name]])
+        if labels is not None:  # the first output's scores, one row of ``row`` values per sample
+            first = next(iter(out_a))
+            scores = (out_a[first], out_b[pairs[first]])
+            row = row or (scores[0].size // count if scores[0].ndim else 0)
+            if not row or any(s.ndim == 0 or s.size != count * row for s in scores):
+                raise UserError(f"labels: output {first!r} does not hold one row of scores per sample "
+                                f"(shape {list(scores[0].shape)} for {count} sample(s))")
+            for side, values in enumerate(scores):
+                correct[side] += int(np.count_nonzero(
+                    np.argmax(values.reshape(count, row), axis=1) == labels.reshape(-1)[start:start + count]))
+        start += count
+    comparisons = [agreement.result() for agreement in agreements.values()]
+    if labels is None:
+        return comparisons, None, None
+    return comparisons, correct[0] / len(labels), correct[1] / len(labels)
+
+
 def validate(
     original: onnx.ModelProto,
     candidate: onnx.ModelProto,
@@ -132,20 +207,7 @@ def validate(
 
     sess_a = make_session(original, threads=threads)
     sess_b = make_session(candidate, threads=threads)
-    out_a = run_samples(sess_a, data, progress=progress)
-    out_b = run_samples(sess_b, data, progress=progress)
-    if len(out_a) != len(out_b):
-        raise UserError(f"the models have different outputs: original {list(out_a)}, candidate {list(out_b)}")
-    # outputs pair by name; a renamed output pairs by position
-    names_b = list(out_b)
-    paired = {name: out_b.get(name, out_b[names_b[i]]) for i, name in enumerate(out_a)}
-    comparisons = [compare_outputs(name, ref, paired[name]) for name, ref in out_a.items()]
-
-    acc_a = acc_b = None
-    if labels is not None:
-        first_out = next(iter(out_a))
-        acc_a = accuracy(out_a[first_out], labels)
-        acc_b = accuracy(paired[first_out], labels)
+    comparisons, acc_a, acc_b = _compare_streamed(sess_a, sess_b, data, labels, progress)
 
     lat_a = lat_b = None
     if latency:

@@ -112,3 +112,82 @@ def test_validate_refuses_models_with_other_outputs_before_comparing():
     extra.graph.output.append(onnx.helper.make_tensor_value_info("r", onnx.TensorProto.FLOAT, [1, 4, 8, 8]))
     with pytest.raises(UserError, match="different outputs"):
         validate(model, extra, latency=False)
+
+
+def _validate_pair(width=6, shift=0.3):
+    """A model and a candidate whose weight differs, from ``tests.test_runtime_samples``."""
+    from onnx import numpy_helper
+
+    from tests.test_runtime_samples import _wide_model
+
+    model, other = _wide_model(width), _wide_model(width)
+    w = numpy_helper.to_array(other.graph.initializer[0])
+    other.graph.initializer[0].CopyFrom(numpy_helper.from_array((w + shift * np.sin(np.arange(w.size)).reshape(w.shape)).astype(np.float32), "w"))
+    return model, other
+
+
+def test_validate_streams_batches_with_the_whole_arrays_numbers():
+    """Oracle: the batch-by-batch comparison (three batches, the last short) reports what
+    ``compare_outputs`` and ``accuracy`` report on the whole stacked outputs: the maximum, the top-1
+    agreement and the accuracy exactly, the norms to float64 rounding."""
+    from graphprune.data import InputSet
+    from graphprune.runtime import make_session, run_samples
+    from graphprune.validate import accuracy
+
+    model, other = _validate_pair()
+    rng = np.random.default_rng(0)
+    data = InputSet({"x": rng.standard_normal((70, 4)).astype(np.float32)})
+    labels = rng.integers(0, 6, 70)
+    report = validate(model, other, data=data, labels=labels, latency=False)
+    a, b = run_samples(make_session(model), data), run_samples(make_session(other), data)
+    assert [o.name for o in report.outputs] == ["y", "c"]
+    for got in report.outputs:
+        want = compare_outputs(got.name, a[got.name], b[got.name])
+        assert got.shape == want.shape and got.max_abs_diff == want.max_abs_diff
+        assert got.top1_agreement == want.top1_agreement
+        assert got.rel_l2 == pytest.approx(want.rel_l2, rel=1e-12, abs=1e-15)
+        assert got.cosine == pytest.approx(want.cosine, rel=1e-12)
+    assert report.outputs[0].rel_l2 > 0.01 and report.outputs[0].top1_agreement < 1
+    assert report.accuracy_before == accuracy(a["y"], labels) and report.accuracy_after == accuracy(b["y"], labels)
+    constant_first = _validate_pair()[0]
+    constant_first.graph.output.insert(0, constant_first.graph.output.pop(1))  # scores that do not follow the samples
+    with pytest.raises(UserError, match="does not hold one row of scores per sample"):
+        validate(constant_first, constant_first, data=data, labels=labels, latency=False)
+
+
+def test_validate_holds_one_batch_of_outputs(monkeypatch):
+    """Memory: the numpy peak of ``validate`` on 64 batches stays near one batch of each model's
+    outputs and its float64 copies; stacking both outputs and comparing the whole arrays (the
+    negative control) needed both outputs and float64 copies of the whole."""
+    import importlib
+    import tracemalloc
+
+    from graphprune.data import InputSet
+    from graphprune.runtime import make_session, run_samples
+    from tests.test_runtime_samples import _TracedSession
+
+    width, samples, batch = 512, 2048, 32
+    model, other = _validate_pair(width)
+    data = InputSet({"x": np.ones((samples, 4), np.float32)})
+    validate_module = importlib.import_module("graphprune.validate")  # the package's ``validate`` is the function
+    traced = lambda m, **kw: _TracedSession(make_session(m, **kw))  # noqa: E731
+    monkeypatch.setattr(validate_module, "make_session", traced)
+    total, one_batch = samples * width * 4, batch * width * 4
+    validate(model, other, data=data.subset([0]), latency=False)  # first-call imports, not measured
+    peaks = []
+    tracemalloc.start()
+    try:
+        for streamed in (True, False):
+            tracemalloc.reset_peak()
+            base = tracemalloc.get_traced_memory()[0]
+            if streamed:
+                validate(model, other, data=data, latency=False)
+            else:
+                a, b = run_samples(traced(model), data), run_samples(traced(other), data)
+                compare_outputs("y", a["y"], b["y"])
+                del a, b
+            peaks.append(tracemalloc.get_traced_memory()[1] - base)
+    finally:
+        tracemalloc.stop()
+    assert peaks[1] > 4 * total  # both outputs, then float64 copies of each
+    assert peaks[0] < 8 * one_batch <= total / 8  # a batch of each, their float64 copies, and the rest small
