@@ -151,8 +151,9 @@ def load_inputs(path: "str | os.PathLike", model: onnx.ModelProto, extra_keys: S
     for name, dtype, declared in input_specs(model):
         if name not in stored:
             raise UserError(f"{path}: no array for model input {name!r} (arrays: {', '.join(sorted(stored)) or 'none'})")
-        value = stored[name]
-        arrays[name] = _conform(path, name, value, dtype, declared)
+        arrays[name] = _conform(path, name, stored[name], dtype, declared)
+        if name not in extra_keys:  # the file's array, when cast (float64 -> float32), goes now: not held twice
+            stored[name] = arrays[name]
         if declared and isinstance(declared[0], int) and declared[0] > 0:
             fixed_batch = declared[0]
     inputs = InputSet(arrays, fixed_batch=fixed_batch)
@@ -203,11 +204,23 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0][:200] if text else type(exc).__name__
 
 
+# Samples checked for NaN/Inf per slice of this many: the check's mask stays small beside the data.
+_FINITE_SLICE = 2**22
+
+
 def _check_finite(path: str, name: str, value: np.ndarray) -> None:
-    if value.dtype.kind in "fc" and value.size and not np.isfinite(value).all():
-        bad = np.argwhere(~np.isfinite(value))[0]
-        where = f" (sample {int(bad[0])})" if value.ndim else ""
-        raise UserError(f"{path}: {name!r} holds NaN or Inf values{where}")
+    if value.dtype.kind not in "fc" or not value.size:
+        return
+    if value.ndim == 0:
+        if not np.isfinite(value):
+            raise UserError(f"{path}: {name!r} holds NaN or Inf values")
+        return
+    step = max(1, _FINITE_SLICE // max(1, value[0].size))
+    for start in range(0, len(value), step):
+        part = value[start:start + step]
+        if not np.isfinite(part).all():
+            bad = np.argwhere(~np.isfinite(part))[0]
+            raise UserError(f"{path}: {name!r} holds NaN or Inf values (sample {start + int(bad[0])})")
 
 
 def _check_extra(path: str, key: str, value: np.ndarray) -> np.ndarray:

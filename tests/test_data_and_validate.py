@@ -191,3 +191,20 @@ def test_validate_holds_one_batch_of_outputs(monkeypatch):
         tracemalloc.stop()
     assert peaks[1] > 4 * total  # both outputs, then float64 copies of each
     assert peaks[0] < 8 * one_batch <= total / 8  # a batch of each, their float64 copies, and the rest small
+
+
+def test_npz_nan_found_in_any_slice_names_its_sample(tmp_path, monkeypatch):
+    """The finite check runs over slices of samples (a small mask beside large data): a NaN in a
+    later slice is found and named by its sample; a float64 file is cast and checked alike."""
+    import graphprune.data as data_module
+
+    monkeypatch.setattr(data_module, "_FINITE_SLICE", 3 * 8 * 8 * 2)  # two samples a slice
+    values = np.zeros((6, 3, 8, 8))
+    values[5, 1, 2, 3] = np.nan
+    np.savez(tmp_path / "d.npz", x=values)
+    with pytest.raises(UserError, match=r"'x' holds NaN or Inf values \(sample 5\)"):
+        load_inputs(tmp_path / "d.npz", conv_model(dynamic_batch=True))
+    values[5, 1, 2, 3] = 1.0
+    np.savez(tmp_path / "d.npz", x=values)
+    inputs, _ = load_inputs(tmp_path / "d.npz", conv_model(dynamic_batch=True))
+    assert inputs.arrays["x"].dtype == np.float32 and inputs.arrays["x"][5, 1, 2, 3] == 1.0
