@@ -15,7 +15,7 @@ from onnx import helper
 
 from graphprune.errors import UserError
 
-__all__ = ["OrtLimits", "all_graphs", "default_opset", "for_ort", "ort_limits", "written_ir_version"]
+__all__ = ["OrtLimits", "all_graphs", "default_opset", "for_ort", "ort_limits", "ort_refusal", "written_ir_version"]
 
 # IR versions introduce element types; a model using none of a newer version's types can be
 # labelled with an older IR version without changing its meaning.  By name: older onnx releases
@@ -103,24 +103,31 @@ def for_ort(model: onnx.ModelProto) -> onnx.ModelProto:
     Newer onnx releases stamp newer IR versions than a runtime may know; when the content uses
     nothing newer than the runtime's IR the label is lowered (a copy; the input is not modified).
     Raises ``UserError`` when that is impossible: an ai.onnx opset above the runtime's (it has no
-    kernels for it), or element types of a newer IR.
+    kernels for it), or element types of a newer IR (``ort_refusal``).
     """
+    refusal = ort_refusal(model)
+    if refusal is not None:
+        raise UserError(refusal)
+    limits = ort_limits()
+    if model.ir_version <= limits.ir_version:
+        return model
+    return _relabelled(model, limits.ir_version)
+
+
+def ort_refusal(model: onnx.ModelProto) -> Optional[str]:
+    """Why ``for_ort`` would refuse ``model`` (its one-line message), or None; copies nothing."""
     limits = ort_limits()
     opset = default_opset(model)
     if opset is not None and opset > limits.opset:
-        raise UserError(
-            f"model uses ai.onnx opset {opset}; the installed onnxruntime {limits.short_version} runs "
-            f"opset <= {limits.opset} (upgrade onnxruntime or convert the model)"
-        )
+        return (f"model uses ai.onnx opset {opset}; the installed onnxruntime {limits.short_version} runs "
+                f"opset <= {limits.opset} (upgrade onnxruntime or convert the model)")
     if model.ir_version <= limits.ir_version:
-        return model
+        return None
     needed = _min_ir_for_content(model)
     if needed > limits.ir_version:
-        raise UserError(
-            f"model has IR version {model.ir_version} and uses element types of IR {needed}; the installed "
-            f"onnxruntime {limits.short_version} loads IR <= {limits.ir_version} (upgrade onnxruntime)"
-        )
-    return _relabelled(model, limits.ir_version)
+        return (f"model has IR version {model.ir_version} and uses element types of IR {needed}; the installed "
+                f"onnxruntime {limits.short_version} loads IR <= {limits.ir_version} (upgrade onnxruntime)")
+    return None
 
 
 def written_ir_version(model: onnx.ModelProto) -> int:

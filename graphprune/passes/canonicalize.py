@@ -12,10 +12,12 @@ from onnx import numpy_helper
 
 from graphprune import ir
 from graphprune.errors import UserError
+from graphprune.gs_round_trip import round_trip_keeps
 from graphprune.model_io import for_ort
 from graphprune.passes.base import Pass, PassResult, register_pass
-from graphprune.passes.fuse_hardswish import FuseHardSwishPass
+from graphprune.passes.fuse_hardswish import FuseHardSwishPass, has_hardswish
 from graphprune.runtime import ort
+from graphprune.runtime_support import ort_refusal
 from graphprune.shapes import infer_shapes
 
 __all__ = ["CanonicalizePass", "canonicalize"]
@@ -61,6 +63,20 @@ class CanonicalizePass(Pass):
         self.fuse = bool(fuse)
 
     def call(self, model: onnx.ModelProto) -> PassResult:
+        if round_trip_keeps(model, self.fold) and not (self.fuse and has_hardswish(model.graph)):
+            # Nothing to convert, fold, clean, sort or fuse: what the round trip below would find
+            # (its result's structure equals ``model``'s), read off the proto in linear time (a
+            # 20,000-node graph: 0.1 s instead of 7 s and a graphsurgeon object per tensor).
+            refusal = ort_refusal(model) if self.fold else None
+            fold_failure = None if refusal is None else f"skipped: {refusal}"
+            if fold_failure:
+                warnings.warn(f"constant folding {fold_failure}", stacklevel=2)
+            return PassResult(model, False, _stats(0, 0, 0, fold_failure, None))
+        return self._round_trip(model)
+
+    def _round_trip(self, model: onnx.ModelProto) -> PassResult:
+        """The pass through onnx-graphsurgeon (what ``call`` would find when it skips it: the tests
+        compare the two)."""
         # The work is done on a weightless copy (``ir.weightless_copy``): weights only folding can
         # read keep their data, the others are records put back at the end (from ``model``, and only
         # when something changed).  Cloning the model and graphsurgeon's import and export of it
@@ -80,7 +96,7 @@ class CanonicalizePass(Pass):
         if self.fold and fold_failure is None:
             fold_failure = _fold_constants(graph, self.fold_limit)
         if fold_failure:
-            warnings.warn(f"constant folding {fold_failure}", stacklevel=2)
+            warnings.warn(f"constant folding {fold_failure}", stacklevel=3)
         graph.cleanup(remove_unused_graph_inputs=False).toposort()
         result = ir.from_gs(graph, like=work)
         fused = FuseHardSwishPass()(result) if self.fuse else None  # after folding: its scalars are constants
@@ -88,14 +104,7 @@ class CanonicalizePass(Pass):
             result = fused.model
         result = infer_shapes(result, inplace=True)  # a fresh model: no copy needed
         modified = _structure_key(result) != before
-        stats = {
-            "constants_to_initializers": constants,
-            "initializer_inputs_dropped": dropped_inputs,
-            "nodes_removed": nodes_before - len(result.graph.node),
-            "fold_failure": fold_failure,
-            "hardswish_fused": fused.stats["hardswish_fused"] if fused else 0,
-            "opset_raised": fused.stats["opset_raised"] if fused else None,
-        }
+        stats = _stats(constants, dropped_inputs, nodes_before - len(result.graph.node), fold_failure, fused)
         if not modified:
             return PassResult(model, False, stats)
         _restore_weights(result, model)
@@ -106,6 +115,17 @@ def canonicalize(model: onnx.ModelProto, fold_limit: int = _DEFAULT_FOLD_LIMIT, 
                  fuse: bool = True) -> onnx.ModelProto:
     """Functional form of ``CanonicalizePass``."""
     return CanonicalizePass(fold_limit=fold_limit, fold=fold, fuse=fuse)(model).model
+
+
+def _stats(constants: int, dropped: int, removed: int, fold_failure: Optional[str], fused) -> dict:
+    return {
+        "constants_to_initializers": constants,
+        "initializer_inputs_dropped": dropped,
+        "nodes_removed": removed,
+        "fold_failure": fold_failure,
+        "hardswish_fused": fused.stats["hardswish_fused"] if fused else 0,
+        "opset_raised": fused.stats["opset_raised"] if fused else None,
+    }
 
 
 def _fold_constants(graph: gs.Graph, fold_limit: int) -> Optional[str]:

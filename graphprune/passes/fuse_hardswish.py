@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
@@ -14,12 +15,13 @@ from graphprune.errors import UserError
 from graphprune.opset_upgrade import raise_opset
 from graphprune.passes.base import Pass, PassResult, register_pass
 
-__all__ = ["FuseHardSwishPass", "fuse_hardswish", "HARDSWISH_OPSET"]
+__all__ = ["FuseHardSwishPass", "fuse_hardswish", "has_hardswish", "HARDSWISH_OPSET"]
 
 HARDSWISH_OPSET = 14  # the first ai.onnx opset with HardSwish
 _SIXTH = 1.0 / 6.0
 _TOLERANCE = 1e-6  # float32 rounding of 1/6 and of products of scalars
 _MAX_PRODUCT_NODES = 4  # Mul/Div nodes one product may span (Paddle and torch use 2)
+_GATES = frozenset({"Clip", "HardSigmoid"})  # the op of relu6(x + 3) / 6 in each pattern
 
 
 @dataclass
@@ -81,8 +83,15 @@ def fuse_hardswish(model: onnx.ModelProto, raise_opset: bool = True) -> onnx.Mod
     return FuseHardSwishPass(raise_opset=raise_opset)(model).model
 
 
+def has_hardswish(graph: onnx.GraphProto) -> bool:
+    """Whether ``graph`` holds a HardSwish written out that ``FuseHardSwishPass`` would fuse."""
+    return bool(_find(graph))
+
+
 def _find(graph: onnx.GraphProto) -> List[_Match]:
     """Non-overlapping matches, in graph order."""
+    if not any(node.op_type in _GATES for node in graph.node):
+        return []  # every pattern has a gate: no need for the finder's maps (a 20,000-node graph: 0.1 s)
     finder = _Finder(graph)
     matches, used = [], set()
     for node in graph.node:
@@ -224,7 +233,7 @@ def _scalar_constants(graph: onnx.GraphProto) -> Dict[str, float]:
                 if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value"]
     scalars = {}
     for name, tensor in tensors:
-        if len(tensor.dims) <= 1 and int(np.prod(tensor.dims)) == 1 and tensor.data_type in (
+        if len(tensor.dims) <= 1 and math.prod(tensor.dims) == 1 and tensor.data_type in (
                 onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE):
             if tensor.data_location != onnx.TensorProto.EXTERNAL:
                 scalars[name] = float(numpy_helper.to_array(tensor).reshape(()))
