@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import List, NamedTuple, Optional, Union
 
-__all__ = ["DimKey", "DimInfo", "VIRTUAL_PREFIX"]
+__all__ = ["DimKey", "DimInfo", "VIRTUAL_PREFIX", "is_concrete"]
 
 # Virtual dims (e.g. "channels per group" of a group convolution) are not axes of a real tensor;
 # their tensor name starts with this prefix so they can never collide with a graph tensor.
@@ -26,6 +26,11 @@ class DimKey(NamedTuple):
         return f"{self.tensor}[{self.axis}]"
 
 
+def is_concrete(size: Union[int, str, None]) -> bool:
+    """Whether an axis length is known: an int, not a symbol or None (-1 marks unknown too)."""
+    return isinstance(size, int) and size >= 0
+
+
 @dataclasses.dataclass(slots=True)  # no __dict__: tens of thousands of dims per model
 class DimInfo:
     """What the graph knows about a dim.
@@ -39,6 +44,8 @@ class DimInfo:
             holding it are never pruned and not reported.
         kind: what a rule recognised the axis as (``graphprune.dependency.kinds``: attention heads,
             FFN neurons, the hidden size...); None for plain channels.
+        index: the dim's position in the order the analysis saw the dims (``DependencyGraph.dims``):
+            edges and components are arrays of these, no dict lookup of a (tensor, axis) key each.
     """
 
     size: Union[int, str, None]
@@ -47,7 +54,8 @@ class DimInfo:
     reasons: List[str] = dataclasses.field(default_factory=list)
     fixed: Optional[str] = None
     kind: Optional[str] = None
+    index: int = dataclasses.field(default=-1, compare=False, repr=False)
 
     @property
     def concrete(self) -> bool:
-        return isinstance(self.size, int) and self.size >= 0
+        return is_concrete(self.size)

@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING, Dict, List, Optional
 
 import numpy as np
 
-from graphprune.dependency.dims import DimInfo, DimKey
+from graphprune.dependency.components import label_components
+from graphprune.dependency.dims import DimInfo, DimKey, is_concrete
 from graphprune.dependency.kinds import kind_of
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -113,52 +114,33 @@ def _dedupe(items) -> List[str]:
 def find_groups(dep: "DependencyGraph") -> List[Group]:
     """Every group of the dependency graph (channel groups and trivial ones alike)."""
     groups: List[Group] = []
-    for comp in dep.components():
-        dims = sorted(comp)
-        infos = {d: dep.info(d) for d in dims}
-        fixed = any(i.fixed for i in infos.values())
-        dynamic = [d for d in dims if not infos[d].concrete]
-        if dynamic:
-            what = "unknown" if infos[dynamic[0]].size is None else f"dynamic ({infos[dynamic[0]].size})"
-            reasons = _dedupe([r for d in dims for r in infos[d].reasons] + [f"size of {dynamic[0]} is {what}"])
-            members = [Member(d, infos[d], None, None) for d in dims]
+    for dims, infos, mapped in dep.sorted_components():
+        fixed = any(i.fixed for i in infos)
+        sizes = {i.size for i in infos}
+        if not all(map(is_concrete, sizes)):  # a dynamic size: judged once per distinct size
+            first, size = next((d, i.size) for d, i in zip(dims, infos) if not i.concrete)
+            what = "unknown" if size is None else f"dynamic ({size})"
+            reasons = _dedupe([r for i in infos for r in i.reasons] + [f"size of {first} is {what}"])
+            members = [Member(d, i, None, None) for d, i in zip(dims, infos)]
             groups.append(Group(len(groups), None, members, reasons, fixed))
+            continue
+        # one size and no link but identities (``Component.mapped`` answers without reading the links)
+        if len(sizes) == 1 and not mapped:
+            _add_identity_group(groups, dims, infos, fixed)
             continue
         # each edge once (from its smaller end)
         links = [link for d in dims for other, between in dep.neighbors(d).items() if other >= d for link in between]
-        sizes = {infos[d].size for d in dims}
-        if len(sizes) == 1 and all(m.is_identity for _, _, m in links):
-            _add_identity_group(groups, dims, infos, fixed)
-        else:
-            _add_labelled_groups(groups, dims, infos, links)
+        _add_labelled_groups(groups, dims, dict(zip(dims, infos)), links)
     return groups
 
 
 def _add_identity_group(groups: List[Group], dims, infos, fixed: bool) -> None:
     """Fast path: every coupling is index i <-> index i between dims of one size."""
-    n = infos[dims[0]].size
+    n = infos[0].size
     idx = np.arange(n, dtype=np.int64)
-    members = [Member(d, infos[d], idx, idx, True) for d in dims]
-    reasons = _dedupe(r for d in dims for r in infos[d].reasons)
+    members = [Member(d, i, idx, idx, True) for d, i in zip(dims, infos)]
+    reasons = _dedupe(r for i in infos for r in i.reasons)
     groups.append(Group(len(groups), n, members, reasons, fixed))
-
-
-def _label_indices(total: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Connected components of the pairs (a[k], b[k]) over 0..total-1: the smallest index of each."""
-    parent = np.arange(total, dtype=np.int64)
-    while True:
-        pa, pb = parent[a], parent[b]
-        differ = pa != pb
-        if not differ.any():
-            return parent
-        lo = np.minimum(pa[differ], pb[differ])
-        hi = np.maximum(pa[differ], pb[differ])
-        np.minimum.at(parent, hi, lo)  # hook each root under the smaller label
-        while True:  # pointer jumping until every index points at its root
-            jumped = parent[parent]
-            if np.array_equal(jumped, parent):
-                break
-            parent = jumped
 
 
 def _add_labelled_groups(groups: List[Group], dims, infos, links) -> None:
@@ -175,7 +157,7 @@ def _add_labelled_groups(groups: List[Group], dims, infos, links) -> None:
         b_parts.append(t + offsets[dst])
     a = np.concatenate(a_parts) if a_parts else np.zeros(0, np.int64)
     b = np.concatenate(b_parts) if b_parts else np.zeros(0, np.int64)
-    _, atom_of_index = np.unique(_label_indices(total, a, b), return_inverse=True)
+    _, atom_of_index = np.unique(label_components(total, a, b), return_inverse=True)
     n_atoms = int(atom_of_index.max()) + 1 if total else 0
     atom_of = {d: atom_of_index[offsets[d] : offsets[d] + infos[d].size] for d in dims}
 

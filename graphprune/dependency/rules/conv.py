@@ -89,9 +89,9 @@ def conv_transpose(ctx: RuleContext) -> None:
         ctx.couple(in_local, DimKey(x, 1), Expand(outer=groups))
 
 
-def _contraction(ctx: RuleContext, a: DimKey, b: DimKey) -> None:
-    """The summed-over axis: prunable when one side is a constant (zeroing it masks exactly)."""
-    if ctx.is_constant(a.tensor) or ctx.is_constant(b.tensor):
+def _contraction(ctx: RuleContext, a: DimKey, b: DimKey, constant: bool) -> None:
+    """The summed-over axis: prunable when one side is a constant (``constant``: zeroing it masks exactly)."""
+    if constant:
         ctx.couple(a, b)
     else:
         ctx.block(a, "contraction between two non-constant operands")
@@ -116,7 +116,7 @@ def gemm(ctx: RuleContext) -> None:
             ctx.param(name, role)
     ctx.couple(DimKey(a, a_m), DimKey(y, 0))
     ctx.couple(DimKey(b, b_n), DimKey(y, 1))
-    _contraction(ctx, DimKey(a, a_k), DimKey(b, b_k))
+    _contraction(ctx, DimKey(a, a_k), DimKey(b, b_k), ctx.is_constant(a) or ctx.is_constant(b))
     if ctx.is_constant(b) and not ctx.is_constant(a) and _flattened_tokens(ctx, a):
         ctx.tag(DimKey(a, a_k), FFN)  # GPT-2's Conv1D: view(-1, C) -> Gemm, a token-wise projection
     if c:
@@ -128,8 +128,10 @@ def gemm(ctx: RuleContext) -> None:
 @register_rule("MatMul")
 def matmul(ctx: RuleContext) -> None:
     """Y [..., M, N] = A [..., M, K] x B [..., K, N]; batch axes broadcast."""
+    # each shape and constness read once: a transformer or an MLP is mostly MatMuls
     a, b, y = ctx.input(0), ctx.input(1), ctx.outputs[0]
-    ra, rb, ry = ctx.rank(a), ctx.rank(b), ctx.rank(y)
+    shape_a, shape_b, shape_y = ctx.require_shape(a), ctx.require_shape(b), ctx.require_shape(y)
+    ra, rb, ry = len(shape_a), len(shape_b), len(shape_y)
     if ra < 2 or rb < 2:
         for name in (a, b, y):
             ctx.block_tensor(name, "MatMul with a 1-D operand")
@@ -139,20 +141,20 @@ def matmul(ctx: RuleContext) -> None:
             ctx.param(name, "weight")
     ctx.couple(DimKey(a, ra - 2), DimKey(y, ry - 2))
     ctx.couple(DimKey(b, rb - 1), DimKey(y, ry - 1))
-    if ctx.is_constant(a) or ctx.is_constant(b):
-        _contraction(ctx, DimKey(a, ra - 1), DimKey(b, rb - 2))
-        if ra >= 3 and not ctx.is_constant(a):  # a token-wise projection's input: FFN neurons, or hidden/heads
+    const_a = ctx.is_constant(a)
+    const_b = ctx.is_constant(b)
+    if const_a or const_b:
+        ctx.couple(DimKey(a, ra - 1), DimKey(b, rb - 2))  # the contraction, prunable (``_contraction``)
+        if ra >= 3 and not const_a:  # a token-wise projection's input: FFN neurons, or hidden/heads
             ctx.tag(DimKey(a, ra - 1), FFN)
     else:  # Q.K^T, P.V: heads and head dims (rules/attention.py)
         activation_matmul(ctx)
-    y_shape = ctx.require_shape(y)
-    for name, rank in ((a, ra), (b, rb)):
-        shape = ctx.require_shape(name)
-        for axis in range(rank - 2):
-            out_axis = ry - rank + axis
-            if shape[axis] == 1 and y_shape[out_axis] != 1:
+    for name, shape in ((a, shape_a), (b, shape_b)):
+        for axis in range(len(shape) - 2):  # the batch axes (none for 2-D operands)
+            out_axis = ry - len(shape) + axis
+            if shape[axis] == 1 and shape_y[out_axis] != 1:
                 ctx.leave(DimKey(name, axis))
-            elif shape[axis] == y_shape[out_axis] and shape[axis] is not None:
+            elif shape[axis] == shape_y[out_axis] and shape[axis] is not None:
                 ctx.couple(DimKey(name, axis), DimKey(y, out_axis))
             else:
                 ctx.block(DimKey(name, axis), "cannot tell how the batch axis broadcasts")
