@@ -20,7 +20,7 @@ __all__ = ["result_check"]
 
 
 @contextlib.contextmanager
-def result_check(model: onnx.ModelProto) -> Iterator[Callable[[], None]]:
+def result_check(model: onnx.ModelProto, finite_checked: "frozenset[str]" = frozenset()) -> Iterator[Callable[[], None]]:
     """What a result must pass before it is written, with the runtime's session built on a thread.
 
     On entry: the attributes that crash kernels and the full checker (failing is our bug:
@@ -29,6 +29,10 @@ def result_check(model: onnx.ModelProto) -> Iterator[Callable[[], None]]:
     and the caller's block (its summary, the file written to its temporary place) run.  Yields
     ``verdict``: it waits for the session and raises what ``check_result`` would; call it before the
     write is committed (``model_io.save(before_commit=verdict)``); leaving the block calls it.
+
+    Args:
+        finite_checked: main-graph initializers whose values are the input's, found finite at the
+            door (``validation.check_finite(checked=...)``): not read again.
     """
     from graphprune.model_io import check_model
     from graphprune.passes.base import PassContractError
@@ -65,7 +69,7 @@ def result_check(model: onnx.ModelProto) -> Iterator[Callable[[], None]]:
             raise PassContractError(f"refusing to write an invalid result: {exc}") from None
         if not threads:
             start()
-        check_finite(model, what="result")
+        check_finite(model, what="result", checked=finite_checked)
         yield verdict
         verdict()
     finally:

@@ -14,7 +14,7 @@ import contextlib
 import math
 import os
 import tempfile
-from typing import Dict, Iterator, Optional
+from typing import Dict, Iterator, List, Optional
 
 import numpy as np
 import onnx
@@ -22,7 +22,7 @@ from onnx import helper, numpy_helper
 
 from graphprune.errors import UserError
 
-__all__ = ["has_weights_on_disk", "read_tensor", "files_kept_open", "session", "reading_weights_from"]
+__all__ = ["has_weights_on_disk", "read_tensor", "read_kept", "files_kept_open", "session", "reading_weights_from"]
 
 
 def has_weights_on_disk(model: onnx.ModelProto) -> bool:
@@ -90,6 +90,84 @@ def read_tensor(tensor: onnx.TensorProto, source_dir: Optional[str]) -> np.ndarr
         value.flags.writeable = False  # handed out again: nobody may change it in place
         _KEPT[key] = value
     return value.reshape(tuple(tensor.dims))
+
+
+def read_kept(tensors: List[onnx.TensorProto], source_dir: str) -> Iterator[np.ndarray]:
+    """``read_tensor`` of each of ``tensors`` in turn, within ``files_kept_open(keep_below=...)``:
+    runs of records kept there (plain types, small) that follow one another in one file are read
+    with one read each, then handed out as read-only views (prune's finite check of 10,000 small
+    weights: one read each was 0.18 s, most of it per-read overhead)."""
+    i = 0
+    while i < len(tensors):
+        run = _kept_run(tensors, i, source_dir)
+        if len(run) < 2:
+            yield read_tensor(tensors[i], source_dir)
+            i += 1
+            continue
+        path, start = run[0][1], run[0][2]
+        fd = _OPEN_FILES.get(path)
+        if fd is None:
+            fd = _OPEN_FILES[path] = os.open(path, os.O_RDONLY)
+        data = os.pread(fd, run[-1][2] + run[-1][3] - start, start)  # a run stays far below 2 GiB
+        for tensor, _, offset, size, dtype, dims, key in run:
+            if offset + size - start > len(data):
+                raise UserError(f"{path}: external data of {tensor.name!r} ends early (truncated while being read?)")
+            kept = _KEPT.get(key)
+            if kept is None:  # read-only: frombuffer over bytes
+                kept = _KEPT[key] = np.frombuffer(data, dtype=dtype, count=size // dtype.itemsize, offset=offset - start)
+            yield kept.reshape(dims)
+        i += len(run)
+
+
+# A run of records read at once spans at most this many bytes, with gaps of at most _RUN_GAP between
+# records (alignment padding).
+_RUN_BYTES = 2**24
+_RUN_GAP = 2**12
+
+
+def _kept_run(tensors: List[onnx.TensorProto], first: int, source_dir: str) -> list:
+    """(tensor, path, offset, length, dtype, dims, cache key) of the records from ``first`` on that
+    ``read_kept`` reads at once: kept ones of plain types, in file order, nearly back to back."""
+    run: list = []
+    if _KEPT is None or _OPEN_FILES is None:
+        return run
+    paths: Dict[str, str] = {}
+    for tensor in tensors[first:]:
+        data_type = tensor.data_type
+        if tensor.data_location != onnx.TensorProto.EXTERNAL or data_type not in _PLAIN_TYPES:
+            break
+        location, offset, length = "", 0, None
+        for entry in tensor.external_data:
+            key = entry.key
+            if key == "location":
+                location = entry.value
+            elif key == "offset":
+                offset = int(entry.value or 0)
+            elif key == "length":
+                length = entry.value
+        dims = tuple(tensor.dims)
+        dtype = _DTYPES.get(data_type) or _dtype(data_type)
+        size = math.prod(dims) * dtype.itemsize
+        if size >= _KEEP_BYTES or (length and int(length) != size):
+            break
+        path = paths.get(location)
+        if path is None:
+            path = paths[location] = os.path.join(source_dir, location)
+        if run and (path != run[0][1] or not 0 <= offset - (run[-1][2] + run[-1][3]) <= _RUN_GAP
+                    or offset + size - run[0][2] > _RUN_BYTES):
+            break
+        run.append((tensor, path, offset, size, dtype, dims, (source_dir, tensor.SerializeToString())))
+    return run
+
+
+_DTYPES: Dict[int, np.dtype] = {}
+
+
+def _dtype(data_type: int) -> np.dtype:
+    dtype = _DTYPES.get(data_type)
+    if dtype is None:
+        dtype = _DTYPES[data_type] = np.dtype(helper.tensor_dtype_to_np_dtype(data_type))
+    return dtype
 
 
 _OPEN_FILES: Optional[Dict[str, int]] = None

@@ -5,6 +5,7 @@ counts as large is lowered and every whole-proto ``SerializeToString``/``ByteSiz
 still carrying weights is made to raise. The real thing runs behind the ``slow`` marker.
 """
 
+import os
 import sys
 
 import numpy as np
@@ -102,6 +103,41 @@ def test_weightless_copy_keeps_structure_and_small_tensors_only():
     assert not any(i.raw_data for i in light.graph.initializer if i.name in stripped)
     assert ir.weight_bytes(light) == pytest.approx(ir.weight_bytes(model), rel=0.01)
     assert len(model.graph.initializer[0].raw_data) == _WIDTH * _WIDTH * 4  # the original is untouched
+
+
+def _record_field_by_field(init: TensorProto) -> TensorProto:
+    """The oracle: a stripped tensor's record built field by field (as weightless_copy did before it
+    copied one record made per type, dims and length)."""
+    target = TensorProto(name=init.name, data_type=init.data_type, doc_string=init.doc_string, dims=init.dims)
+    if init.HasField("segment"):
+        target.segment.CopyFrom(init.segment)
+    target.metadata_props.extend(init.metadata_props)
+    target.data_location = TensorProto.EXTERNAL
+    for key, value in (("location", ir.WEIGHTLESS_LOCATION), ("offset", "0"), ("length", str(ir._tensor_bytes(init)))):
+        entry = target.external_data.add()
+        entry.key, entry.value = key, value
+    return target
+
+
+def test_weightless_records_equal_field_by_field_ones(external_path, tmp_path):
+    """Shared records, then each tensor's own fields: names, doc strings (set even when empty),
+    segments and metadata; records of weights left on disk keep their length; ``keep`` keeps data."""
+    model = _mlp()
+    model.graph.initializer[0].doc_string = "first"
+    model.graph.initializer[2].segment.begin = 1
+    model.graph.initializer[4].metadata_props.add(key="k", value="v")
+    on_disk = load(external_path, load_external_data=False)
+    for source, keep in ((model, frozenset()), (model, {"w1"}), (on_disk, frozenset())):
+        light = ir.weightless_copy(source, keep=keep)
+        for init, copy in zip(source.graph.initializer, light.graph.initializer):
+            stripped = init.name not in keep and (init.data_location == TensorProto.EXTERNAL or ir._tensor_bytes(init) >= 1024)
+            assert copy == (_record_field_by_field(init) if stripped else init), init.name
+        assert len(light.graph.initializer) == len(source.graph.initializer)
+    path, written = ir.write_weightless_bytes(model, str(tmp_path))
+    assert open(path, "rb").read() == written == ir.weightless_copy(model).SerializeToString()
+    assert os.path.getsize(tmp_path / ir.WEIGHTLESS_LOCATION) == 0  # unsized: empty
+    ir.write_weightless(model, str(tmp_path), sized=True)
+    assert os.path.getsize(tmp_path / ir.WEIGHTLESS_LOCATION) == _WIDTH * _WIDTH * 4  # the longest stripped
 
 
 def test_check_model_checks_a_large_model_without_serializing_it(no_whole_proto):

@@ -143,6 +143,45 @@ def test_symlinked_data_file_refused_as_in_memory(tmp_path, capsys):
                      "--mode", mode]) == 2
         messages.append(capsys.readouterr().err.strip())
     assert "reached through a symlink" in messages[0] and messages[0] == messages[1]
+    with pytest.raises(UserError) as loaded:  # what reading the data at load says
+        model_io.load(tmp_path / "m.onnx")
+    assert messages[0].endswith(str(loaded.value))
+
+
+def test_symlink_refused_while_the_records_are_checked(tmp_path, monkeypatch):
+    """``load(direct_paths=True)``: refused in the records' one walk, before the door's checks and
+    without reading any data (no second load)."""
+    from graphprune import external_data
+
+    model_io.save(_stack(), tmp_path / "m.onnx", external_data=True)
+    os.rename(tmp_path / "m.onnx.data", tmp_path / "real.data")
+    os.symlink("real.data", tmp_path / "m.onnx.data")
+    assert model_io.load(tmp_path / "m.onnx", load_external_data=False).graph.node  # as before without the flag
+    monkeypatch.setattr(external_data, "_read_external", lambda *a: pytest.fail("data read"))
+    monkeypatch.setattr(external_data, "check_direct_paths", lambda *a: pytest.fail("a second walk"))
+    with pytest.raises(external_data.SymlinkedData, match="'m.onnx.data' is reached through a symlink"):
+        model_io.load(tmp_path / "m.onnx", load_external_data=False, direct_paths=True)
+    assert main(["prune", str(tmp_path / "m.onnx"), "-o", str(tmp_path / "p.onnx"), "--ratio", "0.5"]) == 2
+
+
+@pytest.mark.parametrize("ratio", ["0", "0.5"])
+def test_result_check_rereads_no_weight_the_door_found_finite(tmp_path, monkeypatch, ratio):
+    """The untouched weights read in before the write are the bytes the door read and found finite:
+    the result's finite check reads only what the prune wrote and what the door checked in memory."""
+    from graphprune import validation
+
+    model_io.save(_stack(), tmp_path / "m.onnx", external_data=True)
+    inline = {i.name for i in model_io.load(tmp_path / "m.onnx", load_external_data=False).graph.initializer
+              if i.data_location != onnx.TensorProto.EXTERNAL}
+    read = []
+    original = validation._all_finite
+    monkeypatch.setattr(validation, "_all_finite", lambda t: (t.data_location != onnx.TensorProto.EXTERNAL
+                                                              and read.append(t.name)) or original(t))
+    assert main(["prune", str(tmp_path / "m.onnx"), "-o", str(tmp_path / "p.onnx"), "--ratio", ratio]) == 0
+    door, result = read[: len(inline)], read[len(inline):]
+    assert set(door) == inline  # the door's in-memory check; its records were read one by one
+    sliced = {"w1", "w2", "m1", "m2"} if ratio == "0.5" else set()
+    assert set(result) == inline | sliced  # not one untouched record again
 
 
 def test_records_outside_the_initializers_are_read_as_before(tmp_path, monkeypatch):
@@ -206,3 +245,26 @@ def test_files_kept_open_keeps_small_tensors_read_only(tmp_path, monkeypatch):
         on_disk.read_tensor(large, str(tmp_path))
         assert len(reads) == 2  # above the limit: read each time
     assert on_disk.read_tensor(small, str(tmp_path)).flags.writeable  # outside the block: a fresh copy
+
+
+def test_read_kept_reads_runs_at_once_and_hands_out_what_read_tensor_would(tmp_path, monkeypatch):
+    """Records back to back in one file are read with one read each run; the values, types and
+    shapes are ``read_tensor``'s, kept (read-only) for later reads; a record too large to keep, one
+    of another file and a file cut short are read (or refused) one by one, as ``read_tensor`` does."""
+    model_io.save(_stack(), tmp_path / "m.onnx", external_data=True)
+    model = model_io.load(tmp_path / "m.onnx", load_external_data=False)
+    records = [t for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+    alone = [on_disk.read_tensor(t, str(tmp_path)) for t in records]
+    reads, pread = [], os.pread
+    monkeypatch.setattr(on_disk.os, "pread", lambda *a: reads.append(a[1]) or pread(*a))
+    with on_disk.files_kept_open(keep_below=100_000):  # m1 (256 KiB) is read alone
+        values = list(on_disk.read_kept(records, str(tmp_path)))
+        assert len(reads) < len(records) - 1 and [r.name for r in records].index("m1") > 0
+        for record, a, b in zip(records, alone, values):
+            assert a.dtype == b.dtype and a.shape == b.shape and (b.flags.writeable == (record.name == "m1"))
+            np.testing.assert_array_equal(a, b)
+        assert np.shares_memory(values[0], on_disk.read_tensor(records[0], str(tmp_path)))  # kept
+    with on_disk.files_kept_open(keep_below=100_000):
+        os.truncate(tmp_path / "m.onnx.data", 2000)  # w1 (3.4 KiB) is the first record
+        with pytest.raises(UserError, match="external data of 'w1' ends early"):
+            list(on_disk.read_kept(records, str(tmp_path)))

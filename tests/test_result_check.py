@@ -81,8 +81,9 @@ def test_the_session_check_reuses_the_full_checks_file(monkeypatch):
     ort_limits()  # its probe sessions (made once per process) are not the check's
     model = fuzz.conv_model()
     written = []
-    real_write = ir.write_weightless
-    monkeypatch.setattr(ir, "write_weightless", lambda *a, **k: written.append(a) or real_write(*a, **k))
+    real_write = ir.write_weightless_bytes
+    monkeypatch.setattr(ir, "write_weightless_bytes", lambda *a, **k: written.append(a) or real_write(*a, **k))
+    monkeypatch.setattr(ir, "write_weightless", lambda *a, **k: pytest.fail("written again"))
     opened = []
     real_session = onnxruntime.InferenceSession
     monkeypatch.setattr(onnxruntime, "InferenceSession", lambda path, *a, **k: opened.append(path) or real_session(path, *a, **k))

@@ -85,3 +85,46 @@ def test_session_check_reuses_the_full_checks_weightless_file(monkeypatch):
         model.ir_version = 99  # a label the runtime does not load: a relabelled copy, written anew
         with pytest.raises(pytest.fail.Exception, match="copied again"):
             validation.check_session(model)
+
+
+def _shapes_read_field_by_field(model: onnx.ModelProto, inferred: onnx.ModelProto) -> dict:
+    """The oracle: every value of ``inferred``'s graph read from its parsed proto (what
+    ``shapes._concrete`` did before it read the serialized model for the types only)."""
+    found = {init.name: tuple(init.dims) for init in model.graph.initializer}
+    g = inferred.graph
+    for vi in [vi for vi in g.input if vi.name not in found] + list(g.value_info) + list(g.output):
+        if not vi.type.tensor_type.HasField("shape"):
+            continue
+        dims = vi.type.tensor_type.shape.dim
+        values = tuple(d.dim_value for d in dims)
+        if all(v > 0 for v in values) or all(d.HasField("dim_value") for d in dims):
+            found[vi.name] = values
+    for init in g.initializer:
+        found[init.name] = tuple(init.dims)
+    for node in g.node:
+        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
+            found[node.output[0]] = tuple(node.attribute[0].t.dims)
+    return found
+
+
+def test_concrete_shapes_read_from_the_serialized_model_match_the_parsed_one():
+    """Every kind of value: concrete, scalar, an explicit 0, a named or unknown dim, no shape, not a
+    tensor, an initializer listed as an input and in value_info, a Constant's output."""
+    model = _mlp()
+    model.graph.node.append(helper.make_node("Constant", [], ["k"], value=numpy_helper.from_array(np.ones((3, 1), np.float32))))
+    unknown = helper.make_tensor_value_info("u", onnx.TensorProto.FLOAT, [2, None])
+    unknown.type.tensor_type.shape.dim[1].Clear()
+    values = [helper.make_tensor_value_info("s", onnx.TensorProto.FLOAT, []),
+              helper.make_tensor_value_info("z", onnx.TensorProto.FLOAT, [0, 3]),
+              helper.make_tensor_value_info("n", onnx.TensorProto.FLOAT, ["batch", 3]), unknown,
+              helper.make_tensor_value_info("k", onnx.TensorProto.FLOAT, [9, 9]),
+              helper.make_tensor_value_info("w1", onnx.TensorProto.FLOAT, [1]),
+              onnx.ValueInfoProto(name="none"), helper.make_tensor_sequence_value_info("q", onnx.TensorProto.FLOAT, [2])]
+    inferred = onnx.shape_inference.infer_shapes(model)
+    inferred.graph.value_info.extend(values)
+    inferred.graph.input.extend([helper.make_tensor_value_info("w2", onnx.TensorProto.FLOAT, [5, 5])])
+    expected = _shapes_read_field_by_field(model, inferred)
+    found = shapes._concrete(model, inferred.SerializeToString())
+    assert found == expected and list(found) == list(expected)  # same entries, same order
+    assert found["s"] == () and found["z"] == (0, 3) and found["k"] == (3, 1) and found["w1"] == (8, 16)
+    assert not {"n", "u", "none", "q"} & set(found)

@@ -87,6 +87,39 @@ def test_check_finite_reads_bfloat16_and_constants():
         check_finite(model)
 
 
+def _if_holding(name: str, value: float) -> onnx.NodeProto:
+    """An If whose branches hold initializer ``name`` (``value``) in their own graphs."""
+    def branch(tag):
+        init = numpy_helper.from_array(np.array([value], np.float32), name)
+        return helper.make_graph([helper.make_node("Identity", [name], [f"o{tag}"])], f"b{tag}", [],
+                                 [helper.make_tensor_value_info(f"o{tag}", onnx.TensorProto.FLOAT, [1])], [init])
+    return helper.make_node("If", ["c"], ["o"], then_branch=branch(1), else_branch=branch(2))
+
+
+def test_check_finite_skips_only_the_main_graphs_weights_already_checked():
+    """``checked`` names the input's weights a command left untouched (the door read them): skipped in
+    the main graph only; a subgraph's or a Constant's tensor of the same name is still read, and the
+    first non-finite tensor named is the one the graphs' order meets first."""
+    model = fuzz.conv_model(edit=defects.replace_init("c2.w", defects.nan_weight(float("nan"))))
+    with pytest.raises(UserError, match="'c2.w' holds NaN or Inf"):
+        check_finite(model)
+    check_finite(model, checked={"c2.w"})  # only the skipped weight is bad
+    model.graph.node.append(_if_holding("c2.w", float("inf")))
+    with pytest.raises(UserError, match="'c2.w' holds NaN or Inf"):
+        check_finite(model, checked={"c2.w"})  # the branch's own c2.w
+    constant = fuzz.conv_model()
+    constant.graph.node.insert(0, helper.make_node("Constant", [], ["c2.w"], value=numpy_helper.from_array(
+        np.array([np.nan], np.float32))))
+    with pytest.raises(UserError, match="'c2.w' holds NaN or Inf"):
+        check_finite(constant, checked={"c2.w"})
+    nested = fuzz.conv_model()
+    outer = _if_holding("a", 1.0)
+    outer.attribute[0].g.node.append(_if_holding("b", float("nan")))  # then-branch: a, then its If's b
+    nested.graph.node.extend([outer, _if_holding("c", float("nan"))])
+    with pytest.raises(UserError, match="'b' holds NaN or Inf"):  # depth first, as runtime_support.all_graphs
+        check_finite(nested)
+
+
 # ---------------------------------------------------------------------------- .npz data
 
 

@@ -132,7 +132,7 @@ def _run(args, done_reading: Callable[[], None]) -> int:
     # activation criterion's session maps them.  Depth pruning, budgets, reconstruction and the
     # output/wanda criteria load them.
     lazy = not (args.reconstruct or wants_blocks(args) or plan is not None or args.criterion in ("output", "wanda"))
-    model, source_dir = _load_leaving_weights(args.model) if lazy else (load(args.model), None)
+    model, source_dir, finite = _load_leaving_weights(args.model) if lazy else (load(args.model), None, frozenset())
     data, shapes, _ = read_inputs(args, model)
     if with_budget(args):  # blocks first, then the budget (rescaled) or the ratios on what is left
         model, plan = remove_blocks_first(args, model, data, shapes, plan)
@@ -169,7 +169,7 @@ def _run(args, done_reading: Callable[[], None]) -> int:
         result.stats["reconstruct"] = refit.stats
         result = type(result)(refit.model, result.modified or refit.modified, result.stats)
     stats = result.stats
-    print(_write_checked(args, result.model, source_dir, lambda: _summary(stats, model, result.model, shapes)))
+    print(_write_checked(args, result.model, source_dir, lambda: _summary(stats, model, result.model, shapes), finite))
     if args.reconstruct:
         print(describe(stats["reconstruct"]))
     if args.stats:
@@ -179,18 +179,21 @@ def _run(args, done_reading: Callable[[], None]) -> int:
 
 
 def _load_leaving_weights(path: str):
-    """(model, folder to read its weights left on disk from; None when none are), after what reading
-    them at load would have refused: a data file reached through a symlink, NaN or Inf.  Tensors
-    stored outside the main graph's initializers (Constant attributes, subgraphs) are read as before."""
+    """(model, folder to read its weights left on disk from or None when none are, the records of
+    the weights the door found finite), after what reading them at load would have refused: a data
+    file reached through a symlink, NaN or Inf.  Tensors stored outside the main graph's
+    initializers (Constant attributes, subgraphs) are read as before."""
     import os
 
-    from graphprune.external_data import check_direct_paths, external_tensors
+    from graphprune.external_data import SymlinkedData, external_tensors
     from graphprune.validation import door_policy
 
-    try:
-        model = load(path, load_external_data=False)
+    try:  # symlinks are refused while the records are checked, as reading them at load would
+        model = load(path, load_external_data=False, direct_paths=True)
+    except SymlinkedData:
+        raise
     except UserError:  # e.g. the door's checker on a Constant's unread record: load it as before, its own verdict
-        return load(path), None
+        return load(path), None, frozenset()
     in_initializers = sum(1 for i in model.graph.initializer if i.data_location == onnx.TensorProto.EXTERNAL)
     # records can be elsewhere only in sparse initializers, functions and tensor or graph attributes:
     # without any, the whole-model walk (0.04 s on 20,000 nodes) has nothing more to find
@@ -198,23 +201,30 @@ def _load_leaving_weights(path: str):
         attr.type in _HOLDING_ATTRIBUTES for node in model.graph.node if node.attribute for attr in node.attribute)
     records = in_initializers if plain else sum(1 for _ in external_tensors(model))
     if not records:
-        return model, None
+        return model, None, frozenset()
     if records != in_initializers:
-        return load(path), None
-    check_direct_paths(model, path)
+        return load(path), None, frozenset()
     source_dir = os.path.dirname(os.path.abspath(path))
+    finite = set()  # the records read here, whole (their serialized form: same record, same bytes)
     if door_policy() is not None:  # the door refuses non-finite weights; those on disk were not read
-        from graphprune.weights_on_disk import read_tensor
+        from graphprune.weights_on_disk import read_kept
 
-        for init in model.graph.initializer:
-            if init.data_location == onnx.TensorProto.EXTERNAL and init.data_type in _FLOAT_TYPES:
-                flat = read_tensor(init, source_dir).reshape(-1)  # one weight at a time
-                if not all(np.isfinite(flat[i : i + _CHUNK]).all() for i in range(0, flat.size, _CHUNK)):
-                    raise UserError(f"{path}: model weight {init.name!r} holds NaN or Inf values")
-    return model, source_dir
+        floats = [i for i in model.graph.initializer
+                  if i.data_location == onnx.TensorProto.EXTERNAL and i.data_type in _FLOAT_TYPES]
+        for init, value in zip(floats, read_kept(floats, source_dir)):  # never all in memory but those kept
+            flat = value.reshape(-1)
+            if flat.size <= _CHUNK:  # most weights: one call, no chunk loop
+                ok = bool(np.isfinite(flat).all())
+            else:
+                ok = all(np.isfinite(flat[i : i + _CHUNK]).all() for i in range(0, flat.size, _CHUNK))
+            if not ok:
+                raise UserError(f"{path}: model weight {init.name!r} holds NaN or Inf values")
+            finite.add(init.SerializeToString())
+    return model, source_dir, frozenset(finite)
 
 
-def _write_checked(args, model, source_dir: Optional[str], describe: Callable[[], str]) -> str:
+def _write_checked(args, model, source_dir: Optional[str], describe: Callable[[], str],
+                   finite: "frozenset[bytes]" = frozenset()) -> str:
     """Check and write the result as ``write_model`` does, and return ``describe()`` (the summary).
 
     ``result_check.result_check`` runs the same checks (the full checker: exit 1 on failure; finite
@@ -223,7 +233,8 @@ def _write_checked(args, model, source_dir: Optional[str], describe: Callable[[]
     to its temporary place; it replaces ``-o`` only after the session's verdict.  A result whose untouched weights are still records in the input's data
     file (``source_dir``) is written as the same result loaded in memory would be: below
     protobuf's limit those records are read in and the model written inline; above, they are
-    copied file to file.
+    copied file to file.  Records among ``finite`` (the door read them whole and found them
+    finite: ``_load_leaving_weights``) are not checked again once read in.
     """
     from graphprune import ir
     from graphprune.external_data import load_external_data
@@ -231,11 +242,18 @@ def _write_checked(args, model, source_dir: Optional[str], describe: Callable[[]
     from graphprune.result_check import result_check
 
     options = {}
-    if source_dir is not None and _inline_bytes(model) >= EXTERNAL_DATA_THRESHOLD:
+    checked: "frozenset[str]" = frozenset()
+    inline = _inline_bytes(model) if source_dir is not None else None  # save counts them otherwise
+    if inline is not None and inline >= EXTERNAL_DATA_THRESHOLD:
         options["source_dir"] = source_dir
-    elif source_dir is not None and ir.has_external_data(model):  # the untouched weights (few: most are sliced)
-        load_external_data(model, args.model)
-    with result_check(model) as verdict:
+    elif inline is not None:
+        if ir.has_external_data(model):  # the untouched weights (few: most are sliced)
+            if finite:
+                checked = frozenset(i.name for i in model.graph.initializer
+                                    if i.data_location == onnx.TensorProto.EXTERNAL and i.SerializeToString() in finite)
+            load_external_data(model, args.model)
+        options["external_data"] = False  # all inline, below the limit: what save would count again
+    with result_check(model, finite_checked=checked) as verdict:
         text = describe()
         save(model, args.output, input_path=args.model, overwrite_input=args.overwrite_input,
              before_commit=verdict, **options)
