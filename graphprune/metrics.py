@@ -85,33 +85,39 @@ def count_macs(
     ``external_dir`` is where the weights of a model loaded without its external data are read
     from, should shapes need one ORT run to resolve.
     """
-    shapes = None if input_shapes else _checked_mac_shapes(model)
+    shapes = None if input_shapes else checked_shapes(model)
+    if shapes is not None and all(vi.name in shapes for vi in real_inputs(model.graph)):
+        total = _total_macs(model, shapes, complete=True)
+        if total is not None:
+            return total
+    shapes = concrete_shapes(model, input_shapes)
     if shapes is None:
-        shapes = concrete_shapes(model, input_shapes)
-        if shapes is None:
-            return None
-        shapes = _complete_mac_shapes(model, shapes, input_shapes or {}, external_dir)
+        return None
+    shapes = _complete_mac_shapes(model, shapes, input_shapes or {}, external_dir)
+    return _total_macs(model, shapes)
+
+
+def _total_macs(model: onnx.ModelProto, shapes: Mapping[str, tuple], complete: bool = False) -> Optional[int]:
+    """The MACs of every node a rule counts, from ``shapes``.  With ``complete`` (the shapes the full
+    check of ``model`` inferred, ``shapes.sharing_inference``): None unless they hold every tensor
+    a MAC rule reads, as only then are they what ``concrete_shapes`` finds (checked in the same
+    walk: one pass over the nodes, not two)."""
     total = 0
     for node in model.graph.node:
         rule = MAC_RULES.get(node.op_type)
         if rule is None:
             continue
+        if complete:  # plain loops over the fields: no tuple or generator per node
+            for name in node.input:
+                if name and name not in shapes:
+                    return None
+            for name in node.output:
+                if name and name not in shapes:
+                    return None
         macs = rule(node, shapes)
         if macs is not None:
             total += macs
     return total
-
-
-def _checked_mac_shapes(model: onnx.ModelProto) -> Optional[dict]:
-    """The shapes the full check of ``model`` inferred (``shapes.sharing_inference``) when they hold
-    every input and every tensor a MAC rule reads: then they are what ``concrete_shapes`` finds."""
-    shapes = checked_shapes(model)
-    if shapes is None or not all(vi.name in shapes for vi in real_inputs(model.graph)):
-        return None
-    for node in model.graph.node:
-        if node.op_type in MAC_RULES and not all(not n or n in shapes for n in list(node.input) + list(node.output)):
-            return None
-    return shapes
 
 
 def _complete_mac_shapes(

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Mapping, Optional
+import math
+from typing import Callable, Dict, Iterable, List, Mapping, Optional, Tuple
 
 import numpy as np
 
@@ -17,11 +18,20 @@ DATA_CRITERIA = ("activation", "output", "wanda")
 _MAGNITUDE_ROLES = ("weight", "norm_scale")
 
 
+# Constants up to this many bytes are reduced in stacks of one shape (a numpy call per stack, not
+# four per constant: 10,000 small weights cost 0.25 s one by one); larger ones one at a time,
+# where the arithmetic dominates anyway.
+_STACK_BYTES = 2**16
+# Bytes of one stack: bounds the temporary copy (and its |w| or w^2 in place) whatever the model.
+_CHUNK_BYTES = 2**21
+
+
 class _AxisNorms:
     """Per-index magnitude of constants along their channel axes, cached per (tensor, axis).
 
     The elementwise |w| (or w^2) of a tensor is computed once and reduced for every axis of it the
     graph knows, then dropped: memory stays O(channels), not a second copy of every weight.
+    ``prefetch`` computes the axes asked for ahead, the small constants stacked by shape.
     """
 
     def __init__(self, dep: DependencyGraph, power: int):
@@ -29,10 +39,13 @@ class _AxisNorms:
         self.power = power
         self._cache: Dict[DimKey, np.ndarray] = {}
 
+    def _magnitude(self, w: np.ndarray, out=None) -> np.ndarray:
+        return np.abs(w, out=out) if self.power == 1 else np.square(w, out=out)
+
     def __call__(self, dim: DimKey) -> np.ndarray:
         if dim not in self._cache:
             w = np.asarray(self.dep.const(dim.tensor), dtype=np.float32)
-            mag = np.abs(w) if self.power == 1 else np.square(w)
+            mag = self._magnitude(w)
             for axis in range(mag.ndim):
                 key = DimKey(dim.tensor, axis)
                 info = self.dep.known(key)  # blocked axes are never scored: not summed
@@ -40,6 +53,44 @@ class _AxisNorms:
                     other = tuple(a for a in range(mag.ndim) if a != axis)
                     self._cache[key] = mag.sum(axis=other) if other else mag
         return self._cache[dim]
+
+    def prefetch(self, dims: Iterable[DimKey]) -> None:
+        """Compute the norms of ``dims`` now: each small C-ordered constant joins a stack of the
+        constants of its shape asking for the same axes, reduced at once when full.  Each row of a
+        stack's sum is bit for bit the sum of that constant alone (the same additions in the same
+        order: the stack axis only repeats the loop), so the scores do not depend on the batching."""
+        wanted: Dict[str, List[int]] = {}
+        for dim in dims:
+            if dim not in self._cache:
+                axes = wanted.setdefault(dim.tensor, [])
+                if dim.axis not in axes:
+                    axes.append(dim.axis)
+        if not wanted:
+            return
+        scratch = np.empty(_CHUNK_BYTES // 4, dtype=np.float32)  # every stack's place: pages touched once
+        stacks: Dict[tuple, List[Tuple[str, np.ndarray]]] = {}
+        for name, axes in wanted.items():
+            value = self.dep.const(name)
+            w = None if value is None else np.asarray(value, dtype=np.float32)
+            if w is None or w.nbytes > _STACK_BYTES or not w.ndim or not w.flags.c_contiguous:
+                continue  # one at a time when asked (a missing constant fails there, as before)
+            key = (w.shape, tuple(sorted(axes)))
+            stack = stacks.setdefault(key, [])
+            stack.append((name, w))
+            if (len(stack) + 1) * w.size > scratch.size:  # full: reduced now (copies held only this long)
+                self._reduce(key, stacks.pop(key), scratch)
+        for key, stack in stacks.items():
+            self._reduce(key, stack, scratch)
+
+    def _reduce(self, key: tuple, stack: List[Tuple[str, np.ndarray]], scratch: np.ndarray) -> None:
+        """The norms of the constants of ``stack`` (one shape) along ``key``'s axes, from one array."""
+        shape, axes = key
+        mag = np.stack([w for _, w in stack], out=scratch[: len(stack) * math.prod(shape)].reshape(len(stack), *shape))
+        self._magnitude(mag, out=mag)
+        for axis in axes:
+            other = tuple(a + 1 for a in range(len(shape)) if a != axis)
+            reduced = mag.sum(axis=other) if other else mag.copy()  # rows outlive the scratch array
+            self._cache.update(zip([DimKey(name, axis) for name, _ in stack], reduced))
 
 
 def _aggregate(group: Group, members, per_index: Callable[[DimKey], np.ndarray]) -> Optional[np.ndarray]:
@@ -60,6 +111,41 @@ def _aggregate(group: Group, members, per_index: Callable[[DimKey], np.ndarray])
             total += per_channel / mean
             used += 1
     return total if used else None
+
+
+def _aggregate_all(
+    groups: List[Group], members: List[list], per_index: Callable[[DimKey], np.ndarray]
+) -> List[Optional[np.ndarray]]:
+    """``_aggregate`` of each group with its members, the same numbers: groups whose members all
+    map index k to channel k are stacked by (channels, member count) and summed in one pass per
+    member position (per row the same divisions and additions in the same order, a skipped
+    member adding nothing: 0.0 added to a total that starts at +0.0 leaves it bit for bit).
+    The rest go one by one."""
+    out: List[Optional[np.ndarray]] = [None] * len(groups)
+    batches: Dict[Tuple[int, int], List[int]] = {}
+    for i, (group, ms) in enumerate(zip(groups, members)):
+        if ms and all(m.identity for m in ms):
+            batches.setdefault((group.channels, len(ms)), []).append(i)
+        else:
+            out[i] = _aggregate(group, ms, per_index)
+    for (channels, count), rows in batches.items():
+        vectors = [per_index(m.dim) for i in rows for m in members[i]]
+        if len(rows) == 1 or any(v.shape != (channels,) for v in vectors):  # odd sizes: as they always went
+            for i in rows:
+                out[i] = _aggregate(groups[i], members[i], per_index)
+            continue
+        values = np.stack(vectors).astype(np.float64, copy=False).reshape(len(rows), count, channels)
+        means = values.sum(axis=2) / channels
+        used = means > 0  # False for NaN too, as in ``_aggregate``
+        total = np.zeros((len(rows), channels), dtype=np.float64)
+        share = np.zeros_like(total)
+        for j in range(count):
+            share.fill(0.0)
+            np.divide(values[:, j], means[:, j, None], out=share, where=used[:, j, None])
+            total += share
+        for i, row, any_used in zip(rows, total, used.any(axis=1).tolist()):
+            out[i] = row if any_used else None
+    return out
 
 
 def group_scores(
@@ -87,25 +173,28 @@ def group_scores(
             reduction axis) -> RMS of the input per reduction index, for ``wanda``.
     """
     l1, l2 = _AxisNorms(dep, 1), _AxisNorms(dep, 2)
-    scores: Dict[int, np.ndarray] = {}
-    for group in groups:
-        magnitude = [m for m in group.params if m.info.role in _MAGNITUDE_ROLES or m.info.role is None]
-        result = None
-        if criterion == "bn":
-            norm_scales = [m for m in group.params if m.info.role == "norm_scale"]
-            result = _aggregate(group, norm_scales, l1)
-        elif criterion == "wanda" and activation_stats:
-            weighted = [m for m in group.params if m.dim.tensor in wanda_axes(activation_stats)]
-            result = _aggregate(group, weighted, _WandaNorms(dep, activation_stats))
-        elif criterion in ("activation", "output") and activation_stats:
-            tensors = [m for m in group.members if m.dim in activation_stats]
-            result = _aggregate(group, tensors, lambda d: activation_stats[d])
-        elif criterion == "l1":
-            result = _aggregate(group, magnitude, l1)
-        if result is None:
-            result = _aggregate(group, magnitude, l2)
-        scores[group.id] = result if result is not None else np.zeros(group.channels)
-    return scores
+    magnitude = [[m for m in g.params if m.info.role in _MAGNITUDE_ROLES or m.info.role is None] for g in groups]
+    results: List[Optional[np.ndarray]] = [None] * len(groups)
+    chosen, per_index = None, None  # the criterion's members of each group, and their per-index scores
+    if criterion == "bn":
+        chosen, per_index = [[m for m in g.params if m.info.role == "norm_scale"] for g in groups], l1
+    elif criterion == "wanda" and activation_stats:
+        axes = wanda_axes(activation_stats)
+        chosen = [[m for m in g.params if m.dim.tensor in axes] for g in groups]
+        per_index = _WandaNorms(dep, activation_stats)
+    elif criterion in ("activation", "output") and activation_stats:
+        chosen, per_index = [[m for m in g.members if m.dim in activation_stats] for g in groups], activation_stats.get
+    elif criterion == "l1":
+        chosen, per_index = magnitude, l1
+    if chosen is not None:
+        if per_index is l1:
+            l1.prefetch(m.dim for ms in chosen for m in ms)
+        results = _aggregate_all(groups, chosen, per_index)
+    rest = [i for i, r in enumerate(results) if r is None]  # no member scored: weight magnitude (l2)
+    l2.prefetch(m.dim for i in rest for m in magnitude[i])
+    for i, r in zip(rest, _aggregate_all([groups[i] for i in rest], [magnitude[i] for i in rest], l2)):
+        results[i] = r
+    return {g.id: r if r is not None else np.zeros(g.channels) for g, r in zip(groups, results)}
 
 
 def wanda_axes(norms: Mapping[DimKey, np.ndarray]) -> Dict[str, DimKey]:
