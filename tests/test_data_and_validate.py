@@ -160,11 +160,10 @@ def test_validate_holds_one_batch_of_outputs(monkeypatch):
     outputs and its float64 copies; stacking both outputs and comparing the whole arrays (the
     negative control) needed both outputs and float64 copies of the whole."""
     import importlib
-    import tracemalloc
 
     from graphprune.data import InputSet
     from graphprune.runtime import make_session, run_samples
-    from tests.test_runtime_samples import _TracedSession
+    from tests.test_runtime_samples import _TracedSession, numpy_peaks
 
     width, samples, batch = 512, 2048, 32
     model, other = _validate_pair(width)
@@ -174,21 +173,12 @@ def test_validate_holds_one_batch_of_outputs(monkeypatch):
     monkeypatch.setattr(validate_module, "make_session", traced)
     total, one_batch = samples * width * 4, batch * width * 4
     validate(model, other, data=data.subset([0]), latency=False)  # first-call imports, not measured
-    peaks = []
-    tracemalloc.start()
-    try:
-        for streamed in (True, False):
-            tracemalloc.reset_peak()
-            base = tracemalloc.get_traced_memory()[0]
-            if streamed:
-                validate(model, other, data=data, latency=False)
-            else:
-                a, b = run_samples(traced(model), data), run_samples(traced(other), data)
-                compare_outputs("y", a["y"], b["y"])
-                del a, b
-            peaks.append(tracemalloc.get_traced_memory()[1] - base)
-    finally:
-        tracemalloc.stop()
+
+    def stacked():
+        a, b = run_samples(traced(model), data), run_samples(traced(other), data)
+        return compare_outputs("y", a["y"], b["y"])
+
+    peaks = numpy_peaks(lambda: validate(model, other, data=data, latency=False), stacked)
     assert peaks[1] > 4 * total  # both outputs, then float64 copies of each
     assert peaks[0] < 8 * one_batch <= total / 8  # a batch of each, their float64 copies, and the rest small
 

@@ -73,6 +73,22 @@ class _TracedSession:
         return [value.copy() for value in self.session.run(names, feed)]
 
 
+def numpy_peaks(*calls) -> list:
+    """The peak of Python-allocated memory (numpy's buffers included) during each call, in bytes."""
+    peaks = []
+    tracemalloc.start()
+    try:
+        for call in calls:
+            tracemalloc.reset_peak()
+            base = tracemalloc.get_traced_memory()[0]
+            result = call()
+            peaks.append(tracemalloc.get_traced_memory()[1] - base)
+            del result
+    finally:
+        tracemalloc.stop()
+    return peaks
+
+
 def test_outputs_are_held_once():
     """Memory: the peak of numpy memory while stacking large outputs is one copy of them plus a
     batch or two; collecting the batches and concatenating them needed two copies."""
@@ -80,16 +96,6 @@ def test_outputs_are_held_once():
     data = InputSet({"x": np.ones((samples, 4), np.float32)})
     session = _TracedSession(make_session(_wide_model(width)))
     total = samples * width * 4  # the output y: 8 MiB
-    peaks = []
-    tracemalloc.start()
-    try:
-        for stack in (run_samples, _concatenated):
-            tracemalloc.reset_peak()
-            base = tracemalloc.get_traced_memory()[0]
-            out = stack(session, data, batch)
-            peaks.append(tracemalloc.get_traced_memory()[1] - base)
-            del out
-    finally:
-        tracemalloc.stop()
+    peaks = numpy_peaks(lambda: run_samples(session, data, batch), lambda: _concatenated(session, data, batch))
     assert peaks[1] >= 2 * total  # the negative control: the old way held them twice
     assert peaks[0] <= total + 3 * total * batch // samples  # one copy, plus the batch being written in
