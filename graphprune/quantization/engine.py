@@ -9,6 +9,7 @@ from typing import Collection, Optional
 import onnx
 
 from graphprune.ir import clone, value_shape
+from graphprune.quantization.channel_weights import fast_quantizer_class, vectorized_channels
 from graphprune.quantization.config import QuantConfig
 from graphprune.quantization.float_layers import keep_float_layers_float
 from graphprune.quantization.indexed_model import indexed_quantizer
@@ -47,8 +48,6 @@ def insert_qdq_nodes(
         # ``prepare`` inferred the shapes; without this mark ORT's quantizer saves the model, infers
         # them again and reloads it: a whole copy of every weight (and weights left on disk are lost).
         copy.metadata_props.add(key="onnx.infer", value="onnxruntime.quant")
-    from onnxruntime.quantization.qdq_quantizer import QDQQuantizer
-
     weight_type, activation_type = config.ort_types()
     names = set(nodes)
     op_types = sorted({n.op_type for n in copy.graph.node if n.name in names})
@@ -57,15 +56,15 @@ def insert_qdq_nodes(
     level = logger.level
     logger.setLevel(logging.ERROR)
     try:
-        with reading_weights_from(source_dir), indexed_quantizer():
-            quantizer = QDQQuantizer(
+        with reading_weights_from(source_dir), indexed_quantizer(), vectorized_channels():
+            quantizer = fast_quantizer_class()(
                 copy,
                 config.per_channel,
                 False,  # reduce_range: only for pre-VNNI CPUs, costs accuracy
                 weight_type,
                 activation_type,
                 ranges,
-                sorted(names),
+                names,  # a set: ORT tests each node's membership (a list made that quadratic)
                 [],
                 op_types,
                 {},
