@@ -13,6 +13,7 @@ from graphprune import ir
 from graphprune.cli import main
 from graphprune.model_io import load
 from graphprune.passes.insert_qdq import InsertQDQPass
+from graphprune.quantization import calibration
 from graphprune.quantization.calibration import as_feeds, calibrate, minmax_ranges
 from graphprune.quantization.config import QuantConfig
 from graphprune.quantization.measure import reference_outputs
@@ -81,6 +82,23 @@ def test_streamed_minmax_equals_ort_calibrator():
             assert a.dtype == b.dtype and a.shape == b.shape
             np.testing.assert_array_equal(a, b, err_msg=name)
     assert len(model.graph.output) == 1  # the exposed tensors were removed again
+
+
+@pytest.mark.parametrize("chunk", [8, 64, 2**22])
+def test_tensor_extremes_equal_each_tensors_min_and_max(chunk, monkeypatch):
+    """Reduced in groups (reduceat over a concatenation): the same [1]-shaped min and max, NaN kept."""
+    monkeypatch.setattr(calibration, "_REDUCE_CHUNK", chunk)
+    rng = np.random.default_rng(0)
+    values = [rng.standard_normal(shape).astype(dtype) for shape, dtype in
+              [((2, 3), np.float32), ((4,), np.float16), ((0, 3), np.float32), ((), np.float32), ((5, 2), np.float32)]]
+    values[0][1, 1] = np.nan
+    names = [f"t{i}" for i in range(len(values))]
+    found = {name: (lo, hi) for name, lo, hi in calibration._tensor_extremes(names, values)}
+    assert "t2" not in found  # empty: no range, as ORT's calibrator keeps none
+    for name, value in zip(names, values):
+        if value.size:
+            for got, want in zip(found[name], (value.min().reshape(1), value.max().reshape(1))):
+                assert got.dtype == want.dtype and got.tobytes() == want.tobytes()
 
 
 def test_streamed_calibration_also_gives_the_float_reference(tmp_path, large):

@@ -210,19 +210,50 @@ def minmax_ranges(model: onnx.ModelProto, feeds: List[Dict[str, np.ndarray]], so
         except Exception as exc:  # ORT reports bad feeds (names, shapes, dtypes) as assorted errors
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise UserError(f"calibration data does not fit the model: {first}") from None
-        for name, value in zip(wanted, values):
-            value = np.asarray(value)
-            if value.size == 0:
-                continue
-            # ReduceMin/ReduceMax over the whole tensor, reshaped to [1] as ORT's augmented graph does
-            lo, hi = value.min().reshape(1), value.max().reshape(1)
-            low[name] = lo if name not in low else np.nanmin([low[name], lo], axis=0)
-            high[name] = hi if name not in high else np.nanmax([high[name], hi], axis=0)
+        for name, lo, hi in _tensor_extremes(wanted, values[: len(wanted)]):
+            # fmin/fmax: nanmin/nanmax over the two feeds (a NaN yields to a number), one call
+            low[name] = lo if name not in low else np.fmin(low[name], lo)
+            high[name] = hi if name not in high else np.fmax(high[name], hi)
         if outputs is not None:
             outputs.append(dict(zip(model_outputs, values[len(wanted):])))
         del values
     del calib
     return TensorsData(CalibrationMethod.MinMax, {name: (low[name], high[name]) for name in wanted if name in low})
+
+
+# Tensors of one dtype are reduced together (``reduceat`` over their concatenation) up to this
+# many bytes at a time: one numpy call for thousands of small activations, a bounded copy for large ones.
+_REDUCE_CHUNK = 4 * 2**20
+
+
+def _tensor_extremes(names: List[str], values) -> Iterable[Tuple[str, np.ndarray, np.ndarray]]:
+    """(name, min, max) of each non-empty tensor, each shaped [1] in its dtype, as ORT's augmented
+    graph's ReduceMin/ReduceMax give them (NaN propagates as in ``ndarray.min``)."""
+    pending: Dict[np.dtype, List[Tuple[str, np.ndarray]]] = {}
+    sizes: Dict[np.dtype, int] = {}
+    for name, value in zip(names, values):
+        value = np.asarray(value)
+        if value.size == 0:
+            continue
+        if value.nbytes >= _REDUCE_CHUNK:
+            yield name, value.min().reshape(1), value.max().reshape(1)
+            continue
+        group = pending.setdefault(value.dtype, [])
+        group.append((name, value))
+        sizes[value.dtype] = sizes.get(value.dtype, 0) + value.nbytes
+        if sizes[value.dtype] >= _REDUCE_CHUNK:
+            yield from _reduce_group(pending.pop(value.dtype))
+            sizes[value.dtype] = 0
+    for group in pending.values():
+        yield from _reduce_group(group)
+
+
+def _reduce_group(group: List[Tuple[str, np.ndarray]]) -> Iterable[Tuple[str, np.ndarray, np.ndarray]]:
+    flat = np.concatenate([value.reshape(-1) for _, value in group])
+    starts = np.cumsum([0] + [value.size for _, value in group[:-1]])
+    lows, highs = np.minimum.reduceat(flat, starts), np.maximum.reduceat(flat, starts)
+    for (name, _), lo, hi in zip(group, lows.reshape(-1, 1), highs.reshape(-1, 1)):
+        yield name, lo, hi
 
 
 class _NonFiniteWatch:
