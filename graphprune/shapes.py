@@ -107,11 +107,18 @@ def _infer(serialized: bytes, strict: bool, data_prop: bool) -> bytes:
     return c_inference.infer_shapes(serialized, strict, strict, data_prop)
 
 
-def _concrete(model: onnx.ModelProto, inferred: bytes) -> Dict[str, Tuple[int, ...]]:
+def _concrete(model: onnx.ModelProto, inferred: bytes, same_initializers: bool = False) -> Dict[str, Tuple[int, ...]]:
     """Name -> shape of every tensor of ``model`` whose shape in the serialized ``inferred`` model
-    (``model`` or a copy sharing its nodes, after shape inference) is concrete."""
-    shapes: Dict[str, Tuple[int, ...]] = {init.name: tuple(init.dims) for init in model.graph.initializer}
+    (``model`` or a copy sharing its nodes, after shape inference) is concrete.
+
+    Args:
+        same_initializers: the inferred model lists ``model``'s initializers (names, dims, order):
+            its own list is read, once.
+    """
     g = _shape_message().FromString(inferred).graph
+    inferred_inits = {init.name: tuple(init.dims) for init in g.initializer}
+    shapes: Dict[str, Tuple[int, ...]] = dict(inferred_inits) if same_initializers else {
+        init.name: tuple(init.dims) for init in model.graph.initializer}
     # Each value's type is read as bytes and decoded once per distinct type: walking 20,000 typed
     # values field by field was 0.16 s (most tensors of a graph share a handful of types)
     by_type: Dict[bytes, Optional[Tuple[int, ...]]] = {}
@@ -122,8 +129,7 @@ def _concrete(model: onnx.ModelProto, inferred: bytes) -> Dict[str, Tuple[int, .
             values = by_type[type_bytes] = _concrete_dims(onnx.TypeProto.FromString(type_bytes))
         if values is not None:
             shapes[vi.name] = values
-    for init in g.initializer:
-        shapes[init.name] = tuple(init.dims)
+    shapes.update(inferred_inits)  # the initializers' dims win over any value of their name
     for node in model.graph.node:  # the inferred model's nodes are ``model``'s: inference adds only value_info
         if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
             shapes[node.output[0]] = tuple(node.attribute[0].t.dims)
@@ -245,7 +251,8 @@ def strict_inference(checked: Optional[onnx.ModelProto], model: onnx.ModelProto,
     """
     inferred = _infer(serialized if serialized is not None else checked.SerializeToString(), strict=True, data_prop=False)
     if _CHECKED is not None:
-        _CHECKED[id(model)] = (model, _signature(model), _concrete(model, inferred), path)
+        # ``checked`` is ``model`` or its weightless copy: the same initializers, records or not
+        _CHECKED[id(model)] = (model, _signature(model), _concrete(model, inferred, same_initializers=True), path)
 
 
 def _entry(model: onnx.ModelProto) -> Optional[tuple]:

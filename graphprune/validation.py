@@ -206,14 +206,12 @@ def _ints(node: onnx.NodeProto, name: str) -> Optional[list]:
 
 
 def check_attributes(graph: onnx.GraphProto) -> None:
-    shapes = {init.name: list(init.dims) for init in graph.initializer}
-    declared = {}
-    for vi in list(graph.input) + list(graph.value_info):
-        if vi.type.HasField("tensor_type") and vi.type.tensor_type.HasField("shape"):
-            declared[vi.name] = [d.dim_value if d.HasField("dim_value") else None for d in vi.type.tensor_type.shape.dim]
+    shapes = declared = None  # built at the first window op (none in an MLP: 0.02 s of 20,000 nodes)
     for node in graph.node:
         if node.op_type not in _WINDOW_OPS or node.domain not in ("", "ai.onnx", "com.microsoft"):
             continue
+        if shapes is None:
+            shapes, declared = _declared_shapes(graph)
         label = f"node {node.name or node.output[0]!r} ({node.op_type})"
         for attr, low in (("strides", 1), ("dilations", 1), ("kernel_shape", 1), ("pads", 0), ("output_padding", 0)):
             values = _ints(node, attr)
@@ -248,6 +246,15 @@ def check_attributes(graph: onnx.GraphProto) -> None:
             if c and node.op_type != "ConvTranspose" and c != per_group * group:
                 raise UserError(f"{label}: {c} input channels but weight {weight} with group {group} "
                                 f"expects {per_group * group}")
+
+
+def _declared_shapes(graph: onnx.GraphProto):
+    """(initializer name -> dims, input or value name -> declared dims with None for unknown ones)."""
+    declared = {}
+    for vi in list(graph.input) + list(graph.value_info):
+        if vi.type.HasField("tensor_type") and vi.type.tensor_type.HasField("shape"):
+            declared[vi.name] = [d.dim_value if d.HasField("dim_value") else None for d in vi.type.tensor_type.shape.dim]
+    return {init.name: list(init.dims) for init in graph.initializer}, declared
 
 
 def _float_tensors(model: onnx.ModelProto, skip: "frozenset[str] | set[str]" = frozenset()):
