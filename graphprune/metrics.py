@@ -86,7 +86,9 @@ def count_macs(
     from, should shapes need one ORT run to resolve.
     """
     shapes = None if input_shapes else checked_shapes(model)
-    if shapes is not None and all(vi.name in shapes for vi in real_inputs(model.graph)):
+    # every graph input known covers the fed ones (``real_inputs``) without a set of the initializers
+    if shapes is not None and (all(vi.name in shapes for vi in model.graph.input)
+                               or all(vi.name in shapes for vi in real_inputs(model.graph))):
         total = _total_macs(model, shapes, complete=True)
         if total is not None:
             return total

@@ -134,6 +134,8 @@ class PruneChannelsPass(Pass):
             raise UserError("prune: per-group ratios and global ranking exclude each other")
 
     def requires(self, model: onnx.ModelProto) -> None:
+        if not self.exclude:  # nothing to look up: no set of every node's name
+            return
         names = {n.name for n in model.graph.node if n.name}
         missing = [n for n in self.exclude if n not in names]
         if missing:

@@ -21,6 +21,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from graphprune.dependency import DependencyGraph, DimKey, Group
+from graphprune.dependency.dims import VIRTUAL_PREFIX
 from graphprune.dependency.shape_info import infer_value_info, model_shell
 from graphprune.errors import UserError
 
@@ -192,9 +193,9 @@ def _drop_unused(graph: onnx.GraphProto, names: set) -> None:
 def _param_masks(masks: Dict[DimKey, np.ndarray]) -> Dict[str, List[Tuple[int, np.ndarray]]]:
     """Constant name -> [(axis, removed mask)] for every constant with pruned indices."""
     by_tensor: Dict[str, List[Tuple[int, np.ndarray]]] = {}
-    for dim, mask in masks.items():
-        if not dim.is_virtual:
-            by_tensor.setdefault(dim.tensor, []).append((dim.axis, mask))
+    for (tensor, axis), mask in masks.items():
+        if not tensor.startswith(VIRTUAL_PREFIX):  # ``DimKey.is_virtual``, without a call per dim
+            by_tensor.setdefault(tensor, []).append((axis, mask))
     return by_tensor
 
 
@@ -253,17 +254,25 @@ def _set_record(model: onnx.ModelProto, record: Union[Dict, str], key: str = PRU
 def _removal_json(removed: Dict[str, List[Tuple[int, np.ndarray]]]) -> str:
     """``json.dumps({name: {str(axis): indices}}, sort_keys=True)`` of the removal masks, character for
     character, written straight from the masks: the labels each mask picks (``compress`` and
-    ``join``, in C) instead of a dict of index lists encoded afterwards (twice the time on 10,000
-    weights).  Names are quoted by json's own string encoder."""
+    ``join``, in C) instead of a dict of index lists encoded afterwards, once per distinct mask
+    (every member of a group, weights and activations, has the same one).  Names are quoted by
+    json's own string encoder."""
     size = max((mask.size for axes in removed.values() for _, mask in axes), default=0)
     labels = [str(i) for i in range(size)]
+    lists: Dict[tuple, str] = {}  # (dtype, bytes) -> its indices as json writes them
     entries = []
     for name in sorted(removed):
         axes = removed[name]
         if len(axes) > 1:  # keys in the order json sorts them: as strings
             axes = sorted(((str(axis), mask) for axis, mask in axes), key=lambda item: item[0])
-        picked = ", ".join(['"%s": [%s]' % (axis, ", ".join(compress(labels, mask.tolist()))) for axis, mask in axes])
-        entries.append(f"{encode_basestring_ascii(name)}: {{{picked}}}")
+        parts = []
+        for axis, mask in axes:
+            key = (mask.dtype.char, mask.tobytes())
+            text = lists.get(key)
+            if text is None:
+                text = lists[key] = ", ".join(compress(labels, mask.tolist()))
+            parts.append('"%s": [%s]' % (axis, text))
+        entries.append(f"{encode_basestring_ascii(name)}: {{{', '.join(parts)}}}")
     return "{" + ", ".join(entries) + "}" if entries else ""
 
 
@@ -291,8 +300,10 @@ def apply_selection(dep: DependencyGraph, masks: Dict[DimKey, np.ndarray], mode:
     const_nodes = {n.output[0]: i for i, n in enumerate(new.graph.node) if n.op_type == "Constant"}
     zeroed = [0]
     for init in model.graph.initializer:
-        if init.name in per_param:
-            add_initializer(new.graph, _edit(dep, init.name, per_param[init.name], mode, zeroed), init.name)
+        name = init.name
+        axes = per_param.get(name)
+        if axes is not None:
+            add_initializer(new.graph, _edit(dep, name, axes, mode, zeroed), name)
         else:
             new.graph.initializer.add().CopyFrom(init)  # upb: ``append`` copies ~3x slower than CopyFrom
     for name, node_index in const_nodes.items():

@@ -70,11 +70,14 @@ class _AxisNorms:
         scratch = np.empty(_CHUNK_BYTES // 4, dtype=np.float32)  # every stack's place: pages touched once
         stacks: Dict[tuple, List[Tuple[str, np.ndarray]]] = {}
         for name, axes in wanted.items():
-            value = self.dep.const(name)
-            w = None if value is None else np.asarray(value, dtype=np.float32)
-            if w is None or w.nbytes > _STACK_BYTES or not w.ndim or not w.flags.c_contiguous:
-                continue  # one at a time when asked (a missing constant fails there, as before)
-            key = (w.shape, tuple(sorted(axes)))
+            w = self.dep.const(name)
+            if w is None:
+                continue  # one at a time when asked: it fails there, as before
+            if w.dtype != np.float32:
+                w = np.asarray(w, dtype=np.float32)
+            if w.nbytes > _STACK_BYTES or not w.ndim or not w.flags.c_contiguous:
+                continue  # large or laid out otherwise: one at a time
+            key = (w.shape, tuple(axes) if len(axes) == 1 else tuple(sorted(axes)))
             stack = stacks.setdefault(key, [])
             stack.append((name, w))
             if (len(stack) + 1) * w.size > scratch.size:  # full: reduced now (copies held only this long)

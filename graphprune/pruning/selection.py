@@ -74,9 +74,12 @@ def select_channels(
         round_to: kept counts are multiples of this (hardware alignment); at least one stays.
     """
     if not global_ranking:
-        lowest = _lowest_of_each(
-            [(scores[g.id], g.channels - kept_count(g.channels, int(math.floor(g.channels * ratio + 1e-9)), round_to))
-             for g in groups])
+        count: Dict[int, int] = {}  # channels -> how many go: the same for every group of that size
+        for g in groups:
+            if g.channels not in count:
+                count[g.channels] = g.channels - kept_count(g.channels, int(math.floor(g.channels * ratio + 1e-9)),
+                                                            round_to)
+        lowest = _lowest_of_each([(scores[g.id], count[g.channels]) for g in groups])
         return {g.id: removed for g, removed in zip(groups, lowest)}
     normalized, owner = [], []
     for i, g in enumerate(groups):
