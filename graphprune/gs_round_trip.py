@@ -12,13 +12,15 @@ wrong False costs time, never a different result.
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Set, Tuple
+from typing import Dict, List, NamedTuple, Optional, Set, Tuple
 
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
+from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
+from onnx_graphsurgeon.importers.onnx_importer import OnnxImporter
 
-__all__ = ["round_trip_keeps"]
+__all__ = ["Replay", "replayable", "round_trip_keeps"]
 
 # What graphsurgeon (0.6) does to a graph, and where each condition below comes from:
 #  - fold_constants: lowers Constant nodes, elides Casts around shape arithmetic (Cast -> op ->
@@ -42,6 +44,38 @@ _PLAIN_ATTRS = frozenset({
 _KNOWN_TYPES = frozenset(onnx.TensorProto.DataType.values())
 
 
+class Replay(NamedTuple):
+    """A graph whose round trip ``replayable`` found computable on the proto."""
+
+    nodes: List[Tuple[str, Tuple[str, ...], Tuple[str, ...]]]  # (op_type, inputs, outputs) of each node
+    producer: Dict[str, int]  # tensor name -> index of the node producing it
+    ordered: bool  # every node after the producers of its inputs
+
+
+def replayable(model: onnx.ModelProto, fold: bool) -> Optional[Replay]:
+    """The nodes of ``model`` when graphsurgeon's round trip of it (as ``CanonicalizePass`` runs
+    it) amounts to ``cleanup``, ``toposort`` and export alone, each node exported byte for byte:
+    nothing ``fold_constants`` would change (when ``fold``), no subgraph, function, Constant node or
+    node field make_node drops, one producer per tensor, tensor types only.  None otherwise."""
+    graph = model.graph
+    if len(model.functions) or not _header_kept(graph):
+        return None
+    inits = [init.name for init in graph.initializer]
+    init_set = set(inits)
+    if len(init_set) != len(inits) or not _types_read(graph):
+        return None
+    inputs = {vi.name for vi in graph.input}
+    if inputs & init_set:
+        return None
+    nodes = _plain_nodes(graph)
+    if nodes is None:
+        return None
+    found = _producers(nodes, inputs | init_set)
+    if found is None or (fold and _foldable(graph, nodes, init_set, found[0])):
+        return None
+    return Replay(nodes, *found)
+
+
 def round_trip_keeps(model: onnx.ModelProto, fold: bool) -> bool:
     """True when graphsurgeon's import, ``fold_constants`` (when ``fold``), ``cleanup``, ``toposort``
     and export, as ``CanonicalizePass`` runs them, would give back ``model``'s graph structure
@@ -50,26 +84,14 @@ def round_trip_keeps(model: onnx.ModelProto, fold: bool) -> bool:
     Assumes what canonicalize does first was a no-op: main-graph Constant nodes (any Constant
     node answers False) and graph inputs that name an initializer (answer False).
     """
+    replay = replayable(model, fold)
+    if replay is None or not replay.ordered:
+        return False
     graph = model.graph
-    if len(model.functions) or not _header_kept(graph):
-        return False
     inits = [init.name for init in graph.initializer]
-    init_set = set(inits)
-    if len(init_set) != len(inits) or any(t.data_type not in _KNOWN_TYPES for t in graph.initializer):
-        return False
-    inputs = {vi.name for vi in graph.input}
-    if inputs & init_set or not all(_io_kept(vi) for vi in list(graph.input) + list(graph.output)):
-        return False
-    if not all(_typed_plainly(vi) for vi in graph.value_info):
-        return False
-    nodes = _plain_nodes(graph)
-    if nodes is None:
-        return False
-    producer = _sorted_producers(nodes, inputs | init_set)
-    if producer is None or (fold and _foldable(graph, nodes, init_set, producer)):
-        return False
-    return (_all_live(graph, nodes) and _depths_ascend(nodes, producer)
-            and _initializers_in_read_order(graph, nodes, inits, init_set))
+    return (all(_io_kept(vi) for vi in list(graph.input) + list(graph.output)) and _all_live(graph, replay.nodes)
+            and _depths_ascend(replay.nodes, replay.producer)
+            and _initializers_in_read_order(graph, replay.nodes, inits, set(inits)))
 
 
 def _header_kept(graph: onnx.GraphProto) -> bool:
@@ -84,6 +106,26 @@ def _header_kept(graph: onnx.GraphProto) -> bool:
 def _io_kept(vi: onnx.ValueInfoProto) -> bool:
     """A graph input or output comes back as its name and a type (types are not structure here)."""
     return vi.HasField("name") and {f.name for f, _ in vi.ListFields()} <= _IO_FIELDS and _typed_plainly(vi)
+
+
+def _types_read(graph: onnx.GraphProto) -> bool:
+    """Whether graphsurgeon imports and exports every element type of the graph's tensors without
+    an error, and every value is a tensor (its importer reads no other type without a warning or an
+    error): each distinct type is tried once with its own functions."""
+    infos = (graph.input, graph.output, graph.value_info)
+    if not all(_typed_plainly(vi) for vis in infos for vi in vis):
+        return False
+    weights = {init.data_type for init in graph.initializer}
+    values = {vi.type.tensor_type.elem_type for vis in infos for vi in vis if vi.HasField("type")}
+    try:
+        for data_type in weights:
+            OnnxImporter.import_tensor(onnx.TensorProto(name="probe", data_type=data_type, dims=[0]))
+        for elem_type in values:
+            probe = onnx.helper.make_tensor_value_info("probe", elem_type, [1])
+            OnnxExporter.export_value_info_proto(OnnxImporter.import_tensor(probe), False)
+    except Exception:  # graphsurgeon fails on this type: let it, as before
+        return False
+    return True
 
 
 def _typed_plainly(vi: onnx.ValueInfoProto) -> bool:
@@ -128,22 +170,20 @@ def _attributes_kept(attrs, verdicts: Dict[bytes, bool]) -> bool:
     return True
 
 
-def _sorted_producers(nodes, sources: Set[str]) -> Optional[Dict[str, int]]:
-    """Tensor name -> index of the node producing it, when the nodes are topologically sorted and
-    each tensor has one producer (none for a graph input or initializer); None otherwise."""
-    produced = {name for _, _, outputs in nodes for name in outputs if name}
+def _producers(nodes, sources: Set[str]) -> Optional[Tuple[Dict[str, int], bool]]:
+    """(tensor name -> index of the node producing it, whether every node comes after the
+    producers of its inputs); None when a tensor has two producers or a node produces a graph
+    input or an initializer (graphsurgeon's cleanup disconnects those)."""
     producer: Dict[str, int] = {}
-    for index, (_, inputs, outputs) in enumerate(nodes):
-        for name in inputs:
-            if name in produced and name not in producer:
-                return None  # read before it is produced: toposort would move nodes
+    for index, (_, _, outputs) in enumerate(nodes):
         for name in outputs:
             if not name:
                 continue
             if name in producer or name in sources:
                 return None
             producer[name] = index
-    return producer
+    ordered = all(producer.get(name, -1) < index for index, (_, inputs, _) in enumerate(nodes) for name in inputs)
+    return producer, ordered
 
 
 def _foldable(graph: onnx.GraphProto, nodes, init_set: Set[str], producer: Dict[str, int]) -> bool:
