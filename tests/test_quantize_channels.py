@@ -11,7 +11,7 @@ from onnx import numpy_helper
 from onnxruntime.quantization import quant_utils
 from onnxruntime.quantization.qdq_quantizer import QDQQuantizer
 
-from graphprune.quantization import engine
+from graphprune.quantization import channel_weights, engine
 from graphprune.quantization.calibration import calibrate, calibration_feeds
 from graphprune.quantization.channel_weights import channel_params, quantize_channels
 from graphprune.quantization.config import QuantConfig
@@ -53,7 +53,9 @@ def _ort_loops(data, axis, qtype):
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the infinite channel: inf / inf, as in ORT
 @pytest.mark.parametrize("qtype", [_INT8, _UINT8])
 @pytest.mark.parametrize("case", range(6))
-def test_channel_params_and_values_match_ort_loops(case, qtype):
+@pytest.mark.parametrize("slice_bytes", [100, 2**22])  # several channels per slice, or all at once
+def test_channel_params_and_values_match_ort_loops(case, qtype, slice_bytes, monkeypatch):
+    monkeypatch.setattr(channel_weights, "_SLICE_BYTES", slice_bytes)
     data, axis = _weights()[case]
     expected_zp, expected_scale, expected_q = _ort_loops(data, axis, qtype)
     zp, scale = channel_params(data, axis, qtype)

@@ -34,9 +34,9 @@ def _quant_utils():
     return importlib.import_module("onnxruntime.quantization.quant_utils")
 
 
-def _rows(data: np.ndarray, axis: int) -> np.ndarray:
-    """``data`` as [channels, elements of one channel] (a channel's elements in ``take(i, axis)`` order)."""
-    return np.moveaxis(data, axis, 0).reshape(data.shape[axis], -1)
+# Channels are quantized in slices of about this many float32 bytes: the temporaries stay small
+# next to a large weight (ORT's loop held one channel's).
+_SLICE_BYTES = 4 * 2**20
 
 
 def channel_params(data: np.ndarray, axis: int, quant_type: int, reduce_range: bool = False
@@ -47,10 +47,11 @@ def channel_params(data: np.ndarray, axis: int, quant_type: int, reduce_range: b
     if data.dtype != np.float32 or data.ndim == 0 or data.shape[axis] == 0 or data.size == 0:
         return None
     qmin, qmax = _quant_utils().get_qmin_qmax_for_qType(quant_type, reduce_range, symmetric=True)
-    rows = _rows(data, axis)
-    # compute_scale_zp: the range widened to hold zero, then made symmetric (float32 throughout)
-    rmin = np.minimum(rows.min(axis=1), np.array(0, dtype=np.float32))
-    rmax = np.maximum(rows.max(axis=1), np.array(0, dtype=np.float32))
+    others = tuple(i for i in range(data.ndim) if i != axis)  # reduced in place, no [channels, rest] copy
+    # compute_scale_zp: the range widened to hold zero, then made symmetric (float32 throughout; the
+    # order of the reduction only decides the sign of a zero bound, which abs() drops)
+    rmin = np.minimum(data.min(axis=others), np.array(0, dtype=np.float32))
+    rmax = np.maximum(data.max(axis=others), np.array(0, dtype=np.float32))
     absmax = np.maximum(np.abs(rmin), np.abs(rmax))
     # the scale in float64, from the float32 bounds, as ORT promotes before subtracting
     scale64 = ((+absmax).astype(np.float64) - (-absmax).astype(np.float64)) / (
@@ -73,9 +74,21 @@ def quantize_channels(data: np.ndarray, axis: int, quant_type: int, scale: np.nd
     qmin, qmax = _quant_utils().get_qmin_qmax_for_qType(quant_type, reduce_range=False, symmetric=False)
     shape = [1] * data.ndim
     shape[axis] = data.shape[axis]
-    values = np.asarray((data.astype(np.float32) / scale.reshape(shape)).round() + zero_point.reshape(shape))
-    np.clip(values, qmin, qmax, out=values)
-    return np.ascontiguousarray(values.astype(onnx.helper.tensor_dtype_to_np_dtype(quant_type)))
+    scale, zero_point = scale.reshape(shape), zero_point.reshape(shape)
+    result = np.empty(data.shape, dtype=onnx.helper.tensor_dtype_to_np_dtype(quant_type))
+    channel_bytes = max(1, data.size // max(1, data.shape[axis])) * 4
+    step = max(1, _SLICE_BYTES // channel_bytes)
+    for start in range(0, data.shape[axis], step):
+        part = [slice(None)] * data.ndim
+        part[axis] = slice(start, start + step)
+        part = tuple(part)
+        values = data[part].astype(np.float32)  # a copy, then worked in place
+        np.divide(values, scale[part], out=values)
+        np.round(values, out=values)
+        np.add(values, zero_point[part], out=values)
+        np.clip(values, qmin, qmax, out=values)
+        result[part] = values
+    return result
 
 
 def _plain(quantizer, name: str, info) -> bool:
