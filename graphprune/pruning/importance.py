@@ -88,7 +88,10 @@ class _AxisNorms:
     def _reduce(self, key: tuple, stack: List[Tuple[str, np.ndarray]], scratch: np.ndarray) -> None:
         """The norms of the constants of ``stack`` (one shape) along ``key``'s axes, from one array."""
         shape, axes = key
-        mag = np.stack([w for _, w in stack], out=scratch[: len(stack) * math.prod(shape)].reshape(len(stack), *shape))
+        # joined along axis 0 into the scratch: the layout of a stack, without np.stack's view per array
+        flat = scratch[: len(stack) * math.prod(shape)]
+        np.concatenate([w for _, w in stack], axis=0, out=flat.reshape(len(stack) * shape[0], *shape[1:]))
+        mag = flat.reshape(len(stack), *shape)
         self._magnitude(mag, out=mag)
         for axis in axes:
             other = tuple(a + 1 for a in range(len(shape)) if a != axis)
@@ -137,7 +140,7 @@ def _aggregate_all(
             for i in rows:
                 out[i] = _aggregate(groups[i], members[i], per_index)
             continue
-        values = np.stack(vectors).astype(np.float64, copy=False).reshape(len(rows), count, channels)
+        values = np.concatenate(vectors).astype(np.float64, copy=False).reshape(len(rows), count, channels)
         means = values.sum(axis=2) / channels
         used = means > 0  # False for NaN too, as in ``_aggregate``
         total = np.zeros((len(rows), channels), dtype=np.float64)
