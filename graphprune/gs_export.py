@@ -54,16 +54,17 @@ def replay_round_trip(model: onnx.ModelProto, replay: Replay) -> Optional[onnx.M
                 seen[name] = known if known is not None else Variable(name)
     for vi in graph.output:
         seen.setdefault(vi.name, tensors[vi.name])
-    initializers = [OnnxExporter.export_tensor_proto(t) for t in seen.values() if not isinstance(t, Variable)]
+    initializers = [t for t in seen.values() if isinstance(t, onnx.TensorProto)]
     for vi in list(graph.input) + list(graph.output):
         seen.pop(vi.name, None)
     value_info = [OnnxExporter.export_value_info_proto(t, False) for t in seen.values()
                   if isinstance(t, Variable) and (t.dtype is not None or t.shape is not None)]
+    typed = {vi.name: _imported(tensors[vi.name]) for vi in list(graph.input) + list(graph.output)}
     exported = helper.make_graph(
         nodes=[graph.node[index] for index in order],
         name=graph.name,
-        inputs=[OnnxExporter.export_value_info_proto(tensors[vi.name], False) for vi in graph.input],
-        outputs=[OnnxExporter.export_value_info_proto(tensors[vi.name], False) for vi in graph.output],
+        inputs=[OnnxExporter.export_value_info_proto(typed[vi.name], False) for vi in graph.input],
+        outputs=[OnnxExporter.export_value_info_proto(typed[vi.name], False) for vi in graph.output],
         initializer=initializers,
         sparse_initializer=[],
         doc_string=graph.doc_string,
@@ -96,6 +97,12 @@ def _toposorted(replay: Replay, live: List[bool]) -> Optional[List[int]]:
     nodes, producer = replay.nodes, replay.producer
     depth: Dict[int, int] = {}
     filled: List[int] = []
+    if replay.ordered:  # every producer first: the memo fills in node order, one pass
+        for index in (i for i, keep in enumerate(live) if keep):
+            depth[index] = 1 + max((depth[producer[name]] for name in nodes[index][1] if name in producer),
+                                   default=-1)
+            filled.append(index)
+        return sorted(filled, key=depth.__getitem__)
     for start in (i for i, keep in enumerate(live) if keep):
         if start in depth:
             continue
@@ -121,18 +128,25 @@ def _producers_of(node, producer: Dict[str, int]) -> List[int]:
     return list(dict.fromkeys(producer[name] for name in node[1] if name in producer))
 
 
+def _imported(tensor):
+    """graphsurgeon's tensor for an entry of ``_imported_tensors`` (an initializer is imported
+    only when asked: it is a graph output)."""
+    return OnnxImporter.import_tensor(tensor) if isinstance(tensor, onnx.TensorProto) else tensor
+
+
 def _imported_tensors(graph: onnx.GraphProto) -> Dict[str, object]:
-    """Name -> graphsurgeon tensor as its importer builds them: initializers, then value_info
-    (a later entry fills the dtype and shape an earlier one lacks), then inputs and outputs (an
-    entry of value_info wins over them)."""
+    """Name -> graphsurgeon tensor as its importer builds them: initializers (their protos here:
+    graphsurgeon exports them as they are, named), then value_info (a later entry fills the dtype
+    and shape an earlier one lacks), then inputs and outputs (an entry of value_info wins)."""
     tensors: Dict[str, object] = {}
     for init in graph.initializer:
-        tensors[init.name] = OnnxImporter.import_tensor(init)
+        init.name = init.name  # what the exporter does to the proto it writes (the field is then set)
+        tensors[init.name] = init
     for vi in graph.value_info:
         known = tensors.get(vi.name)
         if known is None:
             tensors[vi.name] = OnnxImporter.import_tensor(vi)
-        elif isinstance(known, Variable):
+        elif isinstance(known, Variable):  # an initializer's entry changes nothing
             tensor = OnnxImporter.import_tensor(vi)
             known.dtype = known.dtype or tensor.dtype
             known.shape = known.shape or tensor.shape

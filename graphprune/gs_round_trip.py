@@ -76,15 +76,15 @@ def replayable(model: onnx.ModelProto, fold: bool) -> Optional[Replay]:
     return Replay(nodes, *found)
 
 
-def round_trip_keeps(model: onnx.ModelProto, fold: bool) -> bool:
-    """True when graphsurgeon's import, ``fold_constants`` (when ``fold``), ``cleanup``, ``toposort``
-    and export, as ``CanonicalizePass`` runs them, would give back ``model``'s graph structure
-    unchanged.  Reads each node's proto once (no copy, no weight); False whenever unsure.
+def round_trip_keeps(model: onnx.ModelProto, replay: Optional[Replay]) -> bool:
+    """True when graphsurgeon's import, ``fold_constants``, ``cleanup``, ``toposort`` and export, as
+    ``CanonicalizePass`` runs them, would give back ``model``'s graph structure unchanged
+    (``replay``: ``replayable(model, fold)``, None answers False).  Linear in the graph; False
+    whenever unsure.
 
-    Assumes what canonicalize does first was a no-op: main-graph Constant nodes (any Constant
-    node answers False) and graph inputs that name an initializer (answer False).
+    Assumes what canonicalize does first was a no-op: main-graph Constant nodes (``replayable``
+    refuses any) and graph inputs that name an initializer (refused too).
     """
-    replay = replayable(model, fold)
     if replay is None or not replay.ordered:
         return False
     graph = model.graph

@@ -13,7 +13,7 @@ from onnx import numpy_helper
 from graphprune import ir
 from graphprune.errors import UserError
 from graphprune.gs_export import replay_round_trip
-from graphprune.gs_round_trip import replayable, round_trip_keeps
+from graphprune.gs_round_trip import Replay, replayable, round_trip_keeps
 from graphprune.model_io import for_ort
 from graphprune.passes.base import Pass, PassResult, register_pass
 from graphprune.passes.fuse_hardswish import FuseHardSwishPass, has_hardswish
@@ -66,8 +66,8 @@ class CanonicalizePass(Pass):
         self.fuse = bool(fuse)
 
     def call(self, model: onnx.ModelProto) -> PassResult:
-        if self._shortcuts and round_trip_keeps(model, self.fold) and not (
-                self.fuse and has_hardswish(model.graph)):
+        replay = replayable(model, self.fold) if self._shortcuts else None
+        if round_trip_keeps(model, replay) and not (self.fuse and has_hardswish(model.graph)):
             # Nothing to convert, fold, clean, sort or fuse: what the round trip below would find
             # (its result's structure equals ``model``'s), read off the proto in linear time (a
             # 20,000-node graph: 0.1 s instead of 7 s and a graphsurgeon object per tensor).
@@ -76,9 +76,9 @@ class CanonicalizePass(Pass):
             if fold_failure:
                 warnings.warn(f"constant folding {fold_failure}", stacklevel=2)
             return PassResult(model, False, _stats(0, 0, 0, fold_failure, None))
-        return self._round_trip(model)
+        return self._round_trip(model, replay)
 
-    def _round_trip(self, model: onnx.ModelProto) -> PassResult:
+    def _round_trip(self, model: onnx.ModelProto, replay: Optional[Replay]) -> PassResult:
         # The work is done on a weightless copy (``ir.weightless_copy``): weights only folding can
         # read keep their data, the others are records put back at the end (from ``model``, and only
         # when something changed).  Cloning the model and graphsurgeon's import and export of it
@@ -95,7 +95,8 @@ class CanonicalizePass(Pass):
                 fold_failure = f"skipped: {exc}"
         nodes_before = len(work.graph.node)
         folds = self.fold and fold_failure is None
-        replay = replayable(work, folds) if self._shortcuts else None
+        if self._shortcuts and (constants or dropped_inputs or folds != self.fold):
+            replay = replayable(work, folds)  # else ``work``'s graph is ``model``'s, weights aside
         # nothing to fold: graphsurgeon's cleanup, toposort and export replayed on the proto
         result = replay_round_trip(work, replay) if replay is not None else None
         if result is None:
