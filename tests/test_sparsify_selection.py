@@ -152,3 +152,38 @@ def test_wanda_global_scores_streamed_equal_in_memory(monkeypatch):
     got = run()
     for name in expected:
         np.testing.assert_array_equal(got[name], expected[name], err_msg=name)
+
+
+@pytest.mark.parametrize("keep_limit", [0, 2**24])
+def test_pass_reads_small_weights_once_and_never_overwrites_them(tmp_path, monkeypatch, keep_limit):
+    """The global ranking holds small weights read once (read-only) for its passes and the pruning:
+    each weight is read from disk once, and the result equals the in-memory pass's, also when the
+    ranking needs its extra counting pass (``_KEEP_LIMIT`` 0), which must not write into them."""
+    import importlib
+
+    from graphprune.model_io import load, save
+    from graphprune.passes.sparsify_weights import SparsifyWeightsPass
+    from tests.test_sparsify_pass import small_net, weights
+
+    pass_module = importlib.import_module("graphprune.passes.sparsify_weights")  # the package's name is the function
+    expected = weights(SparsifyWeightsPass(sparsity=0.5)(small_net()).model)
+    path = tmp_path / "ext.onnx"
+    save(small_net(), str(path), external_data=True)
+    monkeypatch.setattr(selection, "IN_MEMORY_LIMIT", 0)
+    monkeypatch.setattr(selection, "_KEEP_LIMIT", keep_limit)
+    reads = []
+    original = SparsifyWeightsPass._read
+    monkeypatch.setattr(SparsifyWeightsPass, "_read", lambda self, tensor: reads.append(tensor.name) or original(self, tensor))
+    model = load(str(path), load_external_data=False)
+    result = SparsifyWeightsPass(sparsity=0.5, source_dir=str(tmp_path))(model)
+    layers = len(result.stats["layers"])
+    assert layers == 4 and sorted(reads) == sorted({row["weight"] for row in result.stats["layers"]})  # once each
+    out = tmp_path / "out.onnx"
+    save(result.model, str(out), source_dir=str(tmp_path))
+    got = weights(load(str(out)))
+    for name in expected:
+        np.testing.assert_array_equal(got[name], expected[name], err_msg=name)
+    monkeypatch.setattr(pass_module, "_HOLD_BELOW", 0)  # nothing held: read once per pass of the ranking
+    reads.clear()
+    SparsifyWeightsPass(sparsity=0.5, source_dir=str(tmp_path))(load(str(path), load_external_data=False))
+    assert len(reads) == layers * (4 if keep_limit == 0 else 3)

@@ -43,7 +43,8 @@ class LazyWeights:
         dtypes: numpy dtype of each weight (floating).
         load: index -> the weight's values (any shape); called once per pass, so it may read from disk.
         owned: ``load`` returns a fresh array each call, which the selection may overwrite (one
-            layer-sized temporary fewer per pass: each costs page faults, most of a pass's CPU time).
+            layer-sized temporary fewer per pass: each costs page faults, most of a pass's CPU time);
+            an array it returns read-only (one it hands out again) is never overwritten.
     """
 
     sizes: Sequence[int]
