@@ -44,15 +44,19 @@ class _AxisNorms:
 
     def __call__(self, dim: DimKey) -> np.ndarray:
         if dim not in self._cache:
-            w = np.asarray(self.dep.const(dim.tensor), dtype=np.float32)
-            mag = self._magnitude(w)
-            for axis in range(mag.ndim):
-                key = DimKey(dim.tensor, axis)
-                info = self.dep.known(key)  # blocked axes are never scored: not summed
-                if key == dim or (info is not None and not info.fixed and not info.reasons):
-                    other = tuple(a for a in range(mag.ndim) if a != axis)
-                    self._cache[key] = mag.sum(axis=other) if other else mag
+            self._norms(dim.tensor, self.dep.const(dim.tensor), (dim.axis,))
         return self._cache[dim]
+
+    def _norms(self, name: str, value, required) -> None:
+        """Cache the norms of constant ``name`` (its ``value``) along the ``required`` axes and every
+        other axis the graph knows as prunable."""
+        mag = self._magnitude(np.asarray(value, dtype=np.float32))
+        for axis in range(mag.ndim):
+            key = DimKey(name, axis)
+            info = self.dep.known(key)  # blocked axes are never scored: not summed
+            if axis in required or (info is not None and not info.fixed and not info.reasons):
+                other = tuple(a for a in range(mag.ndim) if a != axis)
+                self._cache[key] = mag.sum(axis=other) if other else mag
 
     def prefetch(self, dims: Iterable[DimKey]) -> None:
         """Compute the norms of ``dims`` now: each small C-ordered constant joins a stack of the
@@ -70,13 +74,17 @@ class _AxisNorms:
         scratch = np.empty(_CHUNK_BYTES // 4, dtype=np.float32)  # every stack's place: pages touched once
         stacks: Dict[tuple, List[Tuple[str, np.ndarray]]] = {}
         for name, axes in wanted.items():
+            shape = self.dep.shapes.get(name)  # sized before reading: a large weight is read once, when asked
+            if shape is None or not all(isinstance(d, int) for d in shape) or math.prod(shape) * 4 > _STACK_BYTES:
+                continue
             w = self.dep.const(name)
             if w is None:
                 continue  # one at a time when asked: it fails there, as before
             if w.dtype != np.float32:
                 w = np.asarray(w, dtype=np.float32)
-            if w.nbytes > _STACK_BYTES or not w.ndim or not w.flags.c_contiguous:
-                continue  # large or laid out otherwise: one at a time
+            if w.nbytes > _STACK_BYTES or not w.ndim or not w.flags.c_contiguous:  # laid out otherwise: alone
+                self._norms(name, w, axes)
+                continue
             key = (w.shape, tuple(axes) if len(axes) == 1 else tuple(sorted(axes)))
             stack = stacks.setdefault(key, [])
             stack.append((name, w))
