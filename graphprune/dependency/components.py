@@ -38,8 +38,12 @@ def components_in_order(total: int, a: Sequence[int], b: Sequence[int]) -> Itera
         return
     labels = label_components(total, np.asarray(a, np.int64), np.asarray(b, np.int64))  # first index of each
     order = np.argsort(labels, kind="stable")
-    for chunk in np.split(order, np.flatnonzero(np.diff(labels[order])) + 1):
-        yield chunk.tolist()
+    ends = (np.flatnonzero(np.diff(labels[order])) + 1).tolist() + [total]
+    order = order.tolist()  # sliced as a list: no array per component (thousands of them)
+    start = 0
+    for end in ends:
+        yield order[start:end]
+        start = end
 
 
 class UnionFind:

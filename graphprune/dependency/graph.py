@@ -8,15 +8,13 @@ from typing import Dict, Iterator, List, NamedTuple, Optional, Set, Tuple, Union
 import numpy as np
 import onnx
 
-from graphprune import ir
 from graphprune.dependency.components import as_networkx, components_in_order
 from graphprune.dependency.dims import DimInfo, DimKey, is_concrete
 from graphprune.dependency.factors import resolve_factors
 from graphprune.dependency.index_mapping import IDENTITY, IndexMapping, MappingError
-from graphprune.dependency.model_view import ModelView
+from graphprune.dependency.model_view import ModelView, NodeFields
 from graphprune.dependency.options import AnalysisOptions
 from graphprune.dependency.rules import MissingShape, RuleContext, rule_for
-from graphprune.dependency.shape_info import tensor_shapes
 
 __all__ = ["DependencyGraph", "Component", "build_dependency_graph", "outer_names"]
 
@@ -50,8 +48,8 @@ class DependencyGraph(ModelView):
             label), resolved once every node is seen (``graphprune.dependency.factors``).
     """
 
-    def __init__(self, model: onnx.ModelProto, shapes: Dict[str, Tuple], options: Optional[AnalysisOptions] = None,
-                 source_dir: Optional[str] = None):
+    def __init__(self, model: onnx.ModelProto, shapes: Optional[Dict[str, Tuple]] = None,
+                 options: Optional[AnalysisOptions] = None, source_dir: Optional[str] = None):
         super().__init__(model, shapes, source_dir)
         self.options = options or AnalysisOptions()
         self.fixups: List[Tuple[int, object]] = []
@@ -86,8 +84,10 @@ class DependencyGraph(ModelView):
         if size is None:
             shape = self.shapes.get(tensor)
             size = shape[axis] if shape is not None and axis < len(shape) else None
-        # positional: keywords make the call build a dict, half the cost of a dim (60,000 on a 20,000-node graph)
-        info = DimInfo(size, self.is_const(tensor), self.roles.get(tensor))
+        # positional: keywords make the call build a dict, half the cost of a dim (60,000 on a
+        # 20,000-node graph); ``is_const`` inlined for the same reason
+        param = tensor in self._inits or tensor in self._const_nodes
+        info = DimInfo(size, param, self.roles.get(tensor))
         info.index = len(self._adj)
         self._adj.append({})
         self._infos[dim] = info
@@ -196,11 +196,11 @@ class DependencyGraph(ModelView):
         return self._groups
 
     # -- steps of build --------------------------------------------------------------------
-    def _apply_rule(self, index: int, node: onnx.NodeProto) -> None:
-        op_type, domain = node.op_type, node.domain  # read once: each read of a proto field makes a new str
+    def _apply_rule(self, index: int, fields: NodeFields) -> None:
+        node, op_type, domain, _, _ = fields
         if op_type == "Constant" and domain in ("", "ai.onnx"):
             return  # its output is a constant; the consumers' rules say what its axes are
-        ctx = RuleContext(self, node, index)
+        ctx = RuleContext(self, fields, index)
         outer = outer_names(node)
         if outer:  # a subgraph reads these tensors without listing them as the node's inputs
             for name in sorted(outer):
@@ -215,14 +215,13 @@ class DependencyGraph(ModelView):
         except MissingShape as exc:
             self._block_node(ctx, f"shape of {exc} unknown")
             return
+        # every axis the rule left unmapped is blocked; one comprehension over the node's axes (a
+        # plain tuple finds its DimKey in ``mentioned``: no named tuple built per axis)
         shapes, mentioned, ignored = self.shapes, ctx.mentioned, ctx.ignored
-        for names in (ctx.inputs, ctx.outputs):
-            for name in names:
-                if not name or name in ignored:
-                    continue
-                for axis in range(len(shapes.get(name) or ())):
-                    if (name, axis) not in mentioned:  # a plain tuple finds its DimKey: no named tuple built per axis
-                        ctx.block(DimKey(name, axis), f"the rule does not map axis {axis} of {name}")
+        unmapped = [(name, axis) for name in ctx.inputs + ctx.outputs if name and name not in ignored
+                    for axis in range(len(shapes.get(name) or ())) if (name, axis) not in mentioned]
+        for name, axis in dict.fromkeys(unmapped):  # a tensor read twice (Add(x, x)) is blocked once
+            ctx.block(DimKey(name, axis), f"the rule does not map axis {axis} of {name}")
 
     def _block_node(self, ctx: RuleContext, reason: str) -> None:
         for name in ctx.inputs + ctx.outputs:
@@ -230,7 +229,7 @@ class DependencyGraph(ModelView):
                 ctx.block_tensor(name, reason)
 
     def _pin_boundary(self) -> None:
-        for vi in ir.real_inputs(self.model.graph):
+        for vi in self.real_inputs:
             for axis in range(len(self.shapes.get(vi.name) or ())):
                 self.add_reason(DimKey(vi.name, axis), f"graph input {vi.name}")
         for vi in self.model.graph.output:
@@ -271,9 +270,10 @@ def build_dependency_graph(
         options: head-dim or hidden-size coupling (``AnalysisOptions``; default: neither).
         source_dir: where the weights of a model loaded without its external data are (``DependencyGraph``).
     """
-    dep = DependencyGraph(model, shapes if shapes is not None else tensor_shapes(model), options, source_dir)
-    for index, node in enumerate(model.graph.node):
-        dep._apply_rule(index, node)
+    dep = DependencyGraph(model, shapes, options, source_dir)
+    for index, fields in enumerate(dep.node_fields):
+        dep._apply_rule(index, fields)
+    dep.node_fields = []  # read by the rules only: their lists need not outlive the analysis
     dep._pin_boundary()
     dep._resolve_factors()
     return dep

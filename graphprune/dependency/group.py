@@ -111,22 +111,28 @@ def _dedupe(items) -> List[str]:
     return list(dict.fromkeys(items))
 
 
+def _reasons(infos: List[DimInfo]) -> List[str]:
+    """The reasons of every dim, in order."""
+    return [r for i in infos for r in i.reasons]
+
+
 def find_groups(dep: "DependencyGraph") -> List[Group]:
     """Every group of the dependency graph (channel groups and trivial ones alike)."""
     groups: List[Group] = []
     for dims, infos, mapped in dep.sorted_components():
-        fixed = any(i.fixed for i in infos)
+        flagged = [i for i in infos if i.reasons or i.fixed]  # few: the reasons and ``fixed`` are read from these
+        fixed = any(i.fixed for i in flagged)
         sizes = {i.size for i in infos}
         if not all(map(is_concrete, sizes)):  # a dynamic size: judged once per distinct size
             first, size = next((d, i.size) for d, i in zip(dims, infos) if not i.concrete)
             what = "unknown" if size is None else f"dynamic ({size})"
-            reasons = _dedupe([r for i in infos for r in i.reasons] + [f"size of {first} is {what}"])
+            reasons = _dedupe(_reasons(flagged) + [f"size of {first} is {what}"])
             members = [Member(d, i, None, None) for d, i in zip(dims, infos)]
             groups.append(Group(len(groups), None, members, reasons, fixed))
             continue
         # one size and no link but identities (``Component.mapped`` answers without reading the links)
         if len(sizes) == 1 and not mapped:
-            _add_identity_group(groups, dims, infos, fixed)
+            _add_identity_group(groups, dims, infos, _reasons(flagged), fixed)
             continue
         # each edge once (from its smaller end)
         links = [link for d in dims for other, between in dep.neighbors(d).items() if other >= d for link in between]
@@ -134,13 +140,12 @@ def find_groups(dep: "DependencyGraph") -> List[Group]:
     return groups
 
 
-def _add_identity_group(groups: List[Group], dims, infos, fixed: bool) -> None:
+def _add_identity_group(groups: List[Group], dims, infos, reasons: List[str], fixed: bool) -> None:
     """Fast path: every coupling is index i <-> index i between dims of one size."""
     n = infos[0].size
     idx = np.arange(n, dtype=np.int64)
     members = [Member(d, i, idx, idx, True) for d, i in zip(dims, infos)]
-    reasons = _dedupe(r for i in infos for r in i.reasons)
-    groups.append(Group(len(groups), n, members, reasons, fixed))
+    groups.append(Group(len(groups), n, members, _dedupe(reasons), fixed))
 
 
 def _add_labelled_groups(groups: List[Group], dims, infos, links) -> None:

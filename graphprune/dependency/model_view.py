@@ -10,7 +10,10 @@ from onnx import numpy_helper
 
 from graphprune import ir
 
-__all__ = ["ModelView"]
+__all__ = ["ModelView", "NodeFields"]
+
+# (node, op_type, domain, inputs, outputs): a plain tuple, made once per node of the graph
+NodeFields = Tuple[onnx.NodeProto, str, str, List[str], List[str]]
 
 # Ops that only relabel their input's values (a weight reshaped or transposed before use).
 _RELABEL_OPS = ("Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Identity", "Cast")
@@ -58,23 +61,43 @@ class ModelView:
         graph_outputs: names of the graph's outputs.
     """
 
-    def __init__(self, model: onnx.ModelProto, shapes: Dict[str, Tuple], source_dir: Optional[str] = None):
+    def __init__(self, model: onnx.ModelProto, shapes: Optional[Dict[str, Tuple]] = None, source_dir: Optional[str] = None):
+        """``shapes``: tensor name -> shape when known; else ``tensor_shapes``' (see ``_shapes``)."""
         self.model = model
         self.source_dir = source_dir
-        self.shapes = shapes
         self.opset = next((i.version for i in model.opset_import if i.domain in ("", "ai.onnx")), 1)
-        self._inits = {init.name: init for init in model.graph.initializer}
-        fed = {vi.name for vi in ir.real_inputs(model.graph)}
-        for name in fed:
-            self._inits.pop(name, None)  # an overridable initializer is an input, not a constant
+        graph = model.graph
+        # Every initializer is a constant, also one the graph's inputs list (old-style graphs list
+        # them all).  (Until 2a8e175 a loop here meant to drop such initializers, but it dropped
+        # names of ``ir.real_inputs``, which are no initializers: it never dropped anything.)
+        self._inits = {init.name: init for init in graph.initializer}
+        # the graph inputs the user feeds (``ir.real_inputs``, without reading every initializer's name again)
+        self.real_inputs = [vi for vi in graph.input if vi.name not in self._inits]
+        # Every node's fields read once: each read of a proto field builds new Python objects, and
+        # the producers, the Constant nodes and the rules' contexts all need them.
+        self.node_fields: List[NodeFields] = [(n, n.op_type, n.domain, n.input[:], n.output[:]) for n in graph.node]
+        self._producers = {out: n for n, _, _, _, outputs in self.node_fields for out in outputs if out}
         self._const_nodes = {
-            n.output[0]: n for n in model.graph.node if n.op_type == "Constant" and n.domain in ("", "ai.onnx")
+            outputs[0]: n for n, op, domain, _, outputs in self.node_fields if op == "Constant" and domain in ("", "ai.onnx")
         }
         self._values: Dict[str, np.ndarray] = {}
         self._consumers = None
-        self.graph_outputs = {vi.name for vi in model.graph.output}
-        self._producers = ir.producer_map(model.graph)
+        self.graph_outputs = {vi.name for vi in graph.output}
         self._derived: Dict[str, bool] = {}
+        self.shapes = shapes if shapes is not None else self._shapes()
+
+    def _shapes(self) -> Dict[str, Tuple]:
+        """The shapes the model's full check inferred when they cover every real input and node
+        output (``shapes.covers``, here on the fields read above: no second pass over 20,000
+        nodes), else ``tensor_shapes``."""
+        from graphprune.dependency.shape_info import tensor_shapes
+        from graphprune.shapes import checked_shapes
+
+        checked = checked_shapes(self.model)
+        if checked is not None and all(vi.name in checked for vi in self.real_inputs) and all(
+                not name or name in checked for _, _, _, _, outputs in self.node_fields for name in outputs):
+            return dict(checked)
+        return tensor_shapes(self.model)
 
     def is_const(self, name: str) -> bool:
         return name in self._inits or name in self._const_nodes
@@ -82,8 +105,9 @@ class ModelView:
     def is_derived_const(self, name: str) -> bool:
         """A constant, or a relabelling (Reshape, Transpose...) of constants only: its values are
         the constants' values, so deleting or zeroing the source channels prunes it too."""
-        if name in self._derived:
-            return self._derived[name]
+        known = self._derived.get(name)
+        if known is not None:
+            return known
         self._derived[name] = False  # cycles cannot occur in a valid graph; this also ends recursion
         node = self._producers.get(name)
         result = self.is_const(name) or (

@@ -27,13 +27,14 @@ def couple_broadcast(ctx: RuleContext, output: str, inputs: Sequence[Optional[st
     """
     out_shape = ctx.require_shape(output)
     rank = len(out_shape)
+    out_dims = [DimKey(output, axis) for axis in range(rank)]  # made once, not once per input
     for name in inputs:
         if not name:
             continue
         shape = ctx.require_shape(name)
         lead = rank - len(shape)
         for axis, size in enumerate(shape):
-            out_dim = DimKey(output, lead + axis)
+            out_dim = out_dims[lead + axis]
             target = out_shape[lead + axis]
             if size == 1 and target != 1:
                 ctx.leave(DimKey(name, axis))  # a size-1 axis never changes

@@ -136,21 +136,22 @@ def matmul(ctx: RuleContext) -> None:
         for name in (a, b, y):
             ctx.block_tensor(name, "MatMul with a 1-D operand")
         return
-    for name in (a, b):
-        if ctx.is_param(name):
+    param_a, param_b = ctx.is_param(a), ctx.is_param(b)
+    for name, param in ((a, param_a), (b, param_b)):
+        if param:
             ctx.param(name, "weight")
     ctx.couple(DimKey(a, ra - 2), DimKey(y, ry - 2))
     ctx.couple(DimKey(b, rb - 1), DimKey(y, ry - 1))
-    const_a = ctx.is_constant(a)
-    const_b = ctx.is_constant(b)
+    const_a = param_a or ctx.is_constant(a)  # a constant is one: no walk up its producers
+    const_b = param_b or ctx.is_constant(b)
     if const_a or const_b:
         ctx.couple(DimKey(a, ra - 1), DimKey(b, rb - 2))  # the contraction, prunable (``_contraction``)
         if ra >= 3 and not const_a:  # a token-wise projection's input: FFN neurons, or hidden/heads
             ctx.tag(DimKey(a, ra - 1), FFN)
     else:  # Q.K^T, P.V: heads and head dims (rules/attention.py)
         activation_matmul(ctx)
-    for name, shape in ((a, shape_a), (b, shape_b)):
-        for axis in range(len(shape) - 2):  # the batch axes (none for 2-D operands)
+    for name, shape in ((a, shape_a), (b, shape_b)) if ry > 2 else ():  # the batch axes
+        for axis in range(len(shape) - 2):
             out_axis = ry - len(shape) + axis
             if shape[axis] == 1 and shape_y[out_axis] != 1:
                 ctx.leave(DimKey(name, axis))

@@ -41,6 +41,8 @@ def register_rule(*op_types: str, domain: str = "") -> Callable[[Rule], Rule]:
 
 
 def rule_for(op_type: str, domain: str = "") -> Optional[Rule]:
+    if not domain:  # ai.onnx as most nodes write it: no call to normalize it (once per node)
+        return _RULES.get(("", op_type))
     return _RULES.get((_norm_domain(domain), op_type))
 
 
@@ -66,14 +68,12 @@ class RuleContext:
     blocked afterwards ("rule does not map axis k"): forgetting an axis can never prune it silently.
     """
 
-    def __init__(self, builder: Any, node: onnx.NodeProto, index: int):
+    def __init__(self, builder: Any, fields: Tuple[onnx.NodeProto, str, str, List[str], List[str]], index: int):
+        """``fields``: the node, its op_type, domain, inputs and outputs, read from the proto once
+        (``graphprune.dependency.model_view.NodeFields``)."""
         self._b = builder
-        self.node = node
+        self.node, self.op_type, _, self.inputs, self.outputs = fields
         self.index = index
-        self.op_type = node.op_type
-        # a slice copies a proto's repeated field to a list in one call, faster than list() (once per node)
-        self.inputs: List[str] = node.input[:]
-        self.outputs: List[str] = node.output[:]
         self.mentioned: set = set()
         self.ignored: set = set()
 
