@@ -111,53 +111,57 @@ def summary(group) -> tuple:
             tuple(first.positions[first.atoms == 0].tolist()))
 
 
+# The channel groups of the BERT layer: the hidden size, position ids, whole heads (head 0 is the
+# first 8 columns of every projection), FFN neurons, the pooler and the classifier.
+_BERT_HIDDEN = (1, "hidden", 16, False, 17, "embeddings.LayerNorm.bias[0]", (0,))
+_BERT_POSITIONS = (6, "channels", 128, False, 1, "embeddings.position_ids[1]", (0,))
+_BERT = [
+    _BERT_HIDDEN, _BERT_POSITIONS,
+    (8, "heads", 2, True, 7, "encoder.layer.0.attention.output.dense.weight[0]", (0, 1, 2, 3, 4, 5, 6, 7)),
+    (13, "ffn", 32, True, 3, "encoder.layer.0.intermediate.dense.bias[0]", (0,)),
+    (14, "channels", 16, True, 3, "classifier.weight[1]", (0,)),
+    (15, "channels", 2, False, 2, "classifier.bias[0]", (0,)),
+]
+# --head-dim: the same 8 dims of every head (dim 0 is columns 0 and 8), Q/K and V/output apart
+_BERT_HEAD_DIM = [
+    _BERT_HIDDEN, _BERT_POSITIONS,
+    (8, "head_dim", 8, True, 4, "encoder.layer.0.attention.self.key.bias[0]", (0, 8)),
+    (10, "head_dim", 8, True, 3, "encoder.layer.0.attention.output.dense.weight[0]", (0, 8)),
+    (12, "ffn", 32, True, 3, "encoder.layer.0.intermediate.dense.bias[0]", (0,)),
+    (13, "channels", 16, True, 3, "classifier.weight[1]", (0,)),
+    (14, "channels", 2, False, 2, "classifier.bias[0]", (0,)),
+]
+# grouped-query attention: a KV head (4 columns of K) goes with its 2 query heads
+_GQA = [
+    (1, "hidden", 16, False, 16, "lm_head.weight[0]", (0,)),
+    (6, "channels", 128, False, 1, "model.position_ids[1]", (0,)),
+    (8, "heads", 2, True, 4, "model.layers.0.self_attn.k_proj.weight[1]", (0, 1, 2, 3)),
+    (37, "channels", 128, False, 1, "model.causal_mask[2]", (0,)),
+    (38, "channels", 128, False, 1, "model.causal_mask[3]", (0,)),
+    (40, "ffn", 32, True, 3, "model.layers.0.mlp.down_proj.weight[0]", (0,)),
+    (41, "channels", 100, False, 1, "lm_head.weight[1]", (0,)),
+]
+
 # name -> (digest of every group, number of groups, summaries of the channel groups), as found at 2a8e175
-PINNED = {'attention': ('8d5892b0af0e87fa', 16,
-                        [(1, 'hidden', 16, False, 17, 'embeddings.LayerNorm.bias[0]', (0,)),
-                         (6, 'channels', 128, False, 1, 'embeddings.position_ids[1]', (0,)),
-                         (8, 'heads', 2, True, 7, 'encoder.layer.0.attention.output.dense.weight[0]',
-                          (0, 1, 2, 3, 4, 5, 6, 7)),
-                         (13, 'ffn', 32, True, 3, 'encoder.layer.0.intermediate.dense.bias[0]', (0,)),
-                         (14, 'channels', 16, True, 3, 'classifier.weight[1]', (0,)),
-                         (15, 'channels', 2, False, 2, 'classifier.bias[0]', (0,))]),
-          'attention_head_dim': ('ff39965059a9a3e5', 15,
-                                 [(1, 'hidden', 16, False, 17, 'embeddings.LayerNorm.bias[0]', (0,)),
-                                  (6, 'channels', 128, False, 1, 'embeddings.position_ids[1]', (0,)),
-                                  (8, 'head_dim', 8, True, 4, 'encoder.layer.0.attention.self.key.bias[0]', (0, 8)),
-                                  (10, 'head_dim', 8, True, 3, 'encoder.layer.0.attention.output.dense.weight[0]',
-                                   (0, 8)),
-                                  (12, 'ffn', 32, True, 3, 'encoder.layer.0.intermediate.dense.bias[0]', (0,)),
-                                  (13, 'channels', 16, True, 3, 'classifier.weight[1]', (0,)),
-                                  (14, 'channels', 2, False, 2, 'classifier.bias[0]', (0,))]),
-          'attention_hidden': ('e17d20003b093e45', 16,
-                               [(1, 'hidden', 16, False, 17, 'embeddings.LayerNorm.bias[0]', (0,)),
-                                (6, 'channels', 128, False, 1, 'embeddings.position_ids[1]', (0,)),
-                                (8, 'heads', 2, True, 7, 'encoder.layer.0.attention.output.dense.weight[0]',
-                                 (0, 1, 2, 3, 4, 5, 6, 7)),
-                                (13, 'ffn', 32, True, 3, 'encoder.layer.0.intermediate.dense.bias[0]', (0,)),
-                                (14, 'channels', 16, True, 3, 'classifier.weight[1]', (0,)),
-                                (15, 'channels', 2, False, 2, 'classifier.bias[0]', (0,))]),
-          'concat': ('459e2bde543e6d51', 17,
-                     [(7, 'channels', 6, True, 2, 'wb[0]', (0,)), (8, 'channels', 4, True, 2, 'wa[0]', (0,)),
-                      (9, 'channels', 3, False, 2, 'wa[1]', (0,)), (16, 'channels', 2, False, 1, 'wy[0]', (0,))]),
-          'depthwise': ('73321e2f5e52f000', 18,
-                        [(7, 'channels', 6, True, 3, 'wa[0]', (0,)), (8, 'channels', 3, False, 1, 'wa[1]', (0,)),
-                         (17, 'channels', 2, False, 1, 'wy[0]', (0,))]),
-          'grouped_query_attention': ('1fae610e7d83d148', 42,
-                                      [(1, 'hidden', 16, False, 16, 'lm_head.weight[0]', (0,)),
-                                       (6, 'channels', 128, False, 1, 'model.position_ids[1]', (0,)),
-                                       (8, 'heads', 2, True, 4, 'model.layers.0.self_attn.k_proj.weight[1]',
-                                        (0, 1, 2, 3)),
-                                       (37, 'channels', 128, False, 1, 'model.causal_mask[2]', (0,)),
-                                       (38, 'channels', 128, False, 1, 'model.causal_mask[3]', (0,)),
-                                       (40, 'ffn', 32, True, 3, 'model.layers.0.mlp.down_proj.weight[0]', (0,)),
-                                       (41, 'channels', 100, False, 1, 'lm_head.weight[1]', (0,))]),
-          'residual_add': ('728ca432a7a8d0a7', 21,
-                           [(7, 'channels', 6, True, 3, 'wa[0]', (0,)), (8, 'channels', 3, False, 1, 'wa[1]', (0,)),
-                            (13, 'channels', 8, True, 3, 'wb[0]', (0,)), (20, 'channels', 2, False, 1, 'wy[0]', (0,))]),
-          'residual_mlp': ('2da2a75088ec222f', 5,
-                           [(1, 'channels', 6, True, 2, 'd0[0]', (0,)), (2, 'channels', 4, False, 6, 'd0[1]', (0,)),
-                            (3, 'channels', 6, True, 2, 'd1[0]', (0,)), (4, 'channels', 6, True, 2, 'd2[0]', (0,))])}
+PINNED = {
+    "residual_add": ("728ca432a7a8d0a7", 21, [  # both branches of the Add (wb, wc) and its consumer wy: one group
+        (7, "channels", 6, True, 3, "wa[0]", (0,)), (8, "channels", 3, False, 1, "wa[1]", (0,)),
+        (13, "channels", 8, True, 3, "wb[0]", (0,)), (20, "channels", 2, False, 1, "wy[0]", (0,))]),
+    "concat": ("459e2bde543e6d51", 17, [  # each input of the Concat its own group, wy's segments in it
+        (7, "channels", 6, True, 2, "wb[0]", (0,)), (8, "channels", 4, True, 2, "wa[0]", (0,)),
+        (9, "channels", 3, False, 2, "wa[1]", (0,)), (16, "channels", 2, False, 1, "wy[0]", (0,))]),
+    "depthwise": ("73321e2f5e52f000", 18, [  # the depthwise conv's input and output channels together
+        (7, "channels", 6, True, 3, "wa[0]", (0,)), (8, "channels", 3, False, 1, "wa[1]", (0,)),
+        (17, "channels", 2, False, 1, "wy[0]", (0,))]),
+    "residual_mlp": ("2da2a75088ec222f", 5, [  # each block's hidden units; the residual stream pinned by x and y
+        (1, "channels", 6, True, 2, "d0[0]", (0,)), (2, "channels", 4, False, 6, "d0[1]", (0,)),
+        (3, "channels", 6, True, 2, "d1[0]", (0,)), (4, "channels", 6, True, 2, "d2[0]", (0,))]),
+    "attention": ("8d5892b0af0e87fa", 16, _BERT),
+    "attention_head_dim": ("ff39965059a9a3e5", 15, _BERT_HEAD_DIM),
+    # --hidden: the same groups; the hidden one no longer blocked by its LayerNorms (the digest), only by the output
+    "attention_hidden": ("e17d20003b093e45", 16, _BERT),
+    "grouped_query_attention": ("1fae610e7d83d148", 42, _GQA),
+}
 
 
 @pytest.mark.parametrize("name, make, options", CASES, ids=[c[0] for c in CASES])
