@@ -1,6 +1,8 @@
 """Within ``shapes.sharing_inference`` the full check's strict inference serves the MAC counts and the
 dependency analysis: the same numbers as each inferring on its own, the same verdicts as the checker."""
 
+import contextlib
+
 import numpy as np
 import onnx
 import pytest
@@ -128,3 +130,25 @@ def test_concrete_shapes_read_from_the_serialized_model_match_the_parsed_one():
     assert found == expected and list(found) == list(expected)  # same entries, same order
     assert found["s"] == () and found["z"] == (0, 3) and found["k"] == (3, 1) and found["w1"] == (8, 16)
     assert not {"n", "u", "none", "q"} & set(found)
+
+
+def test_inspect_counts_macs_with_the_doors_shapes(tmp_path, monkeypatch, capsys):
+    """``inspect``: the door's full check infers the shapes once; the MAC count reads them (the same
+    figure as its own inference gave), and infers again only for other input shapes."""
+    import graphprune.metrics as metrics
+    from graphprune.cli import main
+
+    path = str(tmp_path / "m.onnx")
+    onnx.save_model(_mlp(), path)
+    inferred = []
+    real = metrics.concrete_shapes
+    monkeypatch.setattr(metrics, "concrete_shapes", lambda *a, **k: inferred.append(a) or real(*a, **k))
+    assert main(["inspect", path]) == 0
+    out = capsys.readouterr().out
+    assert "MACs: 384" in out and not inferred  # 2x8x16 + 2x16x4
+    with monkeypatch.context() as alone:  # nothing shared: the count's own inference, the same figure
+        alone.setattr(shapes, "sharing_inference", contextlib.nullcontext)
+        assert main(["inspect", path]) == 0 and capsys.readouterr().out == out
+    assert len(inferred) == 1
+    assert main(["inspect", path, "--input-shape", "x=4x8"]) == 0 and len(inferred) == 2  # other shapes
+    assert "MACs: 384" not in capsys.readouterr().out
