@@ -13,7 +13,7 @@ from graphprune.quantization.channel_weights import fast_quantizer_class, vector
 from graphprune.quantization.config import QuantConfig
 from graphprune.quantization.float_layers import keep_float_layers_float
 from graphprune.quantization.indexed_model import indexed_quantizer
-from graphprune.weights_on_disk import reading_weights_from
+from graphprune.weights_on_disk import files_kept_open, reading_weights_from
 from graphprune.quantization.stem import space_to_depth_stems
 
 __all__ = ["insert_qdq_nodes"]
@@ -56,7 +56,8 @@ def insert_qdq_nodes(
     level = logger.level
     logger.setLevel(logging.ERROR)
     try:
-        with reading_weights_from(source_dir), indexed_quantizer(), vectorized_channels():
+        # each weight is read twice (its scales, then its int8 values): one descriptor for all reads
+        with reading_weights_from(source_dir), files_kept_open(), indexed_quantizer(), vectorized_channels():
             quantizer = fast_quantizer_class()(
                 copy,
                 config.per_channel,
