@@ -15,11 +15,13 @@ from __future__ import annotations
 from typing import Dict, List, Optional
 
 import onnx
+import onnx_graphsurgeon as gs
 from onnx import helper
 from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
 from onnx_graphsurgeon.importers.onnx_importer import OnnxImporter
 from onnx_graphsurgeon.ir.tensor import Variable
 
+from graphprune import ir
 from graphprune.gs_round_trip import Replay
 
 __all__ = ["replay_round_trip"]
@@ -157,15 +159,8 @@ def _imported_tensors(graph: onnx.GraphProto) -> Dict[str, object]:
 
 
 def _model_like(graph: onnx.GraphProto, like: onnx.ModelProto) -> onnx.ModelProto:
-    """The model ``ir.from_gs`` makes of an exported graph: ``like``'s labels and metadata."""
-    model = helper.make_model(graph, opset_imports=[], functions=[])
-    model.ir_version = max(like.ir_version, 4)
-    model.opset_import.extend(like.opset_import)
-    model.producer_name = like.producer_name
-    model.producer_version = like.producer_version
-    model.domain = like.domain
-    model.model_version = like.model_version
-    model.doc_string = like.doc_string
-    model.metadata_props.extend(like.metadata_props)
-    model.functions.extend(like.functions)
+    """The model ``ir.from_gs`` makes of an exported graph: ``like``'s labels and metadata, set by
+    ``ir.from_gs`` itself (on an empty graph, whose proto is then replaced)."""
+    model = ir.from_gs(gs.Graph(), like=like)
+    model.graph.CopyFrom(graph)
     return model

@@ -49,6 +49,9 @@ class CanonicalizePass(Pass):
       - Shape inference (with data propagation) to record value shapes.
 
     Refuses nothing; non-deterministic ops (RandomNormal...) are never folded by graphsurgeon.
+    graphsurgeon's round trip is skipped when it would change nothing (``gs_round_trip``: the
+    model itself comes back) and replayed on the proto when nothing folds (``gs_export``): same
+    result, linear time (a 20,000-node graph: 0.2 s or 1.2 s instead of 5-7 s of CPU).
 
     Args:
         fold_limit: largest tensor, in bytes, that folding may create.
