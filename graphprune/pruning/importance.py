@@ -24,6 +24,7 @@ _MAGNITUDE_ROLES = ("weight", "norm_scale")
 _STACK_BYTES = 2**16
 # Bytes of one stack: bounds the temporary copy (and its |w| or w^2 in place) whatever the model.
 _CHUNK_BYTES = 2**21
+_FLOAT32 = np.dtype(np.float32)
 
 
 class _AxisNorms:
@@ -73,14 +74,19 @@ class _AxisNorms:
             return
         scratch = np.empty(_CHUNK_BYTES // 4, dtype=np.float32)  # every stack's place: pages touched once
         stacks: Dict[tuple, List[Tuple[str, np.ndarray]]] = {}
+        small: Dict[Optional[tuple], bool] = {}  # shape -> whether it is stacked (judged once a shape)
         for name, axes in wanted.items():
             shape = self.dep.shapes.get(name)  # sized before reading: a large weight is read once, when asked
-            if shape is None or not all(isinstance(d, int) for d in shape) or math.prod(shape) * 4 > _STACK_BYTES:
+            stacked = small.get(shape)
+            if stacked is None:
+                stacked = small[shape] = shape is not None and all(isinstance(d, int) for d in shape) and (
+                    math.prod(shape) * 4 <= _STACK_BYTES)
+            if not stacked:
                 continue
             w = self.dep.const(name)
             if w is None:
                 continue  # one at a time when asked: it fails there, as before
-            if w.dtype != np.float32:
+            if w.dtype is not _FLOAT32:  # (``!=`` against the type costs a microsecond a weight)
                 w = np.asarray(w, dtype=np.float32)
             if w.nbytes > _STACK_BYTES or not w.ndim or not w.flags.c_contiguous:  # laid out otherwise: alone
                 self._norms(name, w, axes)
