@@ -1,6 +1,7 @@
-"""round_trip_keeps: canonicalize skips onnx-graphsurgeon exactly when its round trip changes nothing.
+"""canonicalize's shortcuts past onnx-graphsurgeon give graphsurgeon's answer: skipped when its round
+trip changes nothing (``round_trip_keeps``), replayed on the proto when nothing folds (``gs_export``).
 
-Oracle: ``CanonicalizePass._round_trip`` (the pass through graphsurgeon) on random small graphs
+Oracle: ``CanonicalizePass`` with ``_shortcuts = False`` (always through graphsurgeon) on random small graphs
 that mix what the round trip changes (dead nodes, unsorted or shallower-later nodes, initializers
 out of read order or unread, foldable nodes, Shape nodes of static dims and Gathers and Slices of
 them, Casts around shape arithmetic, node fields make_node drops) with what it keeps.  Whenever
@@ -142,3 +143,13 @@ def test_the_shortcut_is_taken_on_canonical_graphs_and_not_on_the_others():
     first.input[list(first.input).index(weight)] = weight + "_id"
     assert not round_trip_keeps(foldable, replayable(foldable, True))
     assert round_trip_keeps(foldable, replayable(foldable, False))
+
+
+def test_a_graph_with_dead_nodes_and_no_fold_is_replayed_as_graphsurgeon_writes_it():
+    model = CanonicalizePass()(conv_model()).model
+    model.graph.node.append(helper.make_node("Relu", ["x"], ["unread"]))
+    model.graph.node.insert(0, helper.make_node("Neg", ["x"], ["unread_too"], name="first"))
+    assert replayable(model, True) is not None and not round_trip_keeps(model, replayable(model, True))
+    result = CanonicalizePass().call(model)
+    assert result.modified and result.stats["nodes_removed"] == 2
+    assert _answer(CanonicalizePass().call, model) == _answer(_through_graphsurgeon().call, model)
