@@ -150,8 +150,8 @@ def matmul(ctx: RuleContext) -> None:
             ctx.tag(DimKey(a, ra - 1), FFN)
     else:  # Q.K^T, P.V: heads and head dims (rules/attention.py)
         activation_matmul(ctx)
-    for name, shape in ((a, shape_a), (b, shape_b)) if ry > 2 else ():  # the batch axes
-        for axis in range(len(shape) - 2):
+    for name, shape in ((a, shape_a), (b, shape_b)):
+        for axis in range(len(shape) - 2):  # the batch axes (none for 2-D operands)
             out_axis = ry - len(shape) + axis
             if shape[axis] == 1 and shape_y[out_axis] != 1:
                 ctx.leave(DimKey(name, axis))
