@@ -7,7 +7,6 @@ import math
 from collections import Counter
 from typing import Callable, Dict, Mapping, Optional, Tuple
 
-import numpy as np
 import onnx
 
 from graphprune.ir import clone, count_params, get_attr, has_external_data, is_large, real_inputs, weight_bytes
