@@ -22,7 +22,8 @@ from onnx import helper, numpy_helper
 
 from graphprune.errors import UserError
 
-__all__ = ["has_weights_on_disk", "read_tensor", "read_kept", "files_kept_open", "session", "reading_weights_from"]
+__all__ = ["has_weights_on_disk", "read_tensor", "read_kept", "forget_kept", "files_kept_open", "session",
+           "reading_weights_from"]
 
 
 def has_weights_on_disk(model: onnx.ModelProto) -> bool:
@@ -90,6 +91,13 @@ def read_tensor(tensor: onnx.TensorProto, source_dir: Optional[str]) -> np.ndarr
         value.flags.writeable = False  # handed out again: nobody may change it in place
         _KEPT[key] = value
     return value.reshape(tuple(tensor.dims))
+
+
+def forget_kept(tensor: onnx.TensorProto, source_dir: str) -> None:
+    """Stop keeping ``tensor``'s value (``files_kept_open(keep_below=...)``): the bytes read with
+    its neighbours are freed once none of them is kept any more."""
+    if _KEPT is not None:
+        _KEPT.pop((source_dir, tensor.SerializeToString()), None)
 
 
 def read_kept(tensors: List[onnx.TensorProto], source_dir: str) -> Iterator[np.ndarray]:

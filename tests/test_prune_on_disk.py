@@ -268,3 +268,27 @@ def test_read_kept_reads_runs_at_once_and_hands_out_what_read_tensor_would(tmp_p
         os.truncate(tmp_path / "m.onnx.data", 2000)  # w1 (3.4 KiB) is the first record
         with pytest.raises(UserError, match="external data of 'w1' ends early"):
             list(on_disk.read_kept(records, str(tmp_path)))
+
+
+def test_prune_lets_go_of_each_kept_weight_once_sliced(tmp_path):
+    """The door's read of the small weights is kept for the scoring (``files_kept_open``); the pass
+    drops each one as its pruned form is made, not when the command ends: the input's weights and
+    the result's are never all in memory together.  Those it did not slice stay kept."""
+    import weakref
+
+    from graphprune.passes.prune_channels import PruneChannelsPass
+
+    model_io.save(_stack(), tmp_path / "m.onnx", external_data=True)
+    model = model_io.load(tmp_path / "m.onnx", load_external_data=False)
+    records = [t for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+    with on_disk.files_kept_open(keep_below=2**20):
+        before = {r.name: v.copy() for r, v in zip(records, on_disk.read_kept(records, str(tmp_path)))}
+        kept = {r.name: weakref.ref(on_disk.read_tensor(r, str(tmp_path)).base) for r in records}
+        result = PruneChannelsPass(ratio=0.5, source_dir=str(tmp_path))(model)
+        shapes = {t.name: tuple(t.dims) for t in result.model.graph.initializer}
+        sliced = {r.name for r in records if shapes.get(r.name) != tuple(r.dims)}
+        assert result.modified and {"w1", "w2", "m1"} <= sliced
+        assert all(kept[name]() is None for name in sliced)
+        assert all(kept[name]() is not None for name in set(kept) - sliced)
+        for r in records:  # asked again, a dropped weight is read again, same values
+            np.testing.assert_array_equal(on_disk.read_tensor(r, str(tmp_path)), before[r.name])

@@ -9,6 +9,7 @@ import onnx
 from onnx import numpy_helper
 
 from graphprune import ir
+from graphprune.weights_on_disk import forget_kept
 
 __all__ = ["ModelView", "NodeFields"]
 
@@ -30,6 +31,8 @@ _RAW_DTYPES = {
     onnx.TensorProto.UINT8: np.uint8,
 }
 
+
+_EXTERNAL = onnx.TensorProto.EXTERNAL  # looked up once: ``forget`` runs for each of 10,000 weights
 
 # Constants up to this size are cached by ``ModelView.const``; larger ones (weights) are not.
 _CACHE_BYTES = 2**20
@@ -137,6 +140,16 @@ class ModelView:
         if value.nbytes < _CACHE_BYTES:
             self._values[name] = value
         return value
+
+    def forget(self, name: str) -> None:
+        """Drop what is kept of constant ``name``'s value, here and by ``weights_on_disk`` (a weight
+        on disk read once for the door's finite check and the scoring): its pruned form exists, so
+        the input's copy can go before the rest of the result is built.  Asked again, it is read again."""
+        self._values.pop(name, None)
+        if self.source_dir is not None:
+            init = self._inits.get(name)
+            if init is not None and init.data_location == _EXTERNAL:
+                forget_kept(init, self.source_dir)
 
     def consumers(self, name: str) -> List[onnx.NodeProto]:
         if self._consumers is None:

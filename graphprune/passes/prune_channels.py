@@ -187,7 +187,7 @@ class PruneChannelsPass(Pass):
             stats["note"] = "the ratio rounds to no channel in any group"
             return PassResult(model, False, stats)
         bar.set_postfix_str(self.mode)
-        result, zeroed = apply_selection(dep, masks, self.mode)
+        result, zeroed = apply_selection(dep, masks, self.mode, release=True)  # dep is not used again
         stats["params_after"] = ir.count_params(result)
         if self.mode == "mask":
             stats["params_zeroed"] = zeroed

@@ -289,10 +289,13 @@ def removed_channels(model: onnx.ModelProto) -> Dict[str, Dict[int, np.ndarray]]
     return {}
 
 
-def apply_selection(dep: DependencyGraph, masks: Dict[DimKey, np.ndarray], mode: str) -> Tuple[onnx.ModelProto, int]:
+def apply_selection(dep: DependencyGraph, masks: Dict[DimKey, np.ndarray], mode: str,
+                    release: bool = False) -> Tuple[onnx.ModelProto, int]:
     """(new model with the ``masks`` channels removed or zeroed, number of weights zeroed by ``mask``).
 
-    ``dep.model`` is not modified.
+    ``dep.model`` is not modified.  ``release``: the caller applies no other selection with ``dep``
+    (the pass): each constant's kept value is dropped once its edited form is in the new model, so
+    the input's weights and the result's are not all in memory at once (``DependencyGraph.forget``).
     """
     model = dep.model
     per_param = _param_masks(masks)
@@ -304,6 +307,8 @@ def apply_selection(dep: DependencyGraph, masks: Dict[DimKey, np.ndarray], mode:
         axes = per_param.get(name)
         if axes is not None:
             add_initializer(new.graph, _edit(dep, name, axes, mode, zeroed), name)
+            if release:
+                dep.forget(name)
         else:
             new.graph.initializer.add().CopyFrom(init)  # upb: ``append`` copies ~3x slower than CopyFrom
     for name, node_index in const_nodes.items():
