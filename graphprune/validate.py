@@ -71,29 +71,15 @@ def accuracy(scores: np.ndarray, labels: np.ndarray) -> float:
 
 
 def compare_outputs(name: str, reference: np.ndarray, candidate: np.ndarray) -> OutputComparison:
-    """Max abs diff, relative L2 error (||c - r|| / ||r||), cosine similarity, top-1 agreement."""
+    """Max abs diff, relative L2 error (||c - r|| / ||r||), cosine similarity, top-1 agreement:
+    ``_Agreement`` over one batch (the same sums, so the same numbers as ``validate`` streams)."""
     if reference.shape != candidate.shape:
         raise UserError(
             f"output {name!r}: candidate shape {list(candidate.shape)} differs from original {list(reference.shape)}"
         )
-    r = reference.astype(np.float64).ravel()
-    c = candidate.astype(np.float64).ravel()
-    diff = c - r
-    norm_r = np.linalg.norm(r)
-    norm_c = np.linalg.norm(c)
-    rel_l2 = float(np.linalg.norm(diff) / norm_r) if norm_r > 0 else float(np.linalg.norm(diff))
-    cosine = float(r @ c / (norm_r * norm_c)) if norm_r > 0 and norm_c > 0 else float(norm_r == norm_c)
-    top1 = None
-    if reference.ndim == 2 and reference.shape[1] > 1 and np.issubdtype(reference.dtype, np.floating):
-        top1 = float(np.mean(reference.argmax(axis=1) == candidate.argmax(axis=1)))
-    return OutputComparison(
-        name=name,
-        shape=list(reference.shape),
-        max_abs_diff=float(np.max(np.abs(diff))) if diff.size else 0.0,
-        rel_l2=rel_l2,
-        cosine=cosine,
-        top1_agreement=top1,
-    )
+    agreement = _Agreement(name, reference)
+    agreement.add(reference, candidate)
+    return agreement.result()
 
 
 class _Agreement:
