@@ -102,9 +102,13 @@ def _infer(serialized: bytes, strict: bool, data_prop: bool) -> bytes:
     """``onnx.shape_inference.infer_shapes`` on a serialized model (type checks with ``strict``),
     returning the inferred model serialized: the ONNX function parses it into a ``ModelProto``
     (about 20 MB of a 20,000-node graph) of which ``_concrete`` reads only the value shapes."""
-    from onnx.onnx_cpp2py_export import shape_inference as c_inference  # what the ONNX function calls
+    try:  # what the ONNX function calls: a private module, so an onnx without it takes the public way
+        from onnx.onnx_cpp2py_export import shape_inference as c_inference
 
-    return c_inference.infer_shapes(serialized, strict, strict, data_prop)
+        infer = c_inference.infer_shapes
+    except (ImportError, AttributeError):
+        return onnx.shape_inference.infer_shapes(serialized, strict, strict, data_prop).SerializeToString()
+    return infer(serialized, strict, strict, data_prop)
 
 
 def _concrete(model: onnx.ModelProto, inferred: bytes, same_initializers: bool = False) -> Dict[str, Tuple[int, ...]]:
