@@ -1,7 +1,6 @@
 """external_data.external_tensors: every record of a model, wherever it sits, in a fixed order."""
 
 import numpy as np
-import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from graphprune.external_data import external_tensors

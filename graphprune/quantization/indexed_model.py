@@ -17,7 +17,7 @@ import collections
 import contextlib
 import functools
 import importlib
-from typing import Dict, Iterator, List, Mapping
+from typing import Dict, Iterator, Mapping
 
 import onnx
 
